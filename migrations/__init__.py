@@ -1,0 +1,1 @@
+"""Alembic migrations of the syncd mirror (installed as ``syncd.migrations``)."""

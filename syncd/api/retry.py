@@ -1,0 +1,39 @@
+"""Retry timing: exponential backoff with full jitter, and the server's Retry-After hint."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Full-jitter backoff: uniform in [0, min(cap, base * 2**(attempt-1))] for attempt >= 1."""
+    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def parse_retry_after(value: str | None, maximum: float, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header, clamped to ``maximum``.
+
+    Accepts delta-seconds or an HTTP date. ``0``, a date in the past, or anything unreadable
+    means "no hint" (``None``), so the caller falls back to its own backoff.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds <= 0:  # NaN or no wait asked for
+        return None
+    return min(seconds, maximum)

@@ -1,0 +1,143 @@
+"""Every error syncd raises, named by what the caller should do next.
+
+::
+
+    SyncdError                      root: anything syncd itself reports
+    ├── ConfigError                 fix the configuration (or CLI arguments), then rerun
+    │   └── AuthError               401: the API key is wrong or revoked; retrying cannot help
+    ├── TransientError              try again later (the client already retried within its budget)
+    │   ├── TransportError          connect / read / reset / timeout talking to the API
+    │   └── ServerBusyError         408, 425, 429, 5xx (carries the server's Retry-After hint)
+    ├── PermanentError              give up on this request; repeating it gives the same answer
+    │   ├── ForbiddenError          403: the key may not act for this org
+    │   ├── NotFoundError           404: no such device (or not visible to this org)
+    │   ├── RejectedError           400, 422 and any other 4xx: the request itself was refused
+    │   └── InvalidResponseError    the API answered with something we cannot read
+    │       └── InvalidDeviceError  one device in a list cannot be read (carries its position)
+    ├── StoreError                  the database failed; the transaction was rolled back
+    │   └── SchemaOutdatedError     the database schema is behind: run `syncd db upgrade`
+    └── PassRefusedError            a safety guard stopped a pass; an operator must confirm
+        └── MassPurgeRefusedError   a pass would purge too much; rerun with --allow-mass-purge
+
+Errors that come from an HTTP response carry an :class:`ApiProblem` with the status and the
+parsed ``ApiErrorResponse`` body (``message``, ``error_code``, ``correlationId``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ApiProblem:
+    """What an error response said: status plus the ApiErrorResponse fields, if any."""
+
+    status: int
+    message: str | None = None
+    error_code: str | None = None
+    correlation_id: str | None = None
+
+    def describe(self) -> str:
+        """One line such as ``HTTP 422 (device_has_entities): Device has entities``."""
+        text = f"HTTP {self.status}"
+        if self.error_code:
+            text += f" ({self.error_code})"
+        if self.message:
+            text += f": {self.message}"
+        if self.correlation_id:
+            text += f" [correlation id {self.correlation_id}]"
+        return text
+
+
+class SyncdError(Exception):
+    """Root of every error syncd reports."""
+
+    def __init__(self, message: str, *, problem: ApiProblem | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problem = problem
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status behind this error, when there was one."""
+        return self.problem.status if self.problem else None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(SyncdError):
+    """The configuration or the command line is wrong; fix it and rerun."""
+
+    def __init__(
+        self, message: str, *, problems: list[str] | None = None, problem: ApiProblem | None = None
+    ) -> None:
+        super().__init__(message, problem=problem)
+        self.problems = problems or [message]
+
+
+class AuthError(ConfigError):
+    """The API refused the key (401)."""
+
+
+class TransientError(SyncdError):
+    """Worth retrying later."""
+
+    def __init__(
+        self, message: str, *, problem: ApiProblem | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, problem=problem)
+        self.retry_after = retry_after
+
+
+class TransportError(TransientError):
+    """The request did not get an HTTP answer (connect, read, reset, timeout)."""
+
+
+class ServerBusyError(TransientError):
+    """The server answered 408, 425, 429 or 5xx."""
+
+
+class PermanentError(SyncdError):
+    """Repeating the same request gives the same answer."""
+
+
+class ForbiddenError(PermanentError):
+    """403: the key may not act for this organisation."""
+
+
+class NotFoundError(PermanentError):
+    """404: the resource does not exist (for this organisation)."""
+
+
+class RejectedError(PermanentError):
+    """400, 422 or another 4xx: the request itself was refused."""
+
+
+class InvalidResponseError(PermanentError):
+    """The API answered with a body syncd cannot read."""
+
+
+class InvalidDeviceError(InvalidResponseError):
+    """One device of a list page cannot be read; the rest of the page still can."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        where = f"device at position {position}: " if position is not None else ""
+        super().__init__(where + message)
+        self.position = position
+
+
+class StoreError(SyncdError):
+    """The database failed; the current transaction was rolled back."""
+
+
+class SchemaOutdatedError(StoreError):
+    """The database schema is not at the version this syncd needs."""
+
+
+class PassRefusedError(SyncdError):
+    """A safety guard refused to finish a pass; an operator has to confirm."""
+
+
+class MassPurgeRefusedError(PassRefusedError):
+    """The pass would mark too many devices purged."""

@@ -1,0 +1,145 @@
+"""The device as syncd understands it, parsed tolerantly from OpenApp's DeviceResponse.
+
+The public spec and the live server disagree in places (CONTRACT.md §4): ``name`` arrives as
+``{"en": ...}``, ``{"value": {...}}`` or a bare string; lifecycle timestamps arrive top-level,
+inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from syncd.errors import InvalidDeviceError
+
+DeviceState = Literal["active", "deleted", "purged"]
+LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_delete_at")
+# Per-request cache annotations: they change between identical reads, so they are not content.
+VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
+UNDETERMINED_LOCALE = "und"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One device as mirrored: normalised columns plus the payload as received."""
+
+    id: str
+    org_id: str
+    integration_id: str | None
+    zone_id: str | None
+    external_id: str | None
+    name: dict[str, str]
+    device_metadata: Any
+    created_at: datetime | None
+    updated_at: datetime | None
+    deleted_at: datetime | None
+    purge_at: datetime | None
+    hard_delete_at: datetime | None
+    raw: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def state(self) -> DeviceState:
+        """``deleted`` when OpenApp reports a soft delete, else ``active``."""
+        return "deleted" if self.deleted_at is not None else "active"
+
+
+def fingerprint(raw: dict[str, Any]) -> str:
+    """A stable digest of a payload's content, ignoring per-request cache annotations."""
+    content = {k: v for k, v in raw.items() if k not in VOLATILE_FIELDS}
+    return hashlib.blake2b(orjson.dumps(content, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+
+
+def identify(item: object, position: int | None = None) -> tuple[str, str]:
+    """Return ``(id, org_id)`` of a raw list item, or raise InvalidDeviceError naming the problem."""
+    if not isinstance(item, dict):
+        raise InvalidDeviceError(f"expected a JSON object, got {type(item).__name__}", position=position)
+    device_id = item.get("id")
+    if not isinstance(device_id, str) or not device_id:
+        raise InvalidDeviceError("missing or empty 'id'", position=position)
+    org_id = item.get("org_id")
+    if not isinstance(org_id, str) or not org_id:
+        raise InvalidDeviceError(f"device {device_id}: missing or empty 'org_id'", position=position)
+    return device_id, org_id
+
+
+def parse_device(raw: object, position: int | None = None, digest: str | None = None) -> Device:
+    """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable."""
+    device_id, org_id = identify(raw, position)
+    assert isinstance(raw, dict)
+
+    def fail(reason: str) -> InvalidDeviceError:
+        return InvalidDeviceError(f"device {device_id}: {reason}", position=position)
+
+    storage = raw.get("metadata")
+    storage = storage if isinstance(storage, dict) else {}
+    stamps: dict[str, datetime | None] = {}
+    for field in LIFECYCLE_FIELDS:
+        value = raw.get(field)
+        if value is None:
+            value = storage.get(field)
+        try:
+            stamps[field] = parse_timestamp(value)
+        except ValueError as exc:
+            raise fail(f"'{field}' {exc}") from None
+    try:
+        name = normalise_name(raw.get("name"))
+    except ValueError as exc:
+        raise fail(f"'name' {exc}") from None
+    return Device(
+        id=device_id,
+        org_id=org_id,
+        integration_id=_optional_str(raw.get("integration_id")),
+        zone_id=_optional_str(raw.get("zone_id")),
+        external_id=_optional_str(raw.get("external_id")),
+        name=name,
+        device_metadata=raw.get("device_metadata"),
+        raw=raw,
+        fingerprint=digest or fingerprint(raw),
+        **stamps,
+    )
+
+
+def normalise_name(value: object) -> dict[str, str]:
+    """Turn any accepted LocalizedString shape into a plain ``{locale: text}`` map."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {UNDETERMINED_LOCALE: value}
+    if isinstance(value, dict):
+        inner = value.get("value")
+        if isinstance(inner, dict) and len(value) == 1:
+            value = inner
+        if all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+    raise ValueError(f"is not a localized string: {_preview(value)}")
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """Parse an RFC 3339 timestamp to an aware UTC datetime (naive input is taken as UTC)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"is not a timestamp: {_preview(value)}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"is not a timestamp: {_preview(value)}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _optional_str(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _preview(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

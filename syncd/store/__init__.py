@@ -1,0 +1,5 @@
+"""The mirror database: the only place syncd uses SQLAlchemy."""
+
+from syncd.store.store import KnownDevice, PageWriter, Store
+
+__all__ = ["KnownDevice", "PageWriter", "Store"]

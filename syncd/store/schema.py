@@ -1,0 +1,144 @@
+"""The mirror's tables: the documented public SQL interface of syncd (see README, "Schema")."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+# JSON on SQLite, JSONB on PostgreSQL; Python None is SQL NULL, not the JSON literal null.
+JSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+# Autoincrement ids: BIGINT on PostgreSQL, INTEGER (rowid alias) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+DEVICE_STATES = ("active", "deleted", "purged")
+RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
+RUN_TRIGGERS = ("scheduled", "run-once")
+CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on the Python side on both databases.
+
+    PostgreSQL stores ``timestamptz``; SQLite stores UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: syncd stores aware UTC timestamps only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(64), primary_key=True, comment="OpenApp device id (ULID)"),
+    Column("org_id", String(64), nullable=False),
+    Column("integration_id", String(64)),
+    Column("zone_id", String(64)),
+    Column("external_id", Text),
+    Column("name", JSONDoc, nullable=False, comment="{locale: text}; 'und' when OpenApp sent a bare string"),
+    Column("device_metadata", JSONDoc),
+    Column("created_at", UTCDateTime),
+    Column("updated_at", UTCDateTime),
+    Column("deleted_at", UTCDateTime),
+    Column("purge_at", UTCDateTime),
+    Column("hard_delete_at", UTCDateTime),
+    Column("state", String(16), nullable=False),
+    Column("purged_at", UTCDateTime, comment="when syncd confirmed the purge (GET answered 404)"),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("last_changed_at", UTCDateTime, nullable=False),
+    Column("fingerprint", String(32), nullable=False, comment="digest of raw, for change detection"),
+    Column("raw", JSONDoc, nullable=False, comment="the DeviceResponse as last received"),
+    CheckConstraint(_one_of("state", DEVICE_STATES), name="state"),
+    Index(None, "org_id", "state"),
+    Index(None, "integration_id"),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("instance", String(255), nullable=False, comment="host:pid of the syncd process"),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("status", String(16), nullable=False),
+    Column("pages", Integer, nullable=False, server_default="0"),
+    Column("requests", Integer, nullable=False, server_default="0"),
+    Column("devices_seen", Integer, nullable=False, server_default="0"),
+    Column("created", Integer, nullable=False, server_default="0"),
+    Column("updated", Integer, nullable=False, server_default="0"),
+    Column("unchanged", Integer, nullable=False, server_default="0"),
+    Column("deleted", Integer, nullable=False, server_default="0"),
+    Column("restored", Integer, nullable=False, server_default="0"),
+    Column("purged", Integer, nullable=False, server_default="0"),
+    Column("rejected", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
+    CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
+    Index(None, "org_id", "started_at"),
+    Index(None, "status"),
+)
+
+device_changes = Table(
+    "device_changes",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), ForeignKey("devices.id"), nullable=False),
+    Column("org_id", String(64), nullable=False),
+    Column("run_id", BigId, ForeignKey("sync_runs.id")),
+    Column("observed_at", UTCDateTime, nullable=False),
+    Column("change", String(16), nullable=False),
+    Column("diff", JSONDoc, comment="{field: {old, new}} of what changed; NULL for 'created'"),
+    CheckConstraint(_one_of("change", CHANGE_KINDS), name="change"),
+    Index(None, "org_id", "observed_at"),
+    Index(None, "device_id", "observed_at"),
+    Index(None, "run_id"),
+)
+
+RUN_COUNTERS = ("pages", "requests", "devices_seen", "created", "updated", "unchanged", "deleted",
+                "restored", "purged", "rejected")
