@@ -158,8 +158,18 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
     r.only_keys(
         "api",
         api,
-        {"base_url", "api_key", "api_key_env", "api_key_file", "api_key_credential", "auth_header",
-         "connect_timeout", "read_timeout", "page_size", "retry"},
+        {
+            "base_url",
+            "api_key",
+            "api_key_env",
+            "api_key_file",
+            "api_key_credential",
+            "auth_header",
+            "connect_timeout",
+            "read_timeout",
+            "page_size",
+            "retry",
+        },
     )
     base_url = r.string(api, "api.base_url", required=True) or ""
     if base_url and not re.match(r"^https?://[^/\s]+", base_url):
@@ -249,9 +259,7 @@ def _read_orgs(r: _Reader, raw: object) -> list[OrgSettings]:
         interval = r.duration(entry, f"{where}.interval", None) if "interval" in entry else None
         if org_id:
             seen.add(org_id)
-            orgs.append(
-                OrgSettings(org_id, r.string(entry, f"{where}.name"), integration_id, device_kind, interval)
-            )
+            orgs.append(OrgSettings(org_id, r.string(entry, f"{where}.name"), integration_id, device_kind, interval))
     return orgs
 
 
@@ -285,8 +293,7 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
         directory = environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             r.problem(
-                "api.api_key_credential: $CREDENTIALS_DIRECTORY is not set "
-                "(run under systemd with LoadCredential=)"
+                "api.api_key_credential: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=)"
             )
             return None
         key_path = Path(directory) / name

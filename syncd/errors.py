@@ -69,9 +69,7 @@ class SyncdError(Exception):
 class ConfigError(SyncdError):
     """The configuration or the command line is wrong; fix it and rerun."""
 
-    def __init__(
-        self, message: str, *, problems: list[str] | None = None, problem: ApiProblem | None = None
-    ) -> None:
+    def __init__(self, message: str, *, problems: list[str] | None = None, problem: ApiProblem | None = None) -> None:
         super().__init__(message, problem=problem)
         self.problems = problems or [message]
 
@@ -83,9 +81,7 @@ class AuthError(ConfigError):
 class TransientError(SyncdError):
     """Worth retrying later."""
 
-    def __init__(
-        self, message: str, *, problem: ApiProblem | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, problem: ApiProblem | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, problem=problem)
         self.retry_after = retry_after
 

@@ -70,6 +70,7 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
+
         def text(*keys: str) -> str | None:
             for key in keys:
                 value = data.get(key)
@@ -152,7 +153,8 @@ class OpenAppClient:
         offset = 0
         previous_first: object = None
         while True:
-            response = self._send("list_devices", "GET", "/devices", org_id, {**params, "limit": limit, "offset": offset})
+            page_params = {**params, "limit": limit, "offset": offset}
+            response = self._send("list_devices", "GET", "/devices", org_id, page_params)
             items, total = _list_items(response)
             if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
                 raise InvalidResponseError(
@@ -173,9 +175,7 @@ class OpenAppClient:
 
     def update_device(self, org_id: str, device_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """update_device (PUT, safe to repeat) with an UpdateDeviceRequest body."""
-        response = self._send(
-            "update_device", "PUT", f"/devices/{device_id}", org_id, _write_params(), body=changes
-        )
+        response = self._send("update_device", "PUT", f"/devices/{device_id}", org_id, _write_params(), body=changes)
         return self._device(response, "update_device")
 
     def restore_device(self, org_id: str, device_id: str) -> dict[str, Any]:
@@ -237,8 +237,10 @@ class OpenAppClient:
                 cause = error
             if not isinstance(error, TransientError):
                 raise error
-            delay = error.retry_after if error.retry_after is not None else backoff_delay(
-                attempt, policy.base_delay, policy.max_delay, self._rng
+            delay = (
+                error.retry_after
+                if error.retry_after is not None
+                else backoff_delay(attempt, policy.base_delay, policy.max_delay, self._rng)
             )
             elapsed = time.monotonic() - started
             if attempt >= policy.max_attempts or elapsed + delay > policy.deadline:
@@ -246,8 +248,9 @@ class OpenAppClient:
                 raise error from (cause if cause is not error else None)
             with self._lock:
                 self.retries += 1
-            log.debug("retrying", operation=operation, org_id=org_id, attempt=attempt, delay=round(delay, 3),
-                      error=str(error))
+            log.debug(
+                "retrying", operation=operation, org_id=org_id, attempt=attempt, delay=round(delay, 3), error=str(error)
+            )
             self._sleep(delay)
 
     def _count(self, key: str) -> None:

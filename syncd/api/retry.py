@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -34,6 +35,6 @@ def parse_retry_after(value: str | None, maximum: float, now: datetime | None = 
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if seconds != seconds or seconds <= 0:  # NaN or no wait asked for
+    if math.isnan(seconds) or seconds <= 0:  # no wait asked for
         return None
     return min(seconds, maximum)

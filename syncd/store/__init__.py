@@ -1,5 +1,5 @@
 """The mirror database: the only place syncd uses SQLAlchemy."""
 
-from syncd.store.store import KnownDevice, PageWriter, Store
+from syncd.store.store import KnownDevice, PageWriter, Store, redact_url
 
-__all__ = ["KnownDevice", "PageWriter", "Store"]
+__all__ = ["KnownDevice", "PageWriter", "Store", "redact_url"]

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
-import syncd.migrations
+import syncd.migrations  # type: ignore[import-not-found]  # installed from migrations/
 
 # Any fixed 64-bit number; it only has to be the same for every syncd sharing one database.
 UPGRADE_LOCK_KEY = 0x73796E6364  # "syncd"

@@ -63,7 +63,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -140,5 +141,15 @@ device_changes = Table(
     Index(None, "run_id"),
 )
 
-RUN_COUNTERS = ("pages", "requests", "devices_seen", "created", "updated", "unchanged", "deleted",
-                "restored", "purged", "rejected")
+RUN_COUNTERS = (
+    "pages",
+    "requests",
+    "devices_seen",
+    "created",
+    "updated",
+    "unchanged",
+    "deleted",
+    "restored",
+    "purged",
+    "rejected",
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,9 +29,23 @@ from syncd.store import migrate
 from syncd.store.schema import RUN_COUNTERS, device_changes, devices, sync_runs
 
 UPDATABLE_COLUMNS = (
-    "org_id", "integration_id", "zone_id", "external_id", "name", "device_metadata", "created_at",
-    "updated_at", "deleted_at", "purge_at", "hard_delete_at", "state", "purged_at", "last_seen_at",
-    "last_changed_at", "fingerprint", "raw",
+    "org_id",
+    "integration_id",
+    "zone_id",
+    "external_id",
+    "name",
+    "device_metadata",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+    "purge_at",
+    "hard_delete_at",
+    "state",
+    "purged_at",
+    "last_seen_at",
+    "last_changed_at",
+    "fingerprint",
+    "raw",
 )
 
 
@@ -134,8 +148,9 @@ class Store:
             stale = conn.execute(
                 update(sync_runs)
                 .where(sync_runs.c.org_id == org_id, sync_runs.c.status == "running")
-                .values(status="aborted", finished_at=now,
-                        error="interrupted: the process ended before the pass finished")
+                .values(
+                    status="aborted", finished_at=now, error="interrupted: the process ended before the pass finished"
+                )
             ).rowcount
             run_id = conn.execute(
                 insert(sync_runs)
@@ -167,9 +182,13 @@ class Store:
     def count_live(self, org_id: str) -> int:
         """Mirrored devices of an org that are not purged."""
         with _translated("counting devices"), self.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count()).select_from(devices).where(devices.c.org_id == org_id, devices.c.state != "purged")
-            ).scalar_one())
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(devices)
+                    .where(devices.c.org_id == org_id, devices.c.state != "purged")
+                ).scalar_one()
+            )
 
     def live_ids_except(self, org_id: str, seen: set[str]) -> list[str]:
         """Ids of the org's non-purged devices that are not in ``seen`` (streamed, not loaded whole)."""
@@ -228,12 +247,12 @@ class PageWriter:
         query = select(devices.c.id, devices.c.raw, devices.c.state).where(devices.c.id.in_(list(ids)))
         return {row[0]: (row[1], row[2]) for row in self._conn.execute(query)}
 
-    def insert_devices(self, rows: list[Mapping[str, Any]]) -> None:
+    def insert_devices(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Add devices seen for the first time."""
         if rows:
             self._conn.execute(insert(devices), rows)
 
-    def update_devices(self, rows: list[Mapping[str, Any]]) -> None:
+    def update_devices(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rewrite changed devices (each row carries every updatable column plus ``id``)."""
         if rows:
             stmt = (
@@ -254,7 +273,7 @@ class PageWriter:
             update(devices).where(devices.c.id == device_id).values(state="purged", purged_at=at, last_changed_at=at)
         )
 
-    def add_changes(self, rows: list[Mapping[str, Any]]) -> None:
+    def add_changes(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append device_changes rows."""
         if rows:
             self._conn.execute(insert(device_changes), rows)

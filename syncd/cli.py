@@ -1,0 +1,413 @@
+"""The ``syncd`` command line. Exit codes: 0 success, 1 a pass or command failed, 2 bad config or usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import structlog
+
+from syncd import __version__, logs
+from syncd.api import OpenAppClient
+from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config
+from syncd.errors import ConfigError, SyncdError
+from syncd.runner import run_once, select_orgs
+from syncd.store import Store, redact_url
+from syncd.sync import PassOutcome
+
+DEFAULT_CONFIG = "/etc/syncd/config.toml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = structlog.get_logger("syncd")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``syncd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"syncd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SyncdError as exc:
+        print(f"syncd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="syncd", description="Keep a local SQL mirror of OpenApp devices.")
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", metavar="PATH", help=f"configuration file (default: $SYNCD_CONFIG or {DEFAULT_CONFIG})"
+        )
+
+    p = sub.add_parser("run-once", help="mirror every configured (or each named) org once, then exit")
+    config_option(p)
+    p.add_argument("--org", action="append", metavar="ORG", help="only this org (repeatable)")
+    p.add_argument(
+        "--allow-mass-purge",
+        action="store_true",
+        help="confirm purging more than sync.max_purge_fraction of an org's devices",
+    )
+    p.set_defaults(handler=cmd_run_once)
+
+    p = sub.add_parser("check-config", help="validate the configuration and report every problem")
+    config_option(p)
+    p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser("db", help="database maintenance")
+    db_sub = p.add_subparsers(metavar="ACTION")
+    q = db_sub.add_parser("upgrade", help="apply schema migrations")
+    config_option(q)
+    q.set_defaults(handler=cmd_db_upgrade)
+    q = db_sub.add_parser("current", help="show the schema revision of the database")
+    config_option(q)
+    q.set_defaults(handler=cmd_db_current)
+    p.set_defaults(handler=None)
+
+    p = sub.add_parser("simulate", help="serve the built-in OpenApp simulator on loopback")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--orgs", type=_count, default=1, help="organisations to seed (default 1)")
+    p.add_argument("--devices", type=_count, default=1000, help="devices per org (default 1000)")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the generated data (default 1)")
+    p.add_argument("--deleted-fraction", type=_fraction, default=0.05, help="share seeded soft-deleted (0.05)")
+    p.add_argument(
+        "--api-key-env",
+        default="SYNCD_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the key to accept (default SYNCD_API_KEY)",
+    )
+    p.add_argument(
+        "--name-style",
+        choices=("value", "map", "string", "mixed"),
+        default="value",
+        help="how names are rendered: the spec's {value:{...}}, a plain map, a string, or mixed",
+    )
+    p.add_argument(
+        "--timestamps",
+        choices=("top", "metadata", "both"),
+        default="both",
+        help="where lifecycle timestamps appear (default both)",
+    )
+    p.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of requests answered 503")
+    p.add_argument("--rate-limit-rate", type=_fraction, default=0.0, help="fraction of requests answered 429")
+    p.add_argument("--retry-after", default="1", help="Retry-After sent with injected 429s (default 1)")
+    p.add_argument("--reset-rate", type=_fraction, default=0.0, help="fraction of connections reset")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="added latency per request in milliseconds")
+    p.set_defaults(handler=cmd_simulate)
+
+    p = sub.add_parser("demo", help="mirror the built-in simulator into a SQLite file and report (no setup needed)")
+    p.add_argument("--db", default="syncd-demo.db", metavar="PATH", help="SQLite file (default syncd-demo.db)")
+    p.add_argument("--orgs", type=_count, default=3, help="organisations (default 3)")
+    p.add_argument("--devices", type=_count, default=2000, help="devices per org (default 2000)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_run_once(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logs.configure(config.log_format, config.log_level)
+    orgs = select_orgs(config, args.org)
+    store = Store(config.database_url)
+    try:
+        store.prepare(config.auto_upgrade)
+        with OpenAppClient(config.api) as client:
+            outcomes = _run_passes(config, orgs, store, client, args.allow_mass_purge)
+    finally:
+        store.close()
+    print_summary(outcomes, sys.stdout)
+    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: OK")
+    api = config.api
+    print(f"  api       {api.base_url} (auth header: {api.auth_header}, page size {api.page_size})")
+    print(f"  database  {redact_url(config.database_url)}")
+    print(f"  orgs      {len(config.orgs)}: {', '.join(o.id for o in config.orgs)}")
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logs.configure(config.log_format, config.log_level)
+    store = Store(config.database_url)
+    try:
+        before = store.schema_revision()
+        store.upgrade()
+        after = store.schema_revision()
+    finally:
+        store.close()
+    print(f"schema: {before or 'empty'} -> {after}" if before != after else f"schema already at {after}")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = Store(config.database_url)
+    try:
+        print(store.schema_revision() or "empty (run `syncd db upgrade`)")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from syncd.simulator import Fault, Simulator, World
+    from syncd.simulator.server import LOOPBACK
+
+    key = os.environ.get(args.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"set the environment variable {args.api_key_env} to the API key the simulator accepts")
+    if args.host not in LOOPBACK:
+        raise ConfigError(f"--host {args.host}: the simulator binds loopback only (127.0.0.1, ::1, localhost)")
+    world = World(seed=args.seed, name_style=args.name_style, timestamps=args.timestamps)
+    org_ids = world.seed(args.orgs, args.devices, args.deleted_fraction)
+    world.add_key(key)
+    sim = Simulator(world, host=args.host, port=args.port, seed=args.seed)
+    if args.latency_ms:
+        sim.inject(Fault(kind="slow", delay=args.latency_ms / 1000, times=None))
+    if args.error_rate:
+        sim.inject(Fault(status=503, rate=args.error_rate, times=None))
+    if args.rate_limit_rate:
+        sim.inject(Fault(status=429, retry_after=args.retry_after, rate=args.rate_limit_rate, times=None))
+    if args.reset_rate:
+        sim.inject(Fault(kind="reset", rate=args.reset_rate, times=None))
+    print(f"OpenApp simulator serving {sim.url}", flush=True)
+    print(
+        f"  {args.orgs} org(s) x {args.devices} devices: {', '.join(org_ids[:5])}"
+        + (" ..." if len(org_ids) > 5 else ""),
+        flush=True,
+    )
+    stop = _stop_on_signals()
+
+    def stop_when_signalled() -> None:
+        stop.wait()
+        sim.stop()
+
+    threading.Thread(target=stop_when_signalled, daemon=True).start()
+    sim.serve_forever()
+    print(f"simulator stopped after {len(sim.log)} requests", flush=True)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from syncd.simulator import Simulator, World
+
+    logs.configure("console" if sys.stderr.isatty() else "json", "warning")
+    world = World(seed=args.seed, name_style="mixed")
+    org_ids = world.seed(args.orgs, args.devices)
+    key = secrets.token_urlsafe(24)
+    world.add_key(key)
+    db = Path(args.db).resolve()
+    print(f"syncd demo: the built-in OpenApp simulator ({args.orgs} orgs x {args.devices} devices) -> {db}\n")
+    with Simulator(world) as sim:
+        config = Config(
+            api=ApiSettings(base_url=sim.url, api_key=Secret(key)),
+            database_url=f"sqlite:///{db}",
+            orgs=tuple(OrgSettings(org_id) for org_id in org_ids),
+        )
+        store = Store(config.database_url)
+        try:
+            store.prepare(auto_upgrade=True)
+            with OpenAppClient(config.api) as client:
+                print("Pass 1: full mirror")
+                outcomes = _run_passes(config, list(config.orgs), store, client, False)
+                print_summary(outcomes, sys.stdout)
+                _demo_changes(world, org_ids[0])
+                print(
+                    f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
+                    "1 purged, 2 created.\nPass 2: only the changes are written"
+                )
+                outcomes += _run_passes(config, list(config.orgs), store, client, False)
+                print_summary(outcomes[len(org_ids) :], sys.stdout)
+            print("\nThe mirror now holds (devices by state):")
+            print_state_counts(store.state_counts(), sys.stdout)
+            print(f'\nQuery it yourself: sqlite3 {db} "SELECT change, count(*) FROM device_changes GROUP BY change"')
+        finally:
+            store.close()
+    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _demo_changes(world: Any, org_id: str) -> None:
+    ids = world.ids(org_id)
+    for device_id in ids[10:13]:
+        world.update_device(org_id, device_id, {"name": {"en": f"Renamed {device_id[-4:]}"}})
+    for device_id in ids[20:22]:
+        world.delete_device(org_id, device_id)
+    deleted = next(d["id"] for d in world.ground_truth(org_id) if d.get("deleted_at") and d["id"] not in ids[20:22])
+    world.restore_device(org_id, deleted)
+    world.purge_device(org_id, ids[30])
+    world.create_device(org_id)
+    world.create_device(org_id)
+
+
+def _run_passes(
+    config: Config, orgs: list[OrgSettings], store: Store, client: OpenAppClient, allow_mass_purge: bool
+) -> list[PassOutcome]:
+    stop = _stop_on_signals()
+    progress = Progress(sys.stderr) if sys.stderr.isatty() else None
+    return run_once(
+        config,
+        orgs,
+        store=store,
+        client=client,
+        allow_mass_purge=allow_mass_purge,
+        stop=stop,
+        on_progress=progress.update if progress else None,
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT ask running passes to stop after the current page; a second SIGINT kills."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"syncd: {signal.Signals(signum).name}: finishing the current page, then stopping", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+class Progress:
+    """Per-org progress lines on a terminal, at most one per org every two seconds."""
+
+    def __init__(self, stream: TextIO, every: float = 2.0) -> None:
+        self.stream = stream
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def update(self, org_id: str, pages: int, devices: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(org_id, 0.0) < self.every:
+                return
+            self._last[org_id] = now
+        print(f"  {org_id}: {pages} pages, {devices} devices", file=self.stream, flush=True)
+
+
+SUMMARY_COLUMNS = (
+    "pages",
+    "devices_seen",
+    "created",
+    "updated",
+    "unchanged",
+    "deleted",
+    "restored",
+    "purged",
+    "rejected",
+)
+
+
+def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
+    """The end-of-command table: one row per org, then any errors."""
+    headers = (
+        "org",
+        "status",
+        "pages",
+        "devices",
+        "created",
+        "updated",
+        "unchanged",
+        "deleted",
+        "restored",
+        "purged",
+        "rejected",
+        "seconds",
+    )
+    rows = [(o.org_id, o.status, *(str(o.counts[c]) for c in SUMMARY_COLUMNS), f"{o.seconds:.1f}") for o in outcomes]
+    _table(headers, rows, out)
+    for o in outcomes:
+        if o.error:
+            print(f"{o.org_id}: {o.status}: {o.error}", file=out)
+
+
+def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
+    """Devices by state per org."""
+    rows = [
+        (org, *(str(by_state.get(s, 0)) for s in ("active", "deleted", "purged")))
+        for org, by_state in sorted(counts.items())
+    ]
+    _table(("org", "active", "deleted", "purged"), rows, out)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        # The first two columns (org, status) are text; the rest are numbers.
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line([h.upper() for h in headers]).rstrip(), file=out)
+    for row in rows:
+        print(line(row).rstrip(), file=out)
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _positive(kind: Callable[[str], Any], low: float, high: float | None, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_port = _positive(int, 0, 65535, "a port number (0-65535)")
+_count = _positive(int, 1, None, "a whole number of at least 1")
+_fraction = _positive(float, 0.0, 1.0, "a fraction between 0 and 1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

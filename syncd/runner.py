@@ -1,0 +1,69 @@
+"""Run passes for several orgs: the shared machinery of ``run-once`` (and, later, the daemon)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from syncd.api import OpenAppClient
+from syncd.config import Config, OrgSettings
+from syncd.errors import ConfigError
+from syncd.store import Store
+from syncd.sync import OrgPass, PassOutcome, ProgressCallback
+
+log = structlog.get_logger(__name__)
+
+
+def instance_name() -> str:
+    """``host:pid``, recorded on every sync_runs row."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def select_orgs(config: Config, names: Iterable[str] | None) -> list[OrgSettings]:
+    """The configured orgs, or just the named ones (ConfigError for a name not configured)."""
+    wanted = list(names or [])
+    if not wanted:
+        return list(config.orgs)
+    unknown = [n for n in wanted if n not in {o.id for o in config.orgs}]
+    if unknown:
+        raise ConfigError(f"--org {', '.join(unknown)}: not in the configuration")
+    return [config.org(n) for n in dict.fromkeys(wanted)]
+
+
+def run_once(
+    config: Config,
+    orgs: list[OrgSettings],
+    *,
+    store: Store,
+    client: OpenAppClient,
+    allow_mass_purge: bool = False,
+    stop: threading.Event | None = None,
+    on_progress: ProgressCallback | None = None,
+    trigger: str = "run-once",
+) -> list[PassOutcome]:
+    """One pass per org, up to ``sync.concurrency`` at a time; outcomes in the order of ``orgs``."""
+    stop = stop or threading.Event()
+    instance = instance_name()
+
+    def one(org: OrgSettings) -> PassOutcome:
+        with structlog.contextvars.bound_contextvars(org_id=org.id):
+            return OrgPass(
+                client,
+                store,
+                org,
+                config.sync,
+                trigger=trigger,
+                instance=instance,
+                allow_mass_purge=allow_mass_purge,
+                stop=stop,
+                on_progress=on_progress,
+            ).run()
+
+    workers = max(1, min(config.sync.concurrency, len(orgs)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="org-pass") as pool:
+        return list(pool.map(one, orgs))

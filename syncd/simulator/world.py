@@ -1,0 +1,459 @@
+"""The simulator's in-memory OpenApp: organisations, devices and the Devices operations.
+
+Everything here is plain Python guarded by one lock; :mod:`syncd.simulator.server` puts HTTP in
+front of it. Tests call these methods directly to change the world between (or during) passes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+
+NameStyle = Literal["value", "map", "string", "mixed"]
+TimestampStyle = Literal["top", "metadata", "both"]
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+KINDS = ("door_controller", "gate", "intercom", "camera", "virtual_access_portal", "lock")
+PROVIDERS = ("shelly_cloud", "akuvox", "go2rtc", "openapp_virtual")
+WORDS = ("Front", "Back", "North", "South", "East", "West", "Main", "Side", "Garage", "Lobby", "Roof", "Yard")
+THINGS = {
+    "door_controller": "door",
+    "gate": "gate",
+    "intercom": "intercom",
+    "camera": "camera",
+    "virtual_access_portal": "portal",
+    "lock": "lock",
+}
+
+
+class SimError(Exception):
+    """An error answer: HTTP status plus an ApiErrorResponse body."""
+
+    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_code = error_code
+
+
+def make_ulid(millis: int, rng: random.Random) -> str:
+    """A ULID from a millisecond timestamp and 80 random bits."""
+    value = (millis << 80) | rng.getrandbits(80)
+    return "".join(CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def org_id_for(index: int) -> str:
+    """Deterministic org ids: 01HORG00000000000000000000, ...01, ..."""
+    return f"01HORG{index:020d}"
+
+
+def iso(moment: datetime | None) -> str | None:
+    """RFC 3339 with microseconds and Z, as the server sends it."""
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class SimDevice:
+    """One device as OpenApp holds it."""
+
+    id: str
+    org_id: str
+    integration_id: str
+    kind: str
+    name: dict[str, str]
+    external_id: str | None
+    zone_id: str | None
+    device_metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+    credentials_set: bool = False
+
+
+@dataclass
+class SimOrg:
+    """One organisation: its devices and their ids in sorted (list) order."""
+
+    id: str
+    integrations: list[str]
+    zones: list[str]
+    ids: list[str] = field(default_factory=list)
+    devices: dict[str, SimDevice] = field(default_factory=dict)
+
+
+class World:
+    """All organisations, the API keys that may see them, and the Devices operations."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        name_style: NameStyle = "value",
+        timestamps: TimestampStyle = "both",
+    ) -> None:
+        self.lock = threading.RLock()
+        self.rng = random.Random(seed)
+        self.name_style = name_style
+        self.timestamps = timestamps
+        self.orgs: dict[str, SimOrg] = {}
+        self.keys: dict[str, frozenset[str] | None] = {}  # key -> orgs it may use (None: all)
+        self._cache: dict[str, bytes] = {}
+        self._last_change = EPOCH
+        self._scan_hooks: list[tuple[str, int, Callable[[World], None]]] = []
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def add_key(self, key: str, orgs: Iterable[str] | None = None) -> None:
+        """Accept ``key``; limited to ``orgs`` when given."""
+        self.keys[key] = frozenset(orgs) if orgs is not None else None
+
+    def add_org(self, org_id: str, integrations: int = 3, zones: int = 5) -> SimOrg:
+        """Create an empty organisation with some integrations and zones."""
+        with self.lock:
+            org = SimOrg(
+                org_id,
+                integrations=[make_ulid(self._millis(EPOCH), self.rng) for _ in range(integrations)],
+                zones=[make_ulid(self._millis(EPOCH), self.rng) for _ in range(zones)],
+            )
+            self.orgs[org_id] = org
+            return org
+
+    def seed(self, orgs: int, devices_per_org: int, deleted_fraction: float = 0.05) -> list[str]:
+        """Fill the world with deterministic data; returns the org ids."""
+        ids = []
+        for o in range(orgs):
+            org = self.add_org(org_id_for(o))
+            for i in range(devices_per_org):
+                created = EPOCH + timedelta(seconds=i * 37 + o)
+                device = self._new_device(org, created, index=i)
+                if self.rng.random() < deleted_fraction:
+                    device.deleted_at = created + timedelta(days=30)
+                    device.updated_at = device.deleted_at
+                self._store(org, device)
+            ids.append(org.id)
+        return ids
+
+    def _new_device(self, org: SimOrg, created: datetime, index: int | None = None) -> SimDevice:
+        rng = self.rng
+        kind = KINDS[rng.randrange(len(KINDS))]
+        integration = org.integrations[rng.randrange(len(org.integrations))]
+        number = index if index is not None else rng.randrange(10**6)
+        label = f"{WORDS[rng.randrange(len(WORDS))]} {THINGS[kind]} {number}"
+        name = {"en": label}
+        if rng.random() < 0.3:
+            name["de"] = label.replace("door", "Tür").replace("gate", "Tor")
+        metadata: dict[str, Any] = {"kind": kind, "provider": PROVIDERS[rng.randrange(len(PROVIDERS))]}
+        if kind == "camera":
+            metadata["channel"] = f"cam{rng.randrange(64)}"
+        if kind == "virtual_access_portal":
+            metadata["apartment_entity_ids"] = [make_ulid(self._millis(created), rng) for _ in range(rng.randrange(3))]
+        return SimDevice(
+            id=make_ulid(self._millis(created), rng),
+            org_id=org.id,
+            integration_id=integration,
+            kind=kind,
+            name=name,
+            external_id=f"ext-{rng.getrandbits(40):010x}" if rng.random() < 0.7 else None,
+            zone_id=org.zones[rng.randrange(len(org.zones))] if rng.random() < 0.8 else None,
+            device_metadata=metadata,
+            created_at=created,
+            updated_at=created,
+            credentials_set=rng.random() < 0.5,
+        )
+
+    @staticmethod
+    def _millis(moment: datetime) -> int:
+        return int(moment.timestamp() * 1000)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def authorise(self, key: str | None, org_id: str | None) -> None:
+        """401 for an unknown key, 403 for an org the key may not use, 400 without X-Org."""
+        if not key or key not in self.keys:
+            raise SimError(401, "Missing or invalid API key", "unauthorized")
+        if org_id is None:
+            raise SimError(400, "X-Org header is required", "missing_org")
+        allowed = self.keys[key]
+        if org_id not in self.orgs or (allowed is not None and org_id not in allowed):
+            raise SimError(403, f"API key has no access to organization {org_id}", "forbidden")
+
+    def list_devices(
+        self,
+        org_id: str,
+        *,
+        include_deleted: bool,
+        only_deleted: bool,
+        include_metadata: bool,
+        limit: int,
+        offset: int,
+        filters: dict[str, Any] | None = None,
+    ) -> bytes:
+        """One page of list_devices as a JSON array, ordered by id."""
+        with self.lock:
+            self._run_scan_hooks(org_id, offset)
+            org = self.orgs[org_id]
+            if only_deleted:
+                include_deleted = True
+            if include_deleted and not only_deleted and not filters:
+                ids = org.ids[offset : offset + limit]
+            else:
+                matching = (
+                    i
+                    for i in org.ids
+                    if self._visible(org.devices[i], include_deleted, only_deleted)
+                    and self._matches(org.devices[i], filters or {})
+                )
+                ids = [i for n, i in enumerate(matching) if offset <= n < offset + limit]
+            return b"[" + b",".join(self._bytes(org.devices[i], include_metadata) for i in ids) + b"]"
+
+    def get_device(self, org_id: str, device_id: str, include_deleted: bool, include_metadata: bool) -> bytes:
+        """get_device; a device of another org is as unknown as a purged one (404)."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            if device.deleted_at is not None and not include_deleted:
+                raise SimError(404, f"Device {device_id} not found", "not_found")
+            return self._bytes(device, include_metadata)
+
+    def device(self, org_id: str, device_id: str) -> dict[str, Any]:
+        """The device as the API would render it (include_metadata=true), for test assertions."""
+        with self.lock:
+            return dict(orjson.loads(self._bytes(self._find(org_id, device_id), True)))
+
+    def ground_truth(self, org_id: str) -> list[dict[str, Any]]:
+        """Every device of an org, soft-deleted ones included, rendered as the API sends them."""
+        with self.lock:
+            org = self.orgs[org_id]
+            return [orjson.loads(self._bytes(org.devices[i], True)) for i in org.ids]
+
+    def ids(self, org_id: str) -> list[str]:
+        """Current device ids of an org, sorted."""
+        with self.lock:
+            return list(self.orgs[org_id].ids)
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def create_device(self, org_id: str, body: dict[str, Any] | None = None, *, before: str | None = None) -> str:
+        """Create a device (random content unless ``body`` says otherwise); returns its id.
+
+        ``before``: give it an id that sorts before that id, so it lands ahead of a running scan.
+        """
+        with self.lock:
+            org = self.orgs[org_id]
+            now = self._tick()
+            device = self._new_device(org, now)
+            if before is not None:
+                floor = self._millis(EPOCH)
+                ceiling = max(floor, _ulid_millis(before) - 1)
+                device.id = make_ulid(self.rng.randint(floor, ceiling), self.rng)
+            body = body or {}
+            if "integration_id" in body:
+                device.integration_id = str(body["integration_id"])
+            if "name" in body:
+                device.name = _localized(body["name"])
+            if "external_id" in body:
+                device.external_id = body["external_id"]
+            if isinstance(body.get("device_metadata"), dict):
+                device.device_metadata = dict(body["device_metadata"])
+                device.kind = str(device.device_metadata.get("kind", device.kind))
+            self._store(org, device)
+            return device.id
+
+    def update_device(self, org_id: str, device_id: str, changes: dict[str, Any]) -> bytes:
+        """update_device: apply the given UpdateDeviceRequest fields (plus zone_id, as the live API does)."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            if not isinstance(changes, dict):
+                raise SimError(400, "Request body must be a JSON object", "invalid_body")
+            if "name" in changes and changes["name"] is not None:
+                device.name = _localized(changes["name"])
+            if "external_id" in changes:
+                value = changes["external_id"]
+                if value is not None and not isinstance(value, str):
+                    raise SimError(422, "external_id must be a string or null", "invalid_field")
+                device.external_id = value
+            if "zone_id" in changes:
+                value = changes["zone_id"]
+                if value is not None and value not in self.orgs[org_id].zones:
+                    raise SimError(422, f"Unknown zone {value}", "unknown_zone")
+                device.zone_id = value
+            if "device_metadata" in changes:
+                if not isinstance(changes["device_metadata"], dict):
+                    raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
+                device.device_metadata = dict(changes["device_metadata"])
+            self._changed(device)
+            return self._bytes(device, True)
+
+    def delete_device(self, org_id: str, device_id: str) -> bytes:
+        """Soft delete (repeating it changes nothing)."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            if device.deleted_at is None:
+                device.deleted_at = self._tick()
+                self._changed(device, device.deleted_at)
+            return self._bytes(device, True)
+
+    def restore_device(self, org_id: str, device_id: str) -> bytes:
+        """Undo a soft delete; 422 if the device is not soft-deleted."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            if device.deleted_at is None:
+                raise SimError(422, f"Device {device_id} is not soft-deleted", "not_soft_deleted")
+            device.deleted_at = None
+            self._changed(device)
+            return self._bytes(device, True)
+
+    def purge_device(self, org_id: str, device_id: str) -> bytes:
+        """Hard delete: the device vanishes from lists and GET answers 404."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            body = self._bytes(device, True)
+            org = self.orgs[org_id]
+            del org.devices[device_id]
+            org.ids.pop(bisect.bisect_left(org.ids, device_id))
+            self._cache.pop(device_id, None)
+            return body
+
+    def door_restrictions(self, device_id: str) -> bytes:
+        """get_door_restrictions: only for virtual_access_portal devices."""
+        with self.lock:
+            device = next((o.devices[device_id] for o in self.orgs.values() if device_id in o.devices), None)
+            if device is None:
+                raise SimError(404, f"Device {device_id} not found", "not_found")
+            if device.kind != "virtual_access_portal":
+                raise SimError(400, "Door restrictions exist only for virtual_access_portal devices", "wrong_kind")
+            ids = device.device_metadata.get("apartment_entity_ids", [])
+            return orjson.dumps({"apartment_entity_ids": list(ids)})
+
+    def metadata_definition(self, org_id: str, device_id: str) -> bytes:
+        """get_device_metadata_definition: a JSON Schema for device_metadata plus the data."""
+        with self.lock:
+            device = self._find(org_id, device_id)
+            schema = {"type": "object", "properties": {"kind": {"type": "string"}, "provider": {"type": "string"}}}
+            provider = str(device.device_metadata.get("provider", "unknown"))
+            return orjson.dumps({"provider_type": provider, "schema": schema, "data": device.device_metadata})
+
+    def during_scan(self, org_id: str, at_offset: int, action: Callable[[World], None]) -> None:
+        """Run ``action`` once, just before serving the list page of ``org_id`` at ``at_offset``."""
+        with self.lock:
+            self._scan_hooks.append((org_id, at_offset, action))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _run_scan_hooks(self, org_id: str, offset: int) -> None:
+        due = [h for h in self._scan_hooks if h[0] == org_id and h[1] == offset]
+        for hook in due:
+            self._scan_hooks.remove(hook)
+            hook[2](self)
+
+    def _find(self, org_id: str, device_id: str) -> SimDevice:
+        device = self.orgs[org_id].devices.get(device_id)
+        if device is None:
+            raise SimError(404, f"Device {device_id} not found", "not_found")
+        return device
+
+    def _store(self, org: SimOrg, device: SimDevice) -> None:
+        if device.id in org.devices:
+            raise SimError(409, f"Device {device.id} exists", "conflict")
+        org.devices[device.id] = device
+        bisect.insort(org.ids, device.id)
+
+    def _tick(self) -> datetime:
+        """Now, but strictly later than the previous change, so updated_at always moves."""
+        now = datetime.now(UTC)
+        if now <= self._last_change:
+            now = self._last_change + timedelta(microseconds=1)
+        self._last_change = now
+        return now
+
+    def _changed(self, device: SimDevice, at: datetime | None = None) -> None:
+        device.updated_at = at or self._tick()
+        self._cache.pop(device.id, None)
+
+    @staticmethod
+    def _visible(device: SimDevice, include_deleted: bool, only_deleted: bool) -> bool:
+        if only_deleted:
+            return device.deleted_at is not None
+        return include_deleted or device.deleted_at is None
+
+    @staticmethod
+    def _matches(device: SimDevice, filters: dict[str, Any]) -> bool:
+        if filters.get("integration_id") and device.integration_id != filters["integration_id"]:
+            return False
+        if filters.get("device_kind") and device.kind != filters["device_kind"]:
+            return False
+        if filters.get("external_id") and device.external_id != filters["external_id"]:
+            return False
+        if filters.get("q"):
+            needle = str(filters["q"]).lower()
+            if not any(needle in text.lower() for text in device.name.values()):
+                return False
+        if filters.get("has_external_id") and not device.external_id:
+            return False
+        return not (filters.get("has_go2rtc_channel") and not device.device_metadata.get("channel"))
+
+    def _bytes(self, device: SimDevice, include_metadata: bool) -> bytes:
+        if include_metadata:
+            cached = self._cache.get(device.id)
+            if cached is None:
+                cached = self._cache[device.id] = orjson.dumps(self._render(device, True))
+            return cached
+        return orjson.dumps(self._render(device, False))
+
+    def _render(self, device: SimDevice, include_metadata: bool) -> dict[str, Any]:
+        stamps = {
+            "created_at": iso(device.created_at),
+            "updated_at": iso(device.updated_at),
+            "deleted_at": iso(device.deleted_at),
+            "purge_at": None,
+            "hard_delete_at": None,
+        }
+        body: dict[str, Any] = {
+            "id": device.id,
+            "org_id": device.org_id,
+            "integration_id": device.integration_id,
+            "name": self._render_name(device),
+            "external_id": device.external_id,
+            "device_metadata": device.device_metadata,
+            # Fields the live server sends ahead of the public spec (CONTRACT.md §8).
+            "zone_id": device.zone_id,
+            "credentials_set": device.credentials_set,
+            "is_primary_instance": True,
+        }
+        if self.timestamps in ("top", "both"):
+            body.update(stamps)
+        if include_metadata and self.timestamps in ("metadata", "both"):
+            body["metadata"] = {k: v for k, v in stamps.items() if v is not None}
+        return body
+
+    def _render_name(self, device: SimDevice) -> Any:
+        style: str = self.name_style
+        if style == "mixed":
+            style = ("value", "map", "string")[sum(map(ord, device.id[-3:])) % 3]
+        if style == "string":
+            return device.name.get("en") or next(iter(device.name.values()), "")
+        if style == "map":
+            return dict(device.name)
+        return {"value": dict(device.name)}
+
+
+def _localized(value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        return {"en": value}
+    if isinstance(value, dict):
+        inner = value.get("value", value)
+        if isinstance(inner, dict) and inner and all(isinstance(v, str) for v in inner.values()):
+            return {str(k): v for k, v in inner.items()}
+    raise SimError(422, "name must be a localized string map", "invalid_field")
+
+
+def _ulid_millis(ulid: str) -> int:
+    value = 0
+    for char in ulid[:10]:
+        value = value * 32 + CROCKFORD.index(char)
+    return value

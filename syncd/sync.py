@@ -1,0 +1,360 @@
+"""One pass of one org: page through list_devices, upsert page by page, then detect purges.
+
+Safety rules (README, "How a pass works"):
+- every page is one transaction; a crash leaves only whole pages behind;
+- an unchanged device is not written;
+- nothing is marked purged unless the scan was complete and error-free *and* get_device answers 404;
+- a pass that would purge more than ``sync.max_purge_fraction`` of the org refuses, unless confirmed;
+- a device of another org is never written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from syncd.api import DevicePage, OpenAppClient
+from syncd.config import OrgSettings, SyncSettings
+from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
+from syncd.models import VOLATILE_FIELDS, Device, fingerprint, identify, parse_device
+from syncd.store import PageWriter, Store
+
+log = structlog.get_logger(__name__)
+
+PREFETCH_PAGES = 2
+MAX_LOGGED_PROBLEMS = 10
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class PassOutcome:
+    """How one org's pass ended."""
+
+    org_id: str
+    run_id: int
+    status: str
+    started_at: datetime
+    finished_at: datetime
+    counts: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the pass."""
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class OrgPass:
+    """Mirror one org once. Create one per pass; call :meth:`run`."""
+
+    def __init__(
+        self,
+        client: OpenAppClient,
+        store: Store,
+        org: OrgSettings,
+        settings: SyncSettings,
+        *,
+        trigger: str = "run-once",
+        instance: str = "syncd",
+        allow_mass_purge: bool = False,
+        stop: threading.Event | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.org = org
+        self.settings = settings
+        self.trigger = trigger
+        self.instance = instance
+        self.allow_mass_purge = allow_mass_purge
+        self.stop = stop or threading.Event()
+        self.on_progress = on_progress
+        self.counts: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self.problems: list[InvalidDeviceError] = []
+        self._touch_after = timedelta(seconds=settings.last_seen_resolution)
+        self.log = log.bind(org_id=org.id)
+
+    def run(self) -> PassOutcome:
+        """Run the pass; errors end up in the outcome and the sync_runs row, not as exceptions."""
+        started = utcnow()
+        run_id, stale = self.store.start_run(self.org.id, self.trigger, self.instance, started)
+        self.log = self.log.bind(run_id=run_id)
+        if stale:
+            self.log.warning("closed interrupted runs", count=stale)
+        self.log.debug("pass started")
+        status, error = "succeeded", None
+        try:
+            if not self._scan(run_id):
+                status, error = "aborted", "stopped before the scan finished"
+            elif self.problems:
+                first = self.problems[0]
+                status = "failed"
+                error = (
+                    f"{len(self.problems)} device(s) could not be read, so purge detection was skipped; first: {first}"
+                )
+            elif not self._sweep(run_id):
+                status, error = "aborted", "stopped during purge detection"
+        except SyncdError as exc:
+            status, error = "failed", str(exc)
+        except Exception as exc:  # a bug must not leave the run 'running' forever
+            self.log.exception("pass crashed")
+            status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        finished = utcnow()
+        self.store.finish_run(run_id, status, finished, error)
+        outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error)
+        counts = {k: v for k, v in sorted(self.counts.items()) if v}
+        if status == "succeeded":
+            self.log.info("pass succeeded", seconds=round(outcome.seconds, 2), **counts)
+        else:
+            self.log.error(f"pass {status}", error=error, seconds=round(outcome.seconds, 2), **counts)
+        return outcome
+
+    # -- scan ------------------------------------------------------------------------------
+
+    def _scan(self, run_id: int) -> bool:
+        pages = self.client.list_device_pages(
+            self.org.id, integration_id=self.org.integration_id, device_kind=self.org.device_kind
+        )
+        for page in prefetch(pages, self.stop):
+            if self.stop.is_set():
+                return False
+            self._apply(run_id, page.items, page.offset)
+            if self.on_progress:
+                self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
+        return not self.stop.is_set()
+
+    def _apply(self, run_id: int, items: list[Any], offset: int | None) -> None:
+        """Write one page (or one re-fetched device) in one transaction."""
+        now = utcnow()
+        batch: dict[str, tuple[dict[str, Any], int | None]] = {}
+        counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
+        for i, item in enumerate(items):
+            position = None if offset is None else offset + i
+            try:
+                device_id, org_id = identify(item, position)
+            except InvalidDeviceError as exc:
+                self._problem(exc)
+                continue
+            if org_id != self.org.id:
+                counts["rejected"] += 1
+                if counts["rejected"] + self.counts["rejected"] <= MAX_LOGGED_PROBLEMS:
+                    self.log.warning("rejected a device of another org", device_id=device_id, device_org_id=org_id)
+                continue
+            batch[device_id] = (item, position)
+        first_time = {device_id for device_id in batch if device_id not in self.seen}
+        self.seen.update(batch)
+        counts["devices_seen"] = len(first_time)
+
+        with self.store.writer() as writer:
+            known = writer.known(batch)
+            inserts: list[Device] = []
+            updates: list[Device] = []
+            touches: list[str] = []
+            for device_id, (item, position) in batch.items():
+                digest = fingerprint(item)
+                existing = known.get(device_id)
+                if existing and existing.fingerprint == digest and existing.state != "purged":
+                    if device_id in first_time:
+                        counts["unchanged"] += 1
+                    if now - existing.last_seen_at >= self._touch_after:
+                        touches.append(device_id)
+                    continue
+                try:
+                    device = parse_device(item, position, digest)
+                except InvalidDeviceError as exc:
+                    self._problem(exc)
+                    continue
+                (updates if existing else inserts).append(device)
+            self._write(writer, run_id, now, inserts, updates, counts)
+            writer.touch(touches, now)
+            writer.bump_run(run_id, counts)
+        self.counts.update(counts)
+
+    def _write(
+        self,
+        writer: PageWriter,
+        run_id: int,
+        now: datetime,
+        inserts: list[Device],
+        updates: list[Device],
+        counts: Counter[str],
+    ) -> None:
+        changes = []
+        for device in inserts:
+            counts["created"] += 1
+            changes.append(_change(device.id, self.org.id, run_id, now, "created", None))
+        previous = writer.previous(d.id for d in updates)
+        for device in updates:
+            old_raw, old_state = previous[device.id]
+            kind = change_kind(old_state, device.state)
+            counts[kind] += 1
+            changes.append(
+                _change(
+                    device.id,
+                    self.org.id,
+                    run_id,
+                    now,
+                    kind,
+                    describe_change(old_raw, device.raw, old_state, device.state),
+                )
+            )
+        writer.insert_devices([_row(d, now, first_seen=True) for d in inserts])
+        writer.update_devices([_row(d, now, first_seen=False) for d in updates])
+        writer.add_changes(changes)
+
+    def _problem(self, exc: InvalidDeviceError) -> None:
+        self.problems.append(exc)
+        if len(self.problems) <= MAX_LOGGED_PROBLEMS:
+            self.log.warning("unreadable device", error=str(exc), position=exc.position)
+
+    # -- purge detection -----------------------------------------------------------------------
+
+    def _sweep(self, run_id: int) -> bool:
+        """Confirm every mirrored device the scan did not see; 404 means purged."""
+        missing = self.store.live_ids_except(self.org.id, self.seen)
+        if not missing:
+            return True
+        live = self.store.count_live(self.org.id)
+        limit = self.settings.max_purge_fraction * live
+        if not self.allow_mass_purge:
+            if not self.seen:
+                raise MassPurgeRefusedError(
+                    f"the scan returned no devices but the mirror holds {live} live ones; nothing was purged "
+                    "(if OpenApp really has none left, rerun with --allow-mass-purge)"
+                )
+            if len(missing) > limit:
+                raise MassPurgeRefusedError(
+                    f"{len(missing)} of {live} devices ({len(missing) / live:.0%}) were missing from the scan, more "
+                    f"than sync.max_purge_fraction ({self.settings.max_purge_fraction:.0%}); nothing was purged "
+                    "(to confirm, rerun with --allow-mass-purge)"
+                )
+        self.log.debug("confirming devices missing from the scan", count=len(missing))
+        for device_id in missing:
+            if self.stop.is_set():
+                return False
+            try:
+                raw = self.client.get_device(self.org.id, device_id)
+            except NotFoundError:
+                self._mark_purged(run_id, device_id)
+            else:
+                self._apply(run_id, [raw], None)  # it was hidden from the scan by shifting offsets
+        return True
+
+    def _mark_purged(self, run_id: int, device_id: str) -> None:
+        now = utcnow()
+        with self.store.writer() as writer:
+            _, old_state = writer.previous([device_id])[device_id]
+            writer.mark_purged(device_id, now)
+            writer.add_changes(
+                [_change(device_id, self.org.id, run_id, now, "purged", {"state": {"old": old_state, "new": "purged"}})]
+            )
+            writer.bump_run(run_id, {"purged": 1, "requests": 1})
+        self.counts.update(purged=1, requests=1)
+        self.log.info("device purged", device_id=device_id)
+
+
+def change_kind(old_state: str, new_state: str) -> str:
+    """The device_changes kind for a rewrite from ``old_state`` to ``new_state``."""
+    if old_state == new_state:
+        return "updated"
+    return "deleted" if new_state == "deleted" else "restored"
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any], old_state: str, new_state: str) -> dict[str, Any]:
+    """``{field: {"old": ..., "new": ...}}`` for every top-level payload field that changed."""
+    diff = {
+        key: {"old": old.get(key), "new": new.get(key)}
+        for key in sorted((old.keys() | new.keys()) - VOLATILE_FIELDS)
+        if old.get(key) != new.get(key)
+    }
+    if old_state != new_state:
+        diff["state"] = {"old": old_state, "new": new_state}
+    return diff
+
+
+def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:
+    """Fetch upcoming pages in a background thread while the caller writes the current one."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=PREFETCH_PAGES)
+    done = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not (done.is_set() or stop.is_set()):
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for page in pages:
+                if not put(("page", page)):
+                    return
+            put(("end", None))
+        except BaseException as exc:
+            put(("error", exc))
+
+    worker = threading.Thread(target=produce, name="page-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                kind, value = slots.get(timeout=0.1)
+            except queue.Empty:
+                if (stop.is_set() or not worker.is_alive()) and slots.empty():
+                    return
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        done.set()
+        worker.join(timeout=60)
+
+
+def _row(device: Device, now: datetime, first_seen: bool) -> dict[str, Any]:
+    row = {
+        "id": device.id,
+        "org_id": device.org_id,
+        "integration_id": device.integration_id,
+        "zone_id": device.zone_id,
+        "external_id": device.external_id,
+        "name": device.name,
+        "device_metadata": device.device_metadata,
+        "created_at": device.created_at,
+        "updated_at": device.updated_at,
+        "deleted_at": device.deleted_at,
+        "purge_at": device.purge_at,
+        "hard_delete_at": device.hard_delete_at,
+        "state": device.state,
+        "purged_at": None,
+        "last_seen_at": now,
+        "last_changed_at": now,
+        "fingerprint": device.fingerprint,
+        "raw": device.raw,
+    }
+    if first_seen:
+        row["first_seen_at"] = now
+    return row
+
+
+def _change(
+    device_id: str, org_id: str, run_id: int, at: datetime, kind: str, diff: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {"device_id": device_id, "org_id": org_id, "run_id": run_id, "observed_at": at, "change": kind, "diff": diff}
