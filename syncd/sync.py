@@ -224,10 +224,11 @@ class OrgPass:
 
     def _sweep(self, run_id: int) -> bool:
         """Confirm every mirrored device the scan did not see; 404 means purged."""
-        missing = self.store.live_ids_except(self.org.id, self.seen)
+        org = self.org
+        missing = self.store.live_ids_except(org.id, self.seen, org.integration_id, org.device_kind)
         if not missing:
             return True
-        live = self.store.count_live(self.org.id)
+        live = len(missing) + len(self.seen)
         limit = self.settings.max_purge_fraction * live
         if not self.allow_mass_purge:
             if not self.seen:

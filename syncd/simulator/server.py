@@ -159,13 +159,13 @@ class Simulator:
 
     def start(self) -> Simulator:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="openapp-simulator", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, name="openapp-simulator", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve in this thread until :meth:`stop` is called from another."""
-        self._server.serve_forever()
+        self._server.serve_forever(poll_interval=0.05)
 
     def stop(self) -> None:
         """Stop serving and close every open connection."""

@@ -190,12 +190,27 @@ class Store:
                 ).scalar_one()
             )
 
-    def live_ids_except(self, org_id: str, seen: set[str]) -> list[str]:
-        """Ids of the org's non-purged devices that are not in ``seen`` (streamed, not loaded whole)."""
-        query = select(devices.c.id).where(devices.c.org_id == org_id, devices.c.state != "purged")
+    def live_ids_except(
+        self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
+    ) -> list[str]:
+        """Ids of the org's non-purged devices (within the filters) that are not in ``seen``.
+
+        Rows are streamed, so only the ids not seen are held in memory.
+        """
+        query = select(devices.c.id, devices.c.device_metadata if device_kind else devices.c.id).where(
+            devices.c.org_id == org_id, devices.c.state != "purged"
+        )
+        if integration_id:
+            query = query.where(devices.c.integration_id == integration_id)
+        missing = []
         with _translated("listing devices"), self.engine.connect() as conn:
-            result = conn.execution_options(yield_per=5000).execute(query)
-            return [device_id for device_id in result.scalars() if device_id not in seen]
+            for device_id, extra in conn.execution_options(yield_per=5000).execute(query):
+                if device_id in seen:
+                    continue
+                if device_kind and not (isinstance(extra, dict) and extra.get("kind") == device_kind):
+                    continue
+                missing.append(device_id)
+        return missing
 
     def state_counts(self) -> dict[str, dict[str, int]]:
         """``{org_id: {state: count}}`` over the whole mirror."""

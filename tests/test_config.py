@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from syncd.config import Secret, load_config, parse_duration
+from syncd.errors import ConfigError
+
+MINIMAL = """
+[api]
+base_url = "http://127.0.0.1:8765/api/v1"
+api_key_env = "SYNCD_API_KEY"        # or: api_key_file = "/etc/syncd/api-key"
+auth_header = "x-api-key"            # or "bearer"
+
+[database]
+url = "sqlite:///syncd.db"
+
+[[orgs]]
+id = "01HORG00000000000000000000"
+"""
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_the_minimal_config_from_the_docs_works_as_written(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), {"SYNCD_API_KEY": "s3cret"})
+    assert config.api.base_url == "http://127.0.0.1:8765/api/v1"
+    assert config.api.api_key == Secret("s3cret")
+    assert config.api.auth_header == "x-api-key"
+    assert config.api.page_size == 200
+    assert config.database_url == "sqlite:///syncd.db"
+    assert [o.id for o in config.orgs] == ["01HORG00000000000000000000"]
+    assert "s3cret" not in repr(config)
+
+
+def test_the_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "config.example.toml"
+    config = load_config(example, {"SYNCD_API_KEY": "k"})
+    assert config.orgs
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    bad = """
+[api]
+base_url = "ftp://nope"
+api_key_env = "UNSET_VARIABLE"
+auth_header = "basic"
+page_size = 500
+colour = "blue"
+
+[database]
+url = "mysql://x"
+
+[sync]
+max_purge_fraction = 2
+interval = "soon"
+
+[[orgs]]
+id = "A"
+device_kind = "gate"
+
+[[orgs]]
+id = "A"
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bad), {})
+    problems = "\n".join(caught.value.problems)
+    for expected in ["api.base_url", "UNSET_VARIABLE", "api.auth_header", "api.page_size must be at most 200",
+                     "unknown key 'api.colour'", "database.url", "sync.max_purge_fraction", "sync.interval",
+                     "orgs[0].device_kind needs orgs[0].integration_id", "orgs[1].id 'A' is configured twice"]:
+        assert expected in problems
+    assert len(caught.value.problems) == 10
+    assert "\n" not in str(caught.value)  # one line
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"missing \[api\] section"),
+        ("[api\n", "is not valid TOML"),
+        ('[api]\nbase_url = "http://x"\napi_key_env = "K"\n', r"no \[\[orgs\]\] configured"),
+        ('[api]\nbase_url = "http://x"\n[[orgs]]\nid = "o"\n', "set one of api_key_env"),
+        ('[api]\nbase_url = "http://x"\napi_key_env = "K"\napi_key_file = "/k"\n[[orgs]]\nid = "o"\n',
+         "set only one API key source"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), {"K": "key"})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def inline(key: str) -> str:
+    return f'[api]\nbase_url = "http://x"\napi_key = "{key}"\n[[orgs]]\nid = "o"\n'
+
+
+def test_inline_key_refused_in_a_world_readable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="readable by others") as caught:
+        load_config(write(tmp_path, inline("hunter2"), 0o644), {})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_inline_key_accepted_in_a_private_file(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, inline("hunter2"), 0o600), {}).api.api_key.reveal() == "hunter2"
+
+
+def test_key_from_file_and_from_systemd_credentials(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("from-file\n")
+    text = f'[api]\nbase_url = "http://x"\napi_key_file = "{key_file}"\n[[orgs]]\nid = "o"\n'
+    assert load_config(write(tmp_path, text), {}).api.api_key.reveal() == "from-file"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "openapp-api-key").write_text("from-credential")
+    text = '[api]\nbase_url = "http://x"\napi_key_credential = "openapp-api-key"\n[[orgs]]\nid = "o"\n'
+    config = load_config(write(tmp_path, text), {"CREDENTIALS_DIRECTORY": str(creds)})
+    assert config.api.api_key.reveal() == "from-credential"
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
+        load_config(write(tmp_path, text), {})
+
+
+def test_default_database_is_sqlite_in_the_state_directory(tmp_path: Path) -> None:
+    text = MINIMAL.replace('[database]\nurl = "sqlite:///syncd.db"\n', "")
+    config = load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k", "STATE_DIRECTORY": "/var/lib/syncd"})
+    assert config.database_url == "sqlite:////var/lib/syncd/syncd.db"
+    assert load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"}).database_url == "sqlite:///syncd.db"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(90, 90.0), (1.5, 1.5), ("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("1h30m", 5400.0)]
+)
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "", -1, True, "1d"])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_secret_never_shows_itself() -> None:
+    secret = Secret("abc123")
+    assert "abc123" not in repr(secret) and "abc123" not in str(secret) and "abc123" not in f"{secret}"
+    assert os.environ.get("abc123") is None

@@ -1,0 +1,93 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from syncd.errors import InvalidDeviceError
+from syncd.models import fingerprint, identify, normalise_name, parse_device, parse_timestamp
+
+BASE = {"id": "01HDEV", "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"en": "Front door"}, {"en": "Front door"}),
+        ({"value": {"en": "Front door", "de": "Vordertür"}}, {"en": "Front door", "de": "Vordertür"}),
+        ("Front door", {"und": "Front door"}),
+        (None, {}),
+        ({}, {}),
+        ({"value": {"en": 1}}, None),
+        (["list"], None),
+        ({"en": 5}, None),
+    ],
+)
+def test_names_in_every_shape_normalise_to_a_locale_map(raw: object, expected: dict[str, str] | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="not a localized string"):
+            normalise_name(raw)
+    else:
+        assert normalise_name(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T10:00:00Z", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+        ("2024-05-01T12:00:00+02:00", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+        ("2024-05-01T10:00:00.123456Z", datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)),
+        ("2024-05-01T10:00:00", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_timestamps_become_aware_utc(text: str | None, expected: datetime | None) -> None:
+    assert parse_timestamp(text) == expected
+
+
+def test_lifecycle_timestamps_fall_back_to_the_metadata_map() -> None:
+    raw = {**BASE, "metadata": {"created_at": "2024-01-01T00:00:00Z", "deleted_at": "2024-02-01T00:00:00Z"}}
+    device = parse_device(raw)
+    assert device.created_at == datetime(2024, 1, 1, tzinfo=UTC)
+    assert device.deleted_at == datetime(2024, 2, 1, tzinfo=UTC)
+    assert device.state == "deleted"
+
+
+def test_top_level_timestamps_win_over_the_metadata_map() -> None:
+    raw = {**BASE, "updated_at": "2024-03-01T00:00:00Z", "metadata": {"updated_at": "2020-01-01T00:00:00Z"}}
+    assert parse_device(raw).updated_at == datetime(2024, 3, 1, tzinfo=UTC)
+
+
+def test_unknown_fields_are_kept_in_raw() -> None:
+    raw = {**BASE, "credentials_set": True, "zone_id": "01HZONE", "future_field": {"x": 1}}
+    device = parse_device(raw)
+    assert device.raw["future_field"] == {"x": 1}
+    assert device.zone_id == "01HZONE"
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"org_id": "o"}, "missing or empty 'id'"),
+        ({"id": "", "org_id": "o"}, "missing or empty 'id'"),
+        ({"id": "d"}, "device d: missing or empty 'org_id'"),
+        ("just a string", "expected a JSON object"),
+        ({**BASE, "deleted_at": "yesterday"}, "'deleted_at' is not a timestamp"),
+        ({**BASE, "name": 42}, "'name' is not a localized string"),
+    ],
+)
+def test_unusable_devices_are_reported_with_their_position(item: object, message: str) -> None:
+    with pytest.raises(InvalidDeviceError, match=message) as caught:
+        parse_device(item, position=417)
+    assert caught.value.position == 417
+    assert "position 417" in str(caught.value)
+
+
+def test_identify_returns_id_and_org() -> None:
+    assert identify(BASE) == ("01HDEV", "01HORG")
+
+
+def test_fingerprint_ignores_cache_annotations_and_key_order() -> None:
+    a = {**BASE, "cache_hit": True, "cache_ttl": 30}
+    b = dict(reversed(list({**BASE, "cache_hit": False}.items())))
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(BASE) != fingerprint({**BASE, "name": {"en": "Gate"}})

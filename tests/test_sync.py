@@ -1,0 +1,295 @@
+"""A pass of one org, end to end: simulator over loopback HTTP -> real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any
+
+import orjson
+import pytest
+
+from syncd.api import OpenAppClient
+from syncd.config import OrgSettings, SyncSettings
+from syncd.models import LIFECYCLE_FIELDS, normalise_name, parse_timestamp
+from syncd.simulator import Fault, Simulator, World
+from syncd.store import Store
+from syncd.sync import OrgPass, utcnow
+
+from .conftest import API_KEY, Syncer, api_settings
+
+
+def assert_mirror_matches(store: Store, world: World, org: str) -> None:
+    """Field by field: every device OpenApp has is mirrored exactly; every other one is purged."""
+    truth = {d["id"]: d for d in world.ground_truth(org)}
+    rows = {r["id"]: r for r in store.devices_of(org)}
+    live = {i: r for i, r in rows.items() if r["state"] != "purged"}
+    assert sorted(live) == sorted(truth)
+    for device_id, raw in truth.items():
+        row = live[device_id]
+        assert row["raw"] == raw
+        for column in ("org_id", "integration_id", "zone_id", "external_id", "device_metadata"):
+            assert row[column] == raw.get(column), column
+        assert row["name"] == normalise_name(raw["name"])
+        stamps = raw.get("metadata") or {}
+        for column in LIFECYCLE_FIELDS:
+            assert row[column] == parse_timestamp(raw.get(column) or stamps.get(column)), column
+        assert row["state"] == ("deleted" if row["deleted_at"] else "active")
+    for device_id, row in rows.items():
+        if device_id not in truth:
+            assert row["state"] == "purged" and row["purged_at"] is not None
+
+
+def test_first_sync_equals_ground_truth(sync: Syncer, store: Store, world: World, org: str) -> None:
+    outcome = sync(org)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.counts["created"] == 450
+    assert outcome.counts["pages"] == 3
+    assert_mirror_matches(store, world, org)
+    run = store.run(outcome.run_id)
+    assert (run["status"], run["devices_seen"], run["created"], run["pages"]) == ("succeeded", 450, 450, 3)
+    assert run["finished_at"] >= run["started_at"]
+    assert len(store.changes(org)) == 450 and {c["change"] for c in store.changes(org)} == {"created"}
+    deleted = [r for r in store.devices_of(org) if r["state"] == "deleted"]
+    assert deleted and all(r["deleted_at"] for r in deleted)
+
+
+def test_tolerant_parsing_of_names_and_timestamps(store: Store) -> None:
+    world = World(seed=5, name_style="mixed", timestamps="metadata")
+    org = world.seed(1, 300)[0]
+    world.add_key(API_KEY)
+    with Simulator(world) as sim, OpenAppClient(api_settings(sim)) as client:
+        outcome = Syncer(client, store)(org)
+    assert outcome.status == "succeeded", outcome.error
+    assert_mirror_matches(store, world, org)
+    rows = store.devices_of(org)
+    assert any("und" in r["name"] for r in rows) and any("en" in r["name"] for r in rows)
+    assert any(r["state"] == "deleted" for r in rows)
+
+
+def test_second_pass_without_changes_writes_nothing(sync: Syncer, store: Store, org: str) -> None:
+    sync(org)
+    before = store.devices_of(org)
+    outcome = sync(org)
+    assert outcome.status == "succeeded"
+    assert outcome.counts["unchanged"] == 450
+    assert sum(outcome.counts[k] for k in ("created", "updated", "deleted", "restored", "purged")) == 0
+    assert store.devices_of(org) == before
+    assert store.changes(run_id=outcome.run_id) == []
+
+
+def test_changes_between_passes_are_all_recorded(sync: Syncer, store: Store, world: World, org: str) -> None:
+    sync(org)
+    truth = world.ground_truth(org)
+    active = [d["id"] for d in truth if not d["deleted_at"]]
+    deleted = [d["id"] for d in truth if d["deleted_at"]]
+    world.update_device(org, active[0], {"name": {"en": "Renamed gate"}})
+    world.update_device(org, active[1], {"zone_id": world.orgs[org].zones[0], "external_id": "ext-new"})
+    world.delete_device(org, active[2])
+    world.delete_device(org, active[3])
+    world.restore_device(org, deleted[0])
+    world.purge_device(org, active[4])
+    world.purge_device(org, deleted[1])
+    created = [world.create_device(org) for _ in range(3)]
+
+    outcome = sync(org)
+    assert outcome.status == "succeeded", outcome.error
+    counts = {k: outcome.counts[k] for k in ("created", "updated", "deleted", "restored", "purged")}
+    assert counts == {"created": 3, "updated": 2, "deleted": 2, "restored": 1, "purged": 2}
+    assert_mirror_matches(store, world, org)
+
+    changes = {(c["device_id"], c["change"]): c for c in store.changes(run_id=outcome.run_id)}
+    assert set(changes) == {
+        (active[0], "updated"), (active[1], "updated"), (active[2], "deleted"), (active[3], "deleted"),
+        (deleted[0], "restored"), (active[4], "purged"), (deleted[1], "purged"), *((c, "created") for c in created),
+    }
+    rename = changes[(active[0], "updated")]["diff"]
+    assert rename["name"]["new"] == {"value": {"en": "Renamed gate"}}
+    assert "updated_at" in rename and "state" not in rename
+    assert changes[(active[2], "deleted")]["diff"]["state"] == {"old": "active", "new": "deleted"}
+    assert changes[(deleted[0], "restored")]["diff"]["state"] == {"old": "deleted", "new": "active"}
+    assert changes[(active[4], "purged")]["diff"] == {"state": {"old": "active", "new": "purged"}}
+    assert store.device(active[4])["purged_at"] is not None
+    assert store.device(active[4])["raw"]["id"] == active[4]  # the last known payload is kept
+
+
+def test_inserts_and_purges_during_a_scan_never_cause_a_false_purge(
+    sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)
+    ids = world.ids(org)
+    truly_gone = ids[420]
+
+    def churn(w: World) -> None:  # right before page 2: shift offsets both ways, purge one unseen device
+        for _ in range(3):
+            w.create_device(org, before=ids[150])
+        for device_id in (ids[10], ids[20]):
+            w.purge_device(org, device_id)
+        w.purge_device(org, truly_gone)
+
+    world.during_scan(org, 200, churn)
+    outcome = sync(org)
+    assert outcome.status == "succeeded", outcome.error
+    existing = set(world.ids(org))
+    falsely_purged = [r["id"] for r in store.devices_of(org) if r["state"] == "purged" and r["id"] in existing]
+    assert falsely_purged == []
+    assert store.device(truly_gone)["state"] == "purged"
+
+    outcome = sync(org)  # one more pass reflects everything
+    assert outcome.status == "succeeded"
+    assert outcome.counts["created"] == 3 and outcome.counts["purged"] == 2
+    assert_mirror_matches(store, world, org)
+
+
+def test_devices_hidden_by_a_shift_are_confirmed_not_purged(
+    sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)
+    ids = world.ids(org)
+    world.during_scan(org, 200, lambda w: [w.purge_device(org, i) for i in ids[5:8]])
+    world.during_scan(org, 400, lambda w: [w.purge_device(org, i) for i in ids[250:252]])
+    outcome = sync(org)
+    assert outcome.status == "succeeded", outcome.error
+    # 5 devices slid past the scan's offsets; each was fetched by id and found alive.
+    assert outcome.counts["purged"] == 0
+    existing = set(world.ids(org))
+    assert all(r["state"] != "purged" for r in store.devices_of(org) if r["id"] in existing)
+    sync(org)
+    assert_mirror_matches(store, world, org)
+
+
+def test_rate_limits_bursts_and_resets_still_end_in_a_correct_mirror(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sim.inject(Fault(status=429, retry_after="1", times=1, operation="list_devices"))
+    sim.inject(Fault(status=503, times=3, skip=1, operation="list_devices"))
+    sim.inject(Fault(kind="reset", times=2, skip=2, operation="list_devices"))
+    sim.inject(Fault(status=504, times=2, operation="get_device"))
+    sync(org)
+    world.purge_device(org, world.ids(org)[100])
+    outcome = sync(org)
+    assert outcome.status == "succeeded", outcome.error
+    assert_mirror_matches(store, world, org)
+    statuses = [r.status for r in sim.requests()]
+    assert statuses.count(429) == 1 and statuses.count(503) == 3 and statuses.count(0) == 2
+    assert statuses.count(504) == 2
+
+
+def test_unauthorised_pass_fails_clearly_and_changes_nothing(
+    sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)
+    before = store.devices_of(org)
+    world.update_device(org, world.ids(org)[0], {"name": {"en": "changed"}})
+    world.keys.clear()  # the key was revoked
+    outcome = sync(org)
+    assert outcome.status == "failed"
+    assert "HTTP 401" in (outcome.error or "") and "API key" in (outcome.error or "")
+    assert store.devices_of(org) == before
+    assert store.changes(run_id=outcome.run_id) == []
+    assert store.run(outcome.run_id)["status"] == "failed"
+
+
+def test_mass_purge_is_refused_until_confirmed(sync: Syncer, store: Store, world: World, org: str) -> None:
+    sync(org)
+    for device_id in world.ids(org)[:60]:  # 13% of 450, above the 10% default
+        world.purge_device(org, device_id)
+    outcome = sync(org)
+    assert outcome.status == "failed"
+    assert "60 of 450" in (outcome.error or "") and "--allow-mass-purge" in (outcome.error or "")
+    assert all(r["state"] != "purged" for r in store.devices_of(org))
+    outcome = sync(org, allow_mass_purge=True)
+    assert outcome.status == "succeeded" and outcome.counts["purged"] == 60
+    assert_mirror_matches(store, world, org)
+
+
+def test_an_empty_scan_never_purges_the_org(sync: Syncer, store: Store, world: World, org: str) -> None:
+    sync(org)
+    for device_id in world.ids(org):
+        world.purge_device(org, device_id)
+    outcome = sync(org)
+    assert outcome.status == "failed" and "returned no devices" in (outcome.error or "")
+    assert all(r["state"] != "purged" for r in store.devices_of(org))
+
+
+def test_purge_fraction_is_configurable(client: Any, store: Store, world: World, org: str) -> None:
+    sync = Syncer(client, store, SyncSettings(max_purge_fraction=0.5))
+    sync(org)
+    for device_id in world.ids(org)[:60]:
+        world.purge_device(org, device_id)
+    assert sync(org).counts["purged"] == 60
+
+
+def test_a_device_of_another_org_is_rejected(sync: Syncer, store: Store, world: World, org: str) -> None:
+    other = [o for o in world.orgs if o != org][0]
+    intruder_id = world.ids(other)[0]
+    world.orgs[org].devices[intruder_id] = world.orgs[other].devices[intruder_id]
+    bisect.insort(world.orgs[org].ids, intruder_id)
+    outcome = sync(org)
+    assert outcome.status == "succeeded"
+    assert outcome.counts["rejected"] == 1 and store.run(outcome.run_id)["rejected"] == 1
+    assert store.device(intruder_id) is None
+    assert len(store.devices_of(org)) == 450
+
+
+def test_unreadable_device_is_reported_and_the_rest_is_kept(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)
+    world.purge_device(org, world.ids(org)[300])
+    world.update_device(org, world.ids(org)[10], {"name": {"en": "still written"}})
+    page = world.ground_truth(org)[:200]
+    del page[3]["id"]
+    sim.inject(Fault(status=200, body=orjson.dumps(page), operation="list_devices", times=1))
+    outcome = sync(org)
+    assert outcome.status == "failed"
+    assert "position 3" in (outcome.error or "") and "missing or empty 'id'" in (outcome.error or "")
+    assert outcome.counts["purged"] == 0  # an incomplete scan never purges
+    assert outcome.counts["updated"] == 1  # the rest of the page was written
+    assert store.device(world.ids(org)[10])["name"] == {"en": "still written"}
+
+
+def test_stopping_aborts_the_pass_and_the_next_one_completes(
+    client: Any, store: Store, world: World, org: str
+) -> None:
+    stop = threading.Event()
+    outcome = Syncer(client, store)(org, stop=stop, on_progress=lambda org_id, pages, seen: stop.set())
+    assert outcome.status == "aborted"
+    assert outcome.counts["pages"] == 1
+    assert len(store.devices_of(org)) == 200  # the committed page is valid data
+    assert Syncer(client, store)(org).status == "succeeded"
+    assert_mirror_matches(store, world, org)
+
+
+def test_a_stale_running_row_is_closed_by_the_next_pass(sync: Syncer, store: Store, org: str) -> None:
+    crashed, _ = store.start_run(org, "run-once", "elsewhere:1", utcnow())
+    outcome = sync(org)
+    assert outcome.status == "succeeded"
+    stale = store.run(crashed)
+    assert stale["status"] == "aborted" and "interrupted" in stale["error"]
+
+
+def test_last_seen_is_refreshed_only_after_the_resolution(client: Any, store: Store, org: str) -> None:
+    Syncer(client, store)(org)
+    first = {r["id"]: r["last_seen_at"] for r in store.devices_of(org)}
+    Syncer(client, store, SyncSettings(last_seen_resolution=0))(org)
+    later = {r["id"]: r["last_seen_at"] for r in store.devices_of(org)}
+    assert all(later[i] > first[i] for i in first)
+
+
+def test_org_filters_are_applied_and_scope_purge_detection(
+    sim: Simulator, client: Any, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)  # the whole org first; later passes are filtered
+    integration = world.orgs[org].integrations[1]
+    portal = OrgSettings(org, integration_id=integration, device_kind="virtual_access_portal")
+    in_scope = [d["id"] for d in world.ground_truth(org)
+                if d["integration_id"] == integration and d["device_metadata"]["kind"] == "virtual_access_portal"]
+    world.purge_device(org, in_scope[0])
+    world.update_device(org, in_scope[1], {"name": {"en": "Portal renamed"}})
+    outcome = OrgPass(client, store, portal, SyncSettings()).run()
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.counts["devices_seen"] == len(in_scope) - 1
+    assert outcome.counts["purged"] == 1 and outcome.counts["updated"] == 1  # nothing out of scope was touched
+    assert len(sim.requests("get_device")) == 1  # only the one in-scope device missing was confirmed
+    assert store.device(in_scope[0])["state"] == "purged"
