@@ -9,7 +9,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -208,14 +209,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         + (" ..." if len(org_ids) > 5 else ""),
         flush=True,
     )
-    stop = _stop_on_signals()
+    with stop_on_signals("stopping the simulator") as stop:
 
-    def stop_when_signalled() -> None:
-        stop.wait()
-        sim.stop()
+        def stop_when_signalled() -> None:
+            stop.wait()
+            sim.stop()
 
-    threading.Thread(target=stop_when_signalled, daemon=True).start()
-    sim.serve_forever()
+        threading.Thread(target=stop_when_signalled, daemon=True).start()
+        sim.serve_forever()
     print(f"simulator stopped after {len(sim.log)} requests", flush=True)
     return EXIT_OK
 
@@ -277,33 +278,42 @@ def _demo_changes(world: Any, org_id: str) -> None:
 def _run_passes(
     config: Config, orgs: list[OrgSettings], store: Store, client: OpenAppClient, allow_mass_purge: bool
 ) -> list[PassOutcome]:
-    stop = _stop_on_signals()
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
-    return run_once(
-        config,
-        orgs,
-        store=store,
-        client=client,
-        allow_mass_purge=allow_mass_purge,
-        stop=stop,
-        on_progress=progress.update if progress else None,
-    )
+    with stop_on_signals("finishing the current page, then stopping") as stop:
+        return run_once(
+            config,
+            orgs,
+            store=store,
+            client=client,
+            allow_mass_purge=allow_mass_purge,
+            stop=stop,
+            on_progress=progress.update if progress else None,
+        )
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT ask running passes to stop after the current page; a second SIGINT kills."""
+@contextmanager
+def stop_on_signals(what: str) -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the yielded event; a second SIGINT interrupts at once.
+
+    The previous handlers are restored on exit.
+    """
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
-        print(f"syncd: {signal.Signals(signum).name}: finishing the current page, then stopping", file=sys.stderr)
+        print(f"syncd: {signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-    return stop
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Progress:

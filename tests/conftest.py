@@ -6,6 +6,7 @@ that reason when it is unset. Each test gets an empty schema in a database of it
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
 from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, OrgSettings, RetryPolicy, Secret, SyncSettings
@@ -125,3 +127,11 @@ def sync(client: OpenAppClient, store: Store) -> Syncer:
 @pytest.fixture
 def org(world: World) -> str:
     return next(iter(world.orgs))
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """``main()`` configures logging for the process; undo it so later tests do not write to closed streams."""
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Benchmark syncd's passes against the simulator on loopback, as separate processes.
+
+For each database (SQLite, and PostgreSQL when --postgres-url or $SYNCD_BENCH_POSTGRES_URL is set)
+and each shape (1 org x 100,000 devices; 10 orgs x 10,000), it reports the first full sync and a
+no-change re-sync of `syncd run-once`: wall time, devices/s, HTTP requests, peak RSS of the syncd
+process, and the simulator's own serving rate for the same pages (fetched raw, without syncd).
+With --scaling it also syncs 1 x 300,000 on SQLite to show how peak RSS grows with the device count.
+
+    .venv/bin/python bench/bench_sync.py [--postgres-url postgresql://postgres@127.0.0.1/test] [--scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+
+KEY = "bench-" + uuid.uuid4().hex
+PAGE = 200
+
+
+@dataclass
+class Measure:
+    seconds: float
+    devices: int
+    requests: int
+    rss_mb: float
+    written: int
+
+    @property
+    def rate(self) -> float:
+        return self.devices / self.seconds
+
+
+def start_simulator(orgs: int, devices: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd", "simulate", "--port", "0", "--orgs", str(orgs), "--devices", str(devices)],
+        env={**os.environ, "SYNCD_API_KEY": KEY}, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    found = re.search(r"serving (\S+)", proc.stdout.readline())
+    if not found:
+        proc.kill()
+        raise SystemExit("the simulator did not start")
+    return proc, found.group(1)
+
+
+def org_ids(orgs: int) -> list[str]:
+    return [f"01HORG{i:020d}" for i in range(orgs)]
+
+
+def serve_rate(url: str, orgs: int) -> float:
+    """Devices/s the simulator serves for the same pages, fetched raw with one keep-alive client."""
+    total, started = 0, time.perf_counter()
+    with httpx.Client(base_url=url, headers={"X-API-Key": KEY}) as client:
+        for org in org_ids(orgs):
+            offset = 0
+            while True:
+                r = client.get("/devices", headers={"X-Org": org}, params={
+                    "include_deleted": "true", "only_deleted": "false", "include_metadata": "true",
+                    "limit": PAGE, "offset": offset})
+                count = r.content.count(b'"org_id"')
+                total += count
+                offset += PAGE
+                if count < PAGE:
+                    break
+    return total / (time.perf_counter() - started)
+
+
+def run_once(config: Path) -> tuple[float, float, str]:
+    """Run `syncd run-once` as a child; returns wall seconds, its peak RSS (MB) and its output."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "syncd", "run-once", "--config", str(config)],
+                            env={**os.environ, "SYNCD_API_KEY": KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"run-once failed:\n{output}")
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+def totals(output: str) -> tuple[int, int, int]:
+    """Devices seen, requests (pages + confirmations) and rows written, from the summary table."""
+    seen = requests = written = 0
+    for line in output.splitlines():
+        cells = line.split()
+        if len(cells) == 12 and cells[1] == "succeeded":
+            pages, devices, created, updated, _unchanged, deleted, restored, purged = map(int, cells[2:10])
+            seen += devices
+            requests += pages + purged
+            written += created + updated + deleted + restored + purged
+    return seen, requests, written
+
+
+def fresh_database(kind: str, workdir: Path, pg_url: str | None) -> str:
+    if kind == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:6]}.db"
+        return f"sqlite:///{path}"
+    assert pg_url
+    name = f"syncd_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return pg_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str, pg_url: str | None) -> None:
+    if url.startswith("postgresql") and pg_url:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def scenario(kind: str, orgs: int, devices: int, workdir: Path, pg_url: str | None) -> dict[str, object]:
+    sim, url = start_simulator(orgs, devices)
+    db = fresh_database(kind, workdir, pg_url)
+    try:
+        config = workdir / "bench.toml"
+        config.write_text(
+            f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
+            '[sync]\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
+            + "".join(f'[[orgs]]\nid = "{o}"\n' for o in org_ids(orgs))
+        )
+        subprocess.run([sys.executable, "-m", "syncd", "db", "upgrade", "--config", str(config)],
+                       env={**os.environ, "SYNCD_API_KEY": KEY}, check=True, capture_output=True)
+        results = {}
+        for label in ("first", "resync"):
+            seconds, rss, output = run_once(config)
+            seen, requests, written = totals(output)
+            results[label] = Measure(seconds, seen, requests, rss, written)
+        served = serve_rate(url, orgs)
+    finally:
+        sim.terminate()
+        sim.wait(timeout=30)
+        drop_database(db, pg_url)
+    return {"db": kind, "shape": f"{orgs} x {devices:,}", "served": served, **results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres-url", default=os.environ.get("SYNCD_BENCH_POSTGRES_URL"))
+    parser.add_argument("--scaling", action="store_true", help="also 1 x 300,000 on SQLite (peak RSS growth)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, to try the script")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    shapes = [(1, 100_000 // scale), (10, 10_000 // scale)]
+    kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            for orgs, devices in shapes:
+                rows.append(scenario(kind, orgs, devices, Path(tmp), args.postgres_url))
+                print_row(rows[-1], flush=True)
+        if args.scaling:
+            rows.append(scenario("sqlite", 1, 300_000 // scale, Path(tmp), None))
+            print_row(rows[-1], flush=True)
+    print()
+    summarise(rows)
+    print(f"(bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+HEADER = (f"{'db':<10} {'shape':<12} {'pass':<7} {'seconds':>8} {'devices/s':>10} {'requests':>9} "
+          f"{'written':>8} {'peak RSS MB':>11} {'sim serves dev/s':>16}")
+
+
+def print_row(row: dict[str, object], flush: bool = False) -> None:
+    if not getattr(print_row, "headed", False):
+        print(HEADER)
+        print_row.headed = True  # type: ignore[attr-defined]
+    for label in ("first", "resync"):
+        m = row[label]
+        assert isinstance(m, Measure)
+        print(f"{row['db']:<10} {row['shape']:<12} {label:<7} {m.seconds:>8.2f} {m.rate:>10,.0f} {m.requests:>9,} "
+              f"{m.written:>8,} {m.rss_mb:>11.0f} {row['served']:>16,.0f}", flush=flush)
+
+
+def summarise(rows: list[dict[str, object]]) -> None:
+    def find(db: str, shape: str) -> dict[str, object] | None:
+        return next((r for r in rows if r["db"] == db and r["shape"] == shape), None)
+
+    for row in rows:
+        first, resync = row["first"], row["resync"]
+        assert isinstance(first, Measure) and isinstance(resync, Measure)
+        served = row["served"]
+        assert isinstance(served, float)
+        print(f"{row['db']} {row['shape']}: first {first.rate:,.0f} dev/s (target >= 20,000), "
+              f"re-sync {resync.rate:,.0f} dev/s (target >= 40,000) writing {resync.written} rows; "
+              f"simulator headroom {served / first.rate:.1f}x first, {served / resync.rate:.1f}x re-sync")
+    for row in rows:
+        if row["db"] != "postgresql":
+            continue
+        lite = find("sqlite", str(row["shape"]))
+        if lite:
+            for label in ("first", "resync"):
+                pg, sq = row[label], lite[label]
+                assert isinstance(pg, Measure) and isinstance(sq, Measure)
+                print(f"PostgreSQL/SQLite time ratio {row['shape']} {label}: {pg.seconds / sq.seconds:.2f} (target <= 2)")
+    small = next((r for r in rows if r["db"] == "sqlite" and r["shape"].startswith("1 x")), None)  # type: ignore[union-attr]
+    large = rows[-1] if len(rows) > 1 and rows[-1]["shape"] != small["shape"] and str(rows[-1]["shape"]).startswith("1 x") else None  # type: ignore[index]
+    if small and large:
+        s, g = small["first"], large["first"]
+        assert isinstance(s, Measure) and isinstance(g, Measure)
+        device_growth = g.devices / s.devices - 1
+        rss_growth = g.rss_mb / s.rss_mb - 1
+        print(f"Peak RSS {s.rss_mb:.0f} MB -> {g.rss_mb:.0f} MB for {s.devices:,} -> {g.devices:,} devices: "
+              f"+{rss_growth:.0%} RSS for +{device_growth:.0%} devices (target: under half, {rss_growth / device_growth:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The command line, in-process and as real processes (kill mid-pass, simulate, secrets)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from syncd.cli import main
+from syncd.simulator import Fault, Simulator, World
+from syncd.store import Store
+
+from .conftest import API_KEY, Syncer
+from .test_sync import assert_mirror_matches
+
+KEY_ENV = "SYNCD_TEST_API_KEY"
+
+
+def write_config(tmp_path: Path, sim: Simulator, database_url: str, orgs: list[str], extra: str = "") -> Path:
+    org_tables = "".join(f'[[orgs]]\nid = "{o}"\n' for o in orgs)
+    path = tmp_path / "syncd.toml"
+    path.write_text(
+        f'[api]\nbase_url = "{sim.url}"\napi_key_env = "{KEY_ENV}"\n\n'
+        "[api.retry]\nbase_delay = 0.01\nmax_delay = 0.05\n\n"
+        f'[database]\nurl = "{database_url}"\n\n{extra}\n{org_tables}'
+    )
+    return path
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+
+
+def test_run_once_mirrors_every_org_and_prints_a_summary(
+    tmp_path: Path, sim: Simulator, world: World, database_url: str, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, sim, database_url, list(world.orgs))
+    assert main(["run-once", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"STATUS\s+PAGES\s+DEVICES\s+CREATED", out)
+    for org in world.orgs:
+        assert re.search(rf"{org}\s+succeeded\s+3\s+450\s+450", out)
+    store = Store(database_url)
+    for org in world.orgs:
+        assert_mirror_matches(store, world, org)
+    store.close()
+
+
+def test_run_once_exits_1_when_an_org_fails(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org_a, org_b = list(world.orgs)
+    sim.inject(Fault(status=403, org_id=org_b, times=None))
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org_a, org_b])
+    assert main(["run-once", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"{org_a}\s+succeeded", out)
+    assert f"{org_b}: failed: list_devices: HTTP 403" in out
+
+
+def test_run_once_named_orgs_and_usage_errors(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org_a, org_b = list(world.orgs)
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org_a, org_b])
+    assert main(["run-once", "--config", str(config), "--org", org_b]) == 0
+    out = capsys.readouterr().out
+    assert org_b in out and org_a not in out
+    assert main(["run-once", "--config", str(config), "--org", "01HNOPE"]) == 2
+    assert "--org 01HNOPE: not in the configuration" in capsys.readouterr().err
+    assert main(["run-once", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["run-once", "--bogus"])
+    assert caught.value.code == 2
+
+
+def test_mass_purge_needs_the_flag(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = next(iter(world.orgs))
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org])
+    assert main(["run-once", "--config", str(config)]) == 0
+    for device_id in world.ids(org)[:100]:
+        world.purge_device(org, device_id)
+    assert main(["run-once", "--config", str(config)]) == 1
+    assert "--allow-mass-purge" in capsys.readouterr().out
+    assert main(["run-once", "--config", str(config), "--allow-mass-purge"]) == 0
+    assert re.search(rf"{org}\s+succeeded(\s+\d+){{7}}\s+100\s", capsys.readouterr().out)
+
+
+def test_check_config_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[api]\nbase_url = "nope"\napi_key_env = "UNSET_X"\npage_size = 999\n')
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "4 problem(s)" in err
+    assert err.count("\n  - ") == 4
+
+
+def test_check_config_ok(tmp_path: Path, key_env: None, sim: Simulator, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, sim, "postgresql://syncd:pw@db/syncd", ["A", "B"])
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "2: A, B" in out and "pw" not in out
+
+
+def test_db_upgrade_and_current(
+    tmp_path: Path, sim: Simulator, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", ["A"], extra="")
+    assert main(["db", "current", "--config", str(config)]) == 0
+    assert "empty" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--config", str(config)]) == 0
+    assert "empty -> 0001" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--config", str(config)]) == 0
+    assert "already at" in capsys.readouterr().out
+
+
+def test_auto_upgrade_off_refuses_an_empty_database(
+    tmp_path: Path, sim: Simulator, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", ["A"])
+    config.write_text(config.read_text().replace(f'/m.db"\n', '/m.db"\nauto_upgrade = false\n'))
+    assert main(["run-once", "--config", str(config)]) == 1
+    assert "syncd db upgrade" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--db", str(tmp_path / "demo.db"), "--orgs", "2", "--devices", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "Pass 2: only the changes are written" in out
+    assert re.search(r"01HORG00000000000000000000\s+succeeded\s+2\s+301\s+2\s+3\s+\d+\s+2\s+1\s+1", out)
+    with sqlite3.connect(tmp_path / "demo.db") as db:
+        assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 602
+
+
+def run_cli(*args: str, env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "syncd", *args], env={**os.environ, **env}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,  # type: ignore[call-overload]
+    )
+
+
+def test_a_killed_pass_is_followed_by_a_correct_one(tmp_path: Path, database_url: str) -> None:
+    world = World(seed=9)
+    org = world.seed(1, 2000)[0]
+    world.add_key(API_KEY)
+    with Simulator(world) as sim:
+        sim.inject(Fault(kind="slow", delay=0.3, operation="list_devices", times=None))
+        config = write_config(tmp_path, sim, database_url, [org])
+        store = Store(database_url)
+        store.upgrade()
+        proc = run_cli("run-once", "--config", str(config), env={KEY_ENV: API_KEY})
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                runs = _runs(store)
+                if runs and runs[-1]["pages"] >= 3:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the pass never got going")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        killed = _runs(store)[-1]
+        assert killed["status"] == "running" and 3 <= killed["pages"] < 10
+        assert len(store.devices_of(org)) == killed["pages"] * 200  # whole pages only
+        sim.clear_faults()
+        from syncd.api import OpenAppClient
+
+        from .conftest import api_settings
+
+        with OpenAppClient(api_settings(sim)) as client:
+            outcome = Syncer(client, store)(org)
+        assert outcome.status == "succeeded"
+        assert store.run(killed["id"])["status"] == "aborted"
+        assert outcome.counts["created"] == 2000 - killed["pages"] * 200
+        assert_mirror_matches(store, world, org)
+        store.close()
+
+
+def _runs(store: Store) -> list[dict[str, object]]:
+    from sqlalchemy import select
+
+    from syncd.store.schema import sync_runs
+
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(sync_runs).order_by(sync_runs.c.id)).mappings()]
+
+
+def test_sigterm_stops_run_once_cleanly(tmp_path: Path) -> None:
+    world = World(seed=9)
+    org = world.seed(1, 2000)[0]
+    world.add_key(API_KEY)
+    with Simulator(world) as sim:
+        sim.inject(Fault(kind="slow", delay=0.2, operation="list_devices", times=None))
+        db = f"sqlite:///{tmp_path}/m.db"
+        config = write_config(tmp_path, sim, db, [org])
+        store = Store(db)
+        store.upgrade()
+        proc = run_cli("run-once", "--config", str(config), env={KEY_ENV: API_KEY})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (_runs(store) and _runs(store)[-1]["pages"] >= 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1  # the org did not finish
+        assert "SIGTERM" in err
+        assert re.search(rf"{org}\s+aborted", out)
+        run = _runs(store)[-1]
+        assert run["status"] == "aborted" and run["finished_at"] is not None
+        assert len(store.devices_of(org)) == run["pages"] * 200
+        store.close()
+
+
+def test_simulate_serves_until_sigterm(tmp_path: Path) -> None:
+    proc = run_cli("simulate", "--port", "0", "--orgs", "2", "--devices", "50", env={"SYNCD_API_KEY": "sim-key"})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/api/v1)", line)
+        assert url, line
+        import httpx
+
+        r = httpx.get(f"{url.group(1)}/devices", headers={"X-API-Key": "sim-key", "X-Org": "01HORG00000000000000000001"},
+                      params={"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"})
+        assert r.status_code == 200 and len(r.json()) == 50
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "simulator stopped" in out
+
+
+def test_simulate_needs_a_key(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYNCD_API_KEY", raising=False)
+    assert main(["simulate", "--port", "0"]) == 2
+    assert "SYNCD_API_KEY" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--port", "70000"])
