@@ -23,7 +23,7 @@ VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
 UNDETERMINED_LOCALE = "und"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses are several times slower to build
 class Device:
     """One device as mirrored: normalised columns plus the payload as received."""
 
@@ -40,6 +40,7 @@ class Device:
     purge_at: datetime | None
     hard_delete_at: datetime | None
     raw: dict[str, Any]
+    raw_json: str  # ``raw`` serialised once, with sorted keys; what the mirror stores
     fingerprint: str
 
     @property
@@ -48,10 +49,20 @@ class Device:
         return "deleted" if self.deleted_at is not None else "active"
 
 
+def encode(raw: dict[str, Any]) -> tuple[str, str]:
+    """``(json, fingerprint)`` of a payload: its canonical JSON (sorted keys) and a digest of its
+    content that ignores per-request cache annotations. One serialisation serves both when it can."""
+    encoded = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    content = encoded
+    if any(key in raw for key in VOLATILE_FIELDS):
+        stable = {k: v for k, v in raw.items() if k not in VOLATILE_FIELDS}
+        content = orjson.dumps(stable, option=orjson.OPT_SORT_KEYS)
+    return encoded.decode(), hashlib.blake2b(content, digest_size=16).hexdigest()
+
+
 def fingerprint(raw: dict[str, Any]) -> str:
     """A stable digest of a payload's content, ignoring per-request cache annotations."""
-    content = {k: v for k, v in raw.items() if k not in VOLATILE_FIELDS}
-    return hashlib.blake2b(orjson.dumps(content, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+    return encode(raw)[1]
 
 
 def identify(item: object, position: int | None = None) -> tuple[str, str]:
@@ -67,7 +78,7 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
     return device_id, org_id
 
 
-def parse_device(raw: object, position: int | None = None, digest: str | None = None) -> Device:
+def parse_device(raw: object, position: int | None = None, encoded: tuple[str, str] | None = None) -> Device:
     """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable."""
     device_id, org_id = identify(raw, position)
     assert isinstance(raw, dict)
@@ -86,6 +97,7 @@ def parse_device(raw: object, position: int | None = None, digest: str | None = 
             stamps[field] = parse_timestamp(value)
         except ValueError as exc:
             raise fail(f"'{field}' {exc}") from None
+    raw_json, digest = encoded or encode(raw)
     try:
         name = normalise_name(raw.get("name"))
     except ValueError as exc:
@@ -99,7 +111,8 @@ def parse_device(raw: object, position: int | None = None, digest: str | None = 
         name=name,
         device_metadata=raw.get("device_metadata"),
         raw=raw,
-        fingerprint=digest or fingerprint(raw),
+        raw_json=raw_json,
+        fingerprint=digest,
         **stamps,
     )
 

@@ -23,7 +23,7 @@ import structlog
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
-from syncd.models import VOLATILE_FIELDS, Device, fingerprint, identify, parse_device
+from syncd.models import VOLATILE_FIELDS, Device, encode, identify, parse_device
 from syncd.store import PageWriter, Store
 
 log = structlog.get_logger(__name__)
@@ -159,21 +159,21 @@ class OrgPass:
         counts["devices_seen"] = len(first_time)
 
         with self.store.writer() as writer:
-            known = writer.known(batch)
+            known = writer.known(batch.keys(), now - self._touch_after)
             inserts: list[Device] = []
             updates: list[Device] = []
             touches: list[str] = []
             for device_id, (item, position) in batch.items():
-                digest = fingerprint(item)
+                encoded = encode(item)
                 existing = known.get(device_id)
-                if existing and existing.fingerprint == digest and existing.state != "purged":
+                if existing and existing.fingerprint == encoded[1] and existing.state != "purged":
                     if device_id in first_time:
                         counts["unchanged"] += 1
-                    if now - existing.last_seen_at >= self._touch_after:
+                    if existing.stale:
                         touches.append(device_id)
                     continue
                 try:
-                    device = parse_device(item, position, digest)
+                    device = parse_device(item, position, encoded)
                 except InvalidDeviceError as exc:
                     self._problem(exc)
                     continue
@@ -196,7 +196,7 @@ class OrgPass:
         for device in inserts:
             counts["created"] += 1
             changes.append(_change(device.id, self.org.id, run_id, now, "created", None))
-        previous = writer.previous(d.id for d in updates)
+        previous = writer.previous([d.id for d in updates])
         for device in updates:
             old_raw, old_state = previous[device.id]
             kind = change_kind(old_state, device.state)
@@ -211,8 +211,8 @@ class OrgPass:
                     describe_change(old_raw, device.raw, old_state, device.state),
                 )
             )
-        writer.insert_devices([_row(d, now, first_seen=True) for d in inserts])
-        writer.update_devices([_row(d, now, first_seen=False) for d in updates])
+        writer.insert_devices(inserts, now)
+        writer.update_devices(updates, now)
         writer.add_changes(changes)
 
     def _problem(self, exc: InvalidDeviceError) -> None:
@@ -327,32 +327,6 @@ def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[Dev
     finally:
         done.set()
         worker.join(timeout=60)
-
-
-def _row(device: Device, now: datetime, first_seen: bool) -> dict[str, Any]:
-    row = {
-        "id": device.id,
-        "org_id": device.org_id,
-        "integration_id": device.integration_id,
-        "zone_id": device.zone_id,
-        "external_id": device.external_id,
-        "name": device.name,
-        "device_metadata": device.device_metadata,
-        "created_at": device.created_at,
-        "updated_at": device.updated_at,
-        "deleted_at": device.deleted_at,
-        "purge_at": device.purge_at,
-        "hard_delete_at": device.hard_delete_at,
-        "state": device.state,
-        "purged_at": None,
-        "last_seen_at": now,
-        "last_changed_at": now,
-        "fingerprint": device.fingerprint,
-        "raw": device.raw,
-    }
-    if first_seen:
-        row["first_seen_at"] = now
-    return row
 
 
 def _change(

@@ -129,7 +129,7 @@ def test_auto_upgrade_off_refuses_an_empty_database(
     tmp_path: Path, sim: Simulator, key_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", ["A"])
-    config.write_text(config.read_text().replace(f'/m.db"\n', '/m.db"\nauto_upgrade = false\n'))
+    config.write_text(config.read_text().replace('/m.db"\n', '/m.db"\nauto_upgrade = false\n'))
     assert main(["run-once", "--config", str(config)]) == 1
     assert "syncd db upgrade" in capsys.readouterr().err
 
@@ -145,8 +145,12 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def run_cli(*args: str, env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "syncd", *args], env={**os.environ, **env}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,  # type: ignore[call-overload]
+        [sys.executable, "-m", "syncd", *args],
+        env={**os.environ, **env},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,  # type: ignore[call-overload]
     )
 
 
@@ -232,8 +236,11 @@ def test_simulate_serves_until_sigterm(tmp_path: Path) -> None:
         assert url, line
         import httpx
 
-        r = httpx.get(f"{url.group(1)}/devices", headers={"X-API-Key": "sim-key", "X-Org": "01HORG00000000000000000001"},
-                      params={"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"})
+        r = httpx.get(
+            f"{url.group(1)}/devices",
+            headers={"X-API-Key": "sim-key", "X-Org": "01HORG00000000000000000001"},
+            params={"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"},
+        )
         assert r.status_code == 200 and len(r.json()) == 50
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -182,7 +182,9 @@ def test_read_timeout_is_a_transport_error(sim: Simulator, org: str) -> None:
 
 
 def test_connection_refused_is_a_transport_error(sim: Simulator) -> None:
-    settings = replace(api_settings(sim), base_url="http://127.0.0.1:9/api/v1", retry=replace(FAST_RETRY, max_attempts=2))
+    settings = replace(
+        api_settings(sim), base_url="http://127.0.0.1:9/api/v1", retry=replace(FAST_RETRY, max_attempts=2)
+    )
     with OpenAppClient(settings) as client, pytest.raises(TransportError, match="ConnectError"):
         client.get_device("org", "dev")
 
@@ -214,8 +216,10 @@ def device(i: int) -> dict[str, Any]:
 
 
 def test_items_total_envelope_is_accepted(sim: Simulator) -> None:
-    bodies = [orjson.dumps({"items": [device(i) for i in range(2)], "total": 3}),
-              orjson.dumps({"items": [device(2)], "total": 3})]
+    bodies = [
+        orjson.dumps({"items": [device(i) for i in range(2)], "total": 3}),
+        orjson.dumps({"items": [device(2)], "total": 3}),
+    ]
     with OpenAppClient(api_settings(sim, page_size=2), transport=fake_list(bodies)) as client:
         assert [len(p.items) for p in client.list_device_pages("O")] == [2, 1]
 

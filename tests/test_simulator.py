@@ -77,11 +77,14 @@ def test_auth_and_org_context(sim: Simulator, world: World, org: str) -> None:
     assert httpx.get(url, params=params, headers={"X-API-Key": "wrong", "X-Org": org}).status_code == 401
     assert httpx.get(url, params=params, headers={"X-API-Key": API_KEY}).status_code == 400
     world.add_key("narrow", orgs=[org])
-    other = [o for o in world.orgs if o != org][0]
+    other = next(o for o in world.orgs if o != org)
     assert httpx.get(url, params=params, headers={"X-API-Key": "narrow", "X-Org": other}).status_code == 403
     foreign = world.ids(other)[0]
-    r = httpx.get(f"{url}/{foreign}", params={"include_deleted": "true", "include_metadata": "true"},
-                  headers={"X-API-Key": API_KEY, "X-Org": org})
+    r = httpx.get(
+        f"{url}/{foreign}",
+        params={"include_deleted": "true", "include_metadata": "true"},
+        headers={"X-API-Key": API_KEY, "X-Org": org},
+    )
     assert r.status_code == 404  # another org's device is invisible
 
 
@@ -106,8 +109,9 @@ def test_soft_delete_restore_and_purge_semantics(http: httpx.Client, world: Worl
     before = world.device(org, device_id)["updated_at"]
     http.delete(f"/devices/{device_id}")
     hidden = {**LIST_QUERY, "include_deleted": "false", "limit": 200}
-    visible_ids = [d["id"] for offset in (0, 200, 400)
-                   for d in http.get("/devices", params={**hidden, "offset": offset}).json()]
+    visible_ids = [
+        d["id"] for offset in (0, 200, 400) for d in http.get("/devices", params={**hidden, "offset": offset}).json()
+    ]
     assert device_id not in visible_ids
     only = http.get("/devices", params={**LIST_QUERY, "only_deleted": "true", "limit": 200}).json()
     assert device_id in [d["id"] for d in only] and all(d["deleted_at"] for d in only)
@@ -117,7 +121,10 @@ def test_soft_delete_restore_and_purge_semantics(http: httpx.Client, world: Worl
     assert http.post(f"/devices/{device_id}/restore").status_code == 422
     http.delete(f"/devices/{device_id}/purge")
     assert device_id not in world.ids(org)
-    assert http.get(f"/devices/{device_id}", params={"include_deleted": "true", "include_metadata": "true"}).status_code == 404
+    assert (
+        http.get(f"/devices/{device_id}", params={"include_deleted": "true", "include_metadata": "true"}).status_code
+        == 404
+    )
 
 
 def test_seeded_data_is_deterministic_and_varied() -> None:

@@ -54,7 +54,18 @@ def test_timestamps_round_trip_as_aware_utc(store: Store) -> None:
 
 def test_database_errors_become_store_errors(store: Store) -> None:
     with pytest.raises(StoreError, match="database error while writing devices"), store.writer() as writer:
-        writer.insert_devices([{"id": "x"}])  # missing NOT NULL columns
+        writer.add_changes(
+            [
+                {
+                    "device_id": "nope",
+                    "org_id": "o",
+                    "run_id": None,
+                    "observed_at": datetime.now(UTC),
+                    "change": "exploded",
+                    "diff": None,
+                }
+            ]
+        )  # violates the CHECK (and the foreign key)
 
 
 def test_unusable_urls_are_config_errors() -> None:

@@ -7,7 +7,6 @@ import threading
 from typing import Any
 
 import orjson
-import pytest
 
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
@@ -100,8 +99,14 @@ def test_changes_between_passes_are_all_recorded(sync: Syncer, store: Store, wor
 
     changes = {(c["device_id"], c["change"]): c for c in store.changes(run_id=outcome.run_id)}
     assert set(changes) == {
-        (active[0], "updated"), (active[1], "updated"), (active[2], "deleted"), (active[3], "deleted"),
-        (deleted[0], "restored"), (active[4], "purged"), (deleted[1], "purged"), *((c, "created") for c in created),
+        (active[0], "updated"),
+        (active[1], "updated"),
+        (active[2], "deleted"),
+        (active[3], "deleted"),
+        (deleted[0], "restored"),
+        (active[4], "purged"),
+        (deleted[1], "purged"),
+        *((c, "created") for c in created),
     }
     rename = changes[(active[0], "updated")]["diff"]
     assert rename["name"]["new"] == {"value": {"en": "Renamed gate"}}
@@ -141,9 +146,7 @@ def test_inserts_and_purges_during_a_scan_never_cause_a_false_purge(
     assert_mirror_matches(store, world, org)
 
 
-def test_devices_hidden_by_a_shift_are_confirmed_not_purged(
-    sync: Syncer, store: Store, world: World, org: str
-) -> None:
+def test_devices_hidden_by_a_shift_are_confirmed_not_purged(sync: Syncer, store: Store, world: World, org: str) -> None:
     sync(org)
     ids = world.ids(org)
     world.during_scan(org, 200, lambda w: [w.purge_device(org, i) for i in ids[5:8]])
@@ -221,7 +224,7 @@ def test_purge_fraction_is_configurable(client: Any, store: Store, world: World,
 
 
 def test_a_device_of_another_org_is_rejected(sync: Syncer, store: Store, world: World, org: str) -> None:
-    other = [o for o in world.orgs if o != org][0]
+    other = next(o for o in world.orgs if o != org)
     intruder_id = world.ids(other)[0]
     world.orgs[org].devices[intruder_id] = world.orgs[other].devices[intruder_id]
     bisect.insort(world.orgs[org].ids, intruder_id)
@@ -249,9 +252,7 @@ def test_unreadable_device_is_reported_and_the_rest_is_kept(
     assert store.device(world.ids(org)[10])["name"] == {"en": "still written"}
 
 
-def test_stopping_aborts_the_pass_and_the_next_one_completes(
-    client: Any, store: Store, world: World, org: str
-) -> None:
+def test_stopping_aborts_the_pass_and_the_next_one_completes(client: Any, store: Store, world: World, org: str) -> None:
     stop = threading.Event()
     outcome = Syncer(client, store)(org, stop=stop, on_progress=lambda org_id, pages, seen: stop.set())
     assert outcome.status == "aborted"
@@ -283,8 +284,11 @@ def test_org_filters_are_applied_and_scope_purge_detection(
     sync(org)  # the whole org first; later passes are filtered
     integration = world.orgs[org].integrations[1]
     portal = OrgSettings(org, integration_id=integration, device_kind="virtual_access_portal")
-    in_scope = [d["id"] for d in world.ground_truth(org)
-                if d["integration_id"] == integration and d["device_metadata"]["kind"] == "virtual_access_portal"]
+    in_scope = [
+        d["id"]
+        for d in world.ground_truth(org)
+        if d["integration_id"] == integration and d["device_metadata"]["kind"] == "virtual_access_portal"
+    ]
     world.purge_device(org, in_scope[0])
     world.update_device(org, in_scope[1], {"name": {"en": "Portal renamed"}})
     outcome = OrgPass(client, store, portal, SyncSettings()).run()

@@ -51,7 +51,6 @@ def upgrade() -> None:
         sa.CheckConstraint("state IN ('active', 'deleted', 'purged')", name=op.f("ck_devices_state")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_devices")),
     )
-    op.create_index(op.f("ix_devices_integration_id"), "devices", ["integration_id"])
     op.create_index(op.f("ix_devices_org_id_state"), "devices", ["org_id", "state"])
 
     op.create_table(

@@ -137,6 +137,8 @@ class World:
                     device.updated_at = device.deleted_at
                 self._store(org, device)
             ids.append(org.id)
+            for device in org.devices.values():  # render once now, so serving measures serving
+                self._bytes(device, True)
         return ids
 
     def _new_device(self, org: SimOrg, created: datetime, index: int | None = None) -> SimDevice:

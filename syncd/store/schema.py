@@ -95,7 +95,6 @@ devices = Table(
     Column("raw", JSONDoc, nullable=False, comment="the DeviceResponse as last received"),
     CheckConstraint(_one_of("state", DEVICE_STATES), name="state"),
     Index(None, "org_id", "state"),
-    Index(None, "integration_id"),
 )
 
 sync_runs = Table(
