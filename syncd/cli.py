@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="confirm purging more than sync.max_purge_fraction of an org's devices",
     )
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another syncd is syncing an org, wait up to this long for it (default: skip the org at once)",
+    )
     p.set_defaults(handler=cmd_run_once)
 
     p = sub.add_parser("check-config", help="validate the configuration and report every problem")
@@ -136,11 +143,11 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     try:
         store.prepare(config.auto_upgrade)
         with OpenAppClient(config.api) as client:
-            outcomes = _run_passes(config, orgs, store, client, args.allow_mass_purge)
+            outcomes = _run_passes(config, orgs, store, client, args.allow_mass_purge, args.wait)
     finally:
         store.close()
     print_summary(outcomes, sys.stdout)
-    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(o.status in ("succeeded", "skipped") for o in outcomes) else EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -244,14 +251,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             store.prepare(auto_upgrade=True)
             with OpenAppClient(config.api) as client:
                 print("Pass 1: full mirror")
-                outcomes = _run_passes(config, list(config.orgs), store, client, False)
+                outcomes = _run_passes(config, list(config.orgs), store, client)
                 print_summary(outcomes, sys.stdout)
                 _demo_changes(world, org_ids[0])
                 print(
                     f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
                     "1 purged, 2 created.\nPass 2: only the changes are written"
                 )
-                outcomes += _run_passes(config, list(config.orgs), store, client, False)
+                outcomes += _run_passes(config, list(config.orgs), store, client)
                 print_summary(outcomes[len(org_ids) :], sys.stdout)
             print("\nThe mirror now holds (devices by state):")
             print_state_counts(store.state_counts(), sys.stdout)
@@ -290,7 +297,12 @@ def tune_for_bulk_work() -> None:
 
 
 def _run_passes(
-    config: Config, orgs: list[OrgSettings], store: Store, client: OpenAppClient, allow_mass_purge: bool
+    config: Config,
+    orgs: list[OrgSettings],
+    store: Store,
+    client: OpenAppClient,
+    allow_mass_purge: bool = False,
+    lock_wait: float = 0.0,
 ) -> list[PassOutcome]:
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     with stop_on_signals("finishing the current page, then stopping") as stop:
@@ -300,6 +312,7 @@ def _run_passes(
             store=store,
             client=client,
             allow_mass_purge=allow_mass_purge,
+            lock_wait=lock_wait,
             stop=stop,
             on_progress=progress.update if progress else None,
         )
@@ -431,6 +444,7 @@ def _positive(kind: Callable[[str], Any], low: float, high: float | None, what: 
 _port = _positive(int, 0, 65535, "a port number (0-65535)")
 _count = _positive(int, 1, None, "a whole number of at least 1")
 _fraction = _positive(float, 0.0, 1.0, "a fraction between 0 and 1")
+_seconds = _positive(float, 0.0, None, "a number of seconds (0 or more)")
 
 
 if __name__ == "__main__":

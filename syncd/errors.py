@@ -4,7 +4,8 @@
 
     SyncdError                      root: anything syncd itself reports
     ├── ConfigError                 fix the configuration (or CLI arguments), then rerun
-    │   └── AuthError               401: the API key is wrong or revoked; retrying cannot help
+    │   ├── AuthError               401: the API key is wrong or revoked; retrying cannot help
+    │   └── AlreadyRunningError     another daemon already owns this SQLite mirror
     ├── TransientError              try again later (the client already retried within its budget)
     │   ├── TransportError          connect / read / reset / timeout talking to the API
     │   └── ServerBusyError         408, 425, 429, 5xx (carries the server's Retry-After hint)
@@ -76,6 +77,10 @@ class ConfigError(SyncdError):
 
 class AuthError(ConfigError):
     """The API refused the key (401)."""
+
+
+class AlreadyRunningError(ConfigError):
+    """A second daemon was pointed at a SQLite mirror that one already uses."""
 
 
 class TransientError(SyncdError):

@@ -14,7 +14,7 @@ from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings
 from syncd.errors import ConfigError
 from syncd.store import Store
-from syncd.sync import OrgPass, PassOutcome, ProgressCallback
+from syncd.sync import OrgPass, PassOutcome, ProgressCallback, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -44,26 +44,43 @@ def run_once(
     allow_mass_purge: bool = False,
     stop: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
-    trigger: str = "run-once",
+    lock_wait: float = 0.0,
 ) -> list[PassOutcome]:
-    """One pass per org, up to ``sync.concurrency`` at a time; outcomes in the order of ``orgs``."""
+    """One pass per org, up to ``sync.concurrency`` at a time; outcomes in the order of ``orgs``.
+
+    An org that another syncd is syncing is waited for up to ``lock_wait`` seconds, then skipped.
+    """
     stop = stop or threading.Event()
     instance = instance_name()
 
     def one(org: OrgSettings) -> PassOutcome:
         with structlog.contextvars.bound_contextvars(org_id=org.id):
-            return OrgPass(
+            org_pass = OrgPass(
                 client,
                 store,
                 org,
                 config.sync,
-                trigger=trigger,
+                trigger="run-once",
                 instance=instance,
                 allow_mass_purge=allow_mass_purge,
                 stop=stop,
                 on_progress=on_progress,
-            ).run()
+            )
+            return locked_pass(org_pass, wait=lock_wait)
 
+    if not orgs:
+        return []
     workers = max(1, min(config.sync.concurrency, len(orgs)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="org-pass") as pool:
         return list(pool.map(one, orgs))
+
+
+def locked_pass(org_pass: OrgPass, wait: float = 0.0) -> PassOutcome:
+    """Run the pass under the org's lock; a ``skipped`` outcome if another pass holds it."""
+    org_id = org_pass.org.id
+    with org_pass.store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
+        if acquired:
+            return org_pass.run()
+    now = utcnow()
+    log.warning("org skipped: another syncd pass holds it", org_id=org_id, waited=wait)
+    return PassOutcome(org_id, None, "skipped", now, now, error="another syncd pass of this org is running")

@@ -43,8 +43,8 @@ class PassOutcome:
     """How one org's pass ended."""
 
     org_id: str
-    run_id: int
-    status: str
+    run_id: int | None  # None when the pass was skipped
+    status: str  # succeeded | failed | aborted | skipped
     started_at: datetime
     finished_at: datetime
     counts: Counter[str] = field(default_factory=Counter)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device
 from syncd.store import migrate
+from syncd.store.locks import OrgLocks
 from syncd.store.schema import RUN_COUNTERS, device_changes, devices, sync_runs
 
 
@@ -81,10 +83,18 @@ class Store:
             )
         except (ArgumentError, ImportError, ValueError) as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
+        sqlite_path = None
         if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            if not database or database == ":memory:" or database.startswith("file:"):
+                raise ConfigError(
+                    "database.url: use a SQLite file (sqlite:///path/to/syncd.db), not an in-memory database"
+                )
+            sqlite_path = Path(database).resolve()
             _tune_sqlite(self.engine)
         elif self.engine.dialect.name != "postgresql":
             raise ConfigError(f"database.url: unsupported database {self.engine.dialect.name!r}")
+        self.locks = OrgLocks(self.engine, sqlite_path)
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -95,7 +105,8 @@ class Store:
         return self.engine.dialect.name
 
     def close(self) -> None:
-        """Release pooled connections."""
+        """Release pooled connections and locks."""
+        self.locks.close()
         self.engine.dispose()
 
     # -- schema ----------------------------------------------------------------------------
