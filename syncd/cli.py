@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import secrets
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -20,7 +22,7 @@ import structlog
 
 from syncd import __version__, logs
 from syncd.api import OpenAppClient
-from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config
+from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
 from syncd.runner import run_once, select_orgs
 from syncd.store import Store, redact_url
@@ -75,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another syncd is syncing an org, wait up to this long for it (default: skip the org at once)",
     )
     p.set_defaults(handler=cmd_run_once)
+
+    p = sub.add_parser("run", help="run as a daemon: every org on its schedule (systemd: Type=notify)")
+    config_option(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("status", help="per-org health of the mirror; exit 1 if an org has no recent success")
+    config_option(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--max-age",
+        type=_duration,
+        metavar="DURATION",
+        help="oldest acceptable last success (default: twice the org's interval, at least 5m)",
+    )
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("check-config", help="validate the configuration and report every problem")
     config_option(p)
@@ -148,6 +165,67 @@ def cmd_run_once(args: argparse.Namespace) -> int:
         store.close()
     print_summary(outcomes, sys.stdout)
     return EXIT_OK if all(o.status in ("succeeded", "skipped") for o in outcomes) else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from syncd.daemon import Daemon
+
+    path = _config_path(args)
+    config = load_config(path)
+    logs.configure(config.log_format, config.log_level)
+    tune_for_bulk_work()
+    daemon = Daemon(config, path)
+    handlers = {
+        signal.SIGTERM: lambda signum, frame: daemon.request_stop(),
+        signal.SIGINT: lambda signum, frame: daemon.request_stop(),
+        signal.SIGHUP: lambda signum, frame: daemon.request_reload(),
+    }
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        return daemon.run()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = Store(config.database_url)
+    try:
+        overview = store.org_overview()
+    finally:
+        store.close()
+    now = datetime.now(UTC)
+    report = []
+    for org in config.orgs:
+        info = overview.get(org.id, {})
+        last_run = info.get("last_run") or {}
+        success = info.get("last_success")
+        max_age = args.max_age if args.max_age is not None else max(2 * config.interval(org), 300.0)
+        age = (now - success).total_seconds() if success else None
+        finished = last_run.get("finished_at")
+        report.append(
+            {
+                "org_id": org.id,
+                "name": org.name,
+                "ok": age is not None and age <= max_age,
+                "last_pass_started_at": _iso(last_run.get("started_at")),
+                "last_pass_seconds": round((finished - last_run["started_at"]).total_seconds(), 1)
+                if finished
+                else None,
+                "last_pass_status": last_run.get("status"),
+                "last_success_at": _iso(success),
+                "last_success_age_seconds": round(age) if age is not None else None,
+                "max_age_seconds": max_age,
+                "devices": {s: info.get("devices", {}).get(s, 0) for s in ("active", "deleted", "purged")},
+                "last_error": last_run.get("error"),
+            }
+        )
+    if args.json:
+        print(json.dumps({"orgs": report, "ok": all(r["ok"] for r in report)}, indent=2))
+    else:
+        print_status(report, sys.stdout)
+    return EXIT_OK if all(r["ok"] for r in report) else EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -397,6 +475,48 @@ def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
             print(f"{o.org_id}: {o.status}: {o.error}", file=out)
 
 
+def print_status(report: list[dict[str, Any]], out: TextIO) -> None:
+    """The human table of ``syncd status``."""
+    rows = []
+    for r in report:
+        rows.append(
+            (
+                r["org_id"],
+                "OK" if r["ok"] else "STALE",
+                r["last_pass_started_at"] or "never",
+                f"{r['last_pass_seconds']}" if r["last_pass_seconds"] is not None else "-",
+                r["last_pass_status"] or "-",
+                _age(r["last_success_age_seconds"]),
+                *(str(r["devices"][s]) for s in ("active", "deleted", "purged")),
+            )
+        )
+    _table(
+        ("org", "health", "last pass", "seconds", "result", "last success", "active", "deleted", "purged"),
+        rows,
+        out,
+        text_columns=5,
+    )
+    for r in report:
+        if r["last_error"]:
+            print(f"{r['org_id']}: last error: {r['last_error']}", file=out)
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
 def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
     """Devices by state per org."""
     rows = [
@@ -406,13 +526,13 @@ def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
     _table(("org", "active", "deleted", "purged"), rows, out)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, text_columns: int = 2) -> None:
+    """Left-aligned text columns first, then right-aligned numbers."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        # The first two columns (org, status) are text; the rest are numbers.
         return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     print(line([h.upper() for h in headers]).rstrip(), file=out)
@@ -445,6 +565,13 @@ _port = _positive(int, 0, 65535, "a port number (0-65535)")
 _count = _positive(int, 1, None, "a whole number of at least 1")
 _fraction = _positive(float, 0.0, 1.0, "a fraction between 0 and 1")
 _seconds = _positive(float, 0.0, None, "a number of seconds (0 or more)")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -80,12 +80,14 @@ class OrgSettings:
 
 @dataclass(frozen=True)
 class SyncSettings:
-    """How passes behave."""
+    """How passes behave, and how the daemon schedules them."""
 
     concurrency: int = 4
     interval: float = 900.0
     max_purge_fraction: float = 0.10
     last_seen_resolution: float = 86400.0
+    failure_backoff_max: float = 3600.0
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,12 @@ class Config:
     sync: SyncSettings = field(default_factory=SyncSettings)
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None
     source: Path | None = None
+
+    def interval(self, org: OrgSettings) -> float:
+        """Seconds between passes of ``org``."""
+        return org.interval if org.interval is not None else self.sync.interval
 
     def org(self, org_id: str) -> OrgSettings:
         """The configured org with this id (ConfigError if it is not configured)."""
@@ -149,7 +156,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Path | None = None) -> Config:
     """Validate parsed TOML; ConfigError carries every problem found, not just the first."""
     r = _Reader(source)
-    r.only_keys("", data, {"api", "database", "orgs", "sync", "logging"})
+    r.only_keys("", data, {"api", "database", "orgs", "sync", "logging", "metrics"})
     api = r.table(data, "api", required=True)
     database = r.table(data, "database")
     sync = r.table(data, "sync")
@@ -194,7 +201,18 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
     if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", database_url):
         r.problem(f"database.url must be a sqlite:/// or postgresql:// URL, got {_redact_url(database_url)!r}")
 
-    r.only_keys("sync", sync, {"concurrency", "interval", "max_purge_fraction", "last_seen_resolution"})
+    r.only_keys(
+        "sync",
+        sync,
+        {
+            "concurrency",
+            "interval",
+            "max_purge_fraction",
+            "last_seen_resolution",
+            "failure_backoff_max",
+            "shutdown_timeout",
+        },
+    )
     fraction = r.number(sync, "sync.max_purge_fraction", 0.10)
     if not 0.0 <= fraction <= 1.0:
         r.problem(f"sync.max_purge_fraction must be between 0 and 1, got {fraction}")
@@ -203,7 +221,14 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
         interval=r.duration(sync, "sync.interval", 900.0),
         max_purge_fraction=fraction,
         last_seen_resolution=r.duration(sync, "sync.last_seen_resolution", 86400.0),
+        failure_backoff_max=r.duration(sync, "sync.failure_backoff_max", 3600.0),
+        shutdown_timeout=r.duration(sync, "sync.shutdown_timeout", 30.0),
     )
+    if sync_settings.interval < 1:
+        r.problem(f"sync.interval must be at least 1 second, got {sync_settings.interval}")
+    metrics = r.table(data, "metrics")
+    r.only_keys("metrics", metrics, {"listen"})
+    metrics_listen = _listen_address(r, r.string(metrics, "metrics.listen"))
 
     r.only_keys("logging", logging_, {"format", "level"})
     log_format = r.choice(logging_, "logging.format", ("auto", "console", "json"), "auto")
@@ -230,8 +255,20 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
         sync=sync_settings,
         log_format=log_format,  # type: ignore[arg-type]
         log_level=log_level,
+        metrics_listen=metrics_listen,
         source=source,
     )
+
+
+def _listen_address(r: _Reader, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        r.problem(f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {value!r}")
+        return None
+    return host, int(port)
 
 
 def _read_orgs(r: _Reader, raw: object) -> list[OrgSettings]:
@@ -257,6 +294,8 @@ def _read_orgs(r: _Reader, raw: object) -> list[OrgSettings]:
         if device_kind and not integration_id:
             r.problem(f"{where}.device_kind needs {where}.integration_id (the API requires both)")
         interval = r.duration(entry, f"{where}.interval", None) if "interval" in entry else None
+        if interval is not None and interval < 1:
+            r.problem(f"{where}.interval must be at least 1 second, got {interval}")
         if org_id:
             seen.add(org_id)
             orgs.append(OrgSettings(org_id, r.string(entry, f"{where}.name"), integration_id, device_kind, interval))

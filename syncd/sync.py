@@ -23,6 +23,7 @@ import structlog
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
+from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import VOLATILE_FIELDS, Device, encode, identify, parse_device
 from syncd.store import PageWriter, Store
 
@@ -49,6 +50,7 @@ class PassOutcome:
     finished_at: datetime
     counts: Counter[str] = field(default_factory=Counter)
     error: str | None = None
+    exception: SyncdError | None = None  # what ended a failed pass, for callers that act on its kind
 
     @property
     def seconds(self) -> float:
@@ -96,6 +98,7 @@ class OrgPass:
             self.log.warning("closed interrupted runs", count=stale)
         self.log.debug("pass started")
         status, error = "succeeded", None
+        exception: SyncdError | None = None
         try:
             if not self._scan(run_id):
                 status, error = "aborted", "stopped before the scan finished"
@@ -107,20 +110,36 @@ class OrgPass:
                 )
             elif not self._sweep(run_id):
                 status, error = "aborted", "stopped during purge detection"
+        except MassPurgeRefusedError as exc:
+            PURGES_REFUSED.labels(self.org.id).inc()
+            status, error, exception = "failed", str(exc), exc
         except SyncdError as exc:
-            status, error = "failed", str(exc)
+            status, error, exception = "failed", str(exc), exc
         except Exception as exc:  # a bug must not leave the run 'running' forever
             self.log.exception("pass crashed")
             status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
         finished = utcnow()
         self.store.finish_run(run_id, status, finished, error)
-        outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error)
+        outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
+        self._record_metrics(outcome)
         counts = {k: v for k, v in sorted(self.counts.items()) if v}
         if status == "succeeded":
             self.log.info("pass succeeded", seconds=round(outcome.seconds, 2), **counts)
         else:
-            self.log.error(f"pass {status}", error=error, seconds=round(outcome.seconds, 2), **counts)
+            self.log.warning(f"pass {status}", error=error, seconds=round(outcome.seconds, 2), **counts)
         return outcome
+
+    def _record_metrics(self, outcome: PassOutcome) -> None:
+        org_id = self.org.id
+        PASS_DURATION.labels(org_id, outcome.status).observe(outcome.seconds)
+        for kind in ("created", "updated", "deleted", "restored", "purged"):
+            if self.counts[kind]:
+                CHANGES.labels(org_id, kind).inc(self.counts[kind])
+        if outcome.status == "succeeded":
+            LAST_SUCCESS.labels(org_id).set(outcome.finished_at.timestamp())
+        by_state = self.store.state_counts(org_id).get(org_id, {})
+        for state in ("active", "deleted", "purged"):
+            DEVICES.labels(org_id, state).set(by_state.get(state, 0))
 
     # -- scan ------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from syncd.errors import (
     TransientError,
     TransportError,
 )
+from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
 
 log = structlog.get_logger(__name__)
 
@@ -96,24 +96,28 @@ class OpenAppClient:
         settings: ApiSettings,
         *,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
+        stop: threading.Event | None = None,
         rng: random.Random | None = None,
+        instance: str | None = None,
     ) -> None:
+        """``stop``: when set, waits between retries end early and the call gives up.
+        ``instance``: named in the User-Agent, so server logs tell syncd instances apart."""
         self.settings = settings
         key = settings.api_key.reveal()
         auth = {"Authorization": f"Bearer {key}"} if settings.auth_header == "bearer" else {"X-API-Key": key}
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self._http = httpx.Client(
             base_url=settings.base_url,
-            headers={**auth, "Accept": "application/json", "User-Agent": f"syncd/{__version__}"},
+            headers={**auth, "Accept": "application/json", "User-Agent": _user_agent(instance)},
             timeout=timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
         )
-        self._sleep = sleep
+        self._stop = stop
+        self._sleep = sleep or (stop.wait if stop else time.sleep)
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
-        self.requests: Counter[str] = Counter()
         self.retries = 0
 
     def __enter__(self) -> OpenAppClient:
@@ -225,10 +229,11 @@ class OpenAppClient:
             except httpx.InvalidURL as exc:
                 raise ConfigError(f"{operation}: invalid API URL: {exc}") from exc
             except httpx.TransportError as exc:
+                HTTP_REQUESTS.labels(operation, "transport_error").inc()
                 error = TransportError(f"{operation}: {type(exc).__name__}: {exc or 'connection failed'}")
                 cause: BaseException = exc
             else:
-                self._count(f"{operation} {response.status_code}")
+                HTTP_REQUESTS.labels(operation, str(response.status_code)).inc()
                 if response.is_success:
                     return response
                 problem = read_problem(response.status_code, response.content)
@@ -248,14 +253,20 @@ class OpenAppClient:
                 raise error from (cause if cause is not error else None)
             with self._lock:
                 self.retries += 1
+            HTTP_RETRIES.labels(operation).inc()
+            if error.retry_after is not None:
+                RETRY_AFTER_WAIT.labels(operation).inc(delay)
             log.debug(
                 "retrying", operation=operation, org_id=org_id, attempt=attempt, delay=round(delay, 3), error=str(error)
             )
             self._sleep(delay)
+            if self._stop is not None and self._stop.is_set():
+                error.message = f"{error.message} (stopped while waiting to retry)"
+                raise error
 
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.requests[key] += 1
+
+def _user_agent(instance: str | None) -> str:
+    return f"syncd/{__version__} ({instance})" if instance else f"syncd/{__version__}"
 
 
 def _write_params() -> dict[str, str]:

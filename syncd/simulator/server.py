@@ -86,6 +86,7 @@ class RequestRecord:
     device_id: str | None
     offset: int | None
     status: int
+    user_agent: str = ""
 
 
 @dataclass
@@ -218,6 +219,7 @@ class Simulator:
             None,
             int(offset) if offset.isdigit() else None,
             0,
+            headers.get("User-Agent") or "",
         )
         try:
             operation, device_id = self._routes.match(method, split.path)

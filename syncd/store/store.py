@@ -29,7 +29,7 @@ from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device
 from syncd.store import migrate
 from syncd.store.locks import OrgLocks
-from syncd.store.schema import RUN_COUNTERS, device_changes, devices, sync_runs
+from syncd.store.schema import RUN_COUNTERS, UTCDateTime, device_changes, devices, sync_runs
 
 
 def normalise_url(url: str) -> str:
@@ -207,14 +207,35 @@ class Store:
                 missing.append(device_id)
         return missing
 
-    def state_counts(self) -> dict[str, dict[str, int]]:
-        """``{org_id: {state: count}}`` over the whole mirror."""
+    def state_counts(self, org_id: str | None = None) -> dict[str, dict[str, int]]:
+        """``{org_id: {state: count}}`` over the whole mirror, or one org."""
         query = select(devices.c.org_id, devices.c.state, func.count()).group_by(devices.c.org_id, devices.c.state)
+        if org_id is not None:
+            query = query.where(devices.c.org_id == org_id)
         counts: dict[str, dict[str, int]] = {}
         with _translated("counting devices"), self.engine.connect() as conn:
-            for org_id, state, count in conn.execute(query):
-                counts.setdefault(org_id, {})[state] = int(count)
+            for org, state, count in conn.execute(query):
+                counts.setdefault(org, {})[state] = int(count)
         return counts
+
+    def org_overview(self) -> dict[str, dict[str, Any]]:
+        """Per org: ``last_run`` (the newest sync_runs row), ``last_success`` (when the newest successful
+        pass finished) and ``devices`` (counts by state)."""
+        newest = select(func.max(sync_runs.c.id)).group_by(sync_runs.c.org_id)
+        success = (
+            select(sync_runs.c.org_id, func.max(sync_runs.c.finished_at, type_=UTCDateTime()))
+            .where(sync_runs.c.status == "succeeded")
+            .group_by(sync_runs.c.org_id)
+        )
+        overview: dict[str, dict[str, Any]] = {}
+        with _translated("reading the status"), self.engine.connect() as conn:
+            for row in conn.execute(select(sync_runs).where(sync_runs.c.id.in_(newest))).mappings():
+                overview.setdefault(row["org_id"], {})["last_run"] = dict(row)
+            for org_id, finished in conn.execute(success):
+                overview.setdefault(org_id, {})["last_success"] = finished
+        for org_id, by_state in self.state_counts().items():
+            overview.setdefault(org_id, {})["devices"] = by_state
+        return overview
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         """One mirrored device row as a dict, or None."""

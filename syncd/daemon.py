@@ -1,0 +1,296 @@
+"""``syncd run``: passes on a schedule, for months, without babysitting.
+
+One APScheduler interval job per org (jittered, coalesced, one instance at a time) runs a pass under
+the org's lock, so several daemons sharing a PostgreSQL mirror split the orgs between them. The main
+thread only waits: for signals (stop, reload), and to feed systemd's watchdog.
+
+Failure handling:
+- an org whose passes fail backs off exponentially (up to ``sync.failure_backoff_max``);
+- a 401 pauses every org: one probe pass per interval, one error line per probe;
+- state changes (an org starts failing, recovers; the key is rejected, accepted) are logged at
+  ERROR/INFO, repeats at lower levels.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from syncd.api import OpenAppClient
+from syncd.config import Config, OrgSettings, load_config
+from syncd.errors import AuthError, ConfigError, SyncdError
+from syncd.metrics import ORG_FAILING, MetricsServer
+from syncd.notify import Notifier
+from syncd.runner import instance_name, locked_pass
+from syncd.store import Store
+from syncd.sync import OrgPass, PassOutcome
+
+log = structlog.get_logger("syncd.daemon")
+
+FIRST_PASS_WITHIN = 10.0  # seconds after start-up (or after an org is added)
+MAX_JITTER = 60.0
+LOOP_TICK = 5.0
+
+
+@dataclass
+class OrgHealth:
+    """How an org's recent passes went."""
+
+    failures: int = 0
+    last_error: str | None = None
+
+
+class Daemon:
+    """The scheduler, its jobs, and graceful stop / reload."""
+
+    def __init__(self, config: Config, config_path: Path | None = None, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.stop = threading.Event()
+        self._reload = threading.Event()
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()
+        self.store = Store(config.database_url)
+        self.instance = instance_name()
+        self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
+        self._retired_clients: list[OpenAppClient] = []
+        self.health: dict[str, OrgHealth] = {}
+        self.running: set[str] = set()
+        self.totals: Counter[str] = Counter()
+        self._auth_paused_until: float | None = None
+        self._auth_probe: str | None = None
+        self._metrics: MetricsServer | None = None
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max_workers=config.sync.concurrency)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; returns the exit code."""
+        try:
+            with self.store.locks.instance():
+                self.store.prepare(self.config.auto_upgrade)
+                if self.config.metrics_listen:
+                    host, port = self.config.metrics_listen
+                    self._metrics = MetricsServer(host, port)
+                    log.info("metrics endpoint listening", address=f"{host}:{self._metrics.port}")
+                for org in self.config.orgs:
+                    self._schedule(org, first=True)
+                self.scheduler.start()
+                log.info("daemon started", orgs=len(self.config.orgs), instance=self.instance)
+                self.notifier.ready(self.status_line())
+                try:
+                    self._loop()
+                finally:
+                    self._shutdown()
+        finally:
+            self._close()
+        return 0
+
+    def request_stop(self) -> None:
+        """Stop taking work; running passes finish their current page (safe from a signal handler)."""
+        self.stop.set()
+        self._wakeup.set()
+
+    def request_reload(self) -> None:
+        """Re-read the configuration file at the next tick (safe from a signal handler)."""
+        self._reload.set()
+        self._wakeup.set()
+
+    def _loop(self) -> None:
+        tick = min(LOOP_TICK, self.notifier.watchdog_interval or LOOP_TICK)
+        while not self.stop.is_set():
+            self._wakeup.wait(tick)
+            self._wakeup.clear()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self.scheduler.running:
+                self.notifier.watchdog()
+                self.notifier.status(self.status_line())
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            running = sorted(self.running)
+        log.info("stopping", running=running)
+        self.notifier.stopping(f"stopping; finishing {len(running)} running pass(es)")
+        self.stop.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + self.config.sync.shutdown_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.running:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            left = sorted(self.running)
+        if left:
+            log.warning("passes still running at shutdown; the next start marks them aborted", orgs=left)
+        log.info("daemon stopped", passes=dict(self.totals), instance=self.instance)
+
+    def _close(self) -> None:
+        if self._metrics:
+            self._metrics.stop()
+        for client in [self.client, *self._retired_clients]:
+            client.close()
+        self.store.close()
+        self.notifier.close()
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    def _schedule(self, org: OrgSettings, first: bool) -> None:
+        interval = self.config.interval(org)
+        delay = random.uniform(0, min(FIRST_PASS_WITHIN, interval / 10)) if first else interval
+        self.scheduler.add_job(
+            self._job,
+            IntervalTrigger(seconds=interval, jitter=min(interval / 10, MAX_JITTER), timezone=UTC),
+            args=[org.id],
+            id=_job_id(org.id),
+            name=f"sync {org.id}",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=delay),
+            replace_existing=True,
+        )
+
+    def _job(self, org_id: str) -> None:
+        org = next((o for o in self.config.orgs if o.id == org_id), None)
+        if org is None or self.stop.is_set() or not self._may_run(org_id):
+            return
+        with self._lock:
+            self.running.add(org_id)
+        try:
+            with structlog.contextvars.bound_contextvars(org_id=org_id):
+                org_pass = OrgPass(
+                    self.client,
+                    self.store,
+                    org,
+                    self.config.sync,
+                    trigger="scheduled",
+                    instance=self.instance,
+                    stop=self.stop,
+                )
+                try:
+                    outcome = locked_pass(org_pass)
+                except SyncdError as exc:  # the database failed before or after the pass itself
+                    now = datetime.now(UTC)
+                    outcome = PassOutcome(org_id, None, "failed", now, now, error=str(exc), exception=exc)
+                self._after(org, outcome)
+        finally:
+            with self._lock:
+                self.running.discard(org_id)
+                if self._auth_probe == org_id:
+                    self._auth_probe = None
+
+    def _may_run(self, org_id: str) -> bool:
+        """False while a 401 pauses syncing, except for one probe pass per interval."""
+        with self._lock:
+            if self._auth_paused_until is None:
+                return True
+            if self._auth_probe is not None or time.monotonic() < self._auth_paused_until:
+                return False
+            self._auth_probe = org_id
+            return True
+
+    def _after(self, org: OrgSettings, outcome: PassOutcome) -> None:
+        self.totals[outcome.status] += 1
+        if outcome.status == "skipped":
+            return
+        interval = self.config.interval(org)
+        if isinstance(outcome.exception, AuthError):
+            with self._lock:
+                self._auth_paused_until = time.monotonic() + interval
+            log.error(
+                "OpenApp rejected the API key: all syncing is paused",
+                retry_in_seconds=round(interval),
+                error=outcome.error,
+            )
+            return
+        with self._lock:
+            resumed = self._auth_paused_until is not None
+            self._auth_paused_until = None
+        if resumed:
+            log.info("OpenApp accepted the API key again: syncing resumed")
+        health = self.health.setdefault(org.id, OrgHealth())
+        if outcome.status == "succeeded":
+            if health.failures:
+                log.info("org recovered", after_failures=health.failures)
+                ORG_FAILING.labels(org.id).set(0)
+            health.failures, health.last_error = 0, None
+            return
+        if outcome.status == "aborted" and self.stop.is_set():
+            return
+        health.failures += 1
+        health.last_error = outcome.error
+        if health.failures == 1:
+            log.error("org started failing", error=outcome.error)
+            ORG_FAILING.labels(org.id).set(1)
+        backoff = min(interval * 2 ** (health.failures - 1), max(interval, self.config.sync.failure_backoff_max))
+        if backoff > interval:
+            job = self.scheduler.get_job(_job_id(org.id))
+            if job is not None:
+                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=backoff))
+            log.info("backing off", failures=health.failures, next_pass_in_seconds=round(backoff))
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Apply a changed configuration file; keep the running one if the new one is invalid."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
+            return False
+        old = self.config
+        if new.database_url != old.database_url:
+            log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")
+            return False
+        if new.api != old.api:
+            self._retired_clients.append(self.client)
+            self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
+        self.config = new
+        before = {o.id: o for o in old.orgs}
+        after = {o.id: o for o in new.orgs}
+        for org_id in before.keys() - after.keys():
+            self.scheduler.remove_job(_job_id(org_id))
+        changed = [o for i, o in after.items() if i in before and old.interval(before[i]) != new.interval(o)]
+        for org in changed:
+            self._schedule(org, first=False)
+        for org_id in after.keys() - before.keys():
+            self._schedule(after[org_id], first=True)
+        log.info(
+            "configuration reloaded",
+            added=sorted(after.keys() - before.keys()),
+            removed=sorted(before.keys() - after.keys()),
+            interval_changed=[o.id for o in changed],
+        )
+        return True
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        with self._lock:
+            failing = sum(1 for h in self.health.values() if h.failures)
+            running = len(self.running)
+            paused = self._auth_paused_until is not None
+        orgs = len(self.config.orgs)
+        line = f"{orgs} orgs: {orgs - failing} ok, {failing} failing, {running} running"
+        return line + "; PAUSED: API key rejected" if paused else line
+
+
+def _job_id(org_id: str) -> str:
+    return f"org:{org_id}"

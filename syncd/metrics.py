@@ -1,0 +1,47 @@
+"""Prometheus metrics. Always counted (cheaply); served only when ``[metrics] listen`` is set."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+HTTP_REQUESTS = Counter(
+    "syncd_http_requests", "OpenApp API responses by operation and HTTP status", ["operation", "status"]
+)
+HTTP_RETRIES = Counter("syncd_http_retries", "OpenApp API requests retried", ["operation"])
+RETRY_AFTER_WAIT = Counter(
+    "syncd_retry_after_wait_seconds", "Seconds waited because OpenApp sent Retry-After", ["operation"]
+)
+LAST_SUCCESS = Gauge("syncd_org_last_success_timestamp_seconds", "End of the org's last successful pass", ["org_id"])
+PASS_DURATION = Histogram(
+    "syncd_pass_duration_seconds",
+    "Duration of org passes",
+    ["org_id", "status"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+DEVICES = Gauge("syncd_devices", "Mirrored devices by state", ["org_id", "state"])
+CHANGES = Counter("syncd_device_changes", "Device changes recorded", ["org_id", "change"])
+PURGES_REFUSED = Counter("syncd_purges_refused", "Passes whose purges the mass-purge guard refused", ["org_id"])
+ORG_FAILING = Gauge("syncd_org_failing", "1 while the org's passes keep failing", ["org_id"])
+
+
+class MetricsServer:
+    """The /metrics endpoint on its own thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
