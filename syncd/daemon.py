@@ -207,6 +207,7 @@ class Daemon:
 
     def _after(self, org: OrgSettings, outcome: PassOutcome) -> None:
         self.totals[outcome.status] += 1
+        org_log = log.bind(org_id=org.id)
         if outcome.status == "skipped":
             return
         interval = self.config.interval(org)
@@ -227,7 +228,7 @@ class Daemon:
         health = self.health.setdefault(org.id, OrgHealth())
         if outcome.status == "succeeded":
             if health.failures:
-                log.info("org recovered", after_failures=health.failures)
+                org_log.info("org recovered", after_failures=health.failures)
                 ORG_FAILING.labels(org.id).set(0)
             health.failures, health.last_error = 0, None
             return
@@ -236,14 +237,14 @@ class Daemon:
         health.failures += 1
         health.last_error = outcome.error
         if health.failures == 1:
-            log.error("org started failing", error=outcome.error)
+            org_log.error("org started failing", error=outcome.error)
             ORG_FAILING.labels(org.id).set(1)
         backoff = min(interval * 2 ** (health.failures - 1), max(interval, self.config.sync.failure_backoff_max))
         if backoff > interval:
             job = self.scheduler.get_job(_job_id(org.id))
             if job is not None:
                 job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=backoff))
-            log.info("backing off", failures=health.failures, next_pass_in_seconds=round(backoff))
+            org_log.info("backing off", failures=health.failures, next_pass_in_seconds=round(backoff))
 
     # -- reload ------------------------------------------------------------------------------------
 

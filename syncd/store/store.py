@@ -105,8 +105,7 @@ class Store:
         return self.engine.dialect.name
 
     def close(self) -> None:
-        """Release pooled connections and locks."""
-        self.locks.close()
+        """Release pooled connections."""
         self.engine.dispose()
 
     # -- schema ----------------------------------------------------------------------------
