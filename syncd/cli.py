@@ -24,8 +24,11 @@ from syncd import __version__, logs
 from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
-from syncd.runner import run_once, select_orgs
+from syncd.reconcile import Reconciler, queue_edit, requester
+from syncd.runner import instance_name, run_once, select_orgs, writeback_client
 from syncd.store import Store, redact_url
+from syncd.store.edits import EditQueue
+from syncd.store.schema import EDIT_STATUSES
 from syncd.sync import PassOutcome
 
 DEFAULT_CONFIG = "/etc/syncd/config.toml"
@@ -92,6 +95,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="oldest acceptable last success (default: twice the org's interval, at least 5m)",
     )
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("edit", help="queue a change of a device, to be pushed to OpenApp")
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument(
+        "--name",
+        action="append",
+        metavar="LOCALE=TEXT",
+        help="set the name in one locale (repeatable); other locales are kept",
+    )
+    zone = p.add_mutually_exclusive_group()
+    zone.add_argument("--zone-id", metavar="ZONE", help="move the device to this zone")
+    zone.add_argument("--clear-zone", action="store_true", help="take the device out of its zone")
+    p.add_argument("--external-id", metavar="ID", help="set the external id")
+    p.add_argument("--metadata-json", metavar="JSON", help="replace device_metadata with this JSON")
+    p.set_defaults(handler=cmd_edit)
+
+    p = sub.add_parser("restore", help="queue the restore of a soft-deleted device")
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.set_defaults(handler=cmd_restore)
+
+    p = sub.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
+    config_option(p)
+    p.add_argument("--status", choices=EDIT_STATUSES, help="only edits with this status")
+    p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
+    p.set_defaults(handler=cmd_edits)
+    edits_sub = p.add_subparsers(metavar="ACTION")
+    for name, helptext in (
+        ("retry", "queue a failed, conflicting or cancelled edit again"),
+        ("cancel", "drop a pending, failed or conflicting edit"),
+    ):
+        q = edits_sub.add_parser(name, help=helptext)
+        config_option(q)
+        q.add_argument("edit_id", type=_edit_id, metavar="ID")
+        q.set_defaults(handler=cmd_edits_change, change=name)
+
+    p = sub.add_parser("reconcile-once", help="push every due queued edit once, then exit")
+    config_option(p)
+    p.set_defaults(handler=cmd_reconcile_once)
 
     p = sub.add_parser("check-config", help="validate the configuration and report every problem")
     config_option(p)
@@ -192,7 +235,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     store = Store(config.database_url)
     try:
+        store.prepare(auto_upgrade=False)
         overview = store.org_overview()
+        edit_counts = EditQueue(store).counts()
     finally:
         store.close()
     now = datetime.now(UTC)
@@ -222,10 +267,96 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print(json.dumps({"orgs": report, "ok": all(r["ok"] for r in report)}, indent=2))
+        print(json.dumps({"orgs": report, "edits": edit_counts, "ok": all(r["ok"] for r in report)}, indent=2))
     else:
         print_status(report, sys.stdout)
+        queue = ", ".join(f"{n} {s}" for s, n in sorted(edit_counts.items())) or "empty"
+        print(f"edit queue: {queue}")
     return EXIT_OK if all(r["ok"] for r in report) else EXIT_FAILED
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    config = _load(args)
+    payload: dict[str, Any] = {}
+    with _prepared_store(config) as store:
+        if args.name:
+            current = (store.device(args.device_id) or {}).get("name") or {}
+            payload["name"] = {**current, **dict(_locale_text(item) for item in args.name)}
+        if args.zone_id is not None or args.clear_zone:
+            payload["zone_id"] = None if args.clear_zone else args.zone_id
+        if args.external_id is not None:
+            payload["external_id"] = args.external_id
+        if args.metadata_json is not None:
+            try:
+                payload["device_metadata"] = json.loads(args.metadata_json)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--metadata-json is not valid JSON: {exc}") from None
+        if not payload:
+            raise ConfigError(
+                "nothing to change: give --name, --zone-id/--clear-zone, --external-id or --metadata-json"
+            )
+        edit_id = queue_edit(store, args.device_id, "update", payload, requester())
+    print(f"queued edit {edit_id}: update {args.device_id} {json.dumps(payload, ensure_ascii=False)}")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    config = _load(args)
+    with _prepared_store(config) as store:
+        edit_id = queue_edit(store, args.device_id, "restore", None, requester())
+    print(f"queued edit {edit_id}: restore {args.device_id}")
+    return EXIT_OK
+
+
+def cmd_edits(args: argparse.Namespace) -> int:
+    config = _load(args)
+    with _prepared_store(config) as store:
+        rows = EditQueue(store).find(args.status, args.device)
+    print_edits(rows, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_edits_change(args: argparse.Namespace) -> int:
+    config = _load(args)
+    now = datetime.now(UTC)
+    with _prepared_store(config) as store:
+        queue = EditQueue(store)
+        edit = queue.get(args.edit_id)
+        if edit is None:
+            raise ConfigError(f"there is no edit {args.edit_id}")
+        if args.change == "retry":
+            allowed = ("failed", "conflict", "cancelled")
+            values = {
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": None,
+                "last_error": None,
+                "updated_at": now,
+            }
+        else:
+            allowed = ("pending", "failed", "conflict")
+            values = {"status": "cancelled", "updated_at": now}
+        if not queue.transition(args.edit_id, allowed, values):
+            raise ConfigError(
+                f"edit {args.edit_id} is {edit['status']}; {args.change} works on {', '.join(allowed)} edits"
+            )
+    print(f"edit {args.edit_id}: {edit['status']} -> {values['status']}")
+    return EXIT_OK
+
+
+def cmd_reconcile_once(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logs.configure(config.log_format, config.log_level)
+    with (
+        _prepared_store(config) as store,
+        writeback_client(config) as client,
+        stop_on_signals("finishing the current edit, then stopping") as stop,
+    ):
+        results = Reconciler(client, store, config.writeback, instance_name(), stop).run_once()
+        counts = EditQueue(store).counts()
+    done = ", ".join(f"{n} {kind}" for kind, n in sorted(results.items())) or "nothing was due"
+    print(f"reconcile: {done}; queue now: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"))
+    return EXIT_FAILED if results["failed"] or results["conflict"] else EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -517,6 +648,37 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
+def print_edits(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """The queue as a table, with what each edit sets and, on a conflict, what OpenApp has."""
+    table = [
+        (
+            str(r["id"]),
+            r["device_id"],
+            r["action"],
+            r["status"],
+            str(r["attempts"]),
+            _iso(r["next_attempt_at"]) or "-",
+            str(r["last_status_code"] or "-"),
+            _iso(r["created_at"]) or "-",
+            r["requested_by"] or "-",
+        )
+        for r in rows
+    ]
+    _table(
+        ("id", "device", "action", "status", "attempts", "next attempt", "last code", "created", "by"),
+        table,
+        out,
+        text_columns=4,
+    )
+    for r in rows:
+        if r["payload"]:
+            print(f"  {r['id']}: queued  {json.dumps(r['payload'], ensure_ascii=False)}", file=out)
+        if r["remote"]:
+            print(f"  {r['id']}: remote  {json.dumps(r['remote'], ensure_ascii=False, default=str)}", file=out)
+        if r["last_error"] and r["status"] != "succeeded":
+            print(f"  {r['id']}: error   {r['last_error']}", file=out)
+
+
 def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
     """Devices by state per org."""
     rows = [
@@ -538,6 +700,29 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, t
     print(line([h.upper() for h in headers]).rstrip(), file=out)
     for row in rows:
         print(line(row).rstrip(), file=out)
+
+
+@contextmanager
+def _prepared_store(config: Config) -> Iterator[Store]:
+    store = Store(config.database_url)
+    try:
+        store.prepare(config.auto_upgrade)
+        yield store
+    finally:
+        store.close()
+
+
+def _locale_text(item: str) -> tuple[str, str]:
+    locale, sep, text = item.partition("=")
+    if not sep or not locale.strip() or not text:
+        raise ConfigError(f"--name {item!r}: use LOCALE=TEXT, e.g. --name en='Front door'")
+    return locale.strip(), text
+
+
+def _edit_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an edit id (a number)")
+    return int(text)
 
 
 def _config_path(args: argparse.Namespace) -> Path:

@@ -91,6 +91,19 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class WritebackSettings:
+    """How queued local edits are pushed to OpenApp."""
+
+    interval: float = 5.0
+    max_attempts: int = 8
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+    lease_timeout: float = 120.0
+    conflict_policy: str = "detect"  # or "force": push even over a newer remote change
+    batch_size: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -99,6 +112,7 @@ class Config:
     orgs: tuple[OrgSettings, ...]
     auto_upgrade: bool = True
     sync: SyncSettings = field(default_factory=SyncSettings)
+    writeback: WritebackSettings = field(default_factory=WritebackSettings)
     log_format: LogFormat = "auto"
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
@@ -156,7 +170,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Path | None = None) -> Config:
     """Validate parsed TOML; ConfigError carries every problem found, not just the first."""
     r = _Reader(source)
-    r.only_keys("", data, {"api", "database", "orgs", "sync", "logging", "metrics"})
+    r.only_keys("", data, {"api", "database", "orgs", "sync", "writeback", "logging", "metrics"})
     api = r.table(data, "api", required=True)
     database = r.table(data, "database")
     sync = r.table(data, "sync")
@@ -226,6 +240,23 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
     )
     if sync_settings.interval < 1:
         r.problem(f"sync.interval must be at least 1 second, got {sync_settings.interval}")
+    wb = r.table(data, "writeback")
+    r.only_keys(
+        "writeback",
+        wb,
+        {"interval", "max_attempts", "base_delay", "max_delay", "lease_timeout", "conflict_policy", "batch_size"},
+    )
+    writeback = WritebackSettings(
+        interval=r.duration(wb, "writeback.interval", 5.0),
+        max_attempts=r.integer(wb, "writeback.max_attempts", 8, minimum=1),
+        base_delay=r.duration(wb, "writeback.base_delay", 1.0),
+        max_delay=r.duration(wb, "writeback.max_delay", 300.0),
+        lease_timeout=r.duration(wb, "writeback.lease_timeout", 120.0),
+        conflict_policy=r.choice(wb, "writeback.conflict_policy", ("detect", "force"), "detect"),
+        batch_size=r.integer(wb, "writeback.batch_size", 50, minimum=1),
+    )
+    if writeback.interval < 0.1:
+        r.problem(f"writeback.interval must be at least 0.1 seconds, got {writeback.interval}")
     metrics = r.table(data, "metrics")
     r.only_keys("metrics", metrics, {"listen"})
     metrics_listen = _listen_address(r, r.string(metrics, "metrics.listen"))
@@ -253,6 +284,7 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
         orgs=tuple(orgs),
         auto_upgrade=auto_upgrade,
         sync=sync_settings,
+        writeback=writeback,
         log_format=log_format,  # type: ignore[arg-type]
         log_level=log_level,
         metrics_listen=metrics_listen,

@@ -29,10 +29,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
-from syncd.metrics import ORG_FAILING, MetricsServer
+from syncd.metrics import EDIT_QUEUE, ORG_FAILING, MetricsServer
 from syncd.notify import Notifier
-from syncd.runner import instance_name, locked_pass
+from syncd.reconcile import Reconciler
+from syncd.runner import instance_name, locked_pass, writeback_client
 from syncd.store import Store
+from syncd.store.schema import EDIT_STATUSES
 from syncd.sync import OrgPass, PassOutcome
 
 log = structlog.get_logger("syncd.daemon")
@@ -40,6 +42,7 @@ log = structlog.get_logger("syncd.daemon")
 FIRST_PASS_WITHIN = 10.0  # seconds after start-up (or after an org is added)
 MAX_JITTER = 60.0
 LOOP_TICK = 5.0
+RECONCILE_JOB = "reconcile"
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Daemon:
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
+        self.reconciler = self._new_reconciler(config)
         self.health: dict[str, OrgHealth] = {}
         self.running: set[str] = set()
         self.totals: Counter[str] = Counter()
@@ -90,6 +94,7 @@ class Daemon:
                     log.info("metrics endpoint listening", address=f"{host}:{self._metrics.port}")
                 for org in self.config.orgs:
                     self._schedule(org, first=True)
+                self._schedule_reconciler()
                 self.scheduler.start()
                 log.info("daemon started", orgs=len(self.config.orgs), instance=self.instance)
                 self.notifier.ready(self.status_line())
@@ -125,7 +130,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         with self._lock:
-            running = sorted(self.running)
+            running = sorted(self.running - {RECONCILE_JOB})
         log.info("stopping", running=running)
         self.notifier.stopping(f"stopping; finishing {len(running)} running pass(es)")
         self.stop.set()
@@ -165,6 +170,36 @@ class Daemon:
             next_run_time=datetime.now(UTC) + timedelta(seconds=delay),
             replace_existing=True,
         )
+
+    def _schedule_reconciler(self) -> None:
+        interval = self.config.writeback.interval
+        self.scheduler.add_job(
+            self._reconcile_job,
+            IntervalTrigger(seconds=interval, timezone=UTC),
+            id=RECONCILE_JOB,
+            name="push queued edits",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=min(interval, FIRST_PASS_WITHIN)),
+            replace_existing=True,
+        )
+
+    def _reconcile_job(self) -> None:
+        if self.stop.is_set():
+            return
+        with self._lock:
+            self.running.add(RECONCILE_JOB)
+        try:
+            results = self.reconciler.run_once()
+            if results:
+                log.debug("write-back round", **results)
+            for status in EDIT_STATUSES:
+                EDIT_QUEUE.labels(status).set(0)
+            for status, count in self.reconciler.queue.counts().items():
+                EDIT_QUEUE.labels(status).set(count)
+        except SyncdError as exc:
+            log.error("write-back round failed", error=str(exc))
+        finally:
+            with self._lock:
+                self.running.discard(RECONCILE_JOB)
 
     def _job(self, org_id: str) -> None:
         org = next((o for o in self.config.orgs if o.id == org_id), None)
@@ -264,7 +299,12 @@ class Daemon:
         if new.api != old.api:
             self._retired_clients.append(self.client)
             self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
+        if new.api != old.api or new.writeback != old.writeback:
+            self._retired_clients.append(self.reconciler.client)
+            self.reconciler = self._new_reconciler(new)
         self.config = new
+        if new.writeback.interval != old.writeback.interval:
+            self._schedule_reconciler()
         before = {o.id: o for o in old.orgs}
         after = {o.id: o for o in new.orgs}
         for org_id in before.keys() - after.keys():
@@ -282,11 +322,14 @@ class Daemon:
         )
         return True
 
+    def _new_reconciler(self, config: Config) -> Reconciler:
+        return Reconciler(writeback_client(config, self.stop), self.store, config.writeback, self.instance, self.stop)
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
         with self._lock:
             failing = sum(1 for h in self.health.values() if h.failures)
-            running = len(self.running)
+            running = len(self.running - {RECONCILE_JOB})
             paused = self._auth_paused_until is not None
         orgs = len(self.config.orgs)
         line = f"{orgs} orgs: {orgs - failing} ok, {failing} failing, {running} running"

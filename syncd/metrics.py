@@ -24,6 +24,8 @@ PASS_DURATION = Histogram(
 DEVICES = Gauge("syncd_devices", "Mirrored devices by state", ["org_id", "state"])
 CHANGES = Counter("syncd_device_changes", "Device changes recorded", ["org_id", "change"])
 PURGES_REFUSED = Counter("syncd_purges_refused", "Passes whose purges the mass-purge guard refused", ["org_id"])
+EDIT_RESULTS = Counter("syncd_edit_attempts", "Write-back attempts by result", ["result"])
+EDIT_QUEUE = Gauge("syncd_edit_queue", "Queued local edits by status", ["status"])
 ORG_FAILING = Gauge("syncd_org_failing", "1 while the org's passes keep failing", ["org_id"])
 
 

@@ -156,3 +156,70 @@ def _optional_str(value: object) -> str | None:
 def _preview(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
+
+
+def validate_edit(action: object, payload: object) -> str | None:
+    """What is wrong with a queued edit (one line), or None when it can be pushed as it is."""
+    if action == "restore":
+        if payload not in (None, {}):
+            return "a restore takes no payload"
+        return None
+    if action != "update":
+        return f"unknown action {action!r} (use 'update' or 'restore')"
+    if not isinstance(payload, dict) or not payload:
+        return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
+    unknown = sorted(set(payload) - set(EDITABLE_FIELDS))
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)} (editable: {', '.join(EDITABLE_FIELDS)})"
+    if "name" in payload:
+        try:
+            if not normalise_name(payload["name"]):
+                return "name must not be empty"
+        except ValueError as exc:
+            return f"name {exc}"
+    for field in ("zone_id", "external_id"):
+        if field in payload and payload[field] is not None and not isinstance(payload[field], str):
+            return f"{field} must be a string or null, got {_preview(payload[field])}"
+    return None
+
+
+def edit_applied(device: Device, action: str, payload: dict[str, Any] | None) -> bool:
+    """Whether ``device`` (as OpenApp has it now) already shows the edit."""
+    if action == "restore":
+        return device.deleted_at is None
+    for field, wanted in (payload or {}).items():
+        if field == "name":
+            if device.name != normalise_name(wanted):
+                return False
+        elif getattr(device, field) != wanted:
+            return False
+    return True
+
+
+def remote_values(device: Device, payload: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenApp's current values of the fields an edit sets (shown next to the edit on a conflict)."""
+    values: dict[str, Any] = {field: getattr(device, field) for field in (payload or {})}
+    values["updated_at"] = device.updated_at.isoformat() if device.updated_at else None
+    return values
+
+
+def change_kind(old_state: str, new_state: str) -> str:
+    """The device_changes kind for a rewrite from ``old_state`` to ``new_state``."""
+    if old_state == new_state:
+        return "updated"
+    return "deleted" if new_state == "deleted" else "restored"
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any], old_state: str, new_state: str) -> dict[str, Any]:
+    """``{field: {"old": ..., "new": ...}}`` for every top-level payload field that changed."""
+    diff = {
+        key: {"old": old.get(key), "new": new.get(key)}
+        for key in sorted((old.keys() | new.keys()) - VOLATILE_FIELDS)
+        if old.get(key) != new.get(key)
+    }
+    if old_state != new_state:
+        diff["state"] = {"old": old_state, "new": new_state}
+    return diff

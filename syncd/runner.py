@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import structlog
 
@@ -22,6 +23,12 @@ log = structlog.get_logger(__name__)
 def instance_name() -> str:
     """``host:pid``, recorded on every sync_runs row."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def writeback_client(config: Config, stop: threading.Event | None = None) -> OpenAppClient:
+    """A client for write-back: one HTTP attempt per call, since the edit queue schedules the retries."""
+    settings = replace(config.api, retry=replace(config.api.retry, max_attempts=1))
+    return OpenAppClient(settings, stop=stop, instance=instance_name())
 
 
 def select_orgs(config: Config, names: Iterable[str] | None) -> list[OrgSettings]:

@@ -24,7 +24,7 @@ from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
-from syncd.models import VOLATILE_FIELDS, Device, encode, identify, parse_device
+from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device
 from syncd.store import PageWriter, Store
 
 log = structlog.get_logger(__name__)
@@ -284,25 +284,6 @@ class OrgPass:
             writer.bump_run(run_id, {"purged": 1, "requests": 1})
         self.counts.update(purged=1, requests=1)
         self.log.info("device purged", device_id=device_id)
-
-
-def change_kind(old_state: str, new_state: str) -> str:
-    """The device_changes kind for a rewrite from ``old_state`` to ``new_state``."""
-    if old_state == new_state:
-        return "updated"
-    return "deleted" if new_state == "deleted" else "restored"
-
-
-def describe_change(old: dict[str, Any], new: dict[str, Any], old_state: str, new_state: str) -> dict[str, Any]:
-    """``{field: {"old": ..., "new": ...}}`` for every top-level payload field that changed."""
-    diff = {
-        key: {"old": old.get(key), "new": new.get(key)}
-        for key in sorted((old.keys() | new.keys()) - VOLATILE_FIELDS)
-        if old.get(key) != new.get(key)
-    }
-    if old_state != new_state:
-        diff["state"] = {"old": old_state, "new": new_state}
-    return diff
 
 
 def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -41,6 +42,9 @@ DEVICE_STATES = ("active", "deleted", "purged")
 RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
 RUN_TRIGGERS = ("scheduled", "run-once")
 CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")
+CHANGE_SOURCES = ("sync", "local_edit")
+EDIT_ACTIONS = ("update", "restore")
+EDIT_STATUSES = ("pending", "in_flight", "succeeded", "failed", "conflict", "cancelled")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -134,10 +138,39 @@ device_changes = Table(
     Column("observed_at", UTCDateTime, nullable=False),
     Column("change", String(16), nullable=False),
     Column("diff", JSONDoc, comment="{field: {old, new}} of what changed; NULL for 'created'"),
+    Column("source", String(16), nullable=False, server_default="sync", comment="sync, or local_edit"),
+    Column("edit_id", BigId, comment="the device_edits row, for local edits"),
     CheckConstraint(_one_of("change", CHANGE_KINDS), name="change"),
     Index(None, "org_id", "observed_at"),
     Index(None, "device_id", "observed_at"),
     Index(None, "run_id"),
+)
+
+device_edits = Table(
+    "device_edits",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("org_id", String(64), comment="taken from the mirror when omitted"),
+    Column("action", String(16), nullable=False, server_default="update"),
+    Column("payload", JSONDoc, comment="UpdateDeviceRequest fields: name, zone_id, external_id, device_metadata"),
+    Column("base_updated_at", UTCDateTime, comment="the mirror's updated_at when queued"),
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", UTCDateTime, comment="NULL: due now"),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("remote", JSONDoc, comment="on conflict: OpenApp's current values of the fields the edit sets"),
+    Column("claimed_by", String(255)),
+    Column("claimed_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
+    Column("updated_at", UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
+    Column("applied_at", UTCDateTime),
+    Column("requested_by", String(255)),
+    CheckConstraint(_one_of("action", EDIT_ACTIONS), name="action"),
+    CheckConstraint(_one_of("status", EDIT_STATUSES), name="status"),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "device_id", "id"),
 )
 
 RUN_COUNTERS = (

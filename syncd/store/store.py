@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device
@@ -270,6 +271,10 @@ class PageWriter:
         self._conn = conn
         self._codec = _Codec.for_dialect(conn.dialect.name)
 
+    def execute(self, statement: Executable) -> None:
+        """Run one Core statement in this transaction."""
+        self._conn.execute(statement)
+
     def known(self, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
         """Fingerprint and state of those ids already mirrored; ``stale`` when last seen before ``seen_before``."""
         if not ids:
@@ -325,7 +330,16 @@ class PageWriter:
         if rows:
             c = self._codec
             values = [
-                (r["device_id"], r["org_id"], r["run_id"], c.time(r["observed_at"]), r["change"], c.json(r["diff"]))
+                (
+                    r["device_id"],
+                    r["org_id"],
+                    r["run_id"],
+                    c.time(r["observed_at"]),
+                    r["change"],
+                    c.json(r["diff"]),
+                    r.get("source", "sync"),
+                    r.get("edit_id"),
+                )
                 for r in rows
             ]
             self._conn.exec_driver_sql(c.insert_change_sql, values)
@@ -394,7 +408,7 @@ class _Codec:
             f"UPDATE devices SET purged_at = NULL, "
             f"{', '.join(f'{col} = {slot(col)}' for col in _DEVICE_COLUMNS[1:])} WHERE id = {p}"
         )
-        change_columns = ("device_id", "org_id", "run_id", "observed_at", "change", "diff")
+        change_columns = ("device_id", "org_id", "run_id", "observed_at", "change", "diff", "source", "edit_id")
         insert_change = (
             f"INSERT INTO device_changes ({', '.join(change_columns)}) "
             f"VALUES ({', '.join(slot(col) for col in change_columns)})"

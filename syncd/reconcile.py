@@ -1,0 +1,268 @@
+"""Write-back: push queued local edits (``device_edits``) to OpenApp.
+
+Per edit: validate it, fetch the device, detect a conflicting remote change (``updated_at`` newer
+than ``base_updated_at``), push with update_device / restore_device, then record the result and
+update the mirror from OpenApp's answer in one transaction. Transient failures are retried later
+(exponential backoff with full jitter, honouring Retry-After) up to ``writeback.max_attempts``;
+permanent ones fail at once; a 401 pauses the reconciler without burning attempts. An edit left
+``in_flight`` by a crash is re-checked once its lease expires: if OpenApp already shows the change it
+succeeded, otherwise it is pushed again (PUT and restore are safe to repeat).
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from syncd.api import OpenAppClient, backoff_delay
+from syncd.config import WritebackSettings
+from syncd.errors import (
+    AuthError,
+    ConfigError,
+    InvalidResponseError,
+    NotFoundError,
+    RejectedError,
+    SyncdError,
+    TransientError,
+)
+from syncd.metrics import EDIT_RESULTS
+from syncd.models import Device, change_kind, describe_change, edit_applied, parse_device, remote_values, validate_edit
+from syncd.store import Store
+from syncd.store.edits import EditQueue
+
+log = structlog.get_logger("syncd.reconcile")
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
+def requester() -> str:
+    """``user@host`` of whoever runs the CLI."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def queue_edit(store: Store, device_id: str, action: str, payload: dict[str, Any] | None, requested_by: str) -> int:
+    """Validate an edit against the mirror and queue it; ConfigError names what is wrong."""
+    problem = validate_edit(action, payload)
+    if problem:
+        raise ConfigError(f"edit of {device_id}: {problem}")
+    device = store.device(device_id)
+    if device is None:
+        raise ConfigError(f"device {device_id} is not in the mirror (run `syncd run-once` first, or check the id)")
+    if device["state"] == "purged":
+        raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited or restored")
+    if action == "restore" and device["state"] != "deleted":
+        raise ConfigError(f"device {device_id} is not soft-deleted (state {device['state']}); nothing to restore")
+    return EditQueue(store).add(
+        {
+            "device_id": device_id,
+            "org_id": device["org_id"],
+            "action": action,
+            "payload": payload if action == "update" else None,
+            "base_updated_at": device["updated_at"],
+            "requested_by": requested_by,
+        }
+    )
+
+
+class Reconciler:
+    """Claims due edits and pushes them; one instance per process."""
+
+    def __init__(
+        self,
+        client: OpenAppClient,
+        store: Store,
+        settings: WritebackSettings,
+        instance: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.queue = EditQueue(store)
+        self.settings = settings
+        self.instance = instance
+        self.stop = stop or threading.Event()
+        self._paused_until: float | None = None
+
+    def run_once(self) -> Counter[str]:
+        """Process every edit due now (each at most once); returns how many ended how."""
+        results: Counter[str] = Counter()
+        if self._paused_until is not None and time.monotonic() < self._paused_until:
+            return results
+        started = utcnow()
+        seen: set[int] = set()
+        while not self.stop.is_set():
+            lease_cutoff = utcnow() - timedelta(seconds=self.settings.lease_timeout)
+            claimed = self.queue.claim(started, lease_cutoff, self.settings.batch_size, self.instance)
+            fresh = [r for r in claimed if r["id"] not in seen]
+            self.queue.release([r["id"] for r in claimed if r["id"] in seen], utcnow())
+            if not fresh:
+                break
+            for index, row in enumerate(fresh):
+                seen.add(row["id"])
+                if self.stop.is_set():
+                    self.queue.release([r["id"] for r in fresh[index:]], utcnow())
+                    return results
+                result = self._process(row)
+                results[result] += 1
+                EDIT_RESULTS.labels(result).inc()
+                if result == "paused":
+                    self.queue.release([r["id"] for r in fresh[index + 1 :]], utcnow())
+                    return results
+        return results
+
+    # -- one edit ----------------------------------------------------------------------------------
+
+    def _process(self, row: dict[str, Any]) -> str:
+        edit_log = log.bind(edit_id=row["id"], device_id=row["device_id"])
+        action, payload = row["action"], row["payload"]
+        problem = validate_edit(action, payload)
+        mirrored = self.store.device(row["device_id"])
+        if problem is None and mirrored is None:
+            problem = "unknown device: it is not in the mirror"
+        if problem:
+            return self._fail(row, problem, edit_log)
+        assert mirrored is not None
+        org_id = row["org_id"] or mirrored["org_id"]
+        base = row["base_updated_at"] or mirrored["updated_at"]
+        try:
+            remote = self._fetch(org_id, row["device_id"])
+            if row["recheck"] and edit_applied(remote, action, payload):
+                edit_log.info("edit found applied after an interrupted attempt")
+                return self._succeed(row, remote, mirrored)
+            if action == "restore":
+                return self._restore(row, org_id, remote, mirrored, edit_log)
+            if (
+                self.settings.conflict_policy == "detect"
+                and base is not None
+                and remote.updated_at is not None
+                and remote.updated_at > base
+            ):
+                return self._conflict(row, remote, edit_log)
+            answer = self.client.update_device(org_id, row["device_id"], payload)
+            return self._succeed(row, parse_device(answer), mirrored)
+        except AuthError as exc:
+            return self._pause(row, exc)
+        except NotFoundError as exc:
+            return self._fail(row, "the device no longer exists in OpenApp (purged)", edit_log, exc)
+        except TransientError as exc:
+            return self._retry_later(row, exc, edit_log)
+        except SyncdError as exc:  # permanent API errors, unreadable answers
+            return self._fail(row, str(exc), edit_log, exc)
+
+    def _fetch(self, org_id: str, device_id: str) -> Device:
+        raw = self.client.get_device(org_id, device_id)
+        try:
+            return parse_device(raw)
+        except InvalidResponseError as exc:
+            raise InvalidResponseError(f"get_device: {exc}") from exc
+
+    def _restore(
+        self, row: dict[str, Any], org_id: str, remote: Device, mirrored: dict[str, Any], edit_log: Any
+    ) -> str:
+        if remote.deleted_at is None:
+            edit_log.info("restore: the device is already active")
+            return self._succeed(row, remote, mirrored)
+        try:
+            answer = self.client.restore_device(org_id, row["device_id"])
+        except RejectedError as exc:
+            if exc.status != 422:
+                raise
+            confirmed = self._fetch(org_id, row["device_id"])  # 422 "not soft-deleted": check, then accept
+            if confirmed.deleted_at is None:
+                return self._succeed(row, confirmed, mirrored)
+            raise
+        return self._succeed(row, parse_device(answer), mirrored)
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def _succeed(self, row: dict[str, Any], device: Device, mirrored: dict[str, Any]) -> str:
+        now = utcnow()
+        kind = change_kind(mirrored["state"], device.state)
+        diff = describe_change(mirrored["raw"], device.raw, mirrored["state"], device.state)
+        self.queue.finish(
+            row["id"],
+            {"status": "succeeded", "applied_at": now, "last_error": None, "last_status_code": 200},
+            now,
+            device=device,
+            change=(kind, diff) if diff else None,
+        )
+        log.info("edit applied", edit_id=row["id"], device_id=row["device_id"], action=row["action"])
+        if self._paused_until is not None:
+            self._paused_until = None
+            log.info("OpenApp accepted the API key again: write-back resumed")
+        return "succeeded"
+
+    def _conflict(self, row: dict[str, Any], remote: Device, edit_log: Any) -> str:
+        now = utcnow()
+        message = (
+            f"OpenApp changed the device at {remote.updated_at.isoformat() if remote.updated_at else '?'}, "
+            f"after the edit was queued (base {row['base_updated_at']}); nothing was pushed. "
+            "`syncd edits retry ID` pushes it anyway; `syncd edits cancel ID` drops it"
+        )
+        self.queue.finish(
+            row["id"],
+            {
+                "status": "conflict",
+                "last_error": message,
+                "remote": remote_values(remote, row["payload"]),
+                "base_updated_at": remote.updated_at or row["base_updated_at"],
+            },
+            now,
+            device=remote,
+        )
+        edit_log.warning("edit conflicts with a remote change", remote_updated_at=str(remote.updated_at))
+        return "conflict"
+
+    def _fail(self, row: dict[str, Any], reason: str, edit_log: Any, exc: SyncdError | None = None) -> str:
+        self.queue.finish(
+            row["id"],
+            {"status": "failed", "last_error": reason, "last_status_code": exc.status if exc else None},
+            utcnow(),
+        )
+        edit_log.warning("edit failed", error=reason)
+        return "failed"
+
+    def _retry_later(self, row: dict[str, Any], exc: TransientError, edit_log: Any) -> str:
+        attempts = int(row["attempts"])
+        if attempts >= self.settings.max_attempts:
+            return self._fail(row, f"gave up after {attempts} attempts: {exc}", edit_log, exc)
+        delay = (
+            exc.retry_after
+            if exc.retry_after is not None
+            else backoff_delay(attempts, self.settings.base_delay, self.settings.max_delay)
+        )
+        now = utcnow()
+        self.queue.finish(
+            row["id"],
+            {
+                "status": "pending",
+                "next_attempt_at": now + timedelta(seconds=delay),
+                "last_error": str(exc),
+                "last_status_code": exc.status,
+            },
+            now,
+        )
+        edit_log.debug("edit will be retried", attempt=attempts, delay=round(delay, 2), error=str(exc))
+        return "retrying"
+
+    def _pause(self, row: dict[str, Any], exc: AuthError) -> str:
+        self.queue.release([row["id"]], utcnow())
+        first = self._paused_until is None
+        self._paused_until = time.monotonic() + max(self.settings.interval, 30.0)
+        if first:
+            log.error("OpenApp rejected the API key: write-back is paused (no attempts are used up)", error=str(exc))
+        return "paused"

@@ -1,0 +1,150 @@
+"""The write-back queue (``device_edits``): queue, claim, finish. SQLAlchemy stays in the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, insert, literal, or_, select, update
+
+from syncd.models import Device
+from syncd.store.schema import device_edits
+from syncd.store.store import Store, _translated
+
+FINAL_STATUSES = ("succeeded", "failed", "conflict", "cancelled")
+
+
+class EditQueue:
+    """``device_edits`` rows, for the CLI and the reconciler."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._engine = store.engine
+
+    def add(self, values: dict[str, Any]) -> int:
+        """Insert an edit; returns its id."""
+        with _translated("queuing an edit"), self._engine.begin() as conn:
+            return int(conn.execute(insert(device_edits).values(values).returning(device_edits.c.id)).scalar_one())
+
+    def get(self, edit_id: int) -> dict[str, Any] | None:
+        """One edit as a dict, or None."""
+        with _translated("reading an edit"), self._engine.connect() as conn:
+            row = conn.execute(select(device_edits).where(device_edits.c.id == edit_id)).mappings().one_or_none()
+            return dict(row) if row else None
+
+    def find(self, status: str | None = None, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Edits, oldest first, optionally of one status and/or device."""
+        query = select(device_edits).order_by(device_edits.c.id)
+        if status:
+            query = query.where(device_edits.c.status == status)
+        if device_id:
+            query = query.where(device_edits.c.device_id == device_id)
+        with _translated("listing edits"), self._engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def counts(self) -> dict[str, int]:
+        """Edits by status."""
+        query = select(device_edits.c.status, func.count()).group_by(device_edits.c.status)
+        with _translated("counting edits"), self._engine.connect() as conn:
+            return {status: int(n) for status, n in conn.execute(query)}
+
+    def transition(self, edit_id: int, allowed: Sequence[str], values: dict[str, Any]) -> bool:
+        """Update an edit only if its status is one of ``allowed``; False if it was not."""
+        with _translated("updating an edit"), self._engine.begin() as conn:
+            result = conn.execute(
+                update(device_edits)
+                .where(device_edits.c.id == edit_id, device_edits.c.status.in_(allowed))
+                .values(values)
+            )
+            return bool(result.rowcount)
+
+    def claim(self, now: datetime, lease_cutoff: datetime, limit: int, instance: str) -> list[dict[str, Any]]:
+        """Mark due edits ``in_flight`` for this instance and return them (with ``recheck``).
+
+        Due: ``pending`` with ``next_attempt_at`` passed, and no older unfinished edit of the same
+        device (edits to one device apply in the order queued); or ``in_flight`` with an expired
+        lease (its claimer died: ``recheck`` is True). On PostgreSQL ``FOR UPDATE SKIP LOCKED`` keeps
+        concurrent reconcilers from claiming the same edit.
+        """
+        e = device_edits
+        older = device_edits.alias("older")
+        blocked = (
+            select(literal(1))
+            .where(
+                older.c.device_id == e.c.device_id, older.c.id < e.c.id, older.c.status.in_(("pending", "in_flight"))
+            )
+            .exists()
+        )
+        due = and_(e.c.status == "pending", or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now), ~blocked)
+        stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), e.c.claimed_at < lease_cutoff))
+        query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
+        if self._engine.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=e)
+        with _translated("claiming edits"), self._engine.begin() as conn:
+            picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
+            if not picked:
+                return []
+            conn.execute(
+                update(e)
+                .where(e.c.id.in_(picked))
+                .values(
+                    status="in_flight", claimed_at=now, claimed_by=instance, attempts=e.c.attempts + 1, updated_at=now
+                )
+            )
+            rows = conn.execute(select(e).where(e.c.id.in_(picked)).order_by(e.c.id)).mappings()
+            return [{**row, "recheck": picked[row["id"]]} for row in rows]
+
+    def release(self, edit_ids: Iterable[int], now: datetime) -> None:
+        """Hand claimed edits back untouched (the attempt is not counted)."""
+        ids = list(edit_ids)
+        if ids:
+            e = device_edits
+            with _translated("releasing edits"), self._engine.begin() as conn:
+                conn.execute(
+                    update(e)
+                    .where(e.c.id.in_(ids), e.c.status == "in_flight")
+                    .values(
+                        status="pending", attempts=e.c.attempts - 1, claimed_at=None, claimed_by=None, updated_at=now
+                    )
+                )
+
+    def finish(
+        self,
+        edit_id: int,
+        values: dict[str, Any],
+        now: datetime,
+        device: Device | None = None,
+        change: tuple[str, dict[str, Any] | None] | None = None,
+    ) -> None:
+        """Record an attempt's result; with ``device``, update the mirror in the same transaction.
+
+        ``change``: ``(kind, diff)`` of a device_changes row marked as a local edit.
+        """
+        with self.store.writer() as writer:
+            writer.execute(
+                update(device_edits)
+                .where(device_edits.c.id == edit_id)
+                .values({**values, "updated_at": now, "claimed_at": None})
+            )
+            if device is not None:
+                if writer.previous([device.id]):
+                    writer.update_devices([device], now)
+                else:
+                    writer.insert_devices([device], now)
+            if change is not None and device is not None:
+                kind, diff = change
+                writer.add_changes(
+                    [
+                        {
+                            "device_id": device.id,
+                            "org_id": device.org_id,
+                            "run_id": None,
+                            "observed_at": now,
+                            "change": kind,
+                            "diff": diff,
+                            "source": "local_edit",
+                            "edit_id": edit_id,
+                        }
+                    ]
+                )
