@@ -169,6 +169,8 @@ def validate_edit(action: object, payload: object) -> str | None:
         return None
     if action != "update":
         return f"unknown action {action!r} (use 'update' or 'restore')"
+    if isinstance(payload, str):
+        return f"payload is not a JSON object: {_preview(payload)}"
     if not isinstance(payload, dict) or not payload:
         return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
     unknown = sorted(set(payload) - set(EDITABLE_FIELDS))

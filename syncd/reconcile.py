@@ -142,7 +142,7 @@ class Reconciler:
             remote = self._fetch(org_id, row["device_id"])
             if row["recheck"] and edit_applied(remote, action, payload):
                 edit_log.info("edit found applied after an interrupted attempt")
-                return self._succeed(row, remote, mirrored)
+                return self._succeed(row, remote, mirrored, overwrote=base)
             if action == "restore":
                 return self._restore(row, org_id, remote, mirrored, edit_log)
             if (
@@ -153,7 +153,7 @@ class Reconciler:
             ):
                 return self._conflict(row, remote, edit_log)
             answer = self.client.update_device(org_id, row["device_id"], payload)
-            return self._succeed(row, parse_device(answer), mirrored)
+            return self._succeed(row, parse_device(answer), mirrored, overwrote=remote.updated_at)
         except AuthError as exc:
             return self._pause(row, exc)
         except NotFoundError as exc:
@@ -189,7 +189,9 @@ class Reconciler:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _succeed(self, row: dict[str, Any], device: Device, mirrored: dict[str, Any]) -> str:
+    def _succeed(
+        self, row: dict[str, Any], device: Device, mirrored: dict[str, Any], overwrote: datetime | None = None
+    ) -> str:
         now = utcnow()
         kind = change_kind(mirrored["state"], device.state)
         diff = describe_change(mirrored["raw"], device.raw, mirrored["state"], device.state)
@@ -199,6 +201,7 @@ class Reconciler:
             now,
             device=device,
             change=(kind, diff) if diff else None,
+            rebase_from=overwrote,
         )
         log.info("edit applied", edit_id=row["id"], device_id=row["device_id"], action=row["action"])
         if self._paused_until is not None:

@@ -34,7 +34,8 @@ class Fault:
     """A misbehaviour injected into matching requests.
 
     ``kind``: ``status`` (answer ``status``, with ``retry_after`` if set), ``reset`` (drop the
-    connection with a TCP reset) or ``slow`` (wait ``delay`` seconds, then answer normally).
+    connection with a TCP reset), ``slow`` (wait ``delay`` seconds, then answer normally) or
+    ``slow_reply`` (do the work at once, then wait ``delay`` seconds before answering).
     ``times`` bounds how often it fires (None: forever); ``skip`` lets that many matches pass first;
     ``rate`` fires it on that fraction of matches.
     """
@@ -236,9 +237,11 @@ class Simulator:
                 )
                 reply = Reply(fault.status, extra, payload)
             else:
-                if fault is not None:
+                if fault is not None and fault.kind == "slow":
                     time.sleep(min(fault.delay, 30.0))
                 reply = Reply(200, {}, self._dispatch(operation, device_id, record.org_id, query, headers, body))
+                if fault is not None and fault.kind == "slow_reply":
+                    time.sleep(min(fault.delay, 30.0))
         except SimError as exc:
             reply = Reply(exc.status, {}, orjson.dumps({"message": exc.message, "error_code": exc.error_code}))
         self.log.append(dataclasses.replace(record, finished=time.monotonic(), status=reply.status))

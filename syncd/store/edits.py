@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, literal, or_, select, update
+import orjson
+from sqlalchemy import Select, Text, and_, cast, func, insert, literal, or_, select, update
 
 from syncd.models import Device
 from syncd.store.schema import device_edits
@@ -30,18 +31,18 @@ class EditQueue:
     def get(self, edit_id: int) -> dict[str, Any] | None:
         """One edit as a dict, or None."""
         with _translated("reading an edit"), self._engine.connect() as conn:
-            row = conn.execute(select(device_edits).where(device_edits.c.id == edit_id)).mappings().one_or_none()
-            return dict(row) if row else None
+            row = conn.execute(_readable().where(device_edits.c.id == edit_id)).mappings().one_or_none()
+            return _decoded(row) if row else None
 
     def find(self, status: str | None = None, device_id: str | None = None) -> list[dict[str, Any]]:
         """Edits, oldest first, optionally of one status and/or device."""
-        query = select(device_edits).order_by(device_edits.c.id)
+        query = _readable().order_by(device_edits.c.id)
         if status:
             query = query.where(device_edits.c.status == status)
         if device_id:
             query = query.where(device_edits.c.device_id == device_id)
         with _translated("listing edits"), self._engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
+            return [_decoded(row) for row in conn.execute(query).mappings()]
 
     def counts(self) -> dict[str, int]:
         """Edits by status."""
@@ -92,8 +93,8 @@ class EditQueue:
                     status="in_flight", claimed_at=now, claimed_by=instance, attempts=e.c.attempts + 1, updated_at=now
                 )
             )
-            rows = conn.execute(select(e).where(e.c.id.in_(picked)).order_by(e.c.id)).mappings()
-            return [{**row, "recheck": picked[row["id"]]} for row in rows]
+            rows = conn.execute(_readable().where(e.c.id.in_(picked)).order_by(e.c.id)).mappings()
+            return [{**_decoded(row), "recheck": picked[row["id"]]} for row in rows]
 
     def release(self, edit_ids: Iterable[int], now: datetime) -> None:
         """Hand claimed edits back untouched (the attempt is not counted)."""
@@ -116,17 +117,29 @@ class EditQueue:
         now: datetime,
         device: Device | None = None,
         change: tuple[str, dict[str, Any] | None] | None = None,
+        rebase_from: datetime | None = None,
     ) -> None:
         """Record an attempt's result; with ``device``, update the mirror in the same transaction.
 
         ``change``: ``(kind, diff)`` of a device_changes row marked as a local edit.
+        ``rebase_from``: the remote ``updated_at`` this edit overwrote. Later pending edits of the
+        device queued on that state (or an older one) are re-based onto ``device.updated_at``, so
+        this edit's own change does not count as a conflict for them.
         """
+        e = device_edits
         with self.store.writer() as writer:
-            writer.execute(
-                update(device_edits)
-                .where(device_edits.c.id == edit_id)
-                .values({**values, "updated_at": now, "claimed_at": None})
-            )
+            writer.execute(update(e).where(e.c.id == edit_id).values({**values, "updated_at": now, "claimed_at": None}))
+            if device is not None and rebase_from is not None and device.updated_at is not None:
+                writer.execute(
+                    update(e)
+                    .where(
+                        e.c.device_id == device.id,
+                        e.c.id > edit_id,
+                        e.c.status == "pending",
+                        e.c.base_updated_at >= rebase_from,
+                    )
+                    .values(base_updated_at=device.updated_at)
+                )
             if device is not None:
                 if writer.previous([device.id]):
                     writer.update_devices([device], now)
@@ -148,3 +161,27 @@ class EditQueue:
                         }
                     ]
                 )
+
+
+class UnreadablePayload(str):
+    """A payload that is not valid JSON (only possible on SQLite, via plain SQL)."""
+
+
+def _readable() -> Select[Any]:
+    """device_edits with the JSON columns as text, so one bad row cannot break a read of many."""
+    e = device_edits
+    plain = [c for c in e.c if c.name not in ("payload", "remote")]
+    return select(*plain, cast(e.c.payload, Text).label("payload"), cast(e.c.remote, Text).label("remote"))
+
+
+def _decoded(row: Mapping[Any, Any]) -> dict[str, Any]:
+    values = dict(row)
+    for column in ("payload", "remote"):
+        text = values[column]
+        if text is None:
+            continue
+        try:
+            values[column] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            values[column] = UnreadablePayload(text)
+    return values
