@@ -6,6 +6,8 @@ and each shape (1 org x 100,000 devices; 10 orgs x 10,000), it reports the first
 no-change re-sync of `syncd run-once`: wall time, devices/s, HTTP requests, peak RSS of the syncd
 process, and the simulator's own serving rate for the same pages (fetched raw, without syncd).
 With --scaling it also syncs 1 x 300,000 on SQLite to show how peak RSS grows with the device count.
+Then it pushes 1,000 queued edits through the write-back reconciler (in this process), without and
+with 10% of requests answered 429 (Retry-After: 1): edits pushed per second and requests per edit.
 
     .venv/bin/python bench/bench_sync.py [--postgres-url postgresql://postgres@127.0.0.1/test] [--scaling]
 """
@@ -168,17 +170,98 @@ def scenario(kind: str, orgs: int, devices: int, workdir: Path, pg_url: str | No
     return {"db": kind, "shape": f"{orgs} x {devices:,}", "served": served, **results}
 
 
+def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, float]:
+    """Queue ``count`` renames and time the reconciler until every one succeeded."""
+    from dataclasses import replace
+
+    from prometheus_client import REGISTRY
+
+    from syncd.config import ApiSettings, Config, OrgSettings, Secret, SyncSettings, WritebackSettings
+    from syncd.reconcile import Reconciler, queue_edit
+    from syncd.runner import writeback_client
+    from syncd.store import Store
+    from syncd.store.edits import EditQueue
+    from syncd.sync import OrgPass
+
+    args = ["--rate-limit-rate", str(rate_limited), "--retry-after", "1"] if rate_limited else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd", "simulate", "--port", "0", "--orgs", "1", "--devices", str(count * 2), *args],
+        env={**os.environ, "SYNCD_API_KEY": KEY},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url = re.search(r"serving (\S+)", proc.stdout.readline())
+    assert url
+    org = org_ids(1)[0]
+    config = Config(
+        api=ApiSettings(base_url=url.group(1), api_key=Secret(KEY)),
+        database_url=f"sqlite:///{workdir}/edits-{uuid.uuid4().hex[:6]}.db",
+        orgs=(OrgSettings(org),),
+    )
+    store = Store(config.database_url)
+    try:
+        store.upgrade()
+        from syncd.api import OpenAppClient
+
+        with OpenAppClient(config.api) as client:
+            OrgPass(client, store, OrgSettings(org), SyncSettings()).run()
+        devices = [d["id"] for d in store.devices_of(org) if d["state"] == "active"][:count]
+        for device_id in devices:
+            queue_edit(store, device_id, "update", {"name": {"en": f"Bench {device_id[-6:]}"}}, "bench")
+
+        def requests() -> float:
+            return sum(
+                REGISTRY.get_sample_value("syncd_http_requests_total", {"operation": op, "status": st}) or 0
+                for op in ("get_device", "update_device")
+                for st in ("200", "429")
+            )
+
+        before = requests()
+        settings = replace(WritebackSettings(), max_attempts=20, batch_size=100)
+        with writeback_client(config) as client:
+            reconciler = Reconciler(client, store, settings, "bench")
+            started = time.perf_counter()
+            while True:
+                reconciler.run_once()
+                left = EditQueue(store).counts()
+                if not left.get("pending") and not left.get("in_flight"):
+                    break
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+        done = EditQueue(store).counts().get("succeeded", 0)
+        return {"edits": done, "seconds": seconds, "rate": done / seconds, "per_edit": (requests() - before) / done}
+    finally:
+        store.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres-url", default=os.environ.get("SYNCD_BENCH_POSTGRES_URL"))
     parser.add_argument("--scaling", action="store_true", help="also 1 x 300,000 on SQLite (peak RSS growth)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, to try the script")
+    parser.add_argument("--only-edits", action="store_true", help="run only the write-back part")
     args = parser.parse_args()
+    from syncd import logs
+
+    logs.configure("json", "warning")  # the write-back part runs in this process
     scale = 10 if args.quick else 1
     shapes = [(1, 100_000 // scale), (10, 10_000 // scale)]
     kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        for rate in (0.0, 0.1):
+            edits = 1000 // scale
+            r = edits_scenario(Path(tmp), rate, edits)
+            print(
+                f"write-back {edits} edits, {rate:.0%} answered 429: {r['rate']:,.0f} edits/s "
+                f"({r['seconds']:.2f} s), {r['per_edit']:.2f} requests per edit",
+                flush=True,
+            )
+        if args.only_edits:
+            return
         for kind in kinds:
             for orgs, devices in shapes:
                 rows.append(scenario(kind, orgs, devices, Path(tmp), args.postgres_url))
