@@ -28,7 +28,7 @@ from syncd.reconcile import Reconciler, queue_edit, requester
 from syncd.runner import instance_name, run_once, select_orgs, writeback_client
 from syncd.store import Store, redact_url
 from syncd.store.edits import EditQueue
-from syncd.store.schema import EDIT_STATUSES
+from syncd.store.schema import EDIT_STATUSES, RUN_COUNTERS
 from syncd.sync import PassOutcome
 
 DEFAULT_CONFIG = "/etc/syncd/config.toml"
@@ -570,17 +570,7 @@ class Progress:
         print(f"  {org_id}: {pages} pages, {devices} devices", file=self.stream, flush=True)
 
 
-SUMMARY_COLUMNS = (
-    "pages",
-    "devices_seen",
-    "created",
-    "updated",
-    "unchanged",
-    "deleted",
-    "restored",
-    "purged",
-    "rejected",
-)
+SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if c != "requests")
 
 
 def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
