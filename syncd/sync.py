@@ -25,7 +25,7 @@ from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device
-from syncd.store import PageWriter, Store
+from syncd.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,9 @@ class PassOutcome:
 
 class OrgPass:
     """Mirror one org once. Create one per pass; call :meth:`run`."""
+
+    writes: PageWrites  # the pass's writer thread, while :meth:`run` runs
+    baseline: bool  # the org had no mirrored devices when the pass started
 
     def __init__(
         self,
@@ -99,6 +102,10 @@ class OrgPass:
         self.log.debug("pass started")
         status, error = "succeeded", None
         exception: SyncdError | None = None
+        self.writes = PageWrites(self.store)
+        # An org's first pass loads a baseline: its devices were not created now, so no 'created'
+        # history rows (first_seen_at and OpenApp's created_at tell when they appeared).
+        self.baseline = not self.store.has_devices(self.org.id)
         try:
             if not self._scan(run_id):
                 status, error = "aborted", "stopped before the scan finished"
@@ -118,6 +125,12 @@ class OrgPass:
         except Exception as exc:  # a bug must not leave the run 'running' forever
             self.log.exception("pass crashed")
             status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            try:
+                self.writes.close()  # every page handed over is committed before the run is closed
+            except SyncdError as exc:
+                if status != "failed":
+                    status, error, exception = "failed", str(exc), exc
         finished = utcnow()
         self.store.finish_run(run_id, status, finished, error)
         outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
@@ -153,10 +166,11 @@ class OrgPass:
             self._apply(run_id, page.items, page.offset)
             if self.on_progress:
                 self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
+        self.writes.drain()  # purge detection reads what the scan wrote
         return not self.stop.is_set()
 
     def _apply(self, run_id: int, items: list[Any], offset: int | None) -> None:
-        """Write one page (or one re-fetched device) in one transaction."""
+        """Compare one page (or one re-fetched device) with the mirror and hand its writes over."""
         now = utcnow()
         batch: dict[str, tuple[dict[str, Any], int | None]] = {}
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
@@ -174,14 +188,16 @@ class OrgPass:
                 continue
             batch[device_id] = (item, position)
         first_time = {device_id for device_id in batch if device_id not in self.seen}
+        if len(first_time) < len(batch):
+            self.writes.drain()  # a device seen again (offsets shifted): compare with what was written
         self.seen.update(batch)
         counts["devices_seen"] = len(first_time)
 
-        with self.store.writer() as writer:
-            known = writer.known(batch.keys(), now - self._touch_after)
-            inserts: list[Device] = []
-            updates: list[Device] = []
-            touches: list[str] = []
+        inserts: list[Device] = []
+        updates: list[Device] = []
+        touches: list[str] = []
+        with self.store.reader() as reader:
+            known = reader.known(batch.keys(), now - self._touch_after)
             for device_id, (item, position) in batch.items():
                 encoded = encode(item)
                 existing = known.get(device_id)
@@ -197,42 +213,17 @@ class OrgPass:
                     self._problem(exc)
                     continue
                 (updates if existing else inserts).append(device)
-            self._write(writer, run_id, now, inserts, updates, counts)
-            writer.touch(touches, now)
-            writer.bump_run(run_id, counts)
-        self.counts.update(counts)
-
-    def _write(
-        self,
-        writer: PageWriter,
-        run_id: int,
-        now: datetime,
-        inserts: list[Device],
-        updates: list[Device],
-        counts: Counter[str],
-    ) -> None:
-        changes = []
-        for device in inserts:
-            counts["created"] += 1
-            changes.append(_change(device.id, self.org.id, run_id, now, "created", None))
-        previous = writer.previous([d.id for d in updates])
+            previous = reader.previous([d.id for d in updates])
+        changes = [] if self.baseline else [_change(d.id, self.org.id, run_id, now, "created", None) for d in inserts]
+        counts["created"] += len(inserts)
         for device in updates:
             old_raw, old_state = previous[device.id]
             kind = change_kind(old_state, device.state)
             counts[kind] += 1
-            changes.append(
-                _change(
-                    device.id,
-                    self.org.id,
-                    run_id,
-                    now,
-                    kind,
-                    describe_change(old_raw, device.raw, old_state, device.state),
-                )
-            )
-        writer.insert_devices(inserts, now)
-        writer.update_devices(updates, now)
-        writer.add_changes(changes)
+            diff = describe_change(old_raw, device.raw, old_state, device.state)
+            changes.append(_change(device.id, self.org.id, run_id, now, kind, diff))
+        self.writes.submit(PreparedPage(run_id, now, inserts, updates, touches, changes, counts))
+        self.counts.update(counts)
 
     def _problem(self, exc: InvalidDeviceError) -> None:
         self.problems.append(exc)
@@ -271,6 +262,7 @@ class OrgPass:
                 self._mark_purged(run_id, device_id)
             else:
                 self._apply(run_id, [raw], None)  # it was hidden from the scan by shifting offsets
+        self.writes.drain()
         return True
 
     def _mark_purged(self, run_id: int, device_id: str) -> None:
@@ -284,6 +276,81 @@ class OrgPass:
             writer.bump_run(run_id, {"purged": 1, "requests": 1})
         self.counts.update(purged=1, requests=1)
         self.log.info("device purged", device_id=device_id)
+
+
+@dataclass
+class PreparedPage:
+    """Everything one page writes, decided; committed by :class:`PageWrites` in one transaction."""
+
+    run_id: int
+    now: datetime
+    inserts: list[Device]
+    updates: list[Device]
+    touches: list[str]
+    changes: list[dict[str, Any]]
+    counts: Counter[str]
+
+
+class PageWrites:
+    """Commits prepared pages in order on a thread of its own.
+
+    The database driver releases the GIL while the database works, so the next page is compared
+    and parsed while this one is written. Each page is still one transaction; an error stops the
+    writing and comes back from the next :meth:`submit`, :meth:`drain` or :meth:`close`.
+    """
+
+    def __init__(self, store: Store, depth: int = PREFETCH_PAGES) -> None:
+        self._store = store
+        self._queue: queue.Queue[PreparedPage | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, page: PreparedPage) -> None:
+        """Queue a page for writing (waits while ``depth`` pages are already waiting)."""
+        self._raise()
+        while True:
+            try:
+                self._queue.put(page, timeout=0.1)
+                return
+            except queue.Full:
+                self._raise()
+
+    def drain(self) -> None:
+        """Wait until every submitted page is committed."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Commit what was submitted, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            page = self._queue.get()
+            try:
+                if page is None:
+                    return
+                if self._error is None:
+                    self._write(page)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _write(self, page: PreparedPage) -> None:
+        with self._store.writer() as writer:
+            writer.insert_devices(page.inserts, page.now)
+            writer.update_devices(page.updates, page.now)
+            writer.add_changes(page.changes)
+            writer.touch(page.touches, page.now)
+            writer.bump_run(page.run_id, page.counts)
 
 
 def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:

@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.store import Store, migrate
 from syncd.store.migrate import head_revision
-from syncd.store.schema import metadata
+from syncd.store.schema import SCHEMA_REVISION, metadata
 
 
 def test_migrations_and_models_agree(database_url: str) -> None:
@@ -23,6 +23,10 @@ def test_migrations_and_models_agree(database_url: str) -> None:
     assert diff == []
     assert store.schema_revision() == head_revision()
     store.close()
+
+
+def test_the_schema_revision_constant_is_the_newest_migration() -> None:
+    assert head_revision() == SCHEMA_REVISION
 
 
 def test_downgrade_to_empty_and_back(database_url: str) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 
@@ -33,11 +32,6 @@ def alembic_config(connection: Connection | None = None) -> Config:
 def head_revision() -> str | None:
     """The newest migration this syncd ships."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-
-def current_revision(connection: Connection) -> str | None:
-    """The revision the database is at (None for an empty database)."""
-    return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:

@@ -32,6 +32,8 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 metadata = MetaData(naming_convention=NAMING)
+# The newest migration in migrations/versions (a test keeps the two in step).
+SCHEMA_REVISION = "0003"
 
 # JSON on SQLite, JSONB on PostgreSQL; Python None is SQL NULL, not the JSON literal null.
 JSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")

@@ -18,7 +18,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -28,9 +30,8 @@ from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device
-from syncd.store import migrate
 from syncd.store.locks import OrgLocks
-from syncd.store.schema import RUN_COUNTERS, UTCDateTime, device_changes, devices, sync_runs
+from syncd.store.schema import RUN_COUNTERS, SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
 
 
 def normalise_url(url: str) -> str:
@@ -113,17 +114,21 @@ class Store:
 
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to ``revision``."""
+        from syncd.store import migrate  # Alembic is only loaded when there is something to migrate
+
         with _translated("upgrading the schema"), self.engine.begin() as conn:
             migrate.upgrade(conn, revision)
 
     def schema_revision(self) -> str | None:
-        """The schema revision the database is at."""
+        """The schema revision the database is at (None for an empty database)."""
         with _translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
-            return migrate.current_revision(conn)
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
     def prepare(self, auto_upgrade: bool) -> None:
         """Make sure the schema is current: upgrade it, or refuse to run on an old one."""
-        head = migrate.head_revision()
+        head = SCHEMA_REVISION  # a constant, so that a current database never loads Alembic
         if self.schema_revision() == head:
             return
         if not auto_upgrade:
@@ -174,6 +179,14 @@ class Store:
         with _translated("writing devices"), self.engine.begin() as conn:
             yield PageWriter(conn)
 
+    @contextmanager
+    def reader(self) -> Iterator[PageReader]:
+        """A read-only transaction (on SQLite it does not wait for writers)."""
+        with _translated("reading devices"), self.engine.connect() as base:
+            conn = base.execution_options(syncd_read_only=True)
+            with conn.begin():
+                yield PageReader(conn)
+
     def count_live(self, org_id: str) -> int:
         """Mirrored devices of an org that are not purged."""
         with _translated("counting devices"), self.engine.connect() as conn:
@@ -184,6 +197,11 @@ class Store:
                     .where(devices.c.org_id == org_id, devices.c.state != "purged")
                 ).scalar_one()
             )
+
+    def has_devices(self, org_id: str) -> bool:
+        """Whether the mirror holds any row (purged ones included) of this org."""
+        with _translated("counting devices"), self.engine.connect() as conn:
+            return conn.execute(select(devices.c.id).where(devices.c.org_id == org_id).limit(1)).first() is not None
 
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
@@ -260,8 +278,8 @@ class Store:
             return [dict(row) for row in conn.execute(query).mappings()]
 
 
-class PageWriter:
-    """The statements one page of a pass needs, inside one open transaction.
+class PageReader:
+    """The reads one page of a pass needs, inside one open transaction.
 
     This is the hot path of a pass, so it speaks the driver's SQL directly: values are encoded
     once by :class:`_Codec` instead of through SQLAlchemy's per-value type processing.
@@ -270,10 +288,6 @@ class PageWriter:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._codec = _Codec.for_dialect(conn.dialect.name)
-
-    def execute(self, statement: Executable) -> None:
-        """Run one Core statement in this transaction."""
-        self._conn.execute(statement)
 
     def known(self, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
         """Fingerprint and state of those ids already mirrored; ``stale`` when last seen before ``seen_before``."""
@@ -295,6 +309,14 @@ class PageWriter:
             f"SELECT id, raw, state FROM devices WHERE id IN ({c.placeholders(len(ids))})", tuple(ids)
         ).fetchall()
         return {row[0]: (c.unjson(row[1]), row[2]) for row in rows}
+
+
+class PageWriter(PageReader):
+    """The statements that write one page, inside one open transaction."""
+
+    def execute(self, statement: Executable) -> None:
+        """Run one Core statement in this transaction."""
+        self._conn.execute(statement)
 
     def insert_devices(self, new: Sequence[Device], now: datetime) -> None:
         """Add devices seen for the first time."""
@@ -421,8 +443,10 @@ class _Codec:
     def time(self, value: datetime | None) -> Any:
         if value is None or not self.sqlite:
             return value
-        # SQLAlchemy's SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff" in UTC (isoformat is 3x faster than strftime).
-        return value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        # SQLAlchemy's SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff" (isoformat is 3x faster than strftime).
+        return value.isoformat(" ", "microseconds")[:26]
 
     @staticmethod
     def json(value: Any) -> str | None:
@@ -469,8 +493,10 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA cache_size=-32000")  # 32 MB of page cache for page-sized bulk writes
+        cursor.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not every 4 MB
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get("syncd_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
