@@ -467,3 +467,33 @@ def test_three_daemons_share_thirty_orgs_on_postgresql(tmp_path: Path, postgres_
         for (_, end, _), (start, _, _) in itertools.pairwise(windows):
             assert end <= start, f"{org}: overlapping passes"
     store.close()
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
+def test_report_role_reads_but_cannot_write(postgres_database: str, store: Store, sync: Any, org: str) -> None:
+    import psycopg
+
+    if store.dialect != "postgresql":
+        pytest.skip("the report role is a PostgreSQL feature")
+    sync(org)
+    reader = f"report_{os.getpid()}"
+    script = ROOT / "deploy" / "postgresql-report-role.sql"
+    try:
+        result = subprocess.run(
+            ["psql", postgres_database, "-v", "ON_ERROR_STOP=1", "-v", f"reader={reader}",
+             "-v", "password='s3cret-pw'", "-f", str(script)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        as_reader = postgres_database.replace("postgresql://postgres@", f"postgresql://{reader}:s3cret-pw@")
+        with psycopg.connect(as_reader) as conn:
+            assert conn.execute("SELECT count(*) FROM device_report").fetchone() == (450,)
+            assert conn.execute("SELECT count(*) FROM org_summary").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM devices")
+    finally:
+        with psycopg.connect(postgres_database, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'syncd_reports'").fetchone():
+                conn.execute("DROP OWNED BY syncd_reports CASCADE")
+            conn.execute(f'DROP ROLE IF EXISTS "{reader}"')
+            conn.execute("DROP ROLE IF EXISTS syncd_reports")

@@ -210,20 +210,14 @@ class Store:
 
         Rows are streamed, so only the ids not seen are held in memory.
         """
-        query = select(devices.c.id, devices.c.device_metadata if device_kind else devices.c.id).where(
-            devices.c.org_id == org_id, devices.c.state != "purged"
-        )
+        query = select(devices.c.id).where(devices.c.org_id == org_id, devices.c.state != "purged")
         if integration_id:
             query = query.where(devices.c.integration_id == integration_id)
-        missing = []
+        if device_kind:
+            query = query.where(devices.c.device_metadata["kind"].as_string() == device_kind)
         with _translated("listing devices"), self.engine.connect() as conn:
-            for device_id, extra in conn.execution_options(yield_per=5000).execute(query):
-                if device_id in seen:
-                    continue
-                if device_kind and not (isinstance(extra, dict) and extra.get("kind") == device_kind):
-                    continue
-                missing.append(device_id)
-        return missing
+            rows = conn.execution_options(yield_per=5000).execute(query).scalars()
+            return [device_id for device_id in rows if device_id not in seen]
 
     def state_counts(self, org_id: str | None = None) -> dict[str, dict[str, int]]:
         """``{org_id: {state: count}}`` over the whole mirror, or one org."""
@@ -294,10 +288,16 @@ class PageReader:
         if not ids:
             return {}
         c = self._codec
-        sql = (
-            f"SELECT id, fingerprint, state, last_seen_at < {c.p} FROM devices WHERE id IN ({c.placeholders(len(ids))})"
-        )
-        rows = self._conn.exec_driver_sql(sql, (c.time(seen_before), *ids)).fetchall()
+        where = f"FROM devices WHERE id IN ({c.placeholders(len(ids))})"
+        params = (c.time(seen_before), *ids)
+        if c.sqlite:
+            # One row of JSON instead of a row per device: the sqlite3 module gives the GIL away at
+            # every row it steps through, and getting it back behind busy threads is what costs.
+            sql = f"SELECT json_group_array(json_array(id, fingerprint, state, last_seen_at < ?)) {where}"
+            rows = orjson.loads(self._conn.exec_driver_sql(sql, params).scalar_one())
+        else:
+            sql = f"SELECT id, fingerprint, state, last_seen_at < %s {where}"
+            rows = self._conn.exec_driver_sql(sql, params).fetchall()
         return {row[0]: KnownDevice(row[1], row[2], bool(row[3])) for row in rows}
 
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
@@ -323,7 +323,7 @@ class PageWriter(PageReader):
         if new:
             c = self._codec
             stamp = c.time(now)
-            self._conn.exec_driver_sql(c.insert_device_sql, [(*c.device_values(d, stamp), stamp) for d in new])
+            c.insert(self._conn, c.insert_device_sql, [(*c.device_values(d, stamp), stamp) for d in new])
 
     def update_devices(self, changed: Sequence[Device], now: datetime) -> None:
         """Rewrite devices whose content changed (un-purging them if they had been purged)."""
@@ -364,7 +364,7 @@ class PageWriter(PageReader):
                 )
                 for r in rows
             ]
-            self._conn.exec_driver_sql(c.insert_change_sql, values)
+            c.insert(self._conn, c.insert_change_sql, values)
 
     def bump_run(self, run_id: int, counters: Mapping[str, int]) -> None:
         """Add to a run's counters (committed with the page they describe)."""
@@ -396,6 +396,7 @@ _DEVICE_COLUMNS = (
     "last_changed_at",
 )
 _JSON_COLUMNS = frozenset({"name", "device_metadata", "raw", "diff"})
+SQLITE_ROWS_PER_INSERT = 500  # 500 x 18 values stays far below SQLite's 32,766 bound parameters
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,18 @@ class _Codec:
             f"VALUES ({', '.join(slot(col) for col in change_columns)})"
         )
         return cls(sqlite, p, insert_device, update_device, insert_change)
+
+    def insert(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """INSERT many rows. On SQLite as multi-row VALUES statements, stepped once each, rather than
+        one step per row (each step gives the GIL away; see PageReader.known)."""
+        if not self.sqlite:
+            conn.exec_driver_sql(sql, rows)
+            return
+        head, _, row_slots = sql.partition(" VALUES ")
+        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+            chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
+            values = ", ".join([row_slots] * len(chunk))
+            conn.exec_driver_sql(f"{head} VALUES {values}", tuple(v for row in chunk for v in row))
 
     def placeholders(self, count: int) -> str:
         return ", ".join([self.p] * count)
