@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -480,9 +481,22 @@ def test_report_role_reads_but_cannot_write(postgres_database: str, store: Store
     script = ROOT / "deploy" / "postgresql-report-role.sql"
     try:
         result = subprocess.run(
-            ["psql", postgres_database, "-v", "ON_ERROR_STOP=1", "-v", f"reader={reader}",
-             "-v", "password='s3cret-pw'", "-f", str(script)],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                "psql",
+                postgres_database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                f"reader={reader}",
+                "-v",
+                "password='s3cret-pw'",
+                "-f",
+                str(script),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         as_reader = postgres_database.replace("postgresql://postgres@", f"postgresql://{reader}:s3cret-pw@")
