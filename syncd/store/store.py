@@ -187,17 +187,6 @@ class Store:
             with conn.begin():
                 yield PageReader(conn)
 
-    def count_live(self, org_id: str) -> int:
-        """Mirrored devices of an org that are not purged."""
-        with _translated("counting devices"), self.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(devices)
-                    .where(devices.c.org_id == org_id, devices.c.state != "purged")
-                ).scalar_one()
-            )
-
     def has_devices(self, org_id: str) -> bool:
         """Whether the mirror holds any row (purged ones included) of this org."""
         with _translated("counting devices"), self.engine.connect() as conn:
