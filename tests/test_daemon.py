@@ -471,12 +471,18 @@ def test_three_daemons_share_thirty_orgs_on_postgresql(tmp_path: Path, postgres_
 
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
-def test_report_role_reads_but_cannot_write(postgres_database: str, store: Store, sync: Any, org: str) -> None:
+def test_report_role_reads_but_cannot_write(postgres_database: str, client: Any, org: str) -> None:
     import psycopg
 
-    if store.dialect != "postgresql":
-        pytest.skip("the report role is a PostgreSQL feature")
-    sync(org)
+    from .conftest import Syncer
+
+    with psycopg.connect(postgres_database, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    store = Store(postgres_database)
+    store.upgrade()
+    Syncer(client, store)(org)
+    store.close()
     reader = f"report_{os.getpid()}"
     script = ROOT / "deploy" / "postgresql-report-role.sql"
     try:
