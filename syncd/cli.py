@@ -575,20 +575,7 @@ SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if c != "requests")
 
 def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
     """The end-of-command table: one row per org, then any errors."""
-    headers = (
-        "org",
-        "status",
-        "pages",
-        "devices",
-        "created",
-        "updated",
-        "unchanged",
-        "deleted",
-        "restored",
-        "purged",
-        "rejected",
-        "seconds",
-    )
+    headers = ("org", "status", *(c.replace("devices_seen", "devices") for c in SUMMARY_COLUMNS), "seconds")
     rows = [(o.org_id, o.status, *(str(o.counts[c]) for c in SUMMARY_COLUMNS), f"{o.seconds:.1f}") for o in outcomes]
     _table(headers, rows, out)
     for o in outcomes:
