@@ -202,8 +202,11 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     store = Store(config.database_url)
     try:
         store.prepare(config.auto_upgrade)
-        with OpenAppClient(config.api) as client:
-            outcomes = _run_passes(config, orgs, store, client, args.allow_mass_purge, args.wait)
+        with (
+            stop_on_signals("finishing the current page, then stopping") as stop,
+            OpenAppClient(config.api, stop=stop) as client,
+        ):
+            outcomes = _run_passes(config, orgs, store, client, stop, args.allow_mass_purge, args.wait)
     finally:
         store.close()
     print_summary(outcomes, sys.stdout)
@@ -458,16 +461,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store = Store(config.database_url)
         try:
             store.prepare(auto_upgrade=True)
-            with OpenAppClient(config.api) as client:
+            with (
+                stop_on_signals("finishing the current page, then stopping") as stop,
+                OpenAppClient(config.api, stop=stop) as client,
+            ):
                 print("Pass 1: full mirror")
-                outcomes = _run_passes(config, list(config.orgs), store, client)
+                outcomes = _run_passes(config, list(config.orgs), store, client, stop)
                 print_summary(outcomes, sys.stdout)
                 _demo_changes(world, org_ids[0])
                 print(
                     f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
                     "1 purged, 2 created.\nPass 2: only the changes are written"
                 )
-                outcomes += _run_passes(config, list(config.orgs), store, client)
+                outcomes += _run_passes(config, list(config.orgs), store, client, stop)
                 print_summary(outcomes[len(org_ids) :], sys.stdout)
             print("\nThe mirror now holds (devices by state):")
             print_state_counts(store.state_counts(), sys.stdout)
@@ -510,21 +516,21 @@ def _run_passes(
     orgs: list[OrgSettings],
     store: Store,
     client: OpenAppClient,
+    stop: threading.Event,
     allow_mass_purge: bool = False,
     lock_wait: float = 0.0,
 ) -> list[PassOutcome]:
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
-    with stop_on_signals("finishing the current page, then stopping") as stop:
-        return run_once(
-            config,
-            orgs,
-            store=store,
-            client=client,
-            allow_mass_purge=allow_mass_purge,
-            lock_wait=lock_wait,
-            stop=stop,
-            on_progress=progress.update if progress else None,
-        )
+    return run_once(
+        config,
+        orgs,
+        store=store,
+        client=client,
+        allow_mass_purge=allow_mass_purge,
+        lock_wait=lock_wait,
+        stop=stop,
+        on_progress=progress.update if progress else None,
+    )
 
 
 @contextmanager
