@@ -97,6 +97,15 @@ def test_notifier_speaks_the_sd_notify_protocol(systemd: FakeSystemd) -> None:
     assert systemd.drain() == ["READY=1\nSTATUS=3 orgs", "WATCHDOG=1", "STOPPING=1\nSTATUS=bye"]
 
 
+def test_a_notify_socket_nobody_reads_never_blocks(systemd: FakeSystemd) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(systemd.path)})
+    started = time.monotonic()
+    for _ in range(5000):  # far more than the socket buffers
+        notifier.status("x" * 200)
+    assert time.monotonic() - started < 5
+    notifier.close()
+
+
 def test_notifier_is_silent_without_systemd() -> None:
     notifier = Notifier({})
     assert not notifier.enabled and notifier.watchdog_interval is None
