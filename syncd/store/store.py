@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +99,11 @@ class Store:
         elif self.engine.dialect.name != "postgresql":
             raise ConfigError(f"database.url: unsupported database {self.engine.dialect.name!r}")
         self.locks = OrgLocks(self.engine, sqlite_path)
+        # SQLite has one writer at a time. Threads of this process queue here for their turn instead
+        # of in SQLite's busy handler, which sleeps up to 100 ms between tries.
+        self._write_turn: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if sqlite_path is not None else contextlib.nullcontext()
+        )
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -176,7 +183,7 @@ class Store:
     @contextmanager
     def writer(self) -> Iterator[PageWriter]:
         """One transaction for a page's writes: all of it commits, or none of it."""
-        with _translated("writing devices"), self.engine.begin() as conn:
+        with self._write_turn, _translated("writing devices"), self.engine.begin() as conn:
             yield PageWriter(conn)
 
     @contextmanager
