@@ -60,6 +60,11 @@ def encode(raw: dict[str, Any]) -> tuple[str, str]:
     return encoded.decode(), hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
 def fingerprint(raw: dict[str, Any]) -> str:
     """A stable digest of a payload's content, ignoring per-request cache annotations."""
     return encode(raw)[1]

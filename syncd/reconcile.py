@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -33,16 +33,20 @@ from syncd.errors import (
     TransientError,
 )
 from syncd.metrics import EDIT_RESULTS
-from syncd.models import Device, change_kind, describe_change, edit_applied, parse_device, remote_values, validate_edit
+from syncd.models import (
+    Device,
+    change_kind,
+    describe_change,
+    edit_applied,
+    parse_device,
+    remote_values,
+    utcnow,
+    validate_edit,
+)
 from syncd.store import Store
 from syncd.store.edits import EditQueue
 
 log = structlog.get_logger("syncd.reconcile")
-
-
-def utcnow() -> datetime:
-    """Aware UTC now."""
-    return datetime.now(UTC)
 
 
 def requester() -> str:

@@ -14,8 +14,9 @@ import structlog
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings
 from syncd.errors import ConfigError
+from syncd.models import utcnow
 from syncd.store import Store
-from syncd.sync import OrgPass, PassOutcome, ProgressCallback, utcnow
+from syncd.sync import OrgPass, PassOutcome, ProgressCallback
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
-from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device
+from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device, utcnow
 from syncd.store import Store
 
 log = structlog.get_logger(__name__)
@@ -32,11 +32,6 @@ log = structlog.get_logger(__name__)
 PREFETCH_PAGES = 2
 MAX_LOGGED_PROBLEMS = 10
 ProgressCallback = Callable[[str, int, int], None]
-
-
-def utcnow() -> datetime:
-    """Aware UTC now."""
-    return datetime.now(UTC)
 
 
 @dataclass

@@ -167,8 +167,8 @@ def test_a_killed_pass_is_followed_by_a_correct_one(tmp_path: Path, database_url
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                runs = _runs(store)
-                if runs and runs[-1]["pages"] >= 3:
+                so_far = runs(store)
+                if so_far and so_far[-1]["pages"] >= 3:
                     break
                 time.sleep(0.05)
             else:
@@ -176,7 +176,7 @@ def test_a_killed_pass_is_followed_by_a_correct_one(tmp_path: Path, database_url
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=30)
-        killed = _runs(store)[-1]
+        killed = runs(store)[-1]
         assert killed["status"] == "running" and 3 <= killed["pages"] < 10
         assert len(store.devices_of(org)) == killed["pages"] * 200  # whole pages only
         sim.clear_faults()
@@ -193,7 +193,7 @@ def test_a_killed_pass_is_followed_by_a_correct_one(tmp_path: Path, database_url
         store.close()
 
 
-def _runs(store: Store) -> list[dict[str, object]]:
+def runs(store: Store) -> list[dict[str, object]]:
     from sqlalchemy import select
 
     from syncd.store.schema import sync_runs
@@ -214,14 +214,14 @@ def test_sigterm_stops_run_once_cleanly(tmp_path: Path) -> None:
         store.upgrade()
         proc = run_cli("run-once", "--config", str(config), env={KEY_ENV: API_KEY})
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (_runs(store) and _runs(store)[-1]["pages"] >= 2):
+        while time.monotonic() < deadline and not (runs(store) and runs(store)[-1]["pages"] >= 2):
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 1  # the org did not finish
         assert "SIGTERM" in err
         assert re.search(rf"{org}\s+aborted", out)
-        run = _runs(store)[-1]
+        run = runs(store)[-1]
         assert run["status"] == "aborted" and run["finished_at"] is not None
         assert len(store.devices_of(org)) == run["pages"] * 200
         store.close()

@@ -31,7 +31,7 @@ from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
 
 from .conftest import API_KEY, FAST_RETRY, api_settings
-from .test_cli import KEY_ENV, run_cli, write_config
+from .test_cli import KEY_ENV, run_cli, runs, write_config
 from .test_sync import assert_mirror_matches
 
 ROOT = Path(__file__).parent.parent
@@ -45,15 +45,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
             return value
         time.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}")
-
-
-def runs(store: Store) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from syncd.store.schema import sync_runs
-
-    with store.engine.connect() as conn:
-        return [dict(r) for r in conn.execute(select(sync_runs).order_by(sync_runs.c.id)).mappings()]
 
 
 class FakeSystemd:

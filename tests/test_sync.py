@@ -10,10 +10,10 @@ import orjson
 
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
-from syncd.models import LIFECYCLE_FIELDS, normalise_name, parse_timestamp
+from syncd.models import LIFECYCLE_FIELDS, normalise_name, parse_timestamp, utcnow
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
-from syncd.sync import OrgPass, utcnow
+from syncd.sync import OrgPass
 
 from .conftest import API_KEY, Syncer, api_settings
 
