@@ -64,13 +64,10 @@ def _translated(action: str) -> Iterator[None]:
         raise StoreError(f"database error while {action}: {detail[:300]}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class KnownDevice:
-    """What a page comparison needs to know about an already mirrored device."""
-
-    fingerprint: str
-    state: str
-    stale: bool  # last seen longer ago than the caller's resolution
+# What a page comparison needs to know of an already mirrored device: ``(fingerprint, state,
+# stale)``, stale meaning last seen before the caller's resolution. A plain sequence, as the
+# driver hands it over: building an object per device costs more than the comparison it serves.
+KnownDevice = Sequence[Any]
 
 
 class Store:
@@ -199,6 +196,12 @@ class Store:
         with _translated("counting devices"), self.engine.connect() as conn:
             return conn.execute(select(devices.c.id).where(devices.c.org_id == org_id).limit(1)).first() is not None
 
+    def live_count(self, org_id: str) -> int:
+        """How many of the org's devices are not purged."""
+        query = select(func.count()).select_from(devices).where(devices.c.org_id == org_id, devices.c.state != "purged")
+        with _translated("counting devices"), self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
     ) -> list[str]:
@@ -280,21 +283,21 @@ class PageReader:
         self._codec = _Codec.for_dialect(conn.dialect.name)
 
     def known(self, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
-        """Fingerprint and state of those ids already mirrored; ``stale`` when last seen before ``seen_before``."""
+        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored; ``stale`` when last
+        seen before ``seen_before``."""
         if not ids:
             return {}
         c = self._codec
         where = f"FROM devices WHERE id IN ({c.placeholders(len(ids))})"
         params = (c.time(seen_before), *ids)
         if c.sqlite:
-            # One row of JSON instead of a row per device: the sqlite3 module gives the GIL away at
+            # One JSON object instead of a row per device: the sqlite3 module gives the GIL away at
             # every row it steps through, and getting it back behind busy threads is what costs.
-            sql = f"SELECT json_group_array(json_array(id, fingerprint, state, last_seen_at < ?)) {where}"
-            rows = orjson.loads(self._conn.exec_driver_sql(sql, params).scalar_one())
-        else:
-            sql = f"SELECT id, fingerprint, state, last_seen_at < %s {where}"
-            rows = self._conn.exec_driver_sql(sql, params).fetchall()
-        return {row[0]: KnownDevice(row[1], row[2], bool(row[3])) for row in rows}
+            sql = f"SELECT json_group_object(id, json_array(fingerprint, state, last_seen_at < ?)) {where}"
+            known: dict[str, KnownDevice] = orjson.loads(self._conn.exec_driver_sql(sql, params).scalar_one())
+            return known
+        sql = f"SELECT id, fingerprint, state, last_seen_at < %s {where}"
+        return {row[0]: row[1:] for row in self._conn.exec_driver_sql(sql, params)}
 
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""
@@ -501,7 +504,6 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA cache_size=-32000")  # 32 MB of page cache for page-sized bulk writes
         cursor.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not every 4 MB
         cursor.close()
 
