@@ -23,6 +23,14 @@ VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
 UNDETERMINED_LOCALE = "und"
 
 
+def _lifecycle(index: int, doc: str) -> property:
+    def get(device: Device) -> datetime | None:
+        text = device.lifecycle[index]
+        return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+    return property(get, doc=doc)
+
+
 @dataclass(slots=True)  # not frozen: frozen dataclasses are several times slower to build
 class Device:
     """One device as mirrored: normalised columns plus the payload as received."""
@@ -34,19 +42,23 @@ class Device:
     external_id: str | None
     name: dict[str, str]
     device_metadata: Any
-    created_at: datetime | None
-    updated_at: datetime | None
-    deleted_at: datetime | None
-    purge_at: datetime | None
-    hard_delete_at: datetime | None
+    # The LIFECYCLE_FIELDS as canonical UTC text (see utc_text): the form SQLite stores, kept as
+    # text because formatting a datetime costs more than the rest of a device's parsing.
+    lifecycle: tuple[str | None, ...]
     raw: dict[str, Any]
     raw_json: str  # ``raw`` serialised once, with sorted keys; what the mirror stores
     fingerprint: str
 
+    created_at = _lifecycle(0, "OpenApp's created_at, aware UTC.")
+    updated_at = _lifecycle(1, "OpenApp's updated_at, aware UTC.")
+    deleted_at = _lifecycle(2, "When OpenApp soft-deleted the device (None when it is not deleted).")
+    purge_at = _lifecycle(3, "When OpenApp plans to purge the soft-deleted device.")
+    hard_delete_at = _lifecycle(4, "When OpenApp plans to delete the device for good.")
+
     @property
     def state(self) -> DeviceState:
         """``deleted`` when OpenApp reports a soft delete, else ``active``."""
-        return "deleted" if self.deleted_at is not None else "active"
+        return "deleted" if self.lifecycle[2] is not None else "active"
 
 
 def encode(raw: dict[str, Any]) -> tuple[str, str]:
@@ -84,41 +96,41 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
 
 
 def parse_device(raw: object, position: int | None = None, encoded: tuple[str, str] | None = None) -> Device:
-    """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable."""
+    """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable.
+
+    ``encoded``: :func:`encode` of ``raw`` when the caller already has it.
+    """
     device_id, org_id = identify(raw, position)
     assert isinstance(raw, dict)
-
-    def fail(reason: str) -> InvalidDeviceError:
-        return InvalidDeviceError(f"device {device_id}: {reason}", position=position)
-
     storage = raw.get("metadata")
-    storage = storage if isinstance(storage, dict) else {}
-    stamps: dict[str, datetime | None] = {}
+    if not isinstance(storage, dict):
+        storage = {}
+    lifecycle = []
     for field in LIFECYCLE_FIELDS:
         value = raw.get(field)
         if value is None:
             value = storage.get(field)
         try:
-            stamps[field] = parse_timestamp(value)
+            lifecycle.append(utc_text(value))
         except ValueError as exc:
-            raise fail(f"'{field}' {exc}") from None
-    raw_json, digest = encoded or encode(raw)
+            raise InvalidDeviceError(f"device {device_id}: '{field}' {exc}", position=position) from None
     try:
         name = normalise_name(raw.get("name"))
     except ValueError as exc:
-        raise fail(f"'name' {exc}") from None
+        raise InvalidDeviceError(f"device {device_id}: 'name' {exc}", position=position) from None
+    raw_json, digest = encoded or encode(raw)
     return Device(
-        id=device_id,
-        org_id=org_id,
-        integration_id=_optional_str(raw.get("integration_id")),
-        zone_id=_optional_str(raw.get("zone_id")),
-        external_id=_optional_str(raw.get("external_id")),
-        name=name,
-        device_metadata=raw.get("device_metadata"),
-        raw=raw,
-        raw_json=raw_json,
-        fingerprint=digest,
-        **stamps,
+        device_id,
+        org_id,
+        _optional_str(raw.get("integration_id")),
+        _optional_str(raw.get("zone_id")),
+        _optional_str(raw.get("external_id")),
+        name,
+        raw.get("device_metadata"),
+        tuple(lifecycle),
+        raw,
+        raw_json,
+        digest,
     )
 
 
@@ -132,7 +144,10 @@ def normalise_name(value: object) -> dict[str, str]:
         inner = value.get("value")
         if isinstance(inner, dict) and len(value) == 1:
             value = inner
-        if all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        for locale, text in value.items():
+            if not (isinstance(locale, str) and isinstance(text, str)):
+                break
+        else:
             return dict(value)
     raise ValueError(f"is not a localized string: {_preview(value)}")
 
@@ -150,6 +165,17 @@ def parse_timestamp(value: object) -> datetime | None:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+def utc_text(value: object) -> str | None:
+    """An RFC 3339 timestamp as canonical UTC text, ``YYYY-MM-DD HH:MM:SS.ffffff`` (naive input is
+    taken as UTC). This is how SQLite stores timestamps, and it sorts in time order."""
+    moment = parse_timestamp(value)  # validates every input, the common case below included
+    if moment is None:
+        return None
+    if isinstance(value, str) and len(value) == 27 and value[26] == "Z" and value[10] == "T" and value[19] == ".":
+        return f"{value[:10]} {value[11:26]}"  # UTC with microseconds already (OpenApp's own form)
+    return moment.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _optional_str(value: object) -> str | None:

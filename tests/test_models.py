@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 import pytest
 
 from syncd.errors import InvalidDeviceError
-from syncd.models import fingerprint, identify, normalise_name, parse_device, parse_timestamp
+from syncd.models import fingerprint, identify, normalise_name, parse_device, parse_timestamp, utc_text
 
 BASE = {"id": "01HDEV", "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
 
@@ -42,6 +42,32 @@ def test_names_in_every_shape_normalise_to_a_locale_map(raw: object, expected: d
 )
 def test_timestamps_become_aware_utc(text: str | None, expected: datetime | None) -> None:
     assert parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T10:00:00.123456Z", "2024-05-01 10:00:00.123456"),
+        ("2024-05-01T10:00:00Z", "2024-05-01 10:00:00.000000"),
+        ("2024-05-01T10:00:00.5Z", "2024-05-01 10:00:00.500000"),
+        ("2024-05-01T12:00:00.123456+02:00", "2024-05-01 10:00:00.123456"),
+        ("2024-05-01T00:30:00-01:00", "2024-05-01 01:30:00.000000"),
+        ("2024-05-01T10:00:00", "2024-05-01 10:00:00.000000"),
+        ("2024-05-01 10:00:00.123456", "2024-05-01 10:00:00.123456"),
+        (None, None),
+        ("", None),
+    ],
+)
+def test_timestamps_become_canonical_utc_text(text: str | None, expected: str | None) -> None:
+    assert utc_text(text) == expected
+    if expected is not None:
+        assert parse_timestamp(text) == datetime.fromisoformat(expected).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2024-13-01T00:00:00.000000Z", "2024-05-01T10:00:00.123456X", 5])
+def test_a_bad_timestamp_is_refused(text: object) -> None:
+    with pytest.raises(ValueError, match="is not a timestamp"):
+        utc_text(text)
 
 
 def test_lifecycle_timestamps_fall_back_to_the_metadata_map() -> None:

@@ -322,14 +322,19 @@ class PageWriter(PageReader):
         if new:
             c = self._codec
             stamp = c.time(now)
-            c.insert(self._conn, c.insert_device_sql, [(*c.device_values(d, stamp), stamp) for d in new])
+            if c.sqlite:  # the write time is bound once per statement (as ?1), not three times a row
+                c.insert(self._conn, c.insert_device_sql, [c.device_values(d) for d in new], lead=(stamp,))
+            else:
+                c.insert(self._conn, c.insert_device_sql, [(stamp, stamp, stamp, *c.device_values(d)) for d in new])
 
     def update_devices(self, changed: Sequence[Device], now: datetime) -> None:
         """Rewrite devices whose content changed (un-purging them if they had been purged)."""
         if changed:
             c = self._codec
             stamp = c.time(now)
-            self._conn.exec_driver_sql(c.update_device_sql, [(*c.device_values(d, stamp)[1:], d.id) for d in changed])
+            self._conn.exec_driver_sql(
+                c.update_device_sql, [(stamp, stamp, *c.device_values(d)[1:], d.id) for d in changed]
+            )
 
     def touch(self, ids: Collection[str], seen_at: datetime) -> None:
         """Move ``last_seen_at`` forward for unchanged devices."""
@@ -374,8 +379,8 @@ class PageWriter(PageReader):
             self._conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {p}", (*(n for _, n in bumps), run_id))
 
 
-# Column order of the bulk device statements; the values come from _Codec.device_values.
-_DEVICE_COLUMNS = (
+# What a device's content fills, in the order of _Codec.device_values.
+_CONTENT_COLUMNS = (
     "id",
     "org_id",
     "integration_id",
@@ -391,11 +396,9 @@ _DEVICE_COLUMNS = (
     "state",
     "fingerprint",
     "raw",
-    "last_seen_at",
-    "last_changed_at",
 )
 _JSON_COLUMNS = frozenset({"name", "device_metadata", "raw", "diff"})
-SQLITE_ROWS_PER_INSERT = 500  # 500 x 18 values stays far below SQLite's 32,766 bound parameters
+SQLITE_ROWS_PER_INSERT = 500  # 500 x 15 values stays far below SQLite's 32,766 bound parameters
 
 
 @dataclass(frozen=True)
@@ -421,14 +424,15 @@ class _Codec:
         def slot(column: str) -> str:
             return f"{p}::jsonb" if column in _JSON_COLUMNS and not sqlite else p
 
-        insert_columns = (*_DEVICE_COLUMNS, "first_seen_at")
+        # The write time fills the first three columns of an insert: ?1 each on SQLite (bound once).
+        stamps = "?1, ?1, ?1" if sqlite else f"{p}, {p}, {p}"
         insert_device = (
-            f"INSERT INTO devices ({', '.join(insert_columns)}) "
-            f"VALUES ({', '.join(slot(col) for col in insert_columns)})"
+            f"INSERT INTO devices (first_seen_at, last_seen_at, last_changed_at, {', '.join(_CONTENT_COLUMNS)}) "
+            f"VALUES ({stamps}, {', '.join(slot(col) for col in _CONTENT_COLUMNS)})"
         )
         update_device = (
-            f"UPDATE devices SET purged_at = NULL, "
-            f"{', '.join(f'{col} = {slot(col)}' for col in _DEVICE_COLUMNS[1:])} WHERE id = {p}"
+            f"UPDATE devices SET purged_at = NULL, last_seen_at = {p}, last_changed_at = {p}, "
+            f"{', '.join(f'{col} = {slot(col)}' for col in _CONTENT_COLUMNS[1:])} WHERE id = {p}"
         )
         change_columns = ("device_id", "org_id", "run_id", "observed_at", "change", "diff", "source", "edit_id")
         insert_change = (
@@ -437,9 +441,10 @@ class _Codec:
         )
         return cls(sqlite, p, insert_device, update_device, insert_change)
 
-    def insert(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def insert(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]], lead: tuple[Any, ...] = ()) -> None:
         """INSERT many rows. On SQLite as multi-row VALUES statements, stepped once each, rather than
-        one step per row (each step gives the GIL away; see PageReader.known)."""
+        one step per row (each step gives the GIL away; see PageReader.known); ``lead`` are values
+        every row refers to by number (?1, ?2, ...), bound once per statement."""
         if not self.sqlite:
             conn.exec_driver_sql(sql, rows)
             return
@@ -447,7 +452,7 @@ class _Codec:
         for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
             chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
             values = ", ".join([row_slots] * len(chunk))
-            conn.exec_driver_sql(f"{head} VALUES {values}", tuple(v for row in chunk for v in row))
+            conn.exec_driver_sql(f"{head} VALUES {values}", (*lead, *(v for row in chunk for v in row)))
 
     def placeholders(self, count: int) -> str:
         return ", ".join([self.p] * count)
@@ -468,27 +473,22 @@ class _Codec:
     def unjson(value: Any) -> Any:
         return orjson.loads(value) if isinstance(value, str | bytes) else value
 
-    def device_values(self, d: Device, stamp: Any) -> tuple[Any, ...]:
-        """Values in _DEVICE_COLUMNS order; ``stamp`` is the encoded time of this write."""
-        t, j = self.time, self.json
+    def device_values(self, d: Device) -> tuple[Any, ...]:
+        """A device's content in _CONTENT_COLUMNS order."""
+        # PostgreSQL: the same UTC text, marked as UTC for timestamptz.
+        lifecycle = d.lifecycle if self.sqlite else tuple(None if t is None else t + "+00:00" for t in d.lifecycle)
         return (
             d.id,
             d.org_id,
             d.integration_id,
             d.zone_id,
             d.external_id,
-            j(d.name),
-            j(d.device_metadata),
-            t(d.created_at),
-            t(d.updated_at),
-            t(d.deleted_at),
-            t(d.purge_at),
-            t(d.hard_delete_at),
+            self.json(d.name),
+            self.json(d.device_metadata),
+            *lifecycle,
             d.state,
             d.fingerprint,
             d.raw_json,
-            stamp,
-            stamp,
         )
 
 
