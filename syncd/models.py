@@ -7,12 +7,12 @@ inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+from xxhash import xxh3_128_hexdigest
 
 from syncd.errors import InvalidDeviceError
 
@@ -46,7 +46,7 @@ class Device:
     # text because formatting a datetime costs more than the rest of a device's parsing.
     lifecycle: tuple[str | None, ...]
     raw: dict[str, Any]
-    raw_json: str  # ``raw`` serialised once, with sorted keys; what the mirror stores
+    raw_json: str  # ``raw`` serialised once; what the mirror stores
     fingerprint: str
 
     created_at = _lifecycle(0, "OpenApp's created_at, aware UTC.")
@@ -62,24 +62,20 @@ class Device:
 
 
 def encode(raw: dict[str, Any]) -> tuple[str, str]:
-    """``(json, fingerprint)`` of a payload: its canonical JSON (sorted keys) and a digest of its
-    content that ignores per-request cache annotations. One serialisation serves both when it can."""
-    encoded = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    """``(json, fingerprint)`` of a payload: its JSON, keys in the order received, and a 128-bit
+    digest of that JSON without per-request cache annotations. One serialisation serves both when
+    it can. The same content in another key order digests differently; a pass that meets such a
+    device compares contents and renews the stored payload without recording a change."""
+    encoded = orjson.dumps(raw)
     content = encoded
-    if any(key in raw for key in VOLATILE_FIELDS):
-        stable = {k: v for k, v in raw.items() if k not in VOLATILE_FIELDS}
-        content = orjson.dumps(stable, option=orjson.OPT_SORT_KEYS)
-    return encoded.decode(), hashlib.blake2b(content, digest_size=16).hexdigest()
+    if "cache_hit" in raw or "cache_ttl" in raw:  # VOLATILE_FIELDS, spelled out: this runs per device
+        content = orjson.dumps({k: v for k, v in raw.items() if k not in VOLATILE_FIELDS})
+    return encoded.decode(), xxh3_128_hexdigest(content)
 
 
 def utcnow() -> datetime:
     """Aware UTC now."""
     return datetime.now(UTC)
-
-
-def fingerprint(raw: dict[str, Any]) -> str:
-    """A stable digest of a payload's content, ignoring per-request cache annotations."""
-    return encode(raw)[1]
 
 
 def identify(item: object, position: int | None = None) -> tuple[str, str]:

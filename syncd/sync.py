@@ -214,13 +214,23 @@ class OrgPass:
             previous = reader.previous([d.id for d in updates])
         changes = [] if self.baseline else [_change(d.id, self.org.id, run_id, now, "created", None) for d in inserts]
         counts["created"] += len(inserts)
+        changed: list[Device] = []
+        refreshes: list[Device] = []
         for device in updates:
             old_raw, old_state = previous[device.id]
+            diff = describe_change(old_raw, device.raw, old_state, device.state)
+            if not diff:
+                # The same content serialised differently (another key order, say): only the
+                # stored payload and fingerprint are renewed; nothing changed.
+                refreshes.append(device)
+                if device.id in first_time:
+                    counts["unchanged"] += 1
+                continue
             kind = change_kind(old_state, device.state)
             counts[kind] += 1
-            diff = describe_change(old_raw, device.raw, old_state, device.state)
+            changed.append(device)
             changes.append(_change(device.id, self.org.id, run_id, now, kind, diff))
-        self.writes.submit(PreparedPage(run_id, now, inserts, updates, touches, changes, counts))
+        self.writes.submit(PreparedPage(run_id, now, inserts, changed, refreshes, touches, changes, counts))
         self.counts.update(counts)
 
     def _problem(self, exc: InvalidDeviceError) -> None:
@@ -289,6 +299,7 @@ class PreparedPage:
     now: datetime
     inserts: list[Device]
     updates: list[Device]
+    refreshes: list[Device]  # same content, new serialisation: payload and fingerprint only
     touches: list[str]
     changes: list[dict[str, Any]]
     counts: Counter[str]
@@ -363,13 +374,14 @@ class PageWrites:
         if page is not FLUSH:
             self._held.update(page.counts)
             self._held_run = page.run_id
-        writes_devices = page.inserts or page.updates or page.touches or page.changes
+        writes_devices = page.inserts or page.updates or page.refreshes or page.touches or page.changes
         due = time.monotonic() - self._counted_at >= self._progress_interval
         if self._held_run is None or not (writes_devices or due or page is FLUSH):
             return
         with self._store.writer() as writer:
             writer.insert_devices(page.inserts, page.now)
             writer.update_devices(page.updates, page.now)
+            writer.refresh_devices(page.refreshes, page.now)
             writer.add_changes(page.changes)
             writer.touch(page.touches, page.now)
             writer.bump_run(self._held_run, self._held)
@@ -379,7 +391,7 @@ class PageWrites:
 
 
 # Asks the writer to commit held-back counters (see PageWrites).
-FLUSH = PreparedPage(0, datetime.min, [], [], [], [], Counter())
+FLUSH = PreparedPage(0, datetime.min, [], [], [], [], [], Counter())
 
 
 def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:

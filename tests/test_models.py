@@ -1,9 +1,10 @@
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from syncd.errors import InvalidDeviceError
-from syncd.models import fingerprint, identify, normalise_name, parse_device, parse_timestamp, utc_text
+from syncd.models import encode, identify, normalise_name, parse_device, parse_timestamp, utc_text
 
 BASE = {"id": "01HDEV", "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
 
@@ -112,8 +113,14 @@ def test_identify_returns_id_and_org() -> None:
     assert identify(BASE) == ("01HDEV", "01HORG")
 
 
-def test_fingerprint_ignores_cache_annotations_and_key_order() -> None:
-    a = {**BASE, "cache_hit": True, "cache_ttl": 30}
-    b = dict(reversed(list({**BASE, "cache_hit": False}.items())))
-    assert fingerprint(a) == fingerprint(b)
+def test_fingerprint_ignores_cache_annotations_and_keeps_the_payload_as_received() -> None:
+    def fingerprint(raw: dict[str, object]) -> str:
+        return encode(raw)[1]
+
+    assert fingerprint({**BASE, "cache_hit": True, "cache_ttl": 30}) == fingerprint({**BASE, "cache_hit": False})
+    assert fingerprint(BASE) == fingerprint(dict(BASE))
     assert fingerprint(BASE) != fingerprint({**BASE, "name": {"en": "Gate"}})
+    assert len(fingerprint(BASE)) == 32  # fits devices.fingerprint
+    reordered = dict(reversed(list({**BASE, "cache_ttl": 5}.items())))
+    assert orjson.loads(encode(reordered)[0]) == reordered  # cache fields included: the payload as received
+    assert list(orjson.loads(encode(reordered)[0])) == list(reordered)

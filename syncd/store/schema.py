@@ -36,7 +36,6 @@ metadata = MetaData(naming_convention=NAMING)
 SCHEMA_REVISION = "0003"
 
 
-
 class JSONDoc(TypeDecorator[Any]):
     """JSON on SQLite, JSONB on PostgreSQL; Python None is SQL NULL, not the JSON literal null.
 

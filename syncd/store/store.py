@@ -336,6 +336,15 @@ class PageWriter(PageReader):
                 c.update_device_sql, [(stamp, stamp, *c.device_values(d)[1:], d.id) for d in changed]
             )
 
+    def refresh_devices(self, devices: Sequence[Device], now: datetime) -> None:
+        """Store a new serialisation of unchanged content: the payload and its fingerprint."""
+        if devices:
+            c = self._codec
+            stamp = c.time(now)
+            self._conn.exec_driver_sql(
+                c.refresh_device_sql, [(d.raw_json, d.fingerprint, stamp, d.id) for d in devices]
+            )
+
     def touch(self, ids: Collection[str], seen_at: datetime) -> None:
         """Move ``last_seen_at`` forward for unchanged devices."""
         if ids:
@@ -413,6 +422,7 @@ class _Codec:
     p: str
     insert_device_sql: str
     update_device_sql: str
+    refresh_device_sql: str
     insert_change_sql: str
 
     @classmethod
@@ -434,12 +444,13 @@ class _Codec:
             f"UPDATE devices SET purged_at = NULL, last_seen_at = {p}, last_changed_at = {p}, "
             f"{', '.join(f'{col} = {slot(col)}' for col in _CONTENT_COLUMNS[1:])} WHERE id = {p}"
         )
+        refresh_device = f"UPDATE devices SET raw = {slot('raw')}, fingerprint = {p}, last_seen_at = {p} WHERE id = {p}"
         change_columns = ("device_id", "org_id", "run_id", "observed_at", "change", "diff", "source", "edit_id")
         insert_change = (
             f"INSERT INTO device_changes ({', '.join(change_columns)}) "
             f"VALUES ({', '.join(slot(col) for col in change_columns)})"
         )
-        return cls(sqlite, p, insert_device, update_device, insert_change)
+        return cls(sqlite, p, insert_device, update_device, refresh_device, insert_change)
 
     def insert(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]], lead: tuple[Any, ...] = ()) -> None:
         """INSERT many rows. On SQLite as multi-row VALUES statements, stepped once each, rather than
