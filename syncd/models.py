@@ -107,7 +107,7 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[str, s
         if value is None:
             value = storage.get(field)
         try:
-            lifecycle.append(utc_text(value))
+            lifecycle.append(None if value is None else utc_text(value))
         except ValueError as exc:
             raise InvalidDeviceError(f"device {device_id}: '{field}' {exc}", position=position) from None
     try:
@@ -166,12 +166,16 @@ def parse_timestamp(value: object) -> datetime | None:
 def utc_text(value: object) -> str | None:
     """An RFC 3339 timestamp as canonical UTC text, ``YYYY-MM-DD HH:MM:SS.ffffff`` (naive input is
     taken as UTC). This is how SQLite stores timestamps, and it sorts in time order."""
-    moment = parse_timestamp(value)  # validates every input, the common case below included
-    if moment is None:
-        return None
-    if isinstance(value, str) and len(value) == 27 and value[26] == "Z" and value[10] == "T" and value[19] == ".":
-        return f"{value[:10]} {value[11:26]}"  # UTC with microseconds already (OpenApp's own form)
-    return moment.replace(tzinfo=None).isoformat(" ", "microseconds")
+    # "YYYY-MM-DDTHH:MM:SS.ffffffZ", UTC with microseconds already (OpenApp's own form): check it,
+    # then only swap the separator. (Cheaper than a regular expression; this runs twice a device.)
+    if isinstance(value, str) and len(value) == 27 and value[26] == "Z" and value[4:20:3] == "--T::.":
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"is not a timestamp: {_preview(value)}") from None
+        return value.replace("T", " ", 1)[:26]
+    moment = parse_timestamp(value)
+    return None if moment is None else moment.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _optional_str(value: object) -> str | None:
