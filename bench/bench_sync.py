@@ -5,13 +5,15 @@ For each database (SQLite, and PostgreSQL when --postgres-url or $SYNCD_BENCH_PO
 and each shape (1 org x 100,000 devices; 10 orgs x 10,000), it reports the first full sync and a
 no-change re-sync of `syncd run-once`: wall time, devices/s, HTTP requests, peak RSS of the syncd
 process, and the simulator's own serving rate for the same pages (fetched raw, without syncd).
-"seconds" and "devices/s" are the whole `syncd run-once` process, start-up (about 0.6 s of imports)
-included; "in-pass" is from the first pass start to the last pass end recorded in sync_runs.
+"seconds" and "devices/s" are the whole `syncd run-once` process, start-up (about 0.4 s of imports)
+included; "in-pass" is from the first pass start to the last pass end recorded in sync_runs. Each
+sync figure is the median of --repeat runs (each on a fresh database); peak RSS is the highest.
 With --scaling it also syncs 1 x 300,000 on SQLite to show how peak RSS grows with the device count.
 Then it pushes 1,000 queued edits through the write-back reconciler (in this process), without and
 with 10% of requests answered 429 (Retry-After: 1): edits pushed per second and requests per edit.
 
     .venv/bin/python bench/bench_sync.py [--postgres-url postgresql://postgres@127.0.0.1/test] [--scaling]
+        [--repeat N] [--quick]
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -166,40 +169,61 @@ def drop_database(url: str, pg_url: str | None) -> None:
     if url.startswith("postgresql") and pg_url:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    elif url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(f"{path}.locks", ignore_errors=True)
 
 
-def scenario(kind: str, orgs: int, devices: int, workdir: Path, pg_url: str | None) -> dict[str, object]:
+def typical(measures: list[Measure]) -> Measure:
+    """The run with the median wall time, with the highest peak RSS of all runs."""
+    middle = sorted(measures, key=lambda m: m.seconds)[len(measures) // 2]
+    return replace(middle, rss_mb=max(m.rss_mb for m in measures))
+
+
+def scenario(
+    kind: str, orgs: int, devices: int, workdir: Path, pg_url: str | None, repeat: int = 1
+) -> dict[str, object]:
+    """First sync and re-sync of a fresh database, ``repeat`` times; the median run of each."""
     sim, url = start_simulator(orgs, devices)
-    db = fresh_database(kind, workdir, pg_url)
+    runs: dict[str, list[Measure]] = {"first": [], "resync": []}
     try:
-        config = workdir / "bench.toml"
-        config.write_text(
-            f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
-            '[sync]\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
-            + "".join(f'[[orgs]]\nid = "{o}"\n' for o in org_ids(orgs))
-        )
-        subprocess.run(
-            [sys.executable, "-m", "syncd", "db", "upgrade", "--config", str(config)],
-            env={**os.environ, "SYNCD_API_KEY": KEY},
-            check=True,
-            capture_output=True,
-        )
-        results = {}
-        for label in ("first", "resync"):
-            seconds, rss, output = run_once(config)
-            seen, requests, written = totals(output)
-            results[label] = Measure(seconds, seen, requests, pass_time(db), rss, written)
+        for _ in range(repeat):
+            db = fresh_database(kind, workdir, pg_url)
+            try:
+                config = workdir / "bench.toml"
+                config.write_text(
+                    f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
+                    '[sync]\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
+                    + "".join(f'[[orgs]]\nid = "{o}"\n' for o in org_ids(orgs))
+                )
+                subprocess.run(
+                    [sys.executable, "-m", "syncd", "db", "upgrade", "--config", str(config)],
+                    env={**os.environ, "SYNCD_API_KEY": KEY},
+                    check=True,
+                    capture_output=True,
+                )
+                for label in ("first", "resync"):
+                    seconds, rss, output = run_once(config)
+                    seen, requests, written = totals(output)
+                    runs[label].append(Measure(seconds, seen, requests, pass_time(db), rss, written))
+            finally:
+                drop_database(db, pg_url)
         served = serve_rate(url, orgs)
     finally:
         sim.terminate()
         sim.wait(timeout=30)
-        drop_database(db, pg_url)
-    return {"db": kind, "shape": f"{orgs} x {devices:,}", "served": served, **results}
+    return {
+        "db": kind,
+        "shape": f"{orgs} x {devices:,}",
+        "served": served,
+        **{label: typical(measures) for label, measures in runs.items()},
+    }
 
 
 def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, float]:
     """Queue ``count`` renames and time the reconciler until every one succeeded."""
-    from dataclasses import replace
 
     from prometheus_client import REGISTRY
 
@@ -270,10 +294,14 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also 1 x 300,000 on SQLite (peak RSS growth)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, to try the script")
     parser.add_argument("--only-edits", action="store_true", help="run only the write-back part")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per sync figure; the median run is reported (default 3)"
+    )
     args = parser.parse_args()
     from syncd import logs
 
     logs.configure("json", "warning")  # the write-back part runs in this process
+    print(f"Python {sys.version.split()[0]} ({sys.executable}), {os.cpu_count()} CPUs, --repeat {args.repeat}")
     scale = 10 if args.quick else 1
     shapes = [(1, 100_000 // scale), (10, 10_000 // scale)]
     kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
@@ -291,10 +319,10 @@ def main() -> None:
             return
         for kind in kinds:
             for orgs, devices in shapes:
-                rows.append(scenario(kind, orgs, devices, Path(tmp), args.postgres_url))
+                rows.append(scenario(kind, orgs, devices, Path(tmp), args.postgres_url, args.repeat))
                 print_row(rows[-1], flush=True)
         if args.scaling:
-            rows.append(scenario("sqlite", 1, 300_000 // scale, Path(tmp), None))
+            rows.append(scenario("sqlite", 1, 300_000 // scale, Path(tmp), None, args.repeat))
             print_row(rows[-1], flush=True)
     print()
     summarise(rows)

@@ -61,7 +61,7 @@ class Device:
         return "deleted" if self.lifecycle[2] is not None else "active"
 
 
-def encode(raw: dict[str, Any]) -> tuple[str, str]:
+def encode(raw: dict[str, Any]) -> tuple[bytes, str]:
     """``(json, fingerprint)`` of a payload: its JSON, keys in the order received, and a 128-bit
     digest of that JSON without per-request cache annotations. One serialisation serves both when
     it can. The same content in another key order digests differently; a pass that meets such a
@@ -70,7 +70,7 @@ def encode(raw: dict[str, Any]) -> tuple[str, str]:
     content = encoded
     if "cache_hit" in raw or "cache_ttl" in raw:  # VOLATILE_FIELDS, spelled out: this runs per device
         content = orjson.dumps({k: v for k, v in raw.items() if k not in VOLATILE_FIELDS})
-    return encoded.decode(), xxh3_128_hexdigest(content)
+    return encoded, xxh3_128_hexdigest(content)
 
 
 def utcnow() -> datetime:
@@ -91,7 +91,7 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
     return device_id, org_id
 
 
-def parse_device(raw: object, position: int | None = None, encoded: tuple[str, str] | None = None) -> Device:
+def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes, str] | None = None) -> Device:
     """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable.
 
     ``encoded``: :func:`encode` of ``raw`` when the caller already has it.
@@ -114,7 +114,7 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[str, s
         name = normalise_name(raw.get("name"))
     except ValueError as exc:
         raise InvalidDeviceError(f"device {device_id}: 'name' {exc}", position=position) from None
-    raw_json, digest = encoded or encode(raw)
+    payload, digest = encoded or encode(raw)
     return Device(
         device_id,
         org_id,
@@ -125,7 +125,7 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[str, s
         raw.get("device_metadata"),
         tuple(lifecycle),
         raw,
-        raw_json,
+        payload.decode(),
         digest,
     )
 
