@@ -23,7 +23,7 @@ import structlog
 
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
-from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
+from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, StoreError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device, utcnow
 from syncd.store import Store
@@ -57,7 +57,7 @@ class PassOutcome:
 class OrgPass:
     """Mirror one org once. Create one per pass; call :meth:`run`."""
 
-    writes: PageWrites  # the pass's writer thread, while :meth:`run` runs
+    writes: PageWrites  # the pass's side of the write queue, while :meth:`run` runs
     baseline: bool  # the org had no mirrored devices when the pass started
 
     def __init__(
@@ -72,7 +72,9 @@ class OrgPass:
         allow_mass_purge: bool = False,
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
+        write_queue: WriteQueue | None = None,
     ) -> None:
+        """``write_queue``: the writer shared with other passes (default: one of its own)."""
         self.client = client
         self.store = store
         self.org = org
@@ -82,6 +84,7 @@ class OrgPass:
         self.allow_mass_purge = allow_mass_purge
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
+        self.write_queue = write_queue
         self.counts: Counter[str] = Counter()
         self.seen: set[str] = set()
         self.problems: list[InvalidDeviceError] = []
@@ -98,7 +101,8 @@ class OrgPass:
         self.log.debug("pass started")
         status, error = "succeeded", None
         exception: SyncdError | None = None
-        self.writes = PageWrites(self.store)
+        write_queue = self.write_queue or WriteQueue(self.store)
+        self.writes = write_queue.open()
         # An org's first pass loads a baseline: its devices were not created now, so no 'created'
         # history rows (first_seen_at and OpenApp's created_at tell when they appeared).
         self.baseline = not self.store.has_devices(self.org.id)
@@ -127,6 +131,9 @@ class OrgPass:
             except SyncdError as exc:
                 if status != "failed":
                     status, error, exception = "failed", str(exc), exc
+            finally:
+                if write_queue is not self.write_queue:
+                    write_queue.close()
         finished = utcnow()
         self.store.finish_run(run_id, status, finished, error)
         outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
@@ -293,7 +300,7 @@ class OrgPass:
 
 @dataclass
 class PreparedPage:
-    """Everything one page writes, decided; committed by :class:`PageWrites` in one transaction."""
+    """Everything one page writes, decided; committed by a :class:`WriteQueue` in one transaction."""
 
     run_id: int
     now: datetime
@@ -305,12 +312,69 @@ class PreparedPage:
     counts: Counter[str]
 
 
-class PageWrites:
-    """Commits prepared pages in order on a thread of its own.
+class WriteQueue:
+    """Commits prepared pages, in the order they come, on one thread shared by the passes of a run.
 
-    The database driver releases the GIL while the database works, so the next page is compared
-    and parsed while this one is written. Each page is still one transaction; an error stops the
-    writing and comes back from the next :meth:`submit`, :meth:`drain` or :meth:`close`.
+    The database driver releases the GIL while the database works, so pages are compared and
+    parsed while earlier ones are written. One thread serves every pass of a ``run-once`` (or of a
+    daemon): the database takes one writer at a time anyway (SQLite) or gains little from more, and
+    a writer thread per pass costs more in GIL hand-overs than it overlaps (bench/bench_sync.py,
+    10 orgs at once). Each page is still one transaction. Passes talk to it through the
+    :class:`PageWrites` they :meth:`open`.
+    """
+
+    def __init__(self, store: Store, depth: int = 2 * PREFETCH_PAGES, progress_interval: float = 1.0) -> None:
+        self.store = store
+        self.progress_interval = progress_interval
+        self._queue: queue.Queue[tuple[PageWrites, PreparedPage] | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> WriteQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> PageWrites:
+        """The write handle of one pass."""
+        return PageWrites(self)
+
+    def close(self) -> None:
+        """Stop the thread once everything queued is written."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _put(self, item: tuple[PageWrites, PreparedPage]) -> None:
+        while True:
+            self._check_running()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check_running(self) -> None:
+        if not self._thread.is_alive():
+            raise StoreError("the page writer has stopped (syncd is shutting down); the page was not written")
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            writes, page = item
+            try:
+                if writes.error is None:
+                    writes.write(page)
+            except BaseException as exc:
+                writes.error = exc
+            finally:
+                writes.done()
+
+
+class PageWrites:
+    """One pass's side of a :class:`WriteQueue`: submit pages, wait for them, see write errors.
+
+    An error writing one of this pass's pages stops the writing of its later pages (other passes
+    go on) and comes back from the next :meth:`submit`, :meth:`drain` or :meth:`close`.
 
     A page that changes no device (the usual page of a re-sync) only moves the run's counters.
     Those are held back and committed with the next page that writes devices or comes
@@ -319,66 +383,54 @@ class PageWrites:
     together.
     """
 
-    def __init__(self, store: Store, depth: int = PREFETCH_PAGES, progress_interval: float = 1.0) -> None:
-        self._store = store
-        self._queue: queue.Queue[PreparedPage | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._progress_interval = progress_interval
+    def __init__(self, writer: WriteQueue) -> None:
+        self._writer = writer
+        self.error: BaseException | None = None
+        self._pending = 0
+        self._settled = threading.Condition()
         self._held: Counter[str] = Counter()  # counters of pages that wrote nothing, not yet committed
         self._held_run: int | None = None
         self._counted_at = float("-inf")  # monotonic time the counters were last committed
-        self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
-        self._thread.start()
 
     def submit(self, page: PreparedPage) -> None:
-        """Queue a page for writing (waits while ``depth`` pages are already waiting)."""
+        """Queue a page for writing (waits while the queue is full)."""
         self._raise()
-        while True:
-            try:
-                self._queue.put(page, timeout=0.1)
-                return
-            except queue.Full:
-                self._raise()
+        with self._settled:
+            self._pending += 1
+        self._writer._put((self, page))
 
     def drain(self) -> None:
-        """Wait until every submitted page is committed, counters included."""
-        self._queue.put(FLUSH)
-        self._queue.join()
+        """Wait until every page submitted is committed, counters included."""
+        self.submit(FLUSH)
+        with self._settled:
+            while not self._settled.wait_for(lambda: self._pending == 0, timeout=0.1):
+                self._writer._check_running()
         self._raise()
 
     def close(self) -> None:
-        """Commit what was submitted, counters included, then stop the thread."""
-        self._queue.put(FLUSH)
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+        """Commit what was submitted, counters included."""
+        self.drain()
+
+    def done(self) -> None:
+        """Called by the writer thread when one of this pass's pages is handled."""
+        with self._settled:
+            self._pending -= 1
+            self._settled.notify_all()
 
     def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
 
-    def _run(self) -> None:
-        while True:
-            page = self._queue.get()
-            try:
-                if page is None:
-                    return
-                if self._error is None:
-                    self._write(page)
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def _write(self, page: PreparedPage) -> None:
+    def write(self, page: PreparedPage) -> None:
+        """Commit one page (on the writer thread)."""
         if page is not FLUSH:
             self._held.update(page.counts)
             self._held_run = page.run_id
         writes_devices = page.inserts or page.updates or page.refreshes or page.touches or page.changes
-        due = time.monotonic() - self._counted_at >= self._progress_interval
+        due = time.monotonic() - self._counted_at >= self._writer.progress_interval
         if self._held_run is None or not (writes_devices or due or page is FLUSH):
             return
-        with self._store.writer() as writer:
+        with self._writer.store.writer() as writer:
             writer.insert_devices(page.inserts, page.now)
             writer.update_devices(page.updates, page.now)
             writer.refresh_devices(page.refreshes, page.now)
