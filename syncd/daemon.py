@@ -35,7 +35,7 @@ from syncd.reconcile import Reconciler
 from syncd.runner import instance_name, locked_pass, writeback_client
 from syncd.store import Store
 from syncd.store.schema import EDIT_STATUSES
-from syncd.sync import OrgPass, PassOutcome, WriteQueue
+from syncd.sync import OrgPass, PassOutcome
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -65,7 +65,6 @@ class Daemon:
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
         self.store = Store(config.database_url)
-        self.writes = WriteQueue(self.store)  # one writer thread for every org's passes
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
@@ -154,7 +153,6 @@ class Daemon:
             self._metrics.stop()
         for client in [self.client, *self._retired_clients]:
             client.close()
-        self.writes.close()
         self.store.close()
         self.notifier.close()
 
@@ -219,7 +217,6 @@ class Daemon:
                     trigger="scheduled",
                     instance=self.instance,
                     stop=self.stop,
-                    write_queue=self.writes,
                 )
                 try:
                     outcome = locked_pass(org_pass)

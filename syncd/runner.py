@@ -16,7 +16,7 @@ from syncd.config import Config, OrgSettings
 from syncd.errors import ConfigError
 from syncd.models import utcnow
 from syncd.store import Store
-from syncd.sync import OrgPass, PassOutcome, ProgressCallback, WriteQueue
+from syncd.sync import OrgPass, PassOutcome, ProgressCallback
 
 log = structlog.get_logger(__name__)
 
@@ -73,14 +73,13 @@ def run_once(
                 allow_mass_purge=allow_mass_purge,
                 stop=stop,
                 on_progress=on_progress,
-                write_queue=writes,
             )
             return locked_pass(org_pass, wait=lock_wait)
 
     if not orgs:
         return []
     workers = max(1, min(config.sync.concurrency, len(orgs)))
-    with WriteQueue(store) as writes, ThreadPoolExecutor(workers, thread_name_prefix="org-pass") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="org-pass") as pool:
         return list(pool.map(one, orgs))
 
 

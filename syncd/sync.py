@@ -23,7 +23,7 @@ import structlog
 
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
-from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, StoreError, SyncdError
+from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device, utcnow
 from syncd.store import Store
@@ -57,7 +57,7 @@ class PassOutcome:
 class OrgPass:
     """Mirror one org once. Create one per pass; call :meth:`run`."""
 
-    writes: PageWrites  # the pass's side of the write queue, while :meth:`run` runs
+    writes: PageWrites  # the pass's page commits, while :meth:`run` runs
     baseline: bool  # the org had no mirrored devices when the pass started
 
     def __init__(
@@ -72,9 +72,7 @@ class OrgPass:
         allow_mass_purge: bool = False,
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
-        write_queue: WriteQueue | None = None,
     ) -> None:
-        """``write_queue``: the writer shared with other passes (default: one of its own)."""
         self.client = client
         self.store = store
         self.org = org
@@ -84,7 +82,6 @@ class OrgPass:
         self.allow_mass_purge = allow_mass_purge
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
-        self.write_queue = write_queue
         self.counts: Counter[str] = Counter()
         self.seen: set[str] = set()
         self.problems: list[InvalidDeviceError] = []
@@ -101,8 +98,7 @@ class OrgPass:
         self.log.debug("pass started")
         status, error = "succeeded", None
         exception: SyncdError | None = None
-        write_queue = self.write_queue or WriteQueue(self.store)
-        self.writes = write_queue.open()
+        self.writes = PageWrites(self.store)
         # An org's first pass loads a baseline: its devices were not created now, so no 'created'
         # history rows (first_seen_at and OpenApp's created_at tell when they appeared).
         self.baseline = not self.store.has_devices(self.org.id)
@@ -127,13 +123,10 @@ class OrgPass:
             status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
         finally:
             try:
-                self.writes.close()  # every page handed over is committed before the run is closed
+                self.writes.flush()  # the run's counters are complete before it is closed
             except SyncdError as exc:
                 if status != "failed":
                     status, error, exception = "failed", str(exc), exc
-            finally:
-                if write_queue is not self.write_queue:
-                    write_queue.close()
         finished = utcnow()
         self.store.finish_run(run_id, status, finished, error)
         outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
@@ -169,7 +162,6 @@ class OrgPass:
             self._apply(run_id, page.items, page.offset)
             if self.on_progress:
                 self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
-        self.writes.drain()  # purge detection reads what the scan wrote
         return not self.stop.is_set()
 
     def _apply(self, run_id: int, items: list[Any], offset: int | None) -> None:
@@ -191,8 +183,6 @@ class OrgPass:
                 continue
             batch[device_id] = (item, position)
         first_time = {device_id for device_id in batch if device_id not in self.seen}
-        if len(first_time) < len(batch):
-            self.writes.drain()  # a device seen again (offsets shifted): compare with what was written
         self.seen.update(batch)
         counts["devices_seen"] = len(first_time)
 
@@ -282,7 +272,6 @@ class OrgPass:
                 self._mark_purged(run_id, device_id)
             else:
                 self._apply(run_id, [raw], None)  # it was hidden from the scan by shifting offsets
-        self.writes.drain()
         return True
 
     def _mark_purged(self, run_id: int, device_id: str) -> None:
@@ -300,7 +289,7 @@ class OrgPass:
 
 @dataclass
 class PreparedPage:
-    """Everything one page writes, decided; committed by a :class:`WriteQueue` in one transaction."""
+    """Everything one page writes, decided; committed by :class:`PageWrites` in one transaction."""
 
     run_id: int
     now: datetime
@@ -312,138 +301,51 @@ class PreparedPage:
     counts: Counter[str]
 
 
-class WriteQueue:
-    """Commits prepared pages, in the order they come, on one thread shared by the passes of a run.
-
-    The database driver releases the GIL while the database works, so pages are compared and
-    parsed while earlier ones are written. One thread serves every pass of a ``run-once`` (or of a
-    daemon): the database takes one writer at a time anyway (SQLite) or gains little from more, and
-    a writer thread per pass costs more in GIL hand-overs than it overlaps (bench/bench_sync.py,
-    10 orgs at once). Each page is still one transaction. Passes talk to it through the
-    :class:`PageWrites` they :meth:`open`.
-    """
-
-    def __init__(self, store: Store, depth: int = 2 * PREFETCH_PAGES, progress_interval: float = 1.0) -> None:
-        self.store = store
-        self.progress_interval = progress_interval
-        self._queue: queue.Queue[tuple[PageWrites, PreparedPage] | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> WriteQueue:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def open(self) -> PageWrites:
-        """The write handle of one pass."""
-        return PageWrites(self)
-
-    def close(self) -> None:
-        """Stop the thread once everything queued is written."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _put(self, item: tuple[PageWrites, PreparedPage]) -> None:
-        while True:
-            self._check_running()
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _check_running(self) -> None:
-        if not self._thread.is_alive():
-            raise StoreError("the page writer has stopped (syncd is shutting down); the page was not written")
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            writes, page = item
-            try:
-                if writes.error is None:
-                    writes.write(page)
-            except BaseException as exc:
-                writes.error = exc
-            finally:
-                writes.done()
-
-
 class PageWrites:
-    """One pass's side of a :class:`WriteQueue`: submit pages, wait for them, see write errors.
+    """Commits a pass's prepared pages, each in one transaction, as they come.
 
-    An error writing one of this pass's pages stops the writing of its later pages (other passes
-    go on) and comes back from the next :meth:`submit`, :meth:`drain` or :meth:`close`.
+    (On the pass's own thread: a writer thread overlapped too little with the GIL held by
+    parsing to pay for its hand-overs; bench/bench_sync.py measured it slower on both databases.)
 
     A page that changes no device (the usual page of a re-sync) only moves the run's counters.
     Those are held back and committed with the next page that writes devices or comes
-    ``progress_interval`` seconds after the last commit, and on :meth:`drain` and :meth:`close`.
-    So the counters of a running pass lag a little, and a page's devices and counters still commit
-    together.
+    ``progress_interval`` seconds after the last commit, and by :meth:`flush`. So the counters of
+    a running pass lag a little, and a page's devices and counters still commit together.
     """
 
-    def __init__(self, writer: WriteQueue) -> None:
-        self._writer = writer
-        self.error: BaseException | None = None
-        self._pending = 0
-        self._settled = threading.Condition()
+    def __init__(self, store: Store, progress_interval: float = 1.0) -> None:
+        self._store = store
+        self._progress_interval = progress_interval
         self._held: Counter[str] = Counter()  # counters of pages that wrote nothing, not yet committed
         self._held_run: int | None = None
         self._counted_at = float("-inf")  # monotonic time the counters were last committed
 
     def submit(self, page: PreparedPage) -> None:
-        """Queue a page for writing (waits while the queue is full)."""
-        self._raise()
-        with self._settled:
-            self._pending += 1
-        self._writer._put((self, page))
-
-    def drain(self) -> None:
-        """Wait until every page submitted is committed, counters included."""
-        self.submit(FLUSH)
-        with self._settled:
-            while not self._settled.wait_for(lambda: self._pending == 0, timeout=0.1):
-                self._writer._check_running()
-        self._raise()
-
-    def close(self) -> None:
-        """Commit what was submitted, counters included."""
-        self.drain()
-
-    def done(self) -> None:
-        """Called by the writer thread when one of this pass's pages is handled."""
-        with self._settled:
-            self._pending -= 1
-            self._settled.notify_all()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def write(self, page: PreparedPage) -> None:
-        """Commit one page (on the writer thread)."""
-        if page is not FLUSH:
-            self._held.update(page.counts)
-            self._held_run = page.run_id
+        """Commit a page (or hold back its counters, when it writes no device)."""
+        self._held.update(page.counts)
+        self._held_run = page.run_id
         writes_devices = page.inserts or page.updates or page.refreshes or page.touches or page.changes
-        due = time.monotonic() - self._counted_at >= self._writer.progress_interval
-        if self._held_run is None or not (writes_devices or due or page is FLUSH):
-            return
-        with self._writer.store.writer() as writer:
-            writer.insert_devices(page.inserts, page.now)
-            writer.update_devices(page.updates, page.now)
-            writer.refresh_devices(page.refreshes, page.now)
-            writer.add_changes(page.changes)
-            writer.touch(page.touches, page.now)
+        if writes_devices or time.monotonic() - self._counted_at >= self._progress_interval:
+            self._commit(page)
+
+    def flush(self) -> None:
+        """Commit the counters held back."""
+        if self._held_run is not None:
+            self._commit(None)
+
+    def _commit(self, page: PreparedPage | None) -> None:
+        assert self._held_run is not None
+        with self._store.writer() as writer:
+            if page is not None:
+                writer.insert_devices(page.inserts, page.now)
+                writer.update_devices(page.updates, page.now)
+                writer.refresh_devices(page.refreshes, page.now)
+                writer.add_changes(page.changes)
+                writer.touch(page.touches, page.now)
             writer.bump_run(self._held_run, self._held)
         self._held.clear()
         self._held_run = None
         self._counted_at = time.monotonic()
-
-
-# Asks the writer to commit held-back counters (see PageWrites).
-FLUSH = PreparedPage(0, datetime.min, [], [], [], [], [], Counter())
 
 
 def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:
