@@ -10,6 +10,7 @@ Safety rules (README, "How a pass works"):
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device, utcnow
-from syncd.store import Store
+from syncd.store import Session, Store
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,7 @@ class PassOutcome:
 class OrgPass:
     """Mirror one org once. Create one per pass; call :meth:`run`."""
 
+    session: Session  # the pass's database connection, while :meth:`run` runs
     writes: PageWrites  # the pass's page commits, while :meth:`run` runs
     baseline: bool  # the org had no mirrored devices when the pass started
 
@@ -98,11 +100,14 @@ class OrgPass:
         self.log.debug("pass started")
         status, error = "succeeded", None
         exception: SyncdError | None = None
-        self.writes = PageWrites(self.store)
         # An org's first pass loads a baseline: its devices were not created now, so no 'created'
         # history rows (first_seen_at and OpenApp's created_at tell when they appeared).
         self.baseline = not self.store.has_devices(self.org.id)
+        held = contextlib.ExitStack()  # the pass's database connection
+        writes: PageWrites | None = None
         try:
+            self.session = held.enter_context(self.store.session())
+            self.writes = writes = PageWrites(self.session)
             if not self._scan(run_id):
                 status, error = "aborted", "stopped before the scan finished"
             elif self.problems:
@@ -123,10 +128,13 @@ class OrgPass:
             status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
         finally:
             try:
-                self.writes.flush()  # the run's counters are complete before it is closed
+                if writes:
+                    writes.flush()  # the run's counters are complete before it is closed
             except SyncdError as exc:
                 if status != "failed":
                     status, error, exception = "failed", str(exc), exc
+            finally:
+                held.close()
         finished = utcnow()
         self.store.finish_run(run_id, status, finished, error)
         outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
@@ -189,7 +197,7 @@ class OrgPass:
         inserts: list[Device] = []
         updates: list[Device] = []
         touches: list[str] = []
-        with self.store.reader() as reader:
+        with self.session.reader() as reader:
             known = reader.known(batch.keys(), now - self._touch_after)
             for device_id, (item, position) in batch.items():
                 encoded = encode(item)
@@ -276,7 +284,7 @@ class OrgPass:
 
     def _mark_purged(self, run_id: int, device_id: str) -> None:
         now = utcnow()
-        with self.store.writer() as writer:
+        with self.session.writer(durable=False) as writer:
             _, old_state = writer.previous([device_id])[device_id]
             writer.mark_purged(device_id, now)
             writer.add_changes(
@@ -313,8 +321,8 @@ class PageWrites:
     a running pass lag a little, and a page's devices and counters still commit together.
     """
 
-    def __init__(self, store: Store, progress_interval: float = 1.0) -> None:
-        self._store = store
+    def __init__(self, session: Session, progress_interval: float = 1.0) -> None:
+        self._session = session
         self._progress_interval = progress_interval
         self._held: Counter[str] = Counter()  # counters of pages that wrote nothing, not yet committed
         self._held_run: int | None = None
@@ -335,7 +343,7 @@ class PageWrites:
 
     def _commit(self, page: PreparedPage | None) -> None:
         assert self._held_run is not None
-        with self._store.writer() as writer:
+        with self._session.writer(durable=False) as writer:
             if page is not None:
                 writer.insert_devices(page.inserts, page.now)
                 writer.update_devices(page.updates, page.now)

@@ -1,5 +1,5 @@
 """The mirror database: the only place syncd uses SQLAlchemy."""
 
-from syncd.store.store import KnownDevice, PageReader, PageWriter, Store, redact_url
+from syncd.store.store import KnownDevice, PageReader, PageWriter, Session, Store, redact_url
 
-__all__ = ["KnownDevice", "PageReader", "PageWriter", "Store", "redact_url"]
+__all__ = ["KnownDevice", "PageReader", "PageWriter", "Session", "Store", "redact_url"]
