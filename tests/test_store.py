@@ -77,13 +77,15 @@ def test_unusable_urls_are_config_errors() -> None:
         Store("nosuchdb://x")
 
 
-def test_page_transactions_may_skip_the_wal_flush_and_nothing_else_does(store: Store) -> None:
-    if store.dialect != "postgresql":
-        pytest.skip("synchronous_commit is a PostgreSQL setting")
+def test_page_transactions_may_skip_the_wal_flush_and_nothing_else_does(postgres_database: str) -> None:
+    store = Store(postgres_database)
 
     def synchronous_commit(durable: bool) -> str:
         with store.session() as session, session.writer(durable=durable) as writer:
             return str(writer._conn.exec_driver_sql("SHOW synchronous_commit").scalar())
 
-    assert synchronous_commit(durable=False) == "off"
-    assert synchronous_commit(durable=True) == "on"  # SET LOCAL ended with the page's transaction
+    try:
+        assert synchronous_commit(durable=False) == "off"
+        assert synchronous_commit(durable=True) == "on"  # SET LOCAL ended with the page's transaction
+    finally:
+        store.close()
