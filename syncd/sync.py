@@ -334,7 +334,11 @@ class PageWrites:
         self._held_run = page.run_id
         writes_devices = page.inserts or page.updates or page.refreshes or page.touches or page.changes
         if writes_devices or time.monotonic() - self._counted_at >= self._progress_interval:
-            self._commit(page)
+            try:
+                self._commit(page)
+            except BaseException:
+                self._held.subtract(page.counts)  # the page was rolled back, and its counts with it
+                raise
 
     def flush(self) -> None:
         """Commit the counters held back."""

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import update
 
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
+from syncd.errors import StoreError
 from syncd.models import LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
 from syncd.store.schema import devices
-from syncd.sync import OrgPass
+from syncd.sync import OrgPass, PageWrites, PreparedPage
 
 from .conftest import API_KEY, Syncer, api_settings
 
@@ -325,3 +328,18 @@ def test_org_filters_are_applied_and_scope_purge_detection(
     assert outcome.counts["purged"] == 1 and outcome.counts["updated"] == 1  # nothing out of scope was touched
     assert len(sim.requests("get_device")) == 1  # only the one in-scope device missing was confirmed
     assert store.device(in_scope[0])["state"] == "purged"
+
+
+def test_a_page_that_fails_to_commit_takes_its_counts_with_it(store: Store, org: str) -> None:
+    now = utcnow()
+    run_id, _ = store.start_run(org, "run-once", "test", now)
+    broken = {"device_id": "x", "org_id": org, "run_id": run_id, "observed_at": now, "change": "?", "diff": None}
+    with store.session() as session:
+        writes = PageWrites(session, progress_interval=3600)
+        writes.submit(PreparedPage(run_id, now, [], [], [], [], [], Counter(pages=1, unchanged=200)))  # held back
+        with pytest.raises(StoreError, match="database error while writing devices"):
+            writes.submit(PreparedPage(run_id, now, [], [], [], [], [broken], Counter(pages=1, updated=1)))
+        writes.flush()
+    run = store.run(run_id)
+    assert (run["pages"], run["unchanged"], run["updated"]) == (1, 200, 0)
+    assert store.changes() == []
