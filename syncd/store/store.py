@@ -363,17 +363,14 @@ class PageWriter(PageReader):
             else:
                 self._copy(c.insert_device_sql, [(stamp, stamp, stamp, *c.device_values(d)) for d in new])
 
-    def _copy(self, insert_sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """PostgreSQL: load rows with COPY, several times faster than INSERTs for both sides.
+    def _copy(self, copy_sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """PostgreSQL: load rows with COPY, much cheaper than INSERTs for both sides.
 
-        ``insert_sql`` is the INSERT whose column list the rows follow. COPY is psycopg's own API,
-        under SQLAlchemy, so driver errors are translated here.
+        COPY is psycopg's own API, beneath SQLAlchemy, so driver errors are translated here.
         """
-        columns = insert_sql[insert_sql.index("(") : insert_sql.index(")") + 1]
-        table = insert_sql.split()[2]
         driver: Any = self._conn.connection.dbapi_connection
         try:
-            with driver.cursor() as cursor, cursor.copy(f"COPY {table} {columns} FROM STDIN") as copy:
+            with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:
                 for row in rows:
                     copy.write_row(row)
         except self._conn.dialect.loaded_dbapi.Error as exc:
@@ -468,12 +465,13 @@ class _Codec:
     """Driver-level placeholders and value encoding for one dialect.
 
     SQLite stores timestamps as UTC text in SQLAlchemy's format (so Core reads them back) and JSON
-    as text; PostgreSQL takes aware datetimes as they are and JSON text cast to jsonb.
+    as text; PostgreSQL takes timestamps as UTC text marked ``+00:00`` (or aware datetimes) and
+    JSON text cast to jsonb.
     """
 
     sqlite: bool
     p: str
-    insert_device_sql: str
+    insert_device_sql: str  # an INSERT on SQLite, a COPY on PostgreSQL
     update_device_sql: str
     refresh_device_sql: str
     insert_change_sql: str
@@ -487,11 +485,13 @@ class _Codec:
         def slot(column: str) -> str:
             return f"{p}::jsonb" if column in _JSON_COLUMNS and not sqlite else p
 
-        # The write time fills the first three columns of an insert: ?1 each on SQLite (bound once).
-        stamps = "?1, ?1, ?1" if sqlite else f"{p}, {p}, {p}"
+        # New devices: the write time fills the first three columns. SQLite binds it once (?1) in
+        # multi-row INSERTs; PostgreSQL loads them with COPY.
+        insert_columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(_CONTENT_COLUMNS)}"
         insert_device = (
-            f"INSERT INTO devices (first_seen_at, last_seen_at, last_changed_at, {', '.join(_CONTENT_COLUMNS)}) "
-            f"VALUES ({stamps}, {', '.join(slot(col) for col in _CONTENT_COLUMNS)})"
+            f"INSERT INTO devices ({insert_columns}) VALUES (?1, ?1, ?1, {', '.join(['?'] * len(_CONTENT_COLUMNS))})"
+            if sqlite
+            else f"COPY devices ({insert_columns}) FROM STDIN"
         )
         update_device = (
             f"UPDATE devices SET purged_at = NULL, last_seen_at = {p}, last_changed_at = {p}, "
