@@ -116,17 +116,17 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes,
         raise InvalidDeviceError(f"device {device_id}: 'name' {exc}", position=position) from None
     payload, digest = encoded or encode(raw)
     return Device(
-        device_id,
-        org_id,
-        _optional_str(raw.get("integration_id")),
-        _optional_str(raw.get("zone_id")),
-        _optional_str(raw.get("external_id")),
-        name,
-        raw.get("device_metadata"),
-        tuple(lifecycle),
-        raw,
-        payload.decode(),
-        digest,
+        id=device_id,
+        org_id=org_id,
+        integration_id=_optional_str(raw.get("integration_id")),
+        zone_id=_optional_str(raw.get("zone_id")),
+        external_id=_optional_str(raw.get("external_id")),
+        name=name,
+        device_metadata=raw.get("device_metadata"),
+        lifecycle=tuple(lifecycle),
+        raw=raw,
+        raw_json=payload.decode(),
+        fingerprint=digest,
     )
 
 
