@@ -25,7 +25,7 @@ from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
 from syncd.reconcile import Reconciler, queue_edit, requester
-from syncd.runner import instance_name, run_once, select_orgs, writeback_client
+from syncd.runner import instance_name, passes_at_once, run_once, select_orgs, writeback_client
 from syncd.store import Store, redact_url
 from syncd.store.edits import EditQueue
 from syncd.store.schema import EDIT_STATUSES, RUN_COUNTERS
@@ -198,7 +198,7 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     config = _load(args)
     logs.configure(config.log_format, config.log_level)
     orgs = select_orgs(config, args.org)
-    tune_for_bulk_work(passes_at_once=min(config.sync.concurrency, len(orgs)))
+    tune_for_bulk_work(passes_at_once(config, orgs))
     store = Store(config.database_url)
     try:
         store.prepare(config.auto_upgrade)
@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
     config = load_config(path)
     logs.configure(config.log_format, config.log_level)
-    tune_for_bulk_work(passes_at_once=min(config.sync.concurrency, len(config.orgs)))
+    tune_for_bulk_work(passes_at_once(config, config.orgs))
     daemon = Daemon(config, path)
     handlers = {
         signal.SIGTERM: lambda signum, frame: daemon.request_stop(),
@@ -499,7 +499,7 @@ def _demo_changes(world: Any, org_id: str) -> None:
     world.create_device(org_id)
 
 
-def tune_for_bulk_work(passes_at_once: int) -> None:
+def tune_for_bulk_work(passes: int) -> None:
     """Interpreter settings for passes over large orgs (measured with bench/bench_sync.py).
 
     - How often a thread that waits for the GIL takes it from a busy one. A single pass has two
@@ -510,7 +510,7 @@ def tune_for_bulk_work(passes_at_once: int) -> None:
     - Freeze what start-up allocated, so the collector's full passes over a busy heap skip it.
       (Raising the collection thresholds was faster still but cost 60 MB of peak RSS.)
     """
-    sys.setswitchinterval(0.0005 if passes_at_once <= 1 else 0.005)
+    sys.setswitchinterval(0.0005 if passes <= 1 else 0.005)
     gc.freeze()
 
 

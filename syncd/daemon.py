@@ -32,7 +32,7 @@ from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.metrics import EDIT_QUEUE, ORG_FAILING, MetricsServer
 from syncd.notify import Notifier
 from syncd.reconcile import Reconciler
-from syncd.runner import instance_name, locked_pass, writeback_client
+from syncd.runner import instance_name, locked_pass, passes_at_once, writeback_client
 from syncd.store import Store
 from syncd.store.schema import EDIT_STATUSES
 from syncd.sync import OrgPass, PassOutcome
@@ -217,6 +217,7 @@ class Daemon:
                     trigger="scheduled",
                     instance=self.instance,
                     stop=self.stop,
+                    fetch_ahead=passes_at_once(self.config, self.config.orgs) == 1,
                 )
                 try:
                     outcome = locked_pass(org_pass)

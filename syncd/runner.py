@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -43,6 +43,11 @@ def select_orgs(config: Config, names: Iterable[str] | None) -> list[OrgSettings
     return [config.org(n) for n in dict.fromkeys(wanted)]
 
 
+def passes_at_once(config: Config, orgs: Sequence[OrgSettings]) -> int:
+    """How many passes run side by side: ``sync.concurrency``, or fewer when there are fewer orgs."""
+    return max(1, min(config.sync.concurrency, len(orgs)))
+
+
 def run_once(
     config: Config,
     orgs: list[OrgSettings],
@@ -60,6 +65,7 @@ def run_once(
     """
     stop = stop or threading.Event()
     instance = instance_name()
+    workers = passes_at_once(config, orgs)
 
     def one(org: OrgSettings) -> PassOutcome:
         with structlog.contextvars.bound_contextvars(org_id=org.id):
@@ -73,12 +79,12 @@ def run_once(
                 allow_mass_purge=allow_mass_purge,
                 stop=stop,
                 on_progress=on_progress,
+                fetch_ahead=workers == 1,
             )
             return locked_pass(org_pass, wait=lock_wait)
 
     if not orgs:
         return []
-    workers = max(1, min(config.sync.concurrency, len(orgs)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="org-pass") as pool:
         return list(pool.map(one, orgs))
 
