@@ -468,13 +468,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print("Pass 1: full mirror")
                 outcomes = _run_passes(config, list(config.orgs), store, client, stop)
                 print_summary(outcomes, sys.stdout)
-                _demo_changes(world, org_ids[0])
-                print(
-                    f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
-                    "1 purged, 2 created.\nPass 2: only the changes are written"
-                )
-                outcomes += _run_passes(config, list(config.orgs), store, client, stop)
-                print_summary(outcomes[len(org_ids) :], sys.stdout)
+                if not stop.is_set():  # stopped during pass 1: no second pass
+                    _demo_changes(world, org_ids[0])
+                    print(
+                        f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
+                        "1 purged, 2 created.\nPass 2: only the changes are written"
+                    )
+                    outcomes += _run_passes(config, list(config.orgs), store, client, stop)
+                    print_summary(outcomes[len(org_ids) :], sys.stdout)
             print("\nThe mirror now holds (devices by state):")
             print_state_counts(store.state_counts(), sys.stdout)
             print(f'\nQuery it yourself: sqlite3 {db} "SELECT change, count(*) FROM device_changes GROUP BY change"')

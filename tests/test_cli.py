@@ -143,6 +143,31 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 602
 
 
+def test_demo_stopped_during_the_first_pass_runs_no_second(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd", "demo", "--db", str(tmp_path / "demo.db"), "--orgs", "1", "--devices", "60000"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or lines[-1].strip() != "Pass 1: full mirror":
+            line = proc.stdout.readline()
+            assert line, f"the demo ended early: {''.join(lines)}"
+            lines.append(line)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "aborted" in out and "Pass 2" not in out
+    assert "SIGINT: finishing the current page, then stopping" in err
+
+
 def run_cli(*args: str, env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "syncd", *args],
