@@ -26,6 +26,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from syncd import logs
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
@@ -304,6 +305,14 @@ class Daemon:
             self._retired_clients.append(self.reconciler.client)
             self.reconciler = self._new_reconciler(new)
         self.config = new
+        if (new.log_format, new.log_level) != (old.log_format, old.log_level):
+            logs.configure(new.log_format, new.log_level)  # passes started from now on log at the new level
+        if new.sync.concurrency != old.sync.concurrency:
+            log.warning(
+                "sync.concurrency takes effect when syncd restarts",
+                running=old.sync.concurrency,
+                configured=new.sync.concurrency,
+            )
         if new.writeback.interval != old.writeback.interval:
             self._schedule_reconciler()
         before = {o.id: o for o in old.orgs}

@@ -179,7 +179,7 @@ def test_sighup_reloads_and_rejects_a_broken_config(tmp_path: Path, sim: Simulat
         config.write_text(good + "[[orgs]]\nbogus = 1\n")
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.5)
-        config.write_text(good + f'[[orgs]]\nid = "{org_b}"\n')
+        config.write_text(good + f'[[orgs]]\nid = "{org_b}"\n[logging]\nlevel = "debug"\n')
         proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: any(r["org_id"] == org_b and r["status"] == "succeeded" for r in runs(store)), what="the added org"
@@ -190,6 +190,7 @@ def test_sighup_reloads_and_rejects_a_broken_config(tmp_path: Path, sim: Simulat
     assert proc.returncode == 0
     assert "configuration reload rejected" in err and "orgs[1].id is required" in err
     assert "configuration reloaded" in err
+    assert '"event": "pass started"' in err  # a DEBUG line: the new logging level applies
     store.close()
 
 
