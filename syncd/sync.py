@@ -254,7 +254,8 @@ class OrgPass:
         """Confirm every mirrored device the scan did not see; 404 means purged."""
         org = self.org
         filtered = bool(org.integration_id or org.device_kind)
-        if not filtered and self.store.live_count(org.id) == len(self.seen):
+        by_state = self.store.state_counts(org.id).get(org.id, {})
+        if not filtered and sum(n for state, n in by_state.items() if state != "purged") == len(self.seen):
             # Every device the scan saw is now live in the mirror, so equal counts mean nothing is
             # missing. (With filters, a server that ignores one could break that; compare ids then.)
             return True

@@ -201,12 +201,6 @@ class Store:
         with _translated("counting devices"), self.engine.connect() as conn:
             return conn.execute(select(devices.c.id).where(devices.c.org_id == org_id).limit(1)).first() is not None
 
-    def live_count(self, org_id: str) -> int:
-        """How many of the org's devices are not purged."""
-        query = select(func.count()).select_from(devices).where(devices.c.org_id == org_id, devices.c.state != "purged")
-        with _translated("counting devices"), self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
-
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
     ) -> list[str]:
