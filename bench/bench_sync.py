@@ -263,7 +263,7 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
             OrgPass(client, store, OrgSettings(org), SyncSettings()).run()
         devices = [d["id"] for d in store.devices_of(org) if d["state"] == "active"][:count]
         for device_id in devices:
-            queue_edit(store, device_id, "update", {"name": {"en": f"Bench {device_id[-6:]}"}}, "bench")
+            queue_edit(store, device_id, "update", {"name": {"en": f"Bench {device_id[-6:]}"}}, "bench", {org})
 
         def requests() -> float:
             return sum(
@@ -275,7 +275,7 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
         before = requests()
         settings = replace(WritebackSettings(), max_attempts=20, batch_size=100)
         with writeback_client(config) as client:
-            reconciler = Reconciler(client, store, settings, "bench")
+            reconciler = Reconciler(client, store, settings, "bench", {org})
             started = time.perf_counter()
             while True:
                 reconciler.run_once()

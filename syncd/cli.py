@@ -33,6 +33,7 @@ from syncd.sync import PassOutcome
 
 DEFAULT_CONFIG = "/etc/syncd/config.toml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 log = structlog.get_logger("syncd")
 
 
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SyncdError as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # a second Ctrl-C: what was committed stays, the rest is redone next time
+        print("syncd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,8 +239,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = Store(config.database_url)
+    config = _load(args, with_key=False)
+    store = Store(config.database_url, read_only=True)
     try:
         store.prepare(auto_upgrade=False)
         overview = store.org_overview()
@@ -279,7 +283,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     payload: dict[str, Any] = {}
     with _prepared_store(config) as store:
         if args.name:
@@ -298,21 +302,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "nothing to change: give --name, --zone-id/--clear-zone, --external-id or --metadata-json"
             )
-        edit_id = queue_edit(store, args.device_id, "update", payload, requester())
+        edit_id = queue_edit(store, args.device_id, "update", payload, requester(), _org_ids(config))
     print(f"queued edit {edit_id}: update {args.device_id} {json.dumps(payload, ensure_ascii=False)}")
     return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     with _prepared_store(config) as store:
-        edit_id = queue_edit(store, args.device_id, "restore", None, requester())
+        edit_id = queue_edit(store, args.device_id, "restore", None, requester(), _org_ids(config))
     print(f"queued edit {edit_id}: restore {args.device_id}")
     return EXIT_OK
 
 
 def cmd_edits(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     with _prepared_store(config) as store:
         rows = EditQueue(store).find(args.status, args.device)
     print_edits(rows, sys.stdout)
@@ -320,7 +324,7 @@ def cmd_edits(args: argparse.Namespace) -> int:
 
 
 def cmd_edits_change(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     now = datetime.now(UTC)
     with _prepared_store(config) as store:
         queue = EditQueue(store)
@@ -355,11 +359,14 @@ def cmd_reconcile_once(args: argparse.Namespace) -> int:
         writeback_client(config) as client,
         stop_on_signals("finishing the current edit, then stopping") as stop,
     ):
-        results = Reconciler(client, store, config.writeback, instance_name(), stop).run_once()
+        reconciler = Reconciler(client, store, config.writeback, instance_name(), _org_ids(config), stop)
+        results = reconciler.run_once()
         counts = EditQueue(store).counts()
     done = ", ".join(f"{n} {kind}" for kind, n in sorted(results.items())) or "nothing was due"
     print(f"reconcile: {done}; queue now: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"))
-    return EXIT_FAILED if results["failed"] or results["conflict"] else EXIT_OK
+    if results["paused"]:
+        print("reconcile: OpenApp rejected the API key; the edits not attempted stay pending", file=sys.stderr)
+    return EXIT_FAILED if results["failed"] or results["conflict"] or results["paused"] else EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -380,7 +387,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     logs.configure(config.log_format, config.log_level)
     store = Store(config.database_url)
     try:
@@ -394,7 +401,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, with_key=False)
     store = Store(config.database_url)
     try:
         print(store.schema_revision() or "empty (run `syncd db upgrade`)")
@@ -716,8 +723,13 @@ def _config_path(args: argparse.Namespace) -> Path:
     return Path(args.config or os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG)
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(_config_path(args))
+def _load(args: argparse.Namespace, with_key: bool = True) -> Config:
+    """The configuration; ``with_key=False`` for commands that never call the API (they need no key)."""
+    return load_config(_config_path(args), with_key=with_key)
+
+
+def _org_ids(config: Config) -> frozenset[str]:
+    return frozenset(org.id for org in config.orgs)
 
 
 def _positive(kind: Callable[[str], Any], low: float, high: float | None, what: str) -> Callable[[str], Any]:

@@ -10,13 +10,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from syncd.errors import ConfigError
 
 MAX_PAGE_SIZE = 200
+MIB = 1024 * 1024
 AuthHeader = Literal["x-api-key", "bearer"]
 LogFormat = Literal["auto", "console", "json"]
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": MIB, "GB": 1000**3, "GiB": 1024**3}
+# Org ids go into the X-Org header and VARCHAR(64) columns: letters, digits and - _ . : only.
+ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class Secret:
@@ -59,10 +65,12 @@ class ApiSettings:
     """Where OpenApp is and how to talk to it."""
 
     base_url: str
-    api_key: Secret = field(repr=False)
+    api_key: Secret | None = field(repr=False)  # None for commands that never call the API
     auth_header: AuthHeader = "x-api-key"
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    request_timeout: float = 60.0  # a whole request, however slowly the answer trickles in
+    max_response_size: int = 16 * MIB  # decompressed
     page_size: int = MAX_PAGE_SIZE
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -88,6 +96,8 @@ class SyncSettings:
     last_seen_resolution: float = 86400.0
     failure_backoff_max: float = 3600.0
     shutdown_timeout: float = 30.0
+    pass_timeout: float = 3600.0
+    max_pages: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -152,8 +162,24 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and resolve a configuration file; ConfigError lists every problem."""
+def parse_size(value: object) -> int:
+    """Bytes from a whole number or a string like ``"16MiB"``, ``"500KB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"is not a size (use bytes or e.g. '16MiB', '500KB'): {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, with_key: bool = True
+) -> Config:
+    """Read, validate and resolve a configuration file; ConfigError lists every problem.
+
+    ``with_key=False`` (commands that never call the API) leaves the API key unread: ``api.api_key``
+    is then None and a missing or broken key source is no problem.
+    """
     environ = os.environ if environ is None else environ
     path = Path(path)
     try:
@@ -164,10 +190,12 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return build_config(data, environ, source=path)
+    return build_config(data, environ, source=path, with_key=with_key)
 
 
-def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Path | None = None) -> Config:
+def build_config(
+    data: Mapping[str, Any], environ: Mapping[str, str], source: Path | None = None, *, with_key: bool = True
+) -> Config:
     """Validate parsed TOML; ConfigError carries every problem found, not just the first."""
     r = _Reader(source)
     r.only_keys("", data, {"api", "database", "orgs", "sync", "writeback", "logging", "metrics"})
@@ -188,15 +216,17 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
             "auth_header",
             "connect_timeout",
             "read_timeout",
+            "request_timeout",
+            "max_response_size",
             "page_size",
             "retry",
         },
     )
     base_url = r.string(api, "api.base_url", required=True) or ""
-    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
-        r.problem(f"api.base_url must be an http:// or https:// URL, got {base_url!r}")
+    if base_url:
+        _check_base_url(r, base_url)
     auth_header = r.choice(api, "api.auth_header", ("x-api-key", "bearer"), "x-api-key")
-    api_key = _resolve_api_key(r, api, environ)
+    api_key = _resolve_api_key(r, api, environ) if with_key else None
     retry_table = r.table(api, "retry", prefix="api.")
     r.only_keys("api.retry", retry_table, {"max_attempts", "base_delay", "max_delay", "max_retry_after", "deadline"})
     retry = RetryPolicy(
@@ -225,6 +255,8 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
             "last_seen_resolution",
             "failure_backoff_max",
             "shutdown_timeout",
+            "pass_timeout",
+            "max_pages",
         },
     )
     fraction = r.number(sync, "sync.max_purge_fraction", 0.10)
@@ -237,9 +269,13 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
         last_seen_resolution=r.duration(sync, "sync.last_seen_resolution", 86400.0),
         failure_backoff_max=r.duration(sync, "sync.failure_backoff_max", 3600.0),
         shutdown_timeout=r.duration(sync, "sync.shutdown_timeout", 30.0),
+        pass_timeout=r.duration(sync, "sync.pass_timeout", 3600.0),
+        max_pages=r.integer(sync, "sync.max_pages", 100_000, minimum=1),
     )
     if sync_settings.interval < 1:
         r.problem(f"sync.interval must be at least 1 second, got {sync_settings.interval}")
+    if sync_settings.pass_timeout < 1:
+        r.problem(f"sync.pass_timeout must be at least 1 second, got {sync_settings.pass_timeout}")
     wb = r.table(data, "writeback")
     r.only_keys(
         "writeback",
@@ -268,15 +304,23 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
     orgs = _read_orgs(r, data.get("orgs"))
     connect_timeout = r.duration(api, "api.connect_timeout", 5.0)
     read_timeout = r.duration(api, "api.read_timeout", 30.0)
+    request_timeout = r.duration(api, "api.request_timeout", 60.0)
+    if request_timeout < 1:
+        r.problem(f"api.request_timeout must be at least 1 second, got {request_timeout}")
+    max_response_size = r.size(api, "api.max_response_size", 16 * MIB)
+    if max_response_size < 64 * 1024:
+        r.problem(f"api.max_response_size must be at least 64KiB, got {max_response_size} bytes")
     auto_upgrade = r.boolean(database, "database.auto_upgrade", True)
     r.raise_if_any()
     return Config(
         api=ApiSettings(
             base_url=base_url.rstrip("/"),
-            api_key=api_key or Secret(""),
+            api_key=api_key,
             auth_header=auth_header,  # type: ignore[arg-type]
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            request_timeout=request_timeout,
+            max_response_size=max_response_size,
             page_size=page_size,
             retry=retry,
         ),
@@ -290,6 +334,18 @@ def build_config(data: Mapping[str, Any], environ: Mapping[str, str], source: Pa
         metrics_listen=metrics_listen,
         source=source,
     )
+
+
+def _check_base_url(r: _Reader, base_url: str) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in base_url):
+        r.problem(f"api.base_url must be an http:// or https:// URL, got {base_url!r}")
+    elif parts.username is not None or parts.password is not None:
+        r.problem("api.base_url must not hold credentials (user:password@); the key has its own settings")
+    elif parts.query or parts.fragment:
+        r.problem(f"api.base_url must not have a query or fragment, got {base_url!r}")
+    elif not base_url.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in base_url):
+        r.problem(f"api.base_url must be plain ASCII without control characters, got {base_url!r}")
 
 
 def _listen_address(r: _Reader, value: str | None) -> tuple[str, int] | None:
@@ -319,6 +375,12 @@ def _read_orgs(r: _Reader, raw: object) -> list[OrgSettings]:
             continue
         r.only_keys(where, entry, {"id", "name", "integration_id", "device_kind", "interval"})
         org_id = r.string(entry, f"{where}.id", required=True)
+        if org_id is not None and not ORG_ID.fullmatch(org_id):
+            r.problem(
+                f"{where}.id {org_id!r} is not an org id (1-64 letters, digits, '-', '_', '.' or ':', "
+                "starting with a letter or digit)"
+            )
+            org_id = None
         if org_id in seen:
             r.problem(f"{where}.id {org_id!r} is configured twice")
         integration_id = r.string(entry, f"{where}.integration_id")
@@ -343,8 +405,9 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
         r.problem(f"api: set only one API key source, found {', '.join(sources)}")
         return None
     kind = sources[0]
-    name = r.string(api, f"api.{kind}", required=True)
-    if not name:
+    raw = api.get(kind)
+    if not isinstance(raw, str) or not raw.strip():
+        r.problem(f"api.{kind} must be a non-empty string")
         return None
     if kind == "api_key":
         if r.source is not None and r.source.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -353,13 +416,14 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
                 "use api_key_env / api_key_file, or chmod 600 the file"
             )
             return None
-        return Secret(name)
+        return _checked_key(r, raw, "api.api_key (inline)")
+    name = raw.strip()
     if kind == "api_key_env":
         value = environ.get(name, "")
         if not value.strip():
             r.problem(f"api.api_key_env: environment variable {name} is not set or empty")
             return None
-        return Secret(value.strip())
+        return _checked_key(r, value, f"api.api_key_env (environment variable {name})")
     if kind == "api_key_credential":
         directory = environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -371,14 +435,39 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
     else:
         key_path = Path(name)
     try:
-        value = key_path.read_text(encoding="utf-8").strip()
+        value = key_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        r.problem(f"api.{kind}: {key_path} is not UTF-8 text; it must hold only the key")
+        return None
     except OSError as exc:
         r.problem(f"api.{kind}: cannot read the API key from {key_path}: {exc.strerror}")
         return None
-    if not value:
+    if not value.strip():
         r.problem(f"api.{kind}: {key_path} is empty")
         return None
-    return Secret(value)
+    return _checked_key(r, value, f"api.{kind} ({key_path})")
+
+
+def _checked_key(r: _Reader, value: str, source: str) -> Secret | None:
+    """The key from ``source`` as a Secret, or a problem naming the source and never the value.
+
+    One trailing newline (what ``echo`` and editors leave) is trimmed; anything else that is not a
+    visible ASCII character would end up in an HTTP header, where it is refused or, worse, quoted
+    back in an error message.
+    """
+    if value.endswith("\r\n"):
+        value = value[:-2]
+    elif value.endswith("\n"):
+        value = value[:-1]
+    if "\n" in value or "\r" in value:
+        r.problem(f"{source}: the API key spans several lines; it must be one line holding only the key")
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        r.problem(f"{source}: the API key holds a control character; it must hold only the key")
+    elif not value.isascii() or not value.isprintable() or " " in value:
+        r.problem(f"{source}: the API key holds spaces or non-ASCII characters; it must hold only the key")
+    else:
+        return Secret(value)
+    return None
 
 
 def _redact_url(url: str) -> str:
@@ -460,6 +549,16 @@ class _Reader:
             self.problem(f"{name} must be true or false, got {value!r}")
             return default
         return value
+
+    def size(self, t: Mapping[str, Any], name: str, default: int) -> int:
+        key = name.rsplit(".", 1)[-1]
+        if key not in t:
+            return default
+        try:
+            return parse_size(t[key])
+        except ValueError as exc:
+            self.problem(f"{name} {exc}")
+            return default
 
     def duration(self, t: Mapping[str, Any], name: str, default: Any) -> Any:
         key = name.rsplit(".", 1)[-1]

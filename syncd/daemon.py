@@ -220,12 +220,7 @@ class Daemon:
                     stop=self.stop,
                     fetch_ahead=passes_at_once(self.config, self.config.orgs) == 1,
                 )
-                try:
-                    outcome = locked_pass(org_pass)
-                except SyncdError as exc:  # the database failed before or after the pass itself
-                    now = datetime.now(UTC)
-                    outcome = PassOutcome(org_id, None, "failed", now, now, error=str(exc), exception=exc)
-                self._after(org, outcome)
+                self._after(org, locked_pass(org_pass))
         finally:
             with self._lock:
                 self.running.discard(org_id)
@@ -304,6 +299,7 @@ class Daemon:
         if new.api != old.api or new.writeback != old.writeback:
             self._retired_clients.append(self.reconciler.client)
             self.reconciler = self._new_reconciler(new)
+        self.reconciler.orgs = frozenset(org.id for org in new.orgs)
         self.config = new
         if (new.log_format, new.log_level) != (old.log_format, old.log_level):
             logs.configure(new.log_format, new.log_level)  # passes started from now on log at the new level
@@ -333,7 +329,10 @@ class Daemon:
         return True
 
     def _new_reconciler(self, config: Config) -> Reconciler:
-        return Reconciler(writeback_client(config, self.stop), self.store, config.writeback, self.instance, self.stop)
+        orgs = frozenset(org.id for org in config.orgs)
+        return Reconciler(
+            writeback_client(config, self.stop), self.store, config.writeback, self.instance, orgs, self.stop
+        )
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""

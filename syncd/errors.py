@@ -8,17 +8,21 @@
     │   └── AlreadyRunningError     another daemon already owns this SQLite mirror
     ├── TransientError              try again later (the client already retried within its budget)
     │   ├── TransportError          connect / read / reset / timeout talking to the API
+    │   │   └── RequestTimeoutError no complete answer within api.request_timeout (or the pass's deadline)
     │   └── ServerBusyError         408, 425, 429, 5xx (carries the server's Retry-After hint)
     ├── PermanentError              give up on this request; repeating it gives the same answer
     │   ├── ForbiddenError          403: the key may not act for this org
     │   ├── NotFoundError           404: no such device (or not visible to this org)
     │   ├── RejectedError           400, 422 and any other 4xx: the request itself was refused
-    │   └── InvalidResponseError    the API answered with something we cannot read
-    │       └── InvalidDeviceError  one device in a list cannot be read (carries its position)
+    │   ├── InvalidRequestError     syncd will not send this request (a device id OpenApp cannot have issued)
+    │   └── InvalidResponseError    the API answered with something we cannot read or believe
+    │       ├── InvalidDeviceError  one device in a list cannot be read (carries its position and id)
+    │       └── ResponseTooLargeError  the answer is larger than api.max_response_size
     ├── StoreError                  the database failed; the transaction was rolled back
     │   └── SchemaOutdatedError     the database schema is behind: run `syncd db upgrade`
-    └── PassRefusedError            a safety guard stopped a pass; an operator must confirm
-        └── MassPurgeRefusedError   a pass would purge too much; rerun with --allow-mass-purge
+    ├── PassRefusedError            a safety guard stopped a pass; an operator must confirm
+    │   └── MassPurgeRefusedError   a pass would purge too much; rerun with --allow-mass-purge
+    └── StoppedError                stopped on request (SIGTERM, SIGINT, shutdown): nothing to fix
 
 Errors that come from an HTTP response carry an :class:`ApiProblem` with the status and the
 parsed ``ApiErrorResponse`` body (``message``, ``error_code``, ``correlationId``).
@@ -95,6 +99,10 @@ class TransportError(TransientError):
     """The request did not get an HTTP answer (connect, read, reset, timeout)."""
 
 
+class RequestTimeoutError(TransportError):
+    """The request got no complete answer within its total deadline."""
+
+
 class ServerBusyError(TransientError):
     """The server answered 408, 425, 429 or 5xx."""
 
@@ -115,17 +123,34 @@ class RejectedError(PermanentError):
     """400, 422 or another 4xx: the request itself was refused."""
 
 
+class InvalidRequestError(PermanentError):
+    """syncd refuses to send a request built from untrusted data (an id OpenApp cannot have issued)."""
+
+
 class InvalidResponseError(PermanentError):
-    """The API answered with a body syncd cannot read."""
+    """The API answered with a body syncd cannot read, or one about something else than was asked."""
 
 
 class InvalidDeviceError(InvalidResponseError):
-    """One device of a list page cannot be read; the rest of the page still can."""
+    """One device cannot be read or stored; the other devices of its page still can.
 
-    def __init__(self, message: str, *, position: int | None = None) -> None:
-        where = f"device at position {position}: " if position is not None else ""
-        super().__init__(where + message)
+    ``device_id`` is the id as received when it was readable (shown escaped and shortened).
+    """
+
+    def __init__(self, message: str, *, position: int | None = None, device_id: str | None = None) -> None:
+        where = []
+        if position is not None:
+            where.append(f"position {position}")
+        if device_id is not None:
+            where.append(f"id {device_id}")
+        super().__init__(f"device at {', '.join(where)}: {message}" if where else f"device: {message}")
         self.position = position
+        self.device_id = device_id
+        self.reason = message
+
+
+class ResponseTooLargeError(InvalidResponseError):
+    """The answer (after decompression) is larger than ``api.max_response_size``."""
 
 
 class StoreError(SyncdError):
@@ -142,3 +167,7 @@ class PassRefusedError(SyncdError):
 
 class MassPurgeRefusedError(PassRefusedError):
     """The pass would mark too many devices purged."""
+
+
+class StoppedError(SyncdError):
+    """The work was stopped on request (SIGTERM, SIGINT, daemon shutdown); it is not a failure."""

@@ -7,6 +7,7 @@ inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,6 +22,12 @@ LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_
 # Per-request cache annotations: they change between identical reads, so they are not content.
 VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
 UNDETERMINED_LOCALE = "und"
+# OpenApp issues device ids as ULIDs (CONTRACT.md §4) in canonical form: 26 characters of Crockford's
+# base32 (digits and upper-case letters without I, L, O, U), the first one 0-7 (128 bits). Nothing
+# else can be an OpenApp device, so nothing else is stored, put into a URL or pushed.
+DEVICE_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
+ID_LENGTH = 64  # the mirror's id columns (org_id, integration_id, zone_id) are VARCHAR(64)
+MAX_NESTING = 254  # the deepest JSON nesting orjson writes (it reads up to 1024)
 
 
 def _lifecycle(index: int, doc: str) -> property:
@@ -65,12 +72,31 @@ def encode(raw: dict[str, Any]) -> tuple[bytes, str]:
     """``(json, fingerprint)`` of a payload: its JSON, keys in the order received, and a 128-bit
     digest of that JSON without per-request cache annotations. One serialisation serves both when
     it can. The same content in another key order digests differently; a pass that meets such a
-    device compares contents and renews the stored payload without recording a change."""
-    encoded = orjson.dumps(raw)
-    content = encoded
-    if "cache_hit" in raw or "cache_ttl" in raw:  # VOLATILE_FIELDS, spelled out: this runs per device
-        content = orjson.dumps({k: v for k, v in raw.items() if k not in VOLATILE_FIELDS})
+    device compares contents and renews the stored payload without recording a change.
+
+    ValueError when the payload cannot be serialised (nested deeper than :data:`MAX_NESTING`).
+    """
+    try:
+        encoded = orjson.dumps(raw)
+        content = encoded
+        if "cache_hit" in raw or "cache_ttl" in raw:  # VOLATILE_FIELDS, spelled out: this runs per device
+            content = orjson.dumps({k: v for k, v in raw.items() if k not in VOLATILE_FIELDS})
+    except orjson.JSONEncodeError:
+        raise ValueError(f"its JSON is nested more than {MAX_NESTING} levels deep, deeper than syncd stores") from None
     return encoded, xxh3_128_hexdigest(content)
+
+
+def is_device_id(value: object) -> bool:
+    """Whether ``value`` is a device id OpenApp could have issued (a canonical ULID)."""
+    return isinstance(value, str) and DEVICE_ID.fullmatch(value) is not None
+
+
+def check_device_id(value: object) -> str:
+    """``value`` if it is an OpenApp device id, else ValueError saying so (the value escaped, shortened)."""
+    if not is_device_id(value):
+        raise ValueError(_not_an_id(value))
+    assert isinstance(value, str)
+    return value
 
 
 def utcnow() -> datetime:
@@ -78,49 +104,78 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableItem:
+    """A list item whose JSON could not be read on its own (the rest of its page could)."""
+
+    reason: str
+    device_id: str | None = None
+
+
 def identify(item: object, position: int | None = None) -> tuple[str, str]:
-    """Return ``(id, org_id)`` of a raw list item, or raise InvalidDeviceError naming the problem."""
+    """Return ``(id, org_id)`` of a raw list item, or raise InvalidDeviceError naming the problem.
+
+    The id must be one OpenApp can have issued (:data:`DEVICE_ID`); the org id a non-empty string.
+    """
     if not isinstance(item, dict):
+        if isinstance(item, UnreadableItem):
+            raise InvalidDeviceError(item.reason, position=position, device_id=item.device_id)
         raise InvalidDeviceError(f"expected a JSON object, got {type(item).__name__}", position=position)
     device_id = item.get("id")
     if not isinstance(device_id, str) or not device_id:
         raise InvalidDeviceError("missing or empty 'id'", position=position)
+    if DEVICE_ID.fullmatch(device_id) is None:
+        raise InvalidDeviceError(f"'id' {_not_an_id(device_id)}", position=position)
     org_id = item.get("org_id")
     if not isinstance(org_id, str) or not org_id:
-        raise InvalidDeviceError(f"device {device_id}: missing or empty 'org_id'", position=position)
+        raise InvalidDeviceError("missing or empty 'org_id'", position=position, device_id=device_id)
     return device_id, org_id
 
 
 def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes, str] | None = None) -> Device:
-    """Parse one DeviceResponse; raise InvalidDeviceError (with its position) if it is unusable.
+    """Parse one DeviceResponse; raise InvalidDeviceError (with its position and id) if it is unusable.
 
+    Unusable includes what the mirror could not store alike on SQLite and PostgreSQL: a NUL character
+    in any string, an id longer than its column, a timestamp outside the years 1-9999 once in UTC.
     ``encoded``: :func:`encode` of ``raw`` when the caller already has it.
     """
     device_id, org_id = identify(raw, position)
     assert isinstance(raw, dict)
-    storage = raw.get("metadata")
-    if not isinstance(storage, dict):
-        storage = {}
-    lifecycle = []
-    for field in LIFECYCLE_FIELDS:
-        value = raw.get(field)
-        if value is None:
-            value = storage.get(field)
-        try:
-            lifecycle.append(None if value is None else utc_text(value))
-        except ValueError as exc:
-            raise InvalidDeviceError(f"device {device_id}: '{field}' {exc}", position=position) from None
+    field = "payload"
     try:
+        payload, digest = encoded or encode(raw)
+        if b"\\u0000" in payload:  # a cheap test first; the walk tells whether it is really a NUL
+            where = nul_path(raw)
+            if where is not None:
+                raise ValueError(
+                    f"holds a NUL character (U+0000) at {where}; PostgreSQL cannot store one, so no database does"
+                )
+        storage = raw.get("metadata")
+        if not isinstance(storage, dict):
+            storage = {}
+        lifecycle = []
+        for field in LIFECYCLE_FIELDS:
+            value = raw.get(field)
+            if value is None:
+                value = storage.get(field)
+            lifecycle.append(None if value is None else utc_text(value))
+        field = "name"
         name = normalise_name(raw.get("name"))
+        field = "integration_id"
+        integration_id = _id_field(raw.get(field))
+        field = "zone_id"
+        zone_id = _id_field(raw.get(field))
+        field = "external_id"
+        external_id = _optional_str(raw.get(field))
     except ValueError as exc:
-        raise InvalidDeviceError(f"device {device_id}: 'name' {exc}", position=position) from None
-    payload, digest = encoded or encode(raw)
+        where = "" if field == "payload" else f"'{field}' "
+        raise InvalidDeviceError(f"{where}{exc}", position=position, device_id=device_id) from None
     return Device(
         id=device_id,
         org_id=org_id,
-        integration_id=_optional_str(raw.get("integration_id")),
-        zone_id=_optional_str(raw.get("zone_id")),
-        external_id=_optional_str(raw.get("external_id")),
+        integration_id=integration_id,
+        zone_id=zone_id,
+        external_id=external_id,
         name=name,
         device_metadata=raw.get("device_metadata"),
         lifecycle=tuple(lifecycle),
@@ -128,6 +183,24 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes,
         raw_json=payload.decode(),
         fingerprint=digest,
     )
+
+
+def nul_path(value: Any) -> str | None:
+    """Where the first NUL character is in a JSON value (a path like ``name.en`` or ``[3]``), or None."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path or "the top level"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    return f"a key in {path or 'the top level'}"
+                pending.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return None
 
 
 def normalise_name(value: object) -> dict[str, str]:
@@ -145,7 +218,7 @@ def normalise_name(value: object) -> dict[str, str]:
                 break
         else:
             return dict(value)
-    raise ValueError(f"is not a localized string: {_preview(value)}")
+    raise ValueError(f"is not a localized string: {preview(value)}")
 
 
 def parse_timestamp(value: object) -> datetime | None:
@@ -153,14 +226,17 @@ def parse_timestamp(value: object) -> datetime | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise ValueError(f"is not a timestamp: {_preview(value)}")
+        raise ValueError(f"is not a timestamp: {preview(value)}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"is not a timestamp: {_preview(value)}") from None
+        raise ValueError(f"is not a timestamp: {preview(value)}") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is in the year 10000 in UTC
+        raise ValueError(f"is outside the years 1-9999 in UTC: {preview(value)}") from None
 
 
 def utc_text(value: object) -> str | None:
@@ -172,7 +248,7 @@ def utc_text(value: object) -> str | None:
         try:
             datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"is not a timestamp: {_preview(value)}") from None
+            raise ValueError(f"is not a timestamp: {preview(value)}") from None
         return value.replace("T", " ", 1)[:26]
     moment = parse_timestamp(value)
     return None if moment is None else moment.replace(tzinfo=None).isoformat(" ", "microseconds")
@@ -181,15 +257,32 @@ def utc_text(value: object) -> str | None:
 def _optional_str(value: object) -> str | None:
     if value is None or value == "":
         return None
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"is not a string: {preview(value)}")
 
 
-def _preview(value: object, limit: int = 60) -> str:
+def _id_field(value: object) -> str | None:
+    text = _optional_str(value)
+    if text is not None and len(text) > ID_LENGTH:
+        raise ValueError(f"is {len(text)} characters long, more than an id can be ({ID_LENGTH}): {preview(text)}")
+    return text
+
+
+def _not_an_id(value: object) -> str:
+    return f"{preview(value)} is not an OpenApp device id (a ULID: 26 characters of Crockford base32)"
+
+
+def preview(value: object, limit: int = 60) -> str:
+    """``repr`` of a value, shortened: safe to put an untrusted value into a one-line message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
+MAX_EDIT_BYTES = 1024 * 1024  # an UpdateDeviceRequest larger than this is a mistake, not a device
 
 
 def validate_edit(action: object, payload: object) -> str | None:
@@ -201,12 +294,21 @@ def validate_edit(action: object, payload: object) -> str | None:
     if action != "update":
         return f"unknown action {action!r} (use 'update' or 'restore')"
     if isinstance(payload, str):
-        return f"payload is not a JSON object: {_preview(payload)}"
+        return f"payload is not a JSON object: {preview(payload)}"
     if not isinstance(payload, dict) or not payload:
         return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
     unknown = sorted(set(payload) - set(EDITABLE_FIELDS))
     if unknown:
-        return f"unknown field(s) {', '.join(unknown)} (editable: {', '.join(EDITABLE_FIELDS)})"
+        return f"unknown field(s) {', '.join(preview(f) for f in unknown)} (editable: {', '.join(EDITABLE_FIELDS)})"
+    try:
+        size = len(orjson.dumps(payload))
+    except orjson.JSONEncodeError:
+        return f"payload is nested more than {MAX_NESTING} levels deep"
+    if size > MAX_EDIT_BYTES:
+        return f"payload is {size} bytes of JSON, more than an edit may be ({MAX_EDIT_BYTES})"
+    where = nul_path(payload)
+    if where is not None:
+        return f"payload holds a NUL character (U+0000) at {where}, which the mirror cannot store"
     if "name" in payload:
         try:
             if not normalise_name(payload["name"]):
@@ -215,7 +317,7 @@ def validate_edit(action: object, payload: object) -> str | None:
             return f"name {exc}"
     for field in ("zone_id", "external_id"):
         if field in payload and payload[field] is not None and not isinstance(payload[field], str):
-            return f"{field} must be a string or null, got {_preview(payload[field])}"
+            return f"{field} must be a string or null, got {preview(payload[field])}"
     return None
 
 

@@ -1,12 +1,15 @@
 """Write-back: push queued local edits (``device_edits``) to OpenApp.
 
-Per edit: validate it, fetch the device, detect a conflicting remote change (``updated_at`` newer
-than ``base_updated_at``), push with update_device / restore_device, then record the result and
-update the mirror from OpenApp's answer in one transaction. Transient failures are retried later
-(exponential backoff with full jitter, honouring Retry-After) up to ``writeback.max_attempts``;
-permanent ones fail at once; a 401 pauses the reconciler without burning attempts. An edit left
-``in_flight`` by a crash is re-checked once its lease expires: if OpenApp already shows the change it
-succeeded, otherwise it is pushed again (PUT and restore are safe to repeat).
+Per edit: validate it (an OpenApp device id, a payload syncd can push, and the org: always the
+mirror's org of the device, which must be a configured one; an ``org_id`` written into the row that
+says otherwise fails the edit, nothing is sent), fetch the device, detect a conflicting remote
+change (``updated_at`` newer than ``base_updated_at``), push with update_device / restore_device,
+then record the result and update the mirror from OpenApp's answer in one transaction. Transient
+failures are retried later (exponential backoff with full jitter, honouring Retry-After) up to
+``writeback.max_attempts``; permanent ones fail at once; a 401 pauses the reconciler without
+burning attempts. An edit left ``in_flight`` by a crash is re-checked once its lease expires: if
+OpenApp already shows the change it succeeded, otherwise it is pushed again (PUT and restore are
+safe to repeat).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +33,7 @@ from syncd.errors import (
     InvalidResponseError,
     NotFoundError,
     RejectedError,
+    StoppedError,
     SyncdError,
     TransientError,
 )
@@ -36,9 +41,11 @@ from syncd.metrics import EDIT_RESULTS
 from syncd.models import (
     Device,
     change_kind,
+    check_device_id,
     describe_change,
     edit_applied,
     parse_device,
+    preview,
     remote_values,
     utcnow,
     validate_edit,
@@ -58,14 +65,28 @@ def requester() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def queue_edit(store: Store, device_id: str, action: str, payload: dict[str, Any] | None, requested_by: str) -> int:
-    """Validate an edit against the mirror and queue it; ConfigError names what is wrong."""
+def queue_edit(
+    store: Store,
+    device_id: str,
+    action: str,
+    payload: dict[str, Any] | None,
+    requested_by: str,
+    orgs: Collection[str],
+) -> int:
+    """Validate an edit against the mirror and the configured ``orgs``, and queue it; ConfigError
+    names what is wrong."""
+    try:
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     problem = validate_edit(action, payload)
     if problem:
         raise ConfigError(f"edit of {device_id}: {problem}")
     device = store.device(device_id)
     if device is None:
         raise ConfigError(f"device {device_id} is not in the mirror (run `syncd run-once` first, or check the id)")
+    if device["org_id"] not in orgs:
+        raise ConfigError(f"device {device_id} belongs to org {device['org_id']}, which is not configured")
     if device["state"] == "purged":
         raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited or restored")
     if action == "restore" and device["state"] != "deleted":
@@ -91,10 +112,13 @@ class Reconciler:
         store: Store,
         settings: WritebackSettings,
         instance: str,
+        orgs: Collection[str],
         stop: threading.Event | None = None,
     ) -> None:
+        """``orgs``: the configured org ids; edits of devices of any other org fail unsent."""
         self.client = client
         self.store = store
+        self.orgs = frozenset(orgs)
         self.queue = EditQueue(store)
         self.settings = settings
         self.instance = instance
@@ -123,7 +147,7 @@ class Reconciler:
                 result = self._process(row)
                 results[result] += 1
                 EDIT_RESULTS.labels(result).inc()
-                if result == "paused":
+                if result in ("paused", "stopped"):
                     self.queue.release([r["id"] for r in fresh[index + 1 :]], utcnow())
                     return results
         return results
@@ -131,16 +155,22 @@ class Reconciler:
     # -- one edit ----------------------------------------------------------------------------------
 
     def _process(self, row: dict[str, Any]) -> str:
-        edit_log = log.bind(edit_id=row["id"], device_id=row["device_id"])
+        edit_log = log.bind(edit_id=row["id"], device_id=preview(row["device_id"]))
         action, payload = row["action"], row["payload"]
-        problem = validate_edit(action, payload)
-        mirrored = self.store.device(row["device_id"])
-        if problem is None and mirrored is None:
-            problem = "unknown device: it is not in the mirror"
+        mirrored, problem = None, None
+        try:
+            check_device_id(row["device_id"])
+        except ValueError as exc:
+            problem = f"{exc}; nothing was sent"
+        else:
+            problem = validate_edit(action, payload)
+            mirrored = self.store.device(row["device_id"])
+            if problem is None:
+                problem = self._org_problem(row, mirrored)
         if problem:
             return self._fail(row, problem, edit_log)
         assert mirrored is not None
-        org_id = row["org_id"] or mirrored["org_id"]
+        org_id = mirrored["org_id"]
         base = row["base_updated_at"] or mirrored["updated_at"]
         try:
             remote = self._fetch(org_id, row["device_id"])
@@ -160,12 +190,27 @@ class Reconciler:
             return self._succeed(row, parse_device(answer), mirrored, overwrote=remote.updated_at)
         except AuthError as exc:
             return self._pause(row, exc)
+        except StoppedError:  # only reads are interrupted: nothing was pushed
+            self.queue.release([row["id"]], utcnow())
+            return "stopped"
         except NotFoundError as exc:
             return self._fail(row, "the device no longer exists in OpenApp (purged)", edit_log, exc)
         except TransientError as exc:
             return self._retry_later(row, exc, edit_log)
         except SyncdError as exc:  # permanent API errors, unreadable answers
             return self._fail(row, str(exc), edit_log, exc)
+
+    def _org_problem(self, row: dict[str, Any], mirrored: dict[str, Any] | None) -> str | None:
+        """Why the edit may not be sent for this org, or None. The org is the mirror's org of the
+        device; a row is not trusted to name it."""
+        if mirrored is None:
+            return "unknown device: it is not in the mirror"
+        org_id = mirrored["org_id"]
+        if row["org_id"] is not None and row["org_id"] != org_id:
+            return f"org_id {preview(row['org_id'])} is not the device's org ({org_id} in the mirror); nothing was sent"
+        if org_id not in self.orgs:
+            return f"the device's org {org_id} is not configured in this syncd; nothing was sent"
+        return None
 
     def _fetch(self, org_id: str, device_id: str) -> Device:
         raw = self.client.get_device(org_id, device_id)

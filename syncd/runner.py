@@ -13,7 +13,7 @@ import structlog
 
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, SyncdError
 from syncd.models import utcnow
 from syncd.store import Store
 from syncd.sync import OrgPass, PassOutcome, ProgressCallback
@@ -90,11 +90,22 @@ def run_once(
 
 
 def locked_pass(org_pass: OrgPass, wait: float = 0.0) -> PassOutcome:
-    """Run the pass under the org's lock; a ``skipped`` outcome if another pass holds it."""
+    """Run the pass under the org's lock; a ``skipped`` outcome if another pass holds it.
+
+    Never raises for what syncd reports: a lock that cannot be taken (the database is down) is a
+    ``failed`` outcome, a stop before the pass began an ``aborted`` one without a run row.
+    """
     org_id = org_pass.org.id
-    with org_pass.store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
-        if acquired:
-            return org_pass.run()
+    now = utcnow()
+    if org_pass.stop.is_set():
+        return PassOutcome(org_id, None, "aborted", now, now, error="stopped before the pass began")
+    try:
+        with org_pass.store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
+            if acquired:
+                return org_pass.run()
+    except SyncdError as exc:
+        log.error("pass could not start", org_id=org_id, error=str(exc))
+        return PassOutcome(org_id, None, "failed", now, utcnow(), error=f"could not start: {exc}", exception=exc)
     now = utcnow()
     log.warning("org skipped: another syncd pass holds it", org_id=org_id, waited=wait)
     return PassOutcome(org_id, None, "skipped", now, now, error="another syncd pass of this org is running")

@@ -5,7 +5,9 @@ Safety rules (README, "How a pass works"):
 - an unchanged device is not written;
 - nothing is marked purged unless the scan was complete and error-free *and* get_device answers 404;
 - a pass that would purge more than ``sync.max_purge_fraction`` of the org refuses, unless confirmed;
-- a device of another org is never written.
+- a device of another org is never written; a device that cannot be read or stored costs only itself
+  (and purge detection); a device listed twice is taken once;
+- a pass ends: at ``sync.pass_timeout``, and when a list runs on far past the org's known size.
 """
 
 from __future__ import annotations
@@ -24,15 +26,38 @@ import structlog
 
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
-from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, NotFoundError, SyncdError
+from syncd.errors import (
+    InvalidDeviceError,
+    InvalidResponseError,
+    MassPurgeRefusedError,
+    NotFoundError,
+    StoppedError,
+    StoreError,
+    SyncdError,
+    TransientError,
+)
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
-from syncd.models import Device, change_kind, describe_change, encode, identify, parse_device, utcnow
+from syncd.models import (
+    Device,
+    change_kind,
+    describe_change,
+    encode,
+    identify,
+    is_device_id,
+    parse_device,
+    preview,
+    utcnow,
+)
 from syncd.store import Session, Store
 
 log = structlog.get_logger(__name__)
 
 PREFETCH_PAGES = 2
 MAX_LOGGED_PROBLEMS = 10
+# A list may run this far past the org's size at its last count before a pass calls it endless:
+# 10x the pages, plus 1,000. (A first pass has no count: only sync.max_pages bounds it.)
+PAGE_GROWTH_FACTOR = 10
+PAGE_GROWTH_MARGIN = 1000
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -60,7 +85,9 @@ class OrgPass:
 
     session: Session  # the pass's database connection, while :meth:`run` runs
     writes: PageWrites  # the pass's page commits, while :meth:`run` runs
-    baseline: bool  # the org had no mirrored devices when the pass started
+    baseline: bool  # no pass of the org had succeeded when this one started
+    deadline: float  # time.monotonic() at which the pass gives up (sync.pass_timeout)
+    max_pages: int  # list pages this pass reads at most before it calls the list endless
 
     def __init__(
         self,
@@ -98,36 +125,48 @@ class OrgPass:
     def run(self) -> PassOutcome:
         """Run the pass; errors end up in the outcome and the sync_runs row, not as exceptions."""
         started = utcnow()
-        run_id, stale = self.store.start_run(self.org.id, self.trigger, self.instance, started)
+        try:
+            run_id, stale = self.store.start_run(self.org.id, self.trigger, self.instance, started)
+        except SyncdError as exc:
+            self.log.error("pass could not start", error=str(exc))
+            return PassOutcome(
+                self.org.id, None, "failed", started, utcnow(), error=f"could not start: {exc}", exception=exc
+            )
         self.log = self.log.bind(run_id=run_id)
         if stale:
             self.log.warning("closed interrupted runs", count=stale)
         self.log.debug("pass started")
+        self.deadline = time.monotonic() + self.settings.pass_timeout
         status, error = "succeeded", None
         exception: SyncdError | None = None
-        # An org's first pass loads a baseline: its devices were not created now, so no 'created'
-        # history rows (first_seen_at and OpenApp's created_at tell when they appeared).
-        self.baseline = not self.store.has_devices(self.org.id)
         held = contextlib.ExitStack()  # the pass's database connection
         writes: PageWrites | None = None
         try:
+            # An org's first pass loads a baseline: its devices were not created now, so no 'created'
+            # history rows (first_seen_at and OpenApp's created_at tell when they appeared). Until a
+            # pass has succeeded, the baseline is not complete: an interrupted first pass leaves a part.
+            self.baseline = not self.store.has_succeeded(self.org.id)
+            self.max_pages = self._page_limit()
             self.session = held.enter_context(self.store.session())
             self.writes = writes = PageWrites(self.session)
             if not self._scan(run_id):
                 status, error = "aborted", "stopped before the scan finished"
             elif self.problems:
-                first = self.problems[0]
-                status = "failed"
-                error = (
-                    f"{len(self.problems)} device(s) could not be read, so purge detection was skipped; first: {first}"
-                )
+                status, error = "failed", self._problems_summary("could not be read, so purge detection was skipped")
             elif not self._sweep(run_id):
                 status, error = "aborted", "stopped during purge detection"
+            elif self.problems:
+                status, error = (
+                    "failed",
+                    self._problems_summary("could not be confirmed; purge detection is incomplete"),
+                )
+        except StoppedError as exc:
+            status, error = "aborted", str(exc)
         except MassPurgeRefusedError as exc:
             PURGES_REFUSED.labels(self.org.id).inc()
             status, error, exception = "failed", str(exc), exc
         except SyncdError as exc:
-            status, error, exception = "failed", str(exc), exc
+            status, error, exception = "failed", self._explain(exc), exc
         except Exception as exc:  # a bug must not leave the run 'running' forever
             self.log.exception("pass crashed")
             status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
@@ -136,20 +175,58 @@ class OrgPass:
                 if writes:
                     writes.flush()  # the run's counters are complete before it is closed
             except SyncdError as exc:
-                if status != "failed":
+                if status != "failed":  # the first error is the one that tells what happened
                     status, error, exception = "failed", str(exc), exc
             finally:
-                held.close()
+                try:
+                    held.close()
+                except StoreError as exc:  # a connection the server dropped cannot be closed cleanly
+                    self.log.debug("closing the pass's connection failed", error=str(exc))
         finished = utcnow()
-        self.store.finish_run(run_id, status, finished, error)
         outcome = PassOutcome(self.org.id, run_id, status, started, finished, self.counts, error, exception)
+        try:
+            self.store.finish_run(run_id, status, finished, error)
+        except StoreError as exc:
+            self.log.error(
+                "the pass's result could not be recorded; this process records it before its next pass",
+                status=status,
+                error=error,
+                bookkeeping_error=str(exc),
+            )
+            outcome.status = "failed"
+            outcome.error = f"{error or f'the pass {status}'}; and its result could not be recorded: {exc}"
+            outcome.exception = outcome.exception or exc
         self._record_metrics(outcome)
         counts = {k: v for k, v in sorted(self.counts.items()) if v}
-        if status == "succeeded":
+        if outcome.status == "succeeded":
             self.log.info("pass succeeded", seconds=round(outcome.seconds, 2), **counts)
         else:
-            self.log.warning(f"pass {status}", error=error, seconds=round(outcome.seconds, 2), **counts)
+            self.log.warning(f"pass {outcome.status}", error=outcome.error, seconds=round(outcome.seconds, 2), **counts)
         return outcome
+
+    def _problems_summary(self, what: str) -> str:
+        return f"{len(self.problems)} device(s) {what}; first: {self.problems[0]}"
+
+    def _explain(self, exc: SyncdError) -> str:
+        if time.monotonic() >= self.deadline and "sync.pass_timeout" not in str(exc):
+            return f"the pass ran into sync.pass_timeout ({self.settings.pass_timeout:.0f}s): {exc}"
+        return str(exc)
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() >= self.deadline:
+            raise TransientError(
+                f"the pass took longer than sync.pass_timeout ({self.settings.pass_timeout:.0f}s) and was stopped; "
+                "nothing was purged"
+            )
+
+    def _page_limit(self) -> int:
+        """How many pages this pass may read: ``sync.max_pages``, and for an org whose size is known,
+        at most :data:`PAGE_GROWTH_FACTOR` times its pages plus :data:`PAGE_GROWTH_MARGIN`."""
+        size = self.store.known_size(self.org.id)
+        if not size:
+            return self.settings.max_pages
+        pages = -(-size // self.client.settings.page_size)
+        return min(self.settings.max_pages, PAGE_GROWTH_FACTOR * pages + PAGE_GROWTH_MARGIN)
 
     def _record_metrics(self, outcome: PassOutcome) -> None:
         org_id = self.org.id
@@ -159,7 +236,10 @@ class OrgPass:
                 CHANGES.labels(org_id, kind).inc(self.counts[kind])
         if outcome.status == "succeeded":
             LAST_SUCCESS.labels(org_id).set(outcome.finished_at.timestamp())
-        by_state = self.store.state_counts(org_id).get(org_id, {})
+        try:
+            by_state = self.store.state_counts(org_id).get(org_id, {})
+        except StoreError:
+            return  # the gauges keep their last values; the pass's outcome says what failed
         for state in ("active", "deleted", "purged"):
             DEVICES.labels(org_id, state).set(by_state.get(state, 0))
 
@@ -167,11 +247,23 @@ class OrgPass:
 
     def _scan(self, run_id: int) -> bool:
         pages = self.client.list_device_pages(
-            self.org.id, integration_id=self.org.integration_id, device_kind=self.org.device_kind
+            self.org.id,
+            integration_id=self.org.integration_id,
+            device_kind=self.org.device_kind,
+            deadline=self.deadline,
         )
         for page in prefetch(pages, self.stop) if self.fetch_ahead else pages:
             if self.stop.is_set():
                 return False
+            self._check_deadline()
+            if self.counts["pages"] >= self.max_pages:
+                raise InvalidResponseError(
+                    f"list_devices kept sending full pages: stopped after {self.counts['pages']} pages "
+                    f"({len(self.seen)} devices; the org had {self.store.known_size(self.org.id)} at the last count) "
+                    f"and purged nothing. A list this long is taken for a server fault; an org that really grew "
+                    f"is allowed {PAGE_GROWTH_FACTOR}x more at the next pass, up to sync.max_pages "
+                    f"({self.settings.max_pages})"
+                )
             self._apply(run_id, page.items, page.offset)
             if self.on_progress:
                 self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
@@ -182,6 +274,7 @@ class OrgPass:
         now = utcnow()
         batch: dict[str, tuple[dict[str, Any], int | None]] = {}
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
+        problems_before = len(self.problems)
         for i, item in enumerate(items):
             position = None if offset is None else offset + i
             try:
@@ -192,12 +285,21 @@ class OrgPass:
             if org_id != self.org.id:
                 counts["rejected"] += 1
                 if counts["rejected"] + self.counts["rejected"] <= MAX_LOGGED_PROBLEMS:
-                    self.log.warning("rejected a device of another org", device_id=device_id, device_org_id=org_id)
+                    self.log.warning(
+                        "rejected a device of another org", device_id=device_id, device_org_id=preview(org_id)
+                    )
+                continue
+            if device_id in batch or device_id in self.seen:
+                # Offset paging over a list that changes repeats devices; the first copy is the one taken.
+                counts["duplicates"] += 1
+                if counts["duplicates"] + self.counts["duplicates"] <= MAX_LOGGED_PROBLEMS:
+                    self.log.info(
+                        "a device was listed twice; the first copy was taken", device_id=device_id, position=position
+                    )
                 continue
             batch[device_id] = (item, position)
-        first_time = {device_id for device_id in batch if device_id not in self.seen}
         self.seen.update(batch)
-        counts["devices_seen"] = len(first_time)
+        counts["devices_seen"] = len(batch)
 
         inserts: list[Device] = []
         updates: list[Device] = []
@@ -205,13 +307,16 @@ class OrgPass:
         with self.session.reader() as reader:
             known = reader.known(batch.keys(), now - self._touch_after)
             for device_id, (item, position) in batch.items():
-                encoded = encode(item)
+                try:
+                    encoded = encode(item)
+                except ValueError as exc:
+                    self._problem(InvalidDeviceError(str(exc), position=position, device_id=device_id))
+                    continue
                 existing = known.get(device_id)
                 if existing is not None:
                     fingerprint, state, stale = existing
                     if fingerprint == encoded[1] and state != "purged":
-                        if device_id in first_time:
-                            counts["unchanged"] += 1
+                        counts["unchanged"] += 1
                         if stale:
                             touches.append(device_id)
                         continue
@@ -222,6 +327,7 @@ class OrgPass:
                     continue
                 (updates if existing is not None else inserts).append(device)
             previous = reader.previous([d.id for d in updates])
+        counts["unreadable"] = len(self.problems) - problems_before
         changes = [] if self.baseline else [_change(d.id, self.org.id, run_id, now, "created", None) for d in inserts]
         counts["created"] += len(inserts)
         changed: list[Device] = []
@@ -233,8 +339,7 @@ class OrgPass:
                 # The same content serialised differently (another key order, say): only the
                 # stored payload and fingerprint are renewed; nothing changed.
                 refreshes.append(device)
-                if device.id in first_time:
-                    counts["unchanged"] += 1
+                counts["unchanged"] += 1
                 continue
             kind = change_kind(old_state, device.state)
             counts[kind] += 1
@@ -260,6 +365,15 @@ class OrgPass:
             # missing. (With filters, a server that ignores one could break that; compare ids then.)
             return True
         missing = self.store.live_ids_except(org.id, self.seen, org.integration_id, org.device_kind)
+        foreign = [device_id for device_id in missing if not is_device_id(device_id)]
+        if foreign:
+            # Rows an older syncd took from a hostile list, or written by hand: never put into a URL.
+            self.log.warning(
+                "mirrored devices with ids OpenApp cannot have issued were not checked for purges",
+                count=len(foreign),
+                first=preview(foreign[0]),
+            )
+            missing = [device_id for device_id in missing if is_device_id(device_id)]
         if not missing:
             return True
         live = len(missing) + len(self.seen)
@@ -280,10 +394,13 @@ class OrgPass:
         for device_id in missing:
             if self.stop.is_set():
                 return False
+            self._check_deadline()
             try:
-                raw = self.client.get_device(self.org.id, device_id)
+                raw = self.client.get_device(self.org.id, device_id, deadline=self.deadline)
             except NotFoundError:
                 self._mark_purged(run_id, device_id)
+            except InvalidResponseError as exc:  # an answer not to be believed costs only this device
+                self._problem(InvalidDeviceError(str(exc), device_id=device_id))
             else:
                 self._apply(run_id, [raw], None)  # it was hidden from the scan by shifting offsets
         return True

@@ -186,7 +186,7 @@ def test_connection_refused_is_a_transport_error(sim: Simulator) -> None:
         api_settings(sim), base_url="http://127.0.0.1:9/api/v1", retry=replace(FAST_RETRY, max_attempts=2)
     )
     with OpenAppClient(settings) as client, pytest.raises(TransportError, match="ConnectError"):
-        client.get_device("org", "dev")
+        client.get_device("org", "01HK153X0038NZ3ZA2MABNBN61")
 
 
 def test_x_org_is_enforced(sim: Simulator, world: World) -> None:
@@ -208,11 +208,11 @@ def test_update_restore_delete_round_trip(sim: Simulator, client: OpenAppClient,
 def fake_list(bodies: list[bytes]) -> httpx.MockTransport:
     """A transport answering list requests with canned bodies, for shapes the simulator never sends."""
     answers = iter(bodies)
-    return httpx.MockTransport(lambda request: httpx.Response(200, content=next(answers)))
+    return httpx.MockTransport(lambda request: httpx.Response(200, stream=httpx.ByteStream(next(answers))))
 
 
 def device(i: int) -> dict[str, Any]:
-    return {"id": f"D{i:04d}", "org_id": "O", "integration_id": "I", "name": {"en": str(i)}}
+    return {"id": f"01HK153X0038NZ3ZA2MAB{i:05d}", "org_id": "O", "integration_id": "I", "name": {"en": str(i)}}
 
 
 def test_items_total_envelope_is_accepted(sim: Simulator) -> None:

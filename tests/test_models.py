@@ -6,7 +6,8 @@ import pytest
 from syncd.errors import InvalidDeviceError
 from syncd.models import encode, identify, normalise_name, parse_device, parse_timestamp, utc_text
 
-BASE = {"id": "01HDEV", "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
+DEVICE_ID = "01HK153X0038NZ3ZA2MABNBN61"
+BASE = {"id": DEVICE_ID, "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_unknown_fields_are_kept_in_raw() -> None:
     [
         ({"org_id": "o"}, "missing or empty 'id'"),
         ({"id": "", "org_id": "o"}, "missing or empty 'id'"),
-        ({"id": "d"}, "device d: missing or empty 'org_id'"),
+        ({"id": DEVICE_ID}, f"id {DEVICE_ID}: missing or empty 'org_id'"),
         ("just a string", "expected a JSON object"),
         ({**BASE, "deleted_at": "yesterday"}, "'deleted_at' is not a timestamp"),
         ({**BASE, "name": 42}, "'name' is not a localized string"),
@@ -111,7 +112,7 @@ def test_unusable_devices_are_reported_with_their_position(item: object, message
 
 
 def test_identify_returns_id_and_org() -> None:
-    assert identify(BASE) == ("01HDEV", "01HORG")
+    assert identify(BASE) == (DEVICE_ID, "01HORG")
 
 
 def test_fingerprint_ignores_cache_annotations_and_keeps_the_payload_as_received() -> None:

@@ -23,12 +23,14 @@ from syncd.config import WritebackSettings
 from syncd.errors import ConfigError
 from syncd.reconcile import Reconciler, queue_edit
 from syncd.simulator import Fault, SimError, Simulator, World
+from syncd.simulator.world import org_id_for
 from syncd.store import Store
 from syncd.store.edits import EditQueue
 
 from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
 from .test_cli import KEY_ENV, run_cli, write_config
 
+ORGS = frozenset(org_id_for(i) for i in range(2))  # the orgs of the `world` fixture
 FAST = WritebackSettings(interval=0.2, max_attempts=5, base_delay=0.05, max_delay=0.2, lease_timeout=60)
 
 
@@ -46,7 +48,7 @@ def mirrored(sync: Syncer, world: World, org: str) -> str:
 
 
 def reconciler(client: OpenAppClient, store: Store, **settings: Any) -> Reconciler:
-    return Reconciler(client, store, replace(FAST, **settings), "test:1")
+    return Reconciler(client, store, replace(FAST, **settings), "test:1", ORGS)
 
 
 def active(world: World, org: str, n: int = 0) -> str:
@@ -67,10 +69,12 @@ def test_rename_zone_metadata_and_restore_reach_openapp_and_the_mirror(
     deleted = next(d["id"] for d in world.ground_truth(org) if d["deleted_at"])
     zone = world.orgs[org].zones[1]
     ids = [
-        queue_edit(store, device, "update", {"name": {"en": "Lobby door"}}, "alice@ops"),
-        queue_edit(store, active(world, org, 1), "update", {"zone_id": zone}, "alice@ops"),
-        queue_edit(store, active(world, org, 2), "update", {"device_metadata": {"kind": "gate", "x": 1}}, "bob@ops"),
-        queue_edit(store, deleted, "restore", None, "bob@ops"),
+        queue_edit(store, device, "update", {"name": {"en": "Lobby door"}}, "alice@ops", ORGS),
+        queue_edit(store, active(world, org, 1), "update", {"zone_id": zone}, "alice@ops", ORGS),
+        queue_edit(
+            store, active(world, org, 2), "update", {"device_metadata": {"kind": "gate", "x": 1}}, "bob@ops", ORGS
+        ),
+        queue_edit(store, deleted, "restore", None, "bob@ops", ORGS),
     ]
     results = reconciler(wb_client, store).run_once()
     assert results == Counter(succeeded=4)
@@ -100,7 +104,7 @@ def test_rename_zone_metadata_and_restore_reach_openapp_and_the_mirror(
 def test_429_with_retry_after_then_success(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
-    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-1"}, "ops")
+    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-1"}, "ops", ORGS)
     sim.inject(Fault(status=429, retry_after="1", operation="update_device", times=1))
     rec = reconciler(wb_client, store)
     assert rec.run_once() == Counter(retrying=1)
@@ -117,7 +121,7 @@ def test_429_with_retry_after_then_success(
 def test_a_burst_of_503_then_success_after_backoff(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
-    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-2"}, "ops")
+    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-2"}, "ops", ORGS)
     sim.inject(Fault(status=503, operation="update_device", times=3))
     rec = reconciler(wb_client, store)
     deadline = time.monotonic() + 10
@@ -130,7 +134,7 @@ def test_a_burst_of_503_then_success_after_backoff(
 
 
 def test_attempts_run_out(sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str) -> None:
-    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-3"}, "ops")
+    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "ext-3"}, "ops", ORGS)
     sim.inject(Fault(status=502, operation="update_device", times=None))
     rec = reconciler(wb_client, store, max_attempts=2, base_delay=0.01, max_delay=0.01)
     for _ in range(20):
@@ -146,7 +150,7 @@ def test_attempts_run_out(sim: Simulator, wb_client: OpenAppClient, store: Store
 def test_permanent_errors_fail_at_once_with_the_message_kept(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str, status: int, message: str
 ) -> None:
-    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "x"}, "ops")
+    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "x"}, "ops", ORGS)
     body = orjson.dumps({"message": message, "error_code": "nope", "correlationId": "c-9"})
     sim.inject(Fault(status=status, operation="update_device", times=None, body=body))
     assert reconciler(wb_client, store).run_once() == Counter(failed=1)
@@ -167,7 +171,7 @@ def test_a_concurrent_remote_change_is_a_conflict_and_nothing_is_pushed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     device = active(world, mirrored)
-    edit_id = queue_edit(store, device, "update", {"name": {"en": "Ours"}}, "ops")
+    edit_id = queue_edit(store, device, "update", {"name": {"en": "Ours"}}, "ops", ORGS)
     world.update_device(mirrored, device, {"name": {"en": "Theirs"}})
     assert reconciler(wb_client, store).run_once() == Counter(conflict=1)
     assert sim.requests("update_device") == []
@@ -188,7 +192,7 @@ def test_force_policy_pushes_over_a_remote_change(
     wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
     device = active(world, mirrored)
-    queue_edit(store, device, "update", {"name": {"en": "Ours"}}, "ops")
+    queue_edit(store, device, "update", {"name": {"en": "Ours"}}, "ops", ORGS)
     world.update_device(mirrored, device, {"name": {"en": "Theirs"}})
     assert reconciler(wb_client, store, conflict_policy="force").run_once() == Counter(succeeded=1)
 
@@ -197,9 +201,9 @@ def test_two_edits_to_one_device_apply_in_order(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
     device = active(world, mirrored)
-    first = queue_edit(store, device, "update", {"name": {"en": "First"}}, "ops")
-    second = queue_edit(store, device, "update", {"name": {"en": "Second"}}, "ops")
-    third = queue_edit(store, active(world, mirrored, 1), "update", {"external_id": "other"}, "ops")
+    first = queue_edit(store, device, "update", {"name": {"en": "First"}}, "ops", ORGS)
+    second = queue_edit(store, device, "update", {"name": {"en": "Second"}}, "ops", ORGS)
+    third = queue_edit(store, active(world, mirrored, 1), "update", {"external_id": "other"}, "ops", ORGS)
     assert reconciler(wb_client, store, batch_size=1).run_once() == Counter(succeeded=3)
     puts = [r.device_id for r in sim.requests("update_device")]
     assert puts == [device, device, active(world, mirrored, 1)]
@@ -211,7 +215,7 @@ def test_restore_of_an_already_active_device_succeeds(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
     deleted = next(d["id"] for d in world.ground_truth(mirrored) if d["deleted_at"])
-    edit_id = queue_edit(store, deleted, "restore", None, "ops")
+    edit_id = queue_edit(store, deleted, "restore", None, "ops", ORGS)
     world.restore_device(mirrored, deleted)  # somebody else was quicker
     assert reconciler(wb_client, store).run_once() == Counter(succeeded=1)
     assert sim.requests("restore_device") == []
@@ -223,7 +227,7 @@ def test_restore_answered_422_is_confirmed_with_a_get(
     sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
     deleted = next(d["id"] for d in world.ground_truth(mirrored) if d["deleted_at"])
-    edit_id = queue_edit(store, deleted, "restore", None, "ops")
+    edit_id = queue_edit(store, deleted, "restore", None, "ops", ORGS)
     # The restore lands, but the answer says 422 "not soft-deleted" (a retried restore looks like this).
     original = sim._dispatch
 
@@ -245,7 +249,7 @@ def test_restore_answered_422_is_confirmed_with_a_get(
 
 def test_purged_device_fails_the_edit(wb_client: OpenAppClient, store: Store, world: World, mirrored: str) -> None:
     device = active(world, mirrored)
-    edit_id = queue_edit(store, device, "update", {"external_id": "x"}, "ops")
+    edit_id = queue_edit(store, device, "update", {"external_id": "x"}, "ops", ORGS)
     world.purge_device(mirrored, device)
     assert reconciler(wb_client, store).run_once() == Counter(failed=1)
     row = edit(store, edit_id)
@@ -255,7 +259,9 @@ def test_purged_device_fails_the_edit(wb_client: OpenAppClient, store: Store, wo
 def test_a_401_pauses_without_burning_attempts(
     wb_client: OpenAppClient, store: Store, world: World, mirrored: str
 ) -> None:
-    ids = [queue_edit(store, active(world, mirrored, n), "update", {"external_id": f"e{n}"}, "ops") for n in range(3)]
+    ids = [
+        queue_edit(store, active(world, mirrored, n), "update", {"external_id": f"e{n}"}, "ops", ORGS) for n in range(3)
+    ]
     world.keys.clear()
     rec = reconciler(wb_client, store)
     assert rec.run_once() == Counter(paused=1)
@@ -273,7 +279,7 @@ def test_sql_inserted_edits_work_and_a_malformed_one_fails_alone(
     rows = [
         (good, "update", '{"name": {"en": "From SQL"}}'),
         (other, "update", '{"colour": "red"}'),
-        ("01HNOSUCHDEVICE00000000000", "update", '{"external_id": "x"}'),
+        ("01HK153X0000000000000NX1ST", "update", '{"external_id": "x"}'),
         (other, "update", '{"zone_id": 42}'),
         (other, "restore", None),  # not soft-deleted: succeeds as already active
     ]
@@ -292,7 +298,7 @@ def test_sql_inserted_edits_work_and_a_malformed_one_fails_alone(
         "value": {"en": "From SQL"}
     }
     assert by_order[0]["org_id"] is None and by_order[0]["created_at"] is not None  # defaults filled the rest
-    assert by_order[1]["status"] == "failed" and "unknown field(s) colour" in by_order[1]["last_error"]
+    assert by_order[1]["status"] == "failed" and "unknown field(s) 'colour'" in by_order[1]["last_error"]
     assert by_order[2]["status"] == "failed" and "unknown device" in by_order[2]["last_error"]
     assert by_order[3]["status"] == "failed" and "zone_id must be a string" in by_order[3]["last_error"]
     assert by_order[4]["status"] == "succeeded"
@@ -311,7 +317,7 @@ def test_a_reconciler_killed_between_push_and_bookkeeping(
     wb_client: OpenAppClient,
 ) -> None:
     device = active(world, mirrored)
-    edit_id = queue_edit(store, device, "update", {"name": {"en": "Exactly once"}}, "ops")
+    edit_id = queue_edit(store, device, "update", {"name": {"en": "Exactly once"}}, "ops", ORGS)
     sim.inject(Fault(kind="slow_reply", delay=3, operation="update_device", times=1))
     config = write_config(tmp_path, sim, database_url, [mirrored])
     proc = run_cli("reconcile-once", "--config", str(config), env={KEY_ENV: API_KEY})
@@ -355,14 +361,14 @@ def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
     expected: Counter[str] = Counter()
     for n, device in enumerate(devices):
         for k in range(1 + n % 3):  # one to three edits per device
-            queue_edit(stores[0], device, "update", {"external_id": f"{device[-4:]}-{k}"}, "ops")
+            queue_edit(stores[0], device, "update", {"external_id": f"{device[-4:]}-{k}"}, "ops", ORGS)
             expected[device] += 1
     sim.inject(Fault(kind="slow", delay=0.01, operation="update_device", times=None))
     results: list[Counter[str]] = []
 
     def work(store: Store, name: str) -> None:
         with OpenAppClient(api_settings(sim, retry=replace(FAST_RETRY, max_attempts=1))) as client:
-            rec = Reconciler(client, store, replace(FAST, batch_size=3), name)
+            rec = Reconciler(client, store, replace(FAST, batch_size=3), name, ORGS)
             total: Counter[str] = Counter()
             for _ in range(200):
                 got = rec.run_once()
@@ -407,7 +413,8 @@ def test_cli_edit_restore_and_queue_management(
     assert queued["requested_by"] and "@" in queued["requested_by"]
     assert main(["restore", deleted, "--config", config]) == 0
     for args, message in [
-        (["edit", "01HNOPE", "--external-id", "x"], "not in the mirror"),
+        (["edit", "01HK153X0000000000000NX1ST", "--external-id", "x"], "not in the mirror"),
+        (["edit", f"ok/../{device}", "--external-id", "pwned"], "is not an OpenApp device id"),
         (["edit", device], "nothing to change"),
         (["edit", device, "--metadata-json", "{broken"], "not valid JSON"),
         (["edit", device, "--name", "Porte"], "use LOCALE=TEXT"),
@@ -428,9 +435,9 @@ def test_cli_edit_restore_and_queue_management(
 def test_queue_edit_validates(store: Store, world: World, mirrored: str) -> None:
     device = active(world, mirrored)
     with pytest.raises(ConfigError, match="unknown field"):
-        queue_edit(store, device, "update", {"colour": "red"}, "ops")
+        queue_edit(store, device, "update", {"colour": "red"}, "ops", ORGS)
     with pytest.raises(ConfigError, match="name is not a localized string"):
-        queue_edit(store, device, "update", {"name": 5}, "ops")
+        queue_edit(store, device, "update", {"name": 5}, "ops", ORGS)
 
 
 @contextmanager
@@ -451,7 +458,7 @@ def test_the_daemon_pushes_queued_edits(tmp_path: Path, sim: Simulator, world: W
     db = f"sqlite:///{tmp_path}/d.db"
     with _store(db) as store, OpenAppClient(api_settings(sim)) as client:
         Syncer(client, store)(mirrored)
-        edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "via-daemon"}, "ops")
+        edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "via-daemon"}, "ops", ORGS)
     config = Config(
         api=api_settings(sim), database_url=db, orgs=(OrgSettings(mirrored),), writeback=replace(FAST, interval=0.2)
     )

@@ -1,7 +1,13 @@
 """Synchronous httpx client for OpenApp's Devices operations.
 
-httpx is imported here and nowhere else: its exceptions are translated at :meth:`_send` into the
-:mod:`syncd.errors` tree, and HTTP statuses are mapped by :func:`error_for_status`.
+httpx is imported in :mod:`syncd.api` and nowhere else: its exceptions are translated at
+:meth:`OpenAppClient._send` into the :mod:`syncd.errors` tree, and HTTP statuses are mapped by
+:func:`error_for_status`.
+
+Nothing from the other side is believed unchecked: device ids are checked and percent-encoded
+before they go into a path; an answer about a device is checked to be about the device and org
+asked for; a body may not grow past ``api.max_response_size`` (decompressed); every request has a
+total deadline; no error message carries a header value.
 """
 
 from __future__ import annotations
@@ -13,33 +19,44 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
 import structlog
 
 from syncd import __version__
+from syncd.api.body import ACCEPT_ENCODING, read_body
+from syncd.api.pages import read_page
 from syncd.api.retry import backoff_delay, parse_retry_after
+from syncd.api.transport import InFlight, guarded_transport
 from syncd.config import ApiSettings
 from syncd.errors import (
     ApiProblem,
     AuthError,
     ConfigError,
     ForbiddenError,
+    InvalidRequestError,
     InvalidResponseError,
     NotFoundError,
     RejectedError,
+    RequestTimeoutError,
+    ResponseTooLargeError,
     ServerBusyError,
+    StoppedError,
     SyncdError,
     TransientError,
     TransportError,
 )
 from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
+from syncd.models import check_device_id, preview
 
 log = structlog.get_logger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_OFFSET = 2**31 - 1  # PaginationQuery.offset is int32
+ERROR_BODY_LIMIT = 64 * 1024  # of an error answer only the ApiErrorResponse fields (or a snippet) are kept
+STOP_POLL = 0.5  # seconds between looks at the stop event by the thread that interrupts requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,28 +119,45 @@ class OpenAppClient:
         rng: random.Random | None = None,
         instance: str | None = None,
     ) -> None:
-        """``stop``: when set, waits between retries end early and the call gives up.
-        ``instance``: named in the User-Agent, so server logs tell syncd instances apart."""
+        """``stop``: once set, waits between retries end, reads in flight are interrupted and no new
+        read starts (writes in flight finish, within their deadline). ``instance``: named in the
+        User-Agent, so server logs tell syncd instances apart."""
+        if settings.api_key is None:
+            raise ConfigError("no API key is configured (api.api_key_env, api_key_file or api_key_credential)")
         self.settings = settings
         key = settings.api_key.reveal()
+        self._key = key  # only to scrub it from error messages, should a library ever quote it
         auth = {"Authorization": f"Bearer {key}"} if settings.auth_header == "bearer" else {"X-API-Key": key}
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         # A plain-HTTP base URL never does TLS (redirects are not followed), so it gets an empty
         # verifying context instead of loading the CA bundle (40 ms at every start).
         plain = settings.base_url.startswith("http://")
-        self._http = httpx.Client(
-            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if plain else True,
-            base_url=settings.base_url,
-            headers={**auth, "Accept": "application/json", "User-Agent": _user_agent(instance)},
-            timeout=timeout,
-            transport=transport,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
-        )
+        verify: ssl.SSLContext | bool = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if plain else True
+        try:
+            self._http = httpx.Client(
+                base_url=settings.base_url,
+                headers={
+                    **auth,
+                    "Accept": "application/json",
+                    "Accept-Encoding": ACCEPT_ENCODING,
+                    "User-Agent": _user_agent(instance),
+                },
+                timeout=timeout,
+                transport=transport or guarded_transport(settings.base_url, verify, limits),
+                trust_env=False,  # no .netrc credentials, no transport without the deadline guard
+            )
+        except (httpx.LocalProtocolError, UnicodeError):
+            raise ConfigError("the API key or api.base_url cannot be sent in an HTTP request") from None
+        self._in_flight = InFlight()
         self._stop = stop
         self._sleep = sleep or (stop.wait if stop else time.sleep)
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self.retries = 0
+        if stop is not None:
+            threading.Thread(target=self._interrupt_on_stop, name="api-stop", daemon=True).start()
 
     def __enter__(self) -> OpenAppClient:
         return self
@@ -136,7 +170,15 @@ class OpenAppClient:
 
     def close(self) -> None:
         """Close pooled connections."""
+        self._closed.set()
         self._http.close()
+
+    def _interrupt_on_stop(self) -> None:
+        assert self._stop is not None
+        while not self._closed.is_set():
+            if self._stop.wait(STOP_POLL):
+                self._in_flight.abort()
+                return
 
     # -- operations -------------------------------------------------------------------------
 
@@ -147,11 +189,14 @@ class OpenAppClient:
         integration_id: str | None = None,
         device_kind: str | None = None,
         page_size: int | None = None,
+        deadline: float | None = None,
     ) -> Iterator[DevicePage]:
         """Every page of list_devices for an org, soft-deleted devices included.
 
         Pages by ``offset`` until a page is shorter than ``limit`` (or empty). Items are returned
-        raw; the caller parses them so that one bad device does not cost the page.
+        raw (an :class:`~syncd.models.UnreadableItem` for one that cannot be read alone); the caller
+        parses them so that one bad device does not cost the page. ``deadline``: a
+        ``time.monotonic()`` value no request may outlast (the pass's own deadline).
         """
         limit = page_size or self.settings.page_size
         params: dict[str, Any] = {"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"}
@@ -163,8 +208,8 @@ class OpenAppClient:
         previous_first: object = None
         while True:
             page_params = {**params, "limit": limit, "offset": offset}
-            response = self._send("list_devices", "GET", "/devices", org_id, page_params)
-            items, total = _list_items(response)
+            body = self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline)
+            items, total = read_page(body)
             if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
                 raise InvalidResponseError(
                     f"list_devices: the page at offset {offset} repeats the previous one; the server ignores 'offset'"
@@ -177,33 +222,32 @@ class OpenAppClient:
                 raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
             previous_first = _item_id(items[0])
 
-    def get_device(self, org_id: str, device_id: str) -> dict[str, Any]:
+    def get_device(self, org_id: str, device_id: str, *, deadline: float | None = None) -> dict[str, Any]:
         """get_device with soft-deleted devices visible; NotFoundError when it does not exist."""
         params = {"include_deleted": "true", "include_metadata": "true"}
-        return self._device(self._send("get_device", "GET", f"/devices/{device_id}", org_id, params), "get_device")
+        path = _device_path("get_device", device_id)
+        body = self._send("get_device", "GET", path, org_id, params, deadline=deadline)
+        return _device(body, "get_device", org_id, device_id)
 
     def update_device(self, org_id: str, device_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """update_device (PUT, safe to repeat) with an UpdateDeviceRequest body."""
-        response = self._send("update_device", "PUT", f"/devices/{device_id}", org_id, _write_params(), body=changes)
-        return self._device(response, "update_device")
+        path = _device_path("update_device", device_id)
+        body = self._send("update_device", "PUT", path, org_id, _write_params(), body=changes)
+        return _device(body, "update_device", org_id, device_id)
 
     def restore_device(self, org_id: str, device_id: str) -> dict[str, Any]:
         """restore_device: undo a soft delete (repeating it only yields 422 "not soft-deleted")."""
-        response = self._send("restore_device", "POST", f"/devices/{device_id}/restore", org_id, _write_params())
-        return self._device(response, "restore_device")
+        path = _device_path("restore_device", device_id, "restore")
+        body = self._send("restore_device", "POST", path, org_id, _write_params())
+        return _device(body, "restore_device", org_id, device_id)
 
     def delete_device(self, org_id: str, device_id: str) -> dict[str, Any]:
         """delete_device: soft delete (repeating it is harmless)."""
-        response = self._send("delete_device", "DELETE", f"/devices/{device_id}", org_id, _write_params())
-        return self._device(response, "delete_device")
+        path = _device_path("delete_device", device_id)
+        body = self._send("delete_device", "DELETE", path, org_id, _write_params())
+        return _device(body, "delete_device", org_id, device_id)
 
     # -- transport --------------------------------------------------------------------------
-
-    def _device(self, response: httpx.Response, operation: str) -> dict[str, Any]:
-        data = _json(response, operation)
-        if not isinstance(data, dict):
-            raise InvalidResponseError(f"{operation}: expected a device object, got {type(data).__name__}")
-        return data
 
     def _send(
         self,
@@ -213,61 +257,120 @@ class OpenAppClient:
         org_id: str,
         params: dict[str, Any],
         body: dict[str, Any] | None = None,
-    ) -> httpx.Response:
-        """One logical call: retries transient failures with backoff until attempts or deadline run out.
+        *,
+        deadline: float | None = None,
+    ) -> bytes:
+        """One logical call, returning the body of its successful answer: retries transient failures
+        with backoff until attempts, ``api.retry.deadline`` or ``deadline`` (monotonic) run out.
 
         Every Devices call syncd makes is safe to repeat (GET, PUT, soft delete, restore), so
         transport errors and 408/425/429/5xx are retried for all of them.
         """
         policy = self.settings.retry
         started = time.monotonic()
-        attempt = 0
+        give_up_at = min(started + policy.deadline, deadline if deadline is not None else float("inf"))
+        attempt_number = 0
         content = orjson.dumps(body) if body is not None else None
         headers = {"X-Org": org_id}
         if content is not None:
             headers["Content-Type"] = "application/json"
+        interruptible = method == "GET"  # a stop must not leave a write's outcome unknown
         while True:
-            attempt += 1
-            error: SyncdError
+            attempt_number += 1
+            if interruptible and self._stop is not None and self._stop.is_set():
+                raise StoppedError(f"{operation}: not sent, syncd is stopping")
             try:
-                response = self._http.request(method, path, params=params, headers=headers, content=content)
-            except httpx.InvalidURL as exc:
-                raise ConfigError(f"{operation}: invalid API URL: {exc}") from exc
-            except httpx.TransportError as exc:
-                HTTP_REQUESTS.labels(operation, "transport_error").inc()
-                error = TransportError(f"{operation}: {type(exc).__name__}: {exc or 'connection failed'}")
-                cause: BaseException = exc
-            else:
-                HTTP_REQUESTS.labels(operation, str(response.status_code)).inc()
-                if response.is_success:
-                    return response
-                problem = read_problem(response.status_code, response.content)
-                hint = parse_retry_after(response.headers.get("Retry-After"), policy.max_retry_after)
-                error = error_for_status(response.status_code, problem, operation, hint)
-                cause = error
-            if not isinstance(error, TransientError):
-                raise error
+                return self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
+            except TransientError as exc:
+                error = exc
             delay = (
                 error.retry_after
                 if error.retry_after is not None
-                else backoff_delay(attempt, policy.base_delay, policy.max_delay, self._rng)
+                else backoff_delay(attempt_number, policy.base_delay, policy.max_delay, self._rng)
             )
-            elapsed = time.monotonic() - started
-            if attempt >= policy.max_attempts or elapsed + delay > policy.deadline:
-                error.message = f"{error.message} (gave up after {attempt} attempts in {elapsed:.1f}s)"
-                raise error from (cause if cause is not error else None)
+            now = time.monotonic()
+            if attempt_number >= policy.max_attempts or now + delay > give_up_at:
+                error.message = f"{error.message} (gave up after {attempt_number} attempts in {now - started:.1f}s)"
+                raise error
             with self._lock:
                 self.retries += 1
             HTTP_RETRIES.labels(operation).inc()
             if error.retry_after is not None:
                 RETRY_AFTER_WAIT.labels(operation).inc(delay)
             log.debug(
-                "retrying", operation=operation, org_id=org_id, attempt=attempt, delay=round(delay, 3), error=str(error)
+                "retrying",
+                operation=operation,
+                org_id=org_id,
+                attempt=attempt_number,
+                delay=round(delay, 3),
+                error=str(error),
             )
             self._sleep(delay)
             if self._stop is not None and self._stop.is_set():
-                error.message = f"{error.message} (stopped while waiting to retry)"
-                raise error
+                raise StoppedError(f"{operation}: stopped while waiting to retry after: {error}")
+
+    def _attempt(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+        content: bytes | None,
+        give_up_at: float,
+        interruptible: bool,
+    ) -> bytes:
+        """One HTTP request: the body of a successful answer, else the error it comes to."""
+        started = time.monotonic()
+        own_limit = started + self.settings.request_timeout
+        expires = min(own_limit, give_up_at)
+        status = "transport_error"
+        with self._in_flight.attempt(expires, interruptible) as attempt:
+            try:
+                request = self._http.build_request(method, path, params=params, headers=headers, content=content)
+                response = self._http.send(request, stream=True)
+                status = str(response.status_code)
+                try:
+                    if response.is_success:
+                        return read_body(response, self.settings.max_response_size)
+                    error_body = read_body(response, ERROR_BODY_LIMIT, truncate=True)
+                finally:
+                    response.close()
+            except httpx.LocalProtocolError:
+                # h11 quotes the offending header value, which may be the key: its text goes nowhere.
+                raise ConfigError(
+                    f"{operation}: the request could not be built (an API key, org id or URL that HTTP cannot "
+                    "carry; run `syncd check-config`)"
+                ) from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                raise ConfigError(f"{operation}: invalid API URL: {self._scrub(exc)}") from None
+            except httpx.TransportError as exc:
+                if attempt.aborted:
+                    raise StoppedError(f"{operation}: interrupted, syncd is stopping") from None
+                if attempt.expired:
+                    bound = "api.request_timeout" if own_limit <= give_up_at else "the retry or pass deadline"
+                    raise RequestTimeoutError(
+                        f"{operation}: no complete answer within {expires - started:.1f}s ({bound})"
+                    ) from exc
+                raise TransportError(
+                    f"{operation}: {type(exc).__name__}: {self._scrub(exc) or 'connection failed'}"
+                ) from exc
+            except ResponseTooLargeError:
+                raise ResponseTooLargeError(
+                    f"{operation}: the answer is larger than api.max_response_size "
+                    f"({self.settings.max_response_size} bytes, decompressed); it was not read"
+                ) from None
+            except InvalidResponseError as exc:
+                raise InvalidResponseError(f"{operation}: {exc}") from None
+            finally:
+                HTTP_REQUESTS.labels(operation, status).inc()
+        problem = read_problem(response.status_code, error_body)
+        hint = parse_retry_after(response.headers.get("Retry-After"), self.settings.retry.max_retry_after)
+        raise error_for_status(response.status_code, problem, operation, hint)
+
+    def _scrub(self, exc: BaseException) -> str:
+        """An exception's text for a message, one line, with the key masked should it appear."""
+        return " ".join(str(exc).replace(self._key, "********").split())[:300]
 
 
 def _user_agent(instance: str | None) -> str:
@@ -278,24 +381,29 @@ def _write_params() -> dict[str, str]:
     return {"include_deleted": "true", "include_metadata": "true"}
 
 
-def _json(response: httpx.Response, operation: str) -> Any:
+def _device_path(operation: str, device_id: str, *rest: str) -> str:
+    """``/devices/{id}[/...]`` for an id OpenApp can have issued, every segment percent-encoded."""
     try:
-        return orjson.loads(response.content)
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{operation}: not sent: {exc}") from None
+    return "/devices/" + "/".join(quote(segment, safe="") for segment in (device_id, *rest))
+
+
+def _device(body: bytes, operation: str, org_id: str, device_id: str) -> dict[str, Any]:
+    """The device object of an answer, believed only if it is the device and org that were asked for."""
+    try:
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidResponseError(f"{operation}: response body is not JSON ({exc})") from exc
-
-
-def _list_items(response: httpx.Response) -> tuple[list[Any], int | None]:
-    """Accept the spec's bare array and the ``{"items": [...], "total": N}`` envelope."""
-    data = _json(response, "list_devices")
-    if isinstance(data, list):
-        return data, None
-    if isinstance(data, dict) and isinstance(data.get("items"), list):
-        total = data.get("total")
-        return data["items"], total if isinstance(total, int) and not isinstance(total, bool) else None
-    raise InvalidResponseError(
-        f"list_devices: expected a JSON array of devices (or {{items, total}}), got {type(data).__name__}"
-    )
+        raise InvalidResponseError(f"{operation}: the response body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidResponseError(f"{operation}: expected a device object, got {type(data).__name__}")
+    if data.get("id") != device_id or data.get("org_id") != org_id:
+        raise InvalidResponseError(
+            f"{operation}: asked about device {device_id} of org {org_id}, the answer is about device "
+            f"{preview(data.get('id'))} of org {preview(data.get('org_id'))}; it was not believed"
+        )
+    return data
 
 
 def _item_id(item: object) -> object:

@@ -33,7 +33,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -141,6 +141,8 @@ sync_runs = Table(
     Column("purged", Integer, nullable=False, server_default="0"),
     Column("rejected", Integer, nullable=False, server_default="0"),
     Column("error", Text),
+    Column("unreadable", Integer, nullable=False, server_default="0"),
+    Column("duplicates", Integer, nullable=False, server_default="0"),
     CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
     CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
     Index(None, "org_id", "started_at"),
@@ -203,4 +205,6 @@ RUN_COUNTERS = (
     "restored",
     "purged",
     "rejected",
+    "unreadable",
+    "duplicates",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,29 +71,55 @@ def _translated(action: str) -> Iterator[None]:
 KnownDevice = Sequence[Any]
 
 
-class Store:
-    """The mirror database (SQLite file or PostgreSQL)."""
+# Waits before each try of a run's bookkeeping after a failure: about 8 s, a PostgreSQL restart.
+BOOKKEEPING_RETRIES = (0.5, 2.0, 5.0)
 
-    def __init__(self, url: str) -> None:
+
+class Store:
+    """The mirror database (SQLite file or PostgreSQL).
+
+    ``read_only``: for commands that only look (``syncd status``). Every transaction is read-only;
+    on SQLite the file is opened read-only, so it is never created and never write-locked.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = normalise_url(url)
+        self.read_only = read_only
         try:
-            self.engine: Engine = create_engine(
-                self.url,
-                json_serializer=_json_dumps,
-                json_deserializer=orjson.loads,
-                pool_pre_ping=not self.url.startswith("sqlite"),  # a server connection can drop; a file cannot
-            )
-        except (ArgumentError, ImportError, ValueError) as exc:
+            parsed = make_url(self.url)
+        except ArgumentError as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
         sqlite_path = None
-        if self.engine.dialect.name == "sqlite":
-            database = self.engine.url.database
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database
             if not database or database == ":memory:" or database.startswith("file:"):
                 raise ConfigError(
                     "database.url: use a SQLite file (sqlite:///path/to/syncd.db), not an in-memory database"
                 )
             sqlite_path = Path(database).resolve()
-            _tune_sqlite(self.engine)
+            if read_only:
+                if not sqlite_path.exists():
+                    raise SchemaOutdatedError(
+                        f"there is no mirror at {sqlite_path} yet: run `syncd run-once` (or `syncd db upgrade`)"
+                    )
+                parsed = parsed.set(database=f"file:{sqlite_path}?mode=ro", query={"uri": "true"})
+        elif parsed.get_backend_name() == "postgresql":
+            # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
+            options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
+            connect_args["options"] = options
+        try:
+            self.engine: Engine = create_engine(
+                parsed,
+                json_serializer=_json_dumps,
+                json_deserializer=orjson.loads,
+                pool_pre_ping=sqlite_path is None,  # a server connection can drop; a file cannot
+                connect_args=connect_args,
+            )
+        except (ArgumentError, ImportError, ValueError) as exc:
+            raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            _tune_sqlite(self.engine, read_only)
         elif self.engine.dialect.name != "postgresql":
             raise ConfigError(f"database.url: unsupported database {self.engine.dialect.name!r}")
         self.locks = OrgLocks(self.engine, sqlite_path)
@@ -101,6 +128,9 @@ class Store:
         self._write_turn: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if sqlite_path is not None else contextlib.nullcontext()
         )
+        # Results of runs that could not be recorded when they ended; written before the next run starts.
+        self._unrecorded: dict[int, dict[str, Any]] = {}
+        self._unrecorded_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -131,13 +161,21 @@ class Store:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
     def prepare(self, auto_upgrade: bool) -> None:
-        """Make sure the schema is current: upgrade it, or refuse to run on an old one."""
+        """Make sure the schema is current: upgrade it, or refuse to run on an old one.
+
+        A read-only store never upgrades: it names what to run instead.
+        """
         head = SCHEMA_REVISION  # a constant, so that a current database never loads Alembic
-        if self.schema_revision() == head:
+        current = self.schema_revision()
+        if current == head:
             return
-        if not auto_upgrade:
+        if self.read_only or not auto_upgrade:
+            where = redact_url(self.url)
+            state = f"is at schema {current}" if current else "has no schema yet"
+            why = "" if self.read_only else " and database.auto_upgrade is off"
             raise SchemaOutdatedError(
-                f"the database schema is not at {head} and database.auto_upgrade is off: run `syncd db upgrade`"
+                f"the mirror {where} {state}, this syncd needs {head}{why}: run `syncd db upgrade`"
+                + (" (or `syncd run-once`)" if self.read_only and not current else "")
             )
         self.upgrade()
 
@@ -146,14 +184,22 @@ class Store:
     def start_run(self, org_id: str, trigger: str, instance: str, now: datetime) -> tuple[int, int]:
         """Open a ``running`` row; earlier ``running`` rows of the org are marked ``aborted``.
 
-        Returns the new run id and how many stale runs were closed.
+        Returns the new run id and how many stale runs were closed. Results of runs of this process
+        that could not be recorded when they ended are written first, so no run of a live process
+        is taken for an interrupted one.
         """
+        with self._unrecorded_lock:
+            unrecorded = dict(self._unrecorded)
         with _translated("starting a run"), self.engine.begin() as conn:
+            for run_id, values in unrecorded.items():
+                conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
             stale = conn.execute(
                 update(sync_runs)
                 .where(sync_runs.c.org_id == org_id, sync_runs.c.status == "running")
                 .values(
-                    status="aborted", finished_at=now, error="interrupted: the process ended before the pass finished"
+                    status="aborted",
+                    finished_at=now,
+                    error="interrupted: the syncd process running the pass ended before it finished",
                 )
             ).rowcount
             run_id = conn.execute(
@@ -161,14 +207,49 @@ class Store:
                 .values(org_id=org_id, trigger=trigger, instance=instance, started_at=now, status="running")
                 .returning(sync_runs.c.id)
             ).scalar_one()
+        with self._unrecorded_lock:
+            for recorded in unrecorded:
+                self._unrecorded.pop(recorded, None)
         return int(run_id), stale
 
     def finish_run(self, run_id: int, status: str, now: datetime, error: str | None = None) -> None:
-        """Close a run with its final status."""
-        with _translated("finishing a run"), self.engine.begin() as conn:
-            conn.execute(
-                update(sync_runs).where(sync_runs.c.id == run_id).values(status=status, finished_at=now, error=error)
-            )
+        """Close a run with its final status.
+
+        The database may just have failed (perhaps why the pass did), so this is tried again on
+        fresh connections for a few seconds. If it still fails, the result is kept and written
+        before this process starts its next run, and StoreError says what happened.
+        """
+        values = {"status": status, "finished_at": now, "error": error}
+        for delay in (*BOOKKEEPING_RETRIES, None):
+            try:
+                with _translated("recording the end of a run"), self.engine.begin() as conn:
+                    conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
+                return
+            except StoreError:
+                if delay is None:
+                    with self._unrecorded_lock:
+                        self._unrecorded[run_id] = values
+                    raise
+                time.sleep(delay)
+
+    def has_succeeded(self, org_id: str) -> bool:
+        """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
+        query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
+        with _translated("reading runs"), self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    def known_size(self, org_id: str) -> int:
+        """How many devices the org had by the last count: the larger of the devices its newest
+        finished pass saw and its live devices in the mirror."""
+        seen = (
+            select(sync_runs.c.devices_seen)
+            .where(sync_runs.c.org_id == org_id, sync_runs.c.status != "running")
+            .order_by(sync_runs.c.id.desc())
+            .limit(1)
+        )
+        live = select(func.count()).where(devices.c.org_id == org_id, devices.c.state != "purged")
+        with _translated("reading runs"), self.engine.connect() as conn:
+            return max(conn.execute(seen).scalar() or 0, conn.execute(live).scalar() or 0)
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One sync_runs row as a dict."""
@@ -555,22 +636,23 @@ class _Codec:
         )
 
 
-def _tune_sqlite(engine: Engine) -> None:
+def _tune_sqlite(engine: Engine, read_only: bool) -> None:
     """WAL, a busy timeout, foreign keys, and BEGIN IMMEDIATE so concurrent writers queue up
-    instead of failing on a read-to-write lock upgrade."""
+    instead of failing on a read-to-write lock upgrade. A read-only store only ever reads."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=60000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not every 4 MB
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not every 4 MB
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        read_only = conn.get_execution_options().get("syncd_read_only", False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        reading = read_only or conn.get_execution_options().get("syncd_read_only", False)
+        conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
