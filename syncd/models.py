@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
@@ -186,18 +187,21 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes,
 
 
 def nul_path(value: Any) -> str | None:
-    """Where the first NUL character is in a JSON value (a path like ``name.en`` or ``[3]``), or None."""
+    """Where the first NUL character is in a JSON value, or None: a path like ``name.en``,
+    ``device_metadata[3]`` or ``device_metadata['odd key']``, safe to put into a one-line message."""
     pending: list[tuple[str, Any]] = [("", value)]
     while pending:
         path, item = pending.pop()
         if isinstance(item, str):
             if "\x00" in item:
-                return path or "the top level"
+                return (path or "the top level")[:100]
         elif isinstance(item, dict):
             for key, child in item.items():
                 if "\x00" in key:
-                    return f"a key in {path or 'the top level'}"
-                pending.append((f"{path}.{key}" if path else key, child))
+                    return f"a key in {path or 'the top level'}"[:100]
+                plain = key.isascii() and key.replace("_", "").replace("-", "").isalnum()
+                step = (f".{key}" if path else key) if plain else f"[{preview(key, 40)}]"
+                pending.append((path + step, child))
         elif isinstance(item, list):
             pending.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
     return None
@@ -341,6 +345,24 @@ def remote_values(device: Device, payload: dict[str, Any] | None) -> dict[str, A
     return values
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are the same JSON value.
+
+    Unlike ``==``: ``true`` is not ``1``; and numbers compare by decimal value, as JSON means them
+    (PostgreSQL's jsonb gives ``4.8e16`` back as the integer 48000000000000000, which Python's float
+    4.8e16 is not exactly equal to).
+    """
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None or isinstance(a, str):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b or Decimal(repr(a)) == Decimal(repr(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(value, b[key]) for key, value in a.items())
+    return False
+
+
 def change_kind(old_state: str, new_state: str) -> str:
     """The device_changes kind for a rewrite from ``old_state`` to ``new_state``."""
     if old_state == new_state:
@@ -353,7 +375,7 @@ def describe_change(old: dict[str, Any], new: dict[str, Any], old_state: str, ne
     diff = {
         key: {"old": old.get(key), "new": new.get(key)}
         for key in sorted((old.keys() | new.keys()) - VOLATILE_FIELDS)
-        if old.get(key) != new.get(key)
+        if not same_json(old.get(key), new.get(key))
     }
     if old_state != new_state:
         diff["state"] = {"old": old_state, "new": new_state}

@@ -280,3 +280,49 @@ def test_simulate_needs_a_key(capsys: pytest.CaptureFixture[str], monkeypatch: p
     assert "SYNCD_API_KEY" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["simulate", "--port", "70000"])
+
+
+def test_reconcile_once_exits_1_when_the_key_is_refused(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = next(iter(world.orgs))
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org])
+    assert main(["run-once", "--config", str(config)]) == 0
+    device = world.ids(org)[0]
+    assert main(["edit", device, "--external-id", "x", "--config", str(config)]) == 0
+    world.keys.clear()
+    capsys.readouterr()
+    assert main(["reconcile-once", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert "rejected the API key" in captured.err and "1 pending" in captured.out
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_a_stop_interrupts_a_request_that_trickles(tmp_path: Path, signals: list[signal.Signals]) -> None:
+    world = World(seed=9)
+    org = world.seed(1, 1000)[0]
+    world.add_key(API_KEY)
+    with Simulator(world) as sim:
+        sim.inject(Fault(kind="slow_reply", delay=30.0, operation="list_devices", skip=1, times=None))
+        db = f"sqlite:///{tmp_path}/m.db"
+        config = write_config(tmp_path, sim, db, [org], extra="")
+        config.write_text(config.read_text().replace("[api.retry]", "request_timeout = 120\n\n[api.retry]"))
+        store = Store(db)
+        store.upgrade()
+        proc = run_cli("run-once", "--config", str(config), env={KEY_ENV: API_KEY})
+        wait_for_page = time.monotonic() + 30
+        while time.monotonic() < wait_for_page and len(sim.requests("list_devices")) < 1:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the second page's request is in flight, its answer 30 s away
+        started = time.monotonic()
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 5, err
+        assert proc.returncode in (1, 130), err
+        if proc.returncode == 1:  # stopped cleanly before the second signal: a summary
+            assert re.search(rf"{org}\s+aborted", out)
+        run = runs(store)[-1]
+        assert run["status"] in ("aborted", "running")  # a run left running is closed by the next pass
+        store.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import zlib
 from dataclasses import replace
 from typing import Any
 
@@ -11,19 +14,25 @@ import pytest
 
 from syncd.api import OpenAppClient
 from syncd.api.client import error_for_status, read_problem
+from syncd.config import Secret
 from syncd.errors import (
     ApiProblem,
     AuthError,
     ConfigError,
     ForbiddenError,
+    InvalidRequestError,
     InvalidResponseError,
     NotFoundError,
     PermanentError,
     RejectedError,
+    RequestTimeoutError,
+    ResponseTooLargeError,
     ServerBusyError,
+    StoppedError,
     TransientError,
     TransportError,
 )
+from syncd.models import UnreadableItem
 from syncd.simulator import Fault, Simulator, World
 
 from .conftest import API_KEY, FAST_RETRY, api_settings
@@ -241,3 +250,174 @@ def test_a_server_ignoring_offset_is_detected(sim: Simulator) -> None:
 def test_client_repr_hides_the_key(client: OpenAppClient) -> None:
     assert API_KEY not in repr(client)
     assert API_KEY not in repr(client.settings)
+
+
+# -- trust boundaries ---------------------------------------------------------------------------
+
+DEVICE = "01HK153X0038NZ3ZA2MABNBN61"
+
+
+def recording(answer: Any) -> tuple[list[httpx.Request], httpx.MockTransport]:
+    """A transport that records requests and answers each with ``answer(request)``."""
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        status, body, headers = answer(request)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+
+    return seen, httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    [f"ok/../{DEVICE}", "../../admin", "a?x=1", f"01HK153X00%2F..%2F{DEVICE}", DEVICE.lower(), DEVICE + "\n", "", "."],
+)
+def test_ids_openapp_cannot_have_issued_are_never_requested(sim: Simulator, device_id: str) -> None:
+    seen, transport = recording(lambda r: (200, b"{}", {}))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        for call in (
+            lambda: client.get_device("O", device_id),
+            lambda: client.update_device("O", device_id, {"external_id": "pwned"}),
+            lambda: client.restore_device("O", device_id),
+            lambda: client.delete_device("O", device_id),
+        ):
+            with pytest.raises(InvalidRequestError, match="not an OpenApp device id"):
+                call()
+    assert seen == []
+
+
+def test_path_segments_are_percent_encoded_and_exact(sim: Simulator) -> None:
+    body = orjson.dumps({"id": DEVICE, "org_id": "O"})
+    seen, transport = recording(lambda r: (200, body, {}))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        client.get_device("O", DEVICE)
+        client.restore_device("O", DEVICE)
+    assert [r.url.raw_path.split(b"?")[0] for r in seen] == [
+        b"/api/v1/devices/" + DEVICE.encode(),
+        b"/api/v1/devices/" + DEVICE.encode() + b"/restore",
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"id": "01HK153X0038NZ3ZA2MABNBN62", "org_id": "O"},  # another device
+        {"id": DEVICE, "org_id": "OTHER"},  # the device, seen through another org
+        {"org_id": "O"},
+        [],
+    ],
+)
+def test_an_answer_about_something_else_is_not_believed(sim: Simulator, answer: Any) -> None:
+    _, transport = recording(lambda r: (200, orjson.dumps(answer), {}))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        for call in (
+            lambda: client.get_device("O", DEVICE),
+            lambda: client.update_device("O", DEVICE, {"external_id": "x"}),
+            lambda: client.restore_device("O", DEVICE),
+            lambda: client.delete_device("O", DEVICE),
+        ):
+            with pytest.raises(InvalidResponseError):
+                call()
+
+
+def test_a_header_value_http_cannot_carry_is_a_config_error_that_quotes_nothing(sim: Simulator) -> None:
+    leaky = Secret("KEY-NOW\r\n# previous key: KEY-BEFORE")  # as a two-line key file would have given it
+    with OpenAppClient(api_settings(sim, api_key=leaky)) as client, pytest.raises(ConfigError) as caught:
+        client.get_device(sim.world.orgs and next(iter(sim.world.orgs)), DEVICE)
+    text = f"{caught.value} {caught.value!r} {caught.value.__cause__!r} {caught.value.__context__!r}"
+    assert "KEY-NOW" not in text and "KEY-BEFORE" not in text
+    assert not isinstance(caught.value, TransientError)
+    assert sim.requests() == []  # nothing was sent, and nothing was retried
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate", "identity"])
+def test_compressed_bodies_are_read(sim: Simulator, encoding: str) -> None:
+    page = orjson.dumps([device(i) for i in range(3)])
+    wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15, "identity": 0}[encoding]
+    if wbits:
+        packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        page = packer.compress(page) + packer.flush()
+    header = {"Content-Encoding": "deflate" if encoding == "raw-deflate" else encoding}
+    seen, transport = recording(lambda r: (200, page, header))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        assert [len(p.items) for p in client.list_device_pages("O")] == [3]
+    assert seen[0].headers["Accept-Encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+def test_a_body_larger_than_the_cap_is_refused_before_it_is_held(sim: Simulator, encoding: str) -> None:
+    zeros = b"[" + b" " * (8 * 1024 * 1024) + b"]"
+    page = zeros
+    if encoding == "gzip":
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        page = packer.compress(zeros) + packer.flush()
+    _, transport = recording(lambda r: (200, page, {"Content-Encoding": encoding}))
+    settings = api_settings(sim, max_response_size=1024 * 1024)
+    with OpenAppClient(settings, transport=transport) as client, pytest.raises(ResponseTooLargeError) as caught:
+        list(client.list_device_pages("O"))
+    assert "api.max_response_size (1048576 bytes" in str(caught.value)
+
+
+def test_an_unknown_content_encoding_is_refused(sim: Simulator) -> None:
+    _, transport = recording(lambda r: (200, b"\x00\x01", {"Content-Encoding": "br"}))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        with pytest.raises(InvalidResponseError, match="Content-Encoding 'br' was not asked for"):
+            list(client.list_device_pages("O"))
+
+
+def test_a_page_with_unreadable_items_keeps_the_readable_ones(sim: Simulator) -> None:
+    good = [orjson.dumps(device(i)) for i in range(3)]
+    bad = b'{"id": "01HK153X0038NZ3ZA2MAB00009", "org_id": "O", "name": "\xff"}'
+    body = b"[" + b",".join([good[0], bad, good[1], b"[" * 1100 + b"]" * 1100, good[2]]) + b"]"
+    with OpenAppClient(api_settings(sim, page_size=10), transport=fake_list([body])) as client:
+        (page,) = list(client.list_device_pages("O"))
+    assert [i["id"] if isinstance(i, dict) else i.device_id for i in page.items] == [
+        device(0)["id"],
+        "01HK153X0038NZ3ZA2MAB00009",
+        device(1)["id"],
+        None,
+        device(2)["id"],
+    ]
+    assert isinstance(page.items[1], UnreadableItem) and "not readable JSON" in page.items[1].reason
+
+
+def test_a_read_in_flight_ends_when_the_request_deadline_passes(sim: Simulator, org: str) -> None:
+    sim.inject(Fault(kind="slow_reply", delay=5.0, times=None))
+    settings = api_settings(sim, request_timeout=1.0, read_timeout=30.0, retry=replace(FAST_RETRY, max_attempts=1))
+    started = time.monotonic()
+    with OpenAppClient(settings) as client, pytest.raises(RequestTimeoutError, match=r"api\.request_timeout"):
+        client.get_device(org, sim.world.ids(org)[0])
+    assert time.monotonic() - started < 3
+
+
+def test_a_stop_interrupts_reads_in_flight_and_waits_between_retries(sim: Simulator, org: str) -> None:
+    stop = threading.Event()
+    sim.inject(Fault(kind="slow_reply", delay=5.0, times=1))
+    with OpenAppClient(api_settings(sim), stop=stop) as client:
+        threading.Timer(0.3, stop.set).start()
+        started = time.monotonic()
+        with pytest.raises(StoppedError, match="interrupted"):
+            client.get_device(org, sim.world.ids(org)[0])
+        assert time.monotonic() - started < 2
+        with pytest.raises(StoppedError, match="not sent"):
+            client.get_device(org, sim.world.ids(org)[0])
+    stop = threading.Event()
+    sim.inject(Fault(status=429, retry_after="30", times=1))
+    policy = replace(FAST_RETRY, max_retry_after=60.0, deadline=60.0)
+    with OpenAppClient(api_settings(sim, retry=policy), stop=stop) as client:
+        threading.Timer(0.3, stop.set).start()
+        started = time.monotonic()
+        with pytest.raises(StoppedError, match="waiting to retry"):
+            client.get_device(org, sim.world.ids(org)[0])
+        assert time.monotonic() - started < 2
+
+
+def test_a_stop_lets_a_write_in_flight_finish(sim: Simulator, org: str) -> None:
+    stop = threading.Event()
+    device_id = sim.world.ids(org)[0]
+    sim.inject(Fault(kind="slow_reply", delay=1.0, times=1, operation="update_device"))
+    with OpenAppClient(api_settings(sim), stop=stop) as client:
+        threading.Timer(0.2, stop.set).start()
+        answer = client.update_device(org, device_id, {"external_id": "finished"})
+    assert answer["external_id"] == "finished"

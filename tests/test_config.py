@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,127 @@ def test_secret_never_shows_itself() -> None:
     secret = Secret("abc123")
     assert "abc123" not in repr(secret) and "abc123" not in str(secret) and "abc123" not in f"{secret}"
     assert secret.reveal() == "abc123"
+
+
+# -- what crosses into HTTP headers and URLs ------------------------------------------------------
+
+KEY = "oa_live_" + "s3cr3t" * 4
+OLD_KEY = "oa_live_" + "0ld" * 6
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (f"{KEY}\n# previous key: {OLD_KEY}\n", "spans several lines"),
+        (f"{KEY}\r\n{OLD_KEY}", "spans several lines"),
+        (f"{KEY}\n\n", "spans several lines"),
+        (f"{KEY}\t", "control character"),
+        (f"{KEY}\x00", "control character"),
+        (f"{KEY}\x7f", "control character"),
+        (f"{KEY} {OLD_KEY}", "spaces or non-ASCII"),
+        (f"{KEY}é", "spaces or non-ASCII"),
+        (f" {KEY}", "spaces or non-ASCII"),
+    ],
+)
+def test_a_key_http_cannot_carry_is_refused_naming_the_source_never_the_value(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(content, encoding="utf-8")
+    sources = [
+        (f'api_key_file = "{key_file}"', {}, str(key_file)),
+        ('api_key_env = "K"', {"K": content}, "environment variable K"),
+    ]
+    for source, environ, named in sources:
+        text = f'[api]\nbase_url = "http://x"\n{source}\n[[orgs]]\nid = "o"\n'
+        with pytest.raises(ConfigError, match=problem) as caught:
+            load_config(write(tmp_path, text), environ)
+        message = " ".join([str(caught.value), *caught.value.problems])
+        assert named in message
+        assert "s3cr3t" not in message and "0ld0ld" not in message
+    with pytest.raises(ConfigError, match=problem):  # json.dumps writes a valid TOML basic string
+        load_config(write(tmp_path, inline(content).replace(f'"{content}"', json.dumps(content)), 0o600), {})
+
+
+@pytest.mark.parametrize("content", [f"{KEY}\n", f"{KEY}\r\n", KEY])
+def test_one_trailing_newline_is_trimmed(tmp_path: Path, content: str) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(content.encode())
+    text = f'[api]\nbase_url = "http://x"\napi_key_file = "{key_file}"\n[[orgs]]\nid = "o"\n'
+    assert load_config(write(tmp_path, text), {}).api.api_key.reveal() == KEY  # type: ignore[union-attr]
+
+
+def test_check_config_reports_a_two_line_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from syncd.cli import main
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text(f"{KEY}\n# previous key: {OLD_KEY}\n")
+    config = write(tmp_path, f'[api]\nbase_url = "http://x"\napi_key_file = "{key_file}"\n[[orgs]]\nid = "o"\n')
+    assert main(["check-config", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "spans several lines" in captured.err and str(key_file) in captured.err
+    assert "s3cr3t" not in captured.out + captured.err and "0ld0ld" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("org_id", "ok"),
+    [
+        ("01HORG00000000000000000000", True),
+        ("acme-prod_1.eu:2", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("a b", False),
+        ("org\nX-Evil: 1", False),
+        ("../org", False),
+        ("-leading", False),
+    ],
+)
+def test_org_ids_are_checked(tmp_path: Path, org_id: str, ok: bool) -> None:
+    text = f'[api]\nbase_url = "http://x"\napi_key_env = "K"\n[[orgs]]\nid = {json.dumps(org_id)}\n'
+    if ok:
+        assert load_config(write(tmp_path, text), {"K": "k"}).orgs[0].id == org_id
+    else:
+        with pytest.raises(ConfigError, match=r"orgs\[0\]\.id .* is not an org id"):
+            load_config(write(tmp_path, text), {"K": "k"})
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://x/api/v1", "must be an http:// or https:// URL"),
+        ("http://user:pw@x/api/v1", "must not hold credentials"),
+        ("http://x/api/v1?debug=1", "must not have a query"),
+        ("http://x/api/v1#frag", "must not have a query"),
+        ("http://x/api v1", "must be an http:// or https:// URL"),
+        ("http://x/api/v1/\u00e9", "plain ASCII"),
+    ],
+)
+def test_base_url_is_checked(tmp_path: Path, url: str, problem: str) -> None:
+    text = f'[api]\nbase_url = "{url}"\napi_key_env = "K"\n[[orgs]]\nid = "o"\n'
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_config(write(tmp_path, text), {"K": "k"})
+    assert "pw@" not in str(caught.value)
+
+
+def test_request_bounds_are_configurable(tmp_path: Path) -> None:
+    text = (
+        MINIMAL.replace('auth_header = "x-api-key"', 'request_timeout = "90s"\nmax_response_size = "32MiB"')
+        + '[sync]\npass_timeout = "2h"\nmax_pages = 500\n'
+    )
+    config = load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"})
+    assert (config.api.request_timeout, config.api.max_response_size) == (90.0, 32 * 1024 * 1024)
+    assert (config.sync.pass_timeout, config.sync.max_pages) == (7200.0, 500)
+    for bad, problem in [
+        ('max_response_size = "lots"', "is not a size"),
+        ("max_response_size = 10", "at least 64KiB"),
+        ("request_timeout = 0", "at least 1 second"),
+    ]:
+        with pytest.raises(ConfigError, match=problem):
+            load_config(write(tmp_path, MINIMAL.replace('auth_header = "x-api-key"', bad)), {"SYNCD_API_KEY": "k"})
+
+
+def test_commands_that_never_call_the_api_need_no_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), {}, with_key=False)
+    assert config.api.api_key is None
+    with pytest.raises(ConfigError, match="SYNCD_API_KEY"):
+        load_config(write(tmp_path, MINIMAL), {})

@@ -518,3 +518,44 @@ def test_report_role_reads_but_cannot_write(postgres_database: str, client: Any,
                 conn.execute("DROP OWNED BY syncd_reports CASCADE")
             conn.execute(f'DROP ROLE IF EXISTS "{reader}"')
             conn.execute("DROP ROLE IF EXISTS syncd_reports")
+
+
+def test_status_needs_no_key_and_creates_nothing(
+    tmp_path: Path, sim: Simulator, world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    db = tmp_path / "m.db"
+    config = write_config(tmp_path, sim, f"sqlite:///{db}", list(world.orgs))
+    assert main(["status", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "no mirror at" in err and "syncd run-once" in err and "auto_upgrade" not in err
+    assert not db.exists()
+    assert main(["db", "upgrade", "--config", str(config)]) == 0  # needs no key either
+    capsys.readouterr()
+    assert main(["status", "--config", str(config)]) == 1  # nothing synced yet, but it answers
+    assert "never" in capsys.readouterr().out
+
+
+def test_sigterm_while_passes_wait_on_retry_after_aborts_them_without_alarm(tmp_path: Path, world: World) -> None:
+    with Simulator(world) as sim:
+        sim.inject(Fault(status=429, retry_after="30", operation="list_devices", times=None))
+        config = tmp_path / "syncd.toml"
+        config.write_text(
+            f'[api]\nbase_url = "{sim.url}"\napi_key_env = "{KEY_ENV}"\n'
+            "[api.retry]\nmax_retry_after = 60\ndeadline = 120\n"
+            f'[database]\nurl = "sqlite:///{tmp_path}/m.db"\n[logging]\nformat = "json"\n'
+            + "".join(f'[[orgs]]\nid = "{org}"\n' for org in world.orgs)
+        )
+        proc = run_cli("run", "--config", str(config), env={KEY_ENV: API_KEY})
+        wait_for(lambda: len(sim.requests("list_devices")) >= 2, what="both orgs waiting on Retry-After")
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and time.monotonic() - started < 10
+    assert "org started failing" not in err and '"level": "error"' not in err, err
+    store = Store(f"sqlite:///{tmp_path}/m.db")
+    try:
+        assert {r["status"] for r in runs(store)} == {"aborted"}
+    finally:
+        store.close()

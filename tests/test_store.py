@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -11,8 +19,11 @@ from alembic.runtime.migration import MigrationContext
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.store import Store, migrate
+from syncd.store import store as store_module
 from syncd.store.migrate import head_revision
 from syncd.store.schema import SCHEMA_REVISION, metadata
+
+from .conftest import PG_ENV, Syncer
 
 
 def test_migrations_and_models_agree(database_url: str) -> None:
@@ -89,3 +100,103 @@ def test_page_transactions_may_skip_the_wal_flush_and_nothing_else_does(postgres
         assert synchronous_commit(durable=True) == "on"  # SET LOCAL ended with the page's transaction
     finally:
         store.close()
+
+
+@contextmanager
+def database_down(database_url: str, seconds: float | None) -> Iterator[None]:
+    """PostgreSQL refuses connections to the database and drops those it has, as during a restart;
+    it takes them again after ``seconds`` (None: at the end of the block)."""
+    admin = os.environ[PG_ENV].replace("postgresql+psycopg://", "postgresql://")
+    name = database_url.rsplit("/", 1)[1]
+
+    def allow() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    timer = threading.Timer(seconds, allow) if seconds is not None else None
+    if timer:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer:
+            timer.join()
+        allow()
+
+
+def test_a_pass_cut_off_by_a_database_restart_keeps_its_error_and_its_record(
+    postgres_database: str, client: Any, world: Any, org: str
+) -> None:
+    store = Store(postgres_database)
+    store.upgrade()
+    cut = ExitStack()
+
+    def restart_after_the_first_page(org_id: str, pages: int, seen: int) -> None:
+        if pages == 1:
+            cut.enter_context(database_down(postgres_database, seconds=1.0))
+
+    try:
+        outcome = Syncer(client, store)(org, on_progress=restart_after_the_first_page)
+        cut.close()
+        assert outcome.status == "failed" and "database error" in (outcome.error or "")
+        run = store.run(outcome.run_id)  # recorded once the database took connections again
+        assert (run["status"], run["error"]) == ("failed", outcome.error)
+        assert Syncer(client, store)(org).status == "succeeded"
+    finally:
+        cut.close()
+        store.close()
+
+
+def test_a_result_that_cannot_be_recorded_is_written_before_the_next_run(
+    postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "BOOKKEEPING_RETRIES", (0.05,))
+    store = Store(postgres_database)
+    store.upgrade()
+    try:
+        run_id, _ = store.start_run("org", "run-once", "host:1", datetime.now(UTC))
+        with database_down(postgres_database, seconds=None), pytest.raises(StoreError):
+            store.finish_run(run_id, "failed", datetime.now(UTC), "the original error")
+        assert store.run(run_id)["status"] == "running"
+        store.start_run("org", "run-once", "host:1", datetime.now(UTC))
+        run = store.run(run_id)
+        assert (run["status"], run["error"]) == ("failed", "the original error")  # not "interrupted"
+    finally:
+        store.close()
+
+
+def test_a_read_only_store_never_creates_writes_or_locks(tmp_path: Path) -> None:
+    path = tmp_path / "mirror.db"
+    with pytest.raises(SchemaOutdatedError, match="no mirror at"):
+        Store(f"sqlite:///{path}", read_only=True)
+    assert not path.exists()
+    writer = Store(f"sqlite:///{path}")
+    writer.upgrade()
+    reader = Store(f"sqlite:///{path}", read_only=True)
+    try:
+        with writer.writer():  # a writer holds SQLite's write lock...
+            started = time.monotonic()
+            reader.prepare(auto_upgrade=False)
+            assert reader.org_overview() == {}  # ...and the reader does not wait for it
+            assert time.monotonic() - started < 2
+        with pytest.raises(StoreError, match="readonly"):
+            reader.start_run("org", "run-once", "host:1", datetime.now(UTC))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_read_only_store_names_the_command_for_an_old_schema(database_url: str) -> None:
+    Store(database_url).close()
+    if database_url.startswith("sqlite"):
+        Path(database_url.removeprefix("sqlite:///")).touch()
+    reader = Store(database_url, read_only=True)
+    try:
+        with pytest.raises(SchemaOutdatedError) as caught:
+            reader.prepare(auto_upgrade=True)
+        assert "run `syncd db upgrade`" in str(caught.value) and "auto_upgrade is off" not in str(caught.value)
+    finally:
+        reader.close()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 from sqlalchemy import update
 
+from syncd import sync as sync_module
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
@@ -20,7 +23,7 @@ from syncd.store import Store
 from syncd.store.schema import devices
 from syncd.sync import OrgPass, PageWrites, PreparedPage
 
-from .conftest import API_KEY, Syncer, api_settings
+from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
 
 
 def assert_mirror_matches(store: Store, world: World, org: str) -> None:
@@ -343,3 +346,77 @@ def test_a_page_that_fails_to_commit_takes_its_counts_with_it(store: Store, org:
     run = store.run(run_id)
     assert (run["pages"], run["unchanged"], run["updated"]) == (1, 200, 0)
     assert store.changes() == []
+
+
+def test_an_interrupted_first_pass_leaves_a_baseline_not_history(
+    client: Any, store: Store, world: World, org: str
+) -> None:
+    stop = threading.Event()
+    first = Syncer(client, store)(org, stop=stop, on_progress=lambda org_id, pages, seen: stop.set())
+    assert first.status == "aborted" and len(store.devices_of(org)) == 200
+    second = Syncer(client, store)(org)
+    assert second.status == "succeeded" and second.counts["created"] == 250
+    assert store.changes(org) == []  # the baseline lasts until a pass of the org has succeeded
+    new = world.create_device(org)
+    third = Syncer(client, store)(org)
+    assert [(c["device_id"], c["change"]) for c in store.changes(run_id=third.run_id)] == [(new, "created")]
+
+
+def test_a_pass_ends_at_its_deadline(sim: Simulator, store: Store, world: World, org: str) -> None:
+    sim.inject(Fault(kind="slow", delay=0.6, operation="list_devices", times=None))
+    with OpenAppClient(api_settings(sim)) as client:
+        started = time.monotonic()
+        outcome = Syncer(client, store, SyncSettings(pass_timeout=1.0))(org)
+    assert time.monotonic() - started < 3
+    assert outcome.status == "failed" and "sync.pass_timeout" in (outcome.error or "")
+    assert outcome.counts["purged"] == 0
+
+
+def test_a_list_far_longer_than_the_org_is_cut_off(
+    sim: Simulator, client: Any, store: Store, world: World, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Syncer(client, store)(org).status == "succeeded"  # 450 devices: 3 pages
+    monkeypatch.setattr(sync_module, "PAGE_GROWTH_MARGIN", 1)  # 10 x 3 + 1 pages from now on
+    for _ in range(31 * 200 - 450):
+        world.create_device(org)
+    outcome = Syncer(client, store)(org)
+    assert outcome.status == "failed" and "kept sending full pages: stopped after 31 pages" in (outcome.error or "")
+    assert len(sim.requests("list_devices")) == 3 + 31 + 1  # the one page more that showed it, nothing after
+    monkeypatch.setattr(sync_module, "PAGE_GROWTH_MARGIN", 1000)  # the org really grew: the next pass may go on
+    assert Syncer(client, store)(org).status == "succeeded"
+    settings = SyncSettings(max_pages=5)  # the hard limit applies to first passes too
+    other = next(o for o in world.orgs if o != org)
+    assert Syncer(client, store, settings)(other).status == "succeeded"  # 3 pages
+    for _ in range(1000):
+        world.create_device(other)
+    assert "stopped after 5 pages" in (Syncer(client, store, settings)(other).error or "")
+
+
+def test_a_stop_during_a_retry_after_wait_aborts_the_pass(sim: Simulator, store: Store, org: str) -> None:
+    stop = threading.Event()
+    sim.inject(Fault(status=429, retry_after="30", operation="list_devices", skip=1, times=None))
+    settings = api_settings(sim, retry=replace(FAST_RETRY, max_retry_after=60.0, deadline=120.0))
+    with OpenAppClient(settings, stop=stop) as client:
+        threading.Timer(0.5, stop.set).start()
+        started = time.monotonic()
+        outcome = Syncer(client, store)(org, stop=stop)
+    assert time.monotonic() - started < 3
+    assert outcome.status == "aborted" and outcome.exception is None  # stopped, not failed
+    assert store.run(outcome.run_id)["status"] == "aborted"
+
+
+def test_an_unbelievable_purge_check_costs_only_its_device(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)
+    gone, also_gone = world.ids(org)[10], world.ids(org)[20]
+    world.purge_device(org, gone)
+    world.purge_device(org, also_gone)
+    imposter = orjson.dumps(world.ground_truth(org)[0])
+    sim.inject(Fault(status=200, body=imposter, operation="get_device", times=1))
+    outcome = sync(org)
+    assert outcome.status == "failed" and "could not be confirmed" in (outcome.error or "")
+    assert "it was not believed" in (outcome.error or "")
+    states = {d: store.device(d)["state"] for d in (gone, also_gone)}  # type: ignore[index]
+    assert sorted(states.values()) == ["active", "purged"]  # the other check still counted
+    assert store.device(world.ids(org)[0])["raw"] == world.ground_truth(org)[0]  # type: ignore[index]

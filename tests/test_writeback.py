@@ -475,3 +475,49 @@ def test_the_daemon_pushes_queued_edits(tmp_path: Path, sim: Simulator, world: W
         thread.join(timeout=30)
     with _store(db) as store:
         assert edit(store, edit_id)["status"] == "succeeded"
+
+
+def test_sql_queued_edits_never_choose_their_org_or_path(
+    sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
+) -> None:
+    other_org = next(o for o in world.orgs if o != mirrored)
+    device = active(world, mirrored, 0)
+    rows = [
+        (device, other_org, '{"external_id": "via the wrong org"}'),  # says org B; the mirror says org A
+        (device, "01HORGNOTCONFIGURED0000000", '{"external_id": "x"}'),
+        (f"ok/../{device}", None, '{"external_id": "pwned"}'),
+        ("../../admin", None, '{"external_id": "pwned"}'),
+        (device, None, orjson.dumps({"device_metadata": {"blob": "x" * (1024 * 1024)}}).decode()),
+    ]
+    if store.dialect == "sqlite":  # PostgreSQL refuses such a row itself
+        rows.append((device, None, '{"name": {"en": "nul\\u0000"}}'))
+    with store.engine.begin() as conn:
+        for device_id, org_id, payload in rows:
+            conn.execute(
+                text("INSERT INTO device_edits (device_id, org_id, payload) VALUES (:d, :o, :p)"),
+                {"d": device_id, "o": org_id, "p": payload},
+            )
+    results = reconciler(wb_client, store).run_once()
+    assert results == Counter(failed=len(rows))
+    assert [r for r in sim.log if r.method != "GET" or r.operation != "list_devices"] == []  # nothing was sent
+    errors = [r["last_error"] for r in EditQueue(store).find()]
+    assert f"is not the device's org ({mirrored} in the mirror); nothing was sent" in errors[0]
+    assert "not the device's org" in errors[1]
+    assert "is not an OpenApp device id" in errors[2] and "is not an OpenApp device id" in errors[3]
+    assert "more than an edit may be" in errors[4]
+    if store.dialect == "sqlite":
+        assert "NUL character" in errors[5]
+    assert world.device(mirrored, device)["external_id"] != "via the wrong org"
+
+
+def test_an_edit_of_an_org_no_longer_configured_fails_unsent(
+    sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
+) -> None:
+    edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "late"}, "ops", ORGS)
+    others = frozenset(ORGS - {mirrored})
+    results = Reconciler(wb_client, store, FAST, "test:1", others).run_once()
+    assert results == Counter(failed=1)
+    assert "is not configured in this syncd; nothing was sent" in edit(store, edit_id)["last_error"]
+    assert sim.requests("get_device") == [] and sim.requests("update_device") == []
+    with pytest.raises(ConfigError, match="which is not configured"):
+        queue_edit(store, active(world, mirrored), "update", {"external_id": "x"}, "ops", others)

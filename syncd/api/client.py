@@ -325,6 +325,7 @@ class OpenAppClient:
         own_limit = started + self.settings.request_timeout
         expires = min(own_limit, give_up_at)
         status = "transport_error"
+        unsendable = False
         with self._in_flight.attempt(expires, interruptible) as attempt:
             try:
                 request = self._http.build_request(method, path, params=params, headers=headers, content=content)
@@ -337,11 +338,9 @@ class OpenAppClient:
                 finally:
                     response.close()
             except httpx.LocalProtocolError:
-                # h11 quotes the offending header value, which may be the key: its text goes nowhere.
-                raise ConfigError(
-                    f"{operation}: the request could not be built (an API key, org id or URL that HTTP cannot "
-                    "carry; run `syncd check-config`)"
-                ) from None
+                # h11 quotes the offending header value, which may be the key: the exception is
+                # dropped here, not even kept as the context of the one raised below.
+                unsendable = True
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise ConfigError(f"{operation}: invalid API URL: {self._scrub(exc)}") from None
             except httpx.TransportError as exc:
@@ -364,6 +363,11 @@ class OpenAppClient:
                 raise InvalidResponseError(f"{operation}: {exc}") from None
             finally:
                 HTTP_REQUESTS.labels(operation, status).inc()
+        if unsendable:
+            raise ConfigError(
+                f"{operation}: the request could not be built (an API key, org id or URL that HTTP cannot carry; "
+                "run `syncd check-config`)"
+            )
         problem = read_problem(response.status_code, error_body)
         hint = parse_retry_after(response.headers.get("Retry-After"), self.settings.retry.max_retry_after)
         raise error_for_status(response.status_code, problem, operation, hint)

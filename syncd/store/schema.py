@@ -41,6 +41,10 @@ class JSONDoc(TypeDecorator[Any]):
 
     (Not ``JSON().with_variant(JSONB())``: that imports SQLAlchemy's whole PostgreSQL dialect, and
     its async drivers, into every SQLite process.)
+
+    SQLite gives the column NUMERIC affinity, so a value that is just a number (``device_metadata``
+    may be one) is stored as a number: it comes back as one, and an integer beyond 64 bits comes
+    back as the nearest double.
     """
 
     impl = JSON(none_as_null=True)
@@ -52,6 +56,16 @@ class JSONDoc(TypeDecorator[Any]):
 
             return dialect.type_descriptor(JSONB(none_as_null=True))
         return dialect.type_descriptor(JSON(none_as_null=True))
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        decode = super().result_processor(dialect, coltype)
+        if dialect.name != "sqlite" or decode is None:
+            return decode
+
+        def numbers_stay_numbers(value: Any) -> Any:
+            return value if isinstance(value, int | float) else decode(value)
+
+        return numbers_stay_numbers
 
 
 # Autoincrement ids: BIGINT on PostgreSQL, INTEGER (rowid alias) on SQLite.
