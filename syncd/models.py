@@ -145,7 +145,8 @@ def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes,
     field = "payload"
     try:
         payload, digest = encoded or encode(raw)
-        if b"\\u0000" in payload:  # a cheap test first; the walk tells whether it is really a NUL
+        # Cheap tests first (a backslash is rare in a payload; memchr finds it fast), then the walk.
+        if b"\\" in payload and b"\\u0000" in payload:
             where = nul_path(raw)
             if where is not None:
                 raise ValueError(
@@ -259,6 +260,8 @@ def utc_text(value: object) -> str | None:
 
 
 def _optional_str(value: object) -> str | None:
+    if value.__class__ is str and value:  # the common case first: this runs per device
+        return value
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -269,6 +272,8 @@ def _optional_str(value: object) -> str | None:
 
 
 def _id_field(value: object) -> str | None:
+    if value.__class__ is str and 0 < len(value) <= ID_LENGTH:  # the common case first: this runs per device
+        return value
     text = _optional_str(value)
     if text is not None and len(text) > ID_LENGTH:
         raise ValueError(f"is {len(text)} characters long, more than an id can be ({ID_LENGTH}): {preview(text)}")
