@@ -133,20 +133,26 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
     return device_id, org_id
 
 
-def parse_device(raw: object, position: int | None = None, encoded: tuple[bytes, str] | None = None) -> Device:
+def parse_device(
+    raw: object,
+    position: int | None = None,
+    encoded: tuple[bytes, str] | None = None,
+    identity: tuple[str, str] | None = None,
+) -> Device:
     """Parse one DeviceResponse; raise InvalidDeviceError (with its position and id) if it is unusable.
 
     Unusable includes what the mirror could not store alike on SQLite and PostgreSQL: a NUL character
     in any string, an id longer than its column, a timestamp outside the years 1-9999 once in UTC.
-    ``encoded``: :func:`encode` of ``raw`` when the caller already has it.
+    ``encoded``: :func:`encode` of ``raw``, and ``identity``: :func:`identify` of it, when the caller
+    already has them.
     """
-    device_id, org_id = identify(raw, position)
+    device_id, org_id = identity or identify(raw, position)
     assert isinstance(raw, dict)
     field = "payload"
     try:
         payload, digest = encoded or encode(raw)
         # Cheap tests first (a backslash is rare in a payload; memchr finds it fast), then the walk.
-        if b"\\" in payload and b"\\u0000" in payload:
+        if payload.find(b"\\") >= 0 and b"\\u0000" in payload:
             where = nul_path(raw)
             if where is not None:
                 raise ValueError(

@@ -321,7 +321,7 @@ class OrgPass:
                             touches.append(device_id)
                         continue
                 try:
-                    device = parse_device(item, position, encoded)
+                    device = parse_device(item, position, encoded, (device_id, self.org.id))
                 except InvalidDeviceError as exc:
                     self._problem(exc)
                     continue

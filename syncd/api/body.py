@@ -52,14 +52,16 @@ def read_body(response: httpx.Response, limit: int, *, truncate: bool = False) -
     if encoding == "identity" and declared.isdigit() and int(declared) > limit and not truncate:
         raise ResponseTooLargeError("")
     inflater = _Inflater(encoding) if encoding != "identity" else None
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     for chunk in response.iter_raw():
-        room = limit - len(body)
+        room = limit - size
         data = inflater.feed(chunk, room) if inflater else chunk
         if len(data) > room:
             if not truncate:
                 raise ResponseTooLargeError("")
-            body += data[:room]
+            chunks.append(data[:room])
             break
-        body += data
-    return bytes(body)
+        chunks.append(data)
+        size += len(data)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
