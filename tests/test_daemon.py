@@ -406,6 +406,8 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Type=notify" in (ROOT / "deploy" / "syncd.service").read_text()
+    for service in ("syncd.service", "syncd-run-once.service"):  # a runaway is stopped by the kernel
+        assert re.search(r"^MemoryMax=\d+[KMG]$", (ROOT / "deploy" / service).read_text(), re.MULTILINE)
 
 
 def test_three_daemons_share_thirty_orgs_on_postgresql(tmp_path: Path, postgres_database: str) -> None:
