@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -551,21 +551,17 @@ class _Reader:
         return value
 
     def size(self, t: Mapping[str, Any], name: str, default: int) -> int:
-        key = name.rsplit(".", 1)[-1]
-        if key not in t:
-            return default
-        try:
-            return parse_size(t[key])
-        except ValueError as exc:
-            self.problem(f"{name} {exc}")
-            return default
+        return int(self._parsed(t, name, default, parse_size))
 
     def duration(self, t: Mapping[str, Any], name: str, default: Any) -> Any:
+        return self._parsed(t, name, default, parse_duration)
+
+    def _parsed(self, t: Mapping[str, Any], name: str, default: Any, parse: Callable[[object], Any]) -> Any:
         key = name.rsplit(".", 1)[-1]
         if key not in t:
             return default
         try:
-            return parse_duration(t[key])
+            return parse(t[key])
         except ValueError as exc:
             self.problem(f"{name} {exc}")
             return default
