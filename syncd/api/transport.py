@@ -75,12 +75,16 @@ class InFlight:
 
     def __init__(self) -> None:
         self._attempts: set[Attempt] = set()  # set.add/discard and list(set) are atomic under the GIL
+        self._aborted = False
 
     @contextlib.contextmanager
     def attempt(self, expires: float, interruptible: bool) -> Iterator[Attempt]:
-        """Register one request of this thread for the ``with`` block."""
+        """Register one request of this thread for the ``with`` block (one that may be interrupted
+        and begins after :meth:`abort` fails at its first socket operation)."""
         attempt = Attempt(expires, interruptible)
         self._attempts.add(attempt)
+        if interruptible and self._aborted:  # after the add: an abort() running now sees it, or we see this
+            attempt.aborted = True
         _current.attempt = attempt
         try:
             yield attempt
@@ -89,7 +93,8 @@ class InFlight:
             self._attempts.discard(attempt)
 
     def abort(self) -> int:
-        """Interrupt every interruptible request in flight; returns how many."""
+        """Interrupt every interruptible request in flight, and any that starts later; returns how many."""
+        self._aborted = True
         attempts = [a for a in list(self._attempts) if a.interruptible]
         for attempt in attempts:
             attempt.abort()
