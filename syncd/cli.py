@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="confirm purging more than sync.max_purge_fraction of an org's devices",
     )
     p.add_argument(
+        "--max-pages",
+        type=_count,
+        metavar="N",
+        help="read at most N list pages per org in this pass, instead of the limit derived from the org's "
+        "last successful pass (to confirm that an org really grew that much)",
+    )
+    p.add_argument(
         "--wait",
         type=_seconds,
         default=0.0,
@@ -210,7 +217,7 @@ def cmd_run_once(args: argparse.Namespace) -> int:
             stop_on_signals("finishing the current page, then stopping") as stop,
             OpenAppClient(config.api, stop=stop) as client,
         ):
-            outcomes = _run_passes(config, orgs, store, client, stop, args.allow_mass_purge, args.wait)
+            outcomes = _run_passes(config, orgs, store, client, stop, args.allow_mass_purge, args.wait, args.max_pages)
     finally:
         store.close()
     print_summary(outcomes, sys.stdout)
@@ -356,8 +363,8 @@ def cmd_reconcile_once(args: argparse.Namespace) -> int:
     logs.configure(config.log_format, config.log_level)
     with (
         _prepared_store(config) as store,
-        writeback_client(config) as client,
         stop_on_signals("finishing the current edit, then stopping") as stop,
+        writeback_client(config, stop) as client,
     ):
         reconciler = Reconciler(client, store, config.writeback, instance_name(), _org_ids(config), stop)
         results = reconciler.run_once()
@@ -530,6 +537,7 @@ def _run_passes(
     stop: threading.Event,
     allow_mass_purge: bool = False,
     lock_wait: float = 0.0,
+    max_pages: int | None = None,
 ) -> list[PassOutcome]:
     progress = Progress(sys.stderr) if sys.stderr.isatty() else None
     return run_once(
@@ -538,6 +546,7 @@ def _run_passes(
         store=store,
         client=client,
         allow_mass_purge=allow_mass_purge,
+        max_pages=max_pages,
         lock_wait=lock_wait,
         stop=stop,
         on_progress=progress.update if progress else None,

@@ -97,7 +97,7 @@ class SyncSettings:
     failure_backoff_max: float = 3600.0
     shutdown_timeout: float = 30.0
     pass_timeout: float = 3600.0
-    max_pages: int = 100_000
+    max_pages: int = 10_000  # 2,000,000 devices at 200 a page
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def build_config(
         failure_backoff_max=r.duration(sync, "sync.failure_backoff_max", 3600.0),
         shutdown_timeout=r.duration(sync, "sync.shutdown_timeout", 30.0),
         pass_timeout=r.duration(sync, "sync.pass_timeout", 3600.0),
-        max_pages=r.integer(sync, "sync.max_pages", 100_000, minimum=1),
+        max_pages=r.integer(sync, "sync.max_pages", 10_000, minimum=1),
     )
     if sync_settings.interval < 1:
         r.problem(f"sync.interval must be at least 1 second, got {sync_settings.interval}")

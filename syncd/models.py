@@ -296,6 +296,14 @@ def preview(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Untrusted text as it may enter a message, a log line or a database column: every character
+    that is not printable (line breaks, NUL, terminal escapes) escaped, and at most ``limit`` long."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
 MAX_EDIT_BYTES = 1024 * 1024  # an UpdateDeviceRequest larger than this is a mistake, not a device
 

@@ -86,7 +86,7 @@ def queue_edit(
     if device is None:
         raise ConfigError(f"device {device_id} is not in the mirror (run `syncd run-once` first, or check the id)")
     if device["org_id"] not in orgs:
-        raise ConfigError(f"device {device_id} belongs to org {device['org_id']}, which is not configured")
+        raise ConfigError(f"device {device_id} belongs to org {preview(device['org_id'])}, which is not configured")
     if device["state"] == "purged":
         raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited or restored")
     if action == "restore" and device["state"] != "deleted":
@@ -163,7 +163,7 @@ class Reconciler:
         except ValueError as exc:
             problem = f"{exc}; nothing was sent"
         else:
-            problem = validate_edit(action, payload)
+            problem = "; ".join(row["unreadable"]) or validate_edit(action, payload)
             mirrored = self.store.device(row["device_id"])
             if problem is None:
                 problem = self._org_problem(row, mirrored)
@@ -207,9 +207,12 @@ class Reconciler:
             return "unknown device: it is not in the mirror"
         org_id = mirrored["org_id"]
         if row["org_id"] is not None and row["org_id"] != org_id:
-            return f"org_id {preview(row['org_id'])} is not the device's org ({org_id} in the mirror); nothing was sent"
+            return (
+                f"org_id {preview(row['org_id'])} is not the device's org ({preview(org_id)} in the mirror); "
+                "nothing was sent"
+            )
         if org_id not in self.orgs:
-            return f"the device's org {org_id} is not configured in this syncd; nothing was sent"
+            return f"the device's org {preview(org_id)} is not configured in this syncd; nothing was sent"
         return None
 
     def _fetch(self, org_id: str, device_id: str) -> Device:

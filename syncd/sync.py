@@ -31,6 +31,7 @@ from syncd.errors import (
     InvalidResponseError,
     MassPurgeRefusedError,
     NotFoundError,
+    PassRefusedError,
     StoppedError,
     StoreError,
     SyncdError,
@@ -44,6 +45,7 @@ from syncd.models import (
     encode,
     identify,
     is_device_id,
+    one_line,
     parse_device,
     preview,
     utcnow,
@@ -54,8 +56,8 @@ log = structlog.get_logger(__name__)
 
 PREFETCH_PAGES = 2
 MAX_LOGGED_PROBLEMS = 10
-# A list may run this far past the org's size at its last count before a pass calls it endless:
-# 10x the pages, plus 1,000. (A first pass has no count: only sync.max_pages bounds it.)
+# A list may run this far past the org's size at its last successful pass before a pass calls it
+# endless: 10x the pages, plus 1,000. (Before a first success only sync.max_pages bounds it.)
 PAGE_GROWTH_FACTOR = 10
 PAGE_GROWTH_MARGIN = 1000
 ProgressCallback = Callable[[str, int, int], None]
@@ -99,11 +101,14 @@ class OrgPass:
         trigger: str = "run-once",
         instance: str = "syncd",
         allow_mass_purge: bool = False,
+        max_pages: int | None = None,
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
         fetch_ahead: bool = True,
     ) -> None:
-        """``fetch_ahead``: fetch the next page on a thread while this one is compared and written.
+        """``max_pages``: an operator's limit for this pass, instead of the one derived from the org's
+        size and ``sync.max_pages`` (``run-once --max-pages``, to confirm that an org really grew).
+        ``fetch_ahead``: fetch the next page on a thread while this one is compared and written.
         Worth it for a pass that runs alone; passes that run side by side already fill each other's
         waits, and a thread more each costs them GIL hand-overs (bench/bench_sync.py, 10 orgs)."""
         self.client = client
@@ -113,6 +118,7 @@ class OrgPass:
         self.trigger = trigger
         self.instance = instance
         self.allow_mass_purge = allow_mass_purge
+        self.page_limit_override = max_pages
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
         self.fetch_ahead = fetch_ahead
@@ -169,7 +175,7 @@ class OrgPass:
             status, error, exception = "failed", self._explain(exc), exc
         except Exception as exc:  # a bug must not leave the run 'running' forever
             self.log.exception("pass crashed")
-            status, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            status, error = "failed", one_line(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             try:
                 if writes:
@@ -220,10 +226,13 @@ class OrgPass:
             )
 
     def _page_limit(self) -> int:
-        """How many pages this pass may read: ``sync.max_pages``, and for an org whose size is known,
-        at most :data:`PAGE_GROWTH_FACTOR` times its pages plus :data:`PAGE_GROWTH_MARGIN`."""
-        size = self.store.known_size(self.org.id)
-        if not size:
+        """How many pages this pass may read: ``sync.max_pages``, and once a pass of the org has
+        succeeded, at most :data:`PAGE_GROWTH_FACTOR` times its pages plus :data:`PAGE_GROWTH_MARGIN`
+        (unless an operator gave the limit of this pass)."""
+        if self.page_limit_override is not None:
+            return self.page_limit_override
+        size = self.store.last_success_size(self.org.id)
+        if size is None:
             return self.settings.max_pages
         pages = -(-size // self.client.settings.page_size)
         return min(self.settings.max_pages, PAGE_GROWTH_FACTOR * pages + PAGE_GROWTH_MARGIN)
@@ -257,12 +266,12 @@ class OrgPass:
                 return False
             self._check_deadline()
             if self.counts["pages"] >= self.max_pages:
-                raise InvalidResponseError(
+                raise PassRefusedError(
                     f"list_devices kept sending full pages: stopped after {self.counts['pages']} pages "
-                    f"({len(self.seen)} devices; the org had {self.store.known_size(self.org.id)} at the last count) "
-                    f"and purged nothing. A list this long is taken for a server fault; an org that really grew "
-                    f"is allowed {PAGE_GROWTH_FACTOR}x more at the next pass, up to sync.max_pages "
-                    f"({self.settings.max_pages})"
+                    f"({len(self.seen)} devices) and purged nothing; a list this long is taken for a server fault "
+                    f"(the limit: sync.max_pages, and {PAGE_GROWTH_FACTOR}x the pages of the last successful pass "
+                    f"plus {PAGE_GROWTH_MARGIN}). If the org really has that many devices, confirm with "
+                    f"`syncd run-once --org {self.org.id} --max-pages N`"
                 )
             self._apply(run_id, page.items, page.offset)
             if self.on_progress:

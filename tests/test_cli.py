@@ -326,3 +326,16 @@ def test_a_stop_interrupts_a_request_that_trickles(tmp_path: Path, signals: list
         run = runs(store)[-1]
         assert run["status"] in ("aborted", "running")  # a run left running is closed by the next pass
         store.close()
+
+
+def test_run_once_max_pages_confirms_a_grown_org(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = next(iter(world.orgs))
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org], extra="[sync]\nmax_pages = 2\n")
+    assert main(["run-once", "--config", str(config)]) == 1  # 450 devices are 3 pages
+    assert f"syncd run-once --org {org} --max-pages N" in capsys.readouterr().out
+    assert main(["run-once", "--config", str(config), "--max-pages", "3"]) == 0
+    with pytest.raises(SystemExit) as caught:
+        main(["run-once", "--config", str(config), "--max-pages", "0"])
+    assert caught.value.code == 2

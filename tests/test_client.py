@@ -421,3 +421,24 @@ def test_a_stop_lets_a_write_in_flight_finish(sim: Simulator, org: str) -> None:
         threading.Timer(0.2, stop.set).start()
         answer = client.update_device(org, device_id, {"external_id": "finished"})
     assert answer["external_id"] == "finished"
+
+
+def test_error_text_from_the_server_is_one_printable_line() -> None:
+    body = (
+        b'{"message": "boom\\nSECOND\\u0000 \\u001b[31m", "error_code": "x\\ny", "correlationId": "'
+        + b"c" * 500
+        + b'"}'
+    )
+    problem = read_problem(500, body)
+    text = problem.describe()
+    assert text.isprintable() and "boom\\nSECOND\\x00 \\x1b[31m" in text and len(text) < 500
+    assert read_problem(502, b"<html>\x00\x1b[2J bad\ngateway</html>").describe().isprintable()
+
+
+def test_a_compressed_body_cut_short_is_refused(sim: Simulator) -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    page = packer.compress(orjson.dumps([device(i) for i in range(50)])) + packer.flush()
+    _, transport = recording(lambda r: (200, page[: len(page) // 2], {"Content-Encoding": "gzip"}))
+    with OpenAppClient(api_settings(sim), transport=transport) as client:
+        with pytest.raises(InvalidResponseError, match="ends before its compressed stream does"):
+            list(client.list_device_pages("O"))

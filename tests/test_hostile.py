@@ -31,7 +31,8 @@ from sqlalchemy import insert
 
 from syncd.simulator.world import iso, make_ulid
 from syncd.store import Store
-from syncd.store.schema import devices
+from syncd.store.edits import EditQueue
+from syncd.store.schema import device_edits, devices
 
 from .conftest import API_KEY
 from .test_secrets import dump_database
@@ -93,7 +94,7 @@ class Case:
     unreadable: int = 0
     error: str = ""
     all_mirrored: bool = True
-    behaviour: str = ""  # trickle | gzip_bomb | endless | wrong_answer
+    behaviour: str = ""  # trickle | gzip_bomb | endless | wrong_answer | hostile_error
     seed_mirror: list[str] = field(default_factory=list)  # ids written into the mirror first (an older syncd)
     config: str = ""
     duplicates: int = 0
@@ -183,6 +184,21 @@ CASES = [
         all_mirrored=False,
         config="[sync]\nmax_pages = 25\n",
     ),
+    Case(
+        "error bodies with line breaks, NUL characters and terminal escapes",
+        behaviour="hostile_error",
+        error="HTTP 500 (x\\ny): boom\\nSECOND\\x00 \\x1b[31m",
+        all_mirrored=False,
+    ),
+    Case(
+        "one huge string beside one unreadable device",
+        extra=[
+            item(device_metadata={"blob": "y" * 12_000_000}),
+            b'{"id": "01HK153X0038NZ3ZA2MABNBN61", "org_id": "' + ORG.encode() + b'", "name": "\xff"}',
+        ],
+        unreadable=1,
+        error="not readable JSON",
+    ),
 ]
 
 
@@ -263,6 +279,9 @@ class HostileServer:
                         self.send(200, server.bomb, {"Content-Encoding": "gzip"})
                     elif behaviour == "trickle" and offset == 200:
                         self.trickle()
+                    elif behaviour == "hostile_error" and offset == 200:
+                        body = b'{"message": "boom\\nSECOND\\u0000 \\u001b[31m", "error_code": "x\\ny"}'
+                        self.send(500, body)
                     else:
                         self.send(200, server.page(offset, limit))
                     return
@@ -330,12 +349,12 @@ runpy.run_module("syncd", run_name="__main__")
 """
 
 
-def run_syncd(config: Path) -> tuple[int, str, str, float, float]:
-    """``syncd run-once`` as a process: exit code, stdout, stderr, seconds, peak RSS in MB."""
+def run_syncd(config: Path, command: str = "run-once") -> tuple[int, str, str, float, float]:
+    """``syncd COMMAND`` as a process: exit code, stdout, stderr, seconds, peak RSS in MB."""
     started = time.monotonic()
     peak = config.parent / "peak-rss"
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURED, str(peak), "run-once", "--config", str(config)],
+        [sys.executable, "-c", MEASURED, str(peak), command, "--config", str(config)],
         env={**os.environ, KEY_ENV: API_KEY},
         capture_output=True,
         text=True,
@@ -365,6 +384,7 @@ def test_hostile_server(case: Case, tmp_path: Path, database_url: str) -> None:
     assert code == case.exit_code, out + err[-3000:]
     assert seconds < SECONDS_LIMIT and rss < RSS_LIMIT_MB, (seconds, rss)
     assert case.error in out, out
+    assert "\x1b" not in out and "\x00" not in out  # server text reaches the terminal escaped
     for method, path in requests:  # only the documented routes, only reads
         assert method == "GET", (method, path)
         assert urlsplit(path).path == "/api/v1/devices" or ULID_PATH.fullmatch(urlsplit(path).path), path
@@ -389,7 +409,47 @@ def test_hostile_server(case: Case, tmp_path: Path, database_url: str) -> None:
     assert (run["status"] == "succeeded") == (case.exit_code == 0)
     if case.unreadable:
         assert "position" in run["error"]
+    if run["error"]:
+        assert run["error"].isprintable()  # one line, whatever the server sent
     assert not store_changes(database_url)  # a first pass: a baseline, and no false history
+    for text in (out, err, dump_database(database_url)):
+        assert API_KEY not in text
+
+
+def test_write_back_against_a_hostile_server(tmp_path: Path, database_url: str) -> None:
+    device = GOOD_DEVICES[10]["id"]
+    seed_mirror(database_url, [device])
+    rows = [
+        (device, None),  # a proper edit: but the server answers about another device
+        (device, "01HORG00000000000000000001"),  # names another org than the device's
+        (f"ok/../{GOOD_DEVICES[11]['id']}", None),
+        ("../../admin", None),
+        (GOOD_DEVICES[12]["id"] + "?x=1", None),
+    ]
+    store = Store(database_url)
+    with store.engine.begin() as conn:
+        for device_id, org_id in rows:
+            conn.execute(
+                insert(device_edits).values(device_id=device_id, org_id=org_id, payload={"external_id": "pwned"})
+            )
+    with HostileServer(Case("wrong answers", behaviour="wrong_answer")) as server:
+        config = tmp_path / "syncd.toml"
+        config.write_text(
+            f'[api]\nbase_url = "{server.url}"\napi_key_env = "{KEY_ENV}"\n'
+            f'[database]\nurl = "{database_url}"\n[logging]\nlevel = "debug"\n[[orgs]]\nid = "{ORG}"\n'
+        )
+        code, out, err, seconds, rss = run_syncd(config, "reconcile-once")
+        requests = list(server.requests)
+    try:
+        edits = EditQueue(store).find()
+    finally:
+        store.close()
+    assert code == 1 and seconds < SECONDS_LIMIT and rss < RSS_LIMIT_MB, out + err
+    assert requests == [("GET", f"/api/v1/devices/{device}?include_deleted=true&include_metadata=true")]
+    assert [e["status"] for e in edits] == ["failed"] * len(rows)  # and nothing was pushed
+    assert "it was not believed" in edits[0]["last_error"]
+    assert "is not the device's org" in edits[1]["last_error"]
+    assert all("is not an OpenApp device id" in e["last_error"] for e in edits[2:])
     for text in (out, err, dump_database(database_url)):
         assert API_KEY not in text
 

@@ -200,3 +200,17 @@ def test_a_read_only_store_names_the_command_for_an_old_schema(database_url: str
         assert "run `syncd db upgrade`" in str(caught.value) and "auto_upgrade is off" not in str(caught.value)
     finally:
         reader.close()
+
+
+def test_a_read_only_store_takes_odd_paths_as_names(tmp_path: Path) -> None:
+    odd = tmp_path / "mirror #1.db"  # '#' would end the path in the read-only URI were it not quoted
+    writer = Store(f"sqlite:///{odd}")
+    writer.upgrade()
+    writer.close()
+    reader = Store(f"sqlite:///{odd}", read_only=True)
+    try:
+        reader.prepare(auto_upgrade=False)  # the schema is found: it is this file that was opened
+        assert reader.org_overview() == {}
+    finally:
+        reader.close()
+    assert {p.name for p in tmp_path.iterdir()} <= {odd.name, f"{odd.name}-wal", f"{odd.name}-shm"}

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from syncd.api import OpenAppClient
 from syncd.cli import main
@@ -501,7 +502,7 @@ def test_sql_queued_edits_never_choose_their_org_or_path(
     assert results == Counter(failed=len(rows))
     assert [r for r in sim.log if r.method != "GET" or r.operation != "list_devices"] == []  # nothing was sent
     errors = [r["last_error"] for r in EditQueue(store).find()]
-    assert f"is not the device's org ({mirrored} in the mirror); nothing was sent" in errors[0]
+    assert f"is not the device's org ('{mirrored}' in the mirror); nothing was sent" in errors[0]
     assert "not the device's org" in errors[1]
     assert "is not an OpenApp device id" in errors[2] and "is not an OpenApp device id" in errors[3]
     assert "more than an edit may be" in errors[4]
@@ -521,3 +522,54 @@ def test_an_edit_of_an_org_no_longer_configured_fails_unsent(
     assert sim.requests("get_device") == [] and sim.requests("update_device") == []
     with pytest.raises(ConfigError, match="which is not configured"):
         queue_edit(store, active(world, mirrored), "update", {"external_id": "x"}, "ops", others)
+
+
+def test_a_time_the_database_cannot_read_fails_its_edit_alone(
+    sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
+) -> None:
+    good, other = active(world, mirrored, 0), active(world, mirrored, 1)
+    rows = [(other, "base_updated_at"), (other, "next_attempt_at"), (good, None)]
+    for device_id, column in rows:
+        extra = f", {column}" if column else ""
+        insert_edit = text(
+            f"INSERT INTO device_edits (device_id, payload{extra}) VALUES (:d, :p{', :t' if column else ''})"
+        )
+        values = {"d": device_id, "p": '{"external_id": "from SQL"}', "t": "not a time"}
+        if column and store.dialect == "postgresql":  # timestamptz refuses the row itself
+            with pytest.raises(DBAPIError, match="invalid input syntax"), store.engine.begin() as conn:
+                conn.execute(insert_edit, values)
+            continue
+        with store.engine.begin() as conn:
+            conn.execute(insert_edit, values)
+    results = reconciler(wb_client, store).run_once()
+    edits = EditQueue(store).find()
+    if store.dialect == "postgresql":
+        assert [e["status"] for e in edits] == ["succeeded"]
+        return
+    assert [e["status"] for e in edits] == ["failed", "failed", "succeeded"]  # SQLite takes anything: syncd checks
+    assert "base_updated_at 'not a time' is not a timestamp" in edits[0]["last_error"]
+    assert "next_attempt_at 'not a time' is not a timestamp" in edits[1]["last_error"]
+    assert results == Counter(failed=2, succeeded=1)
+
+
+def test_reconcile_once_stops_a_read_in_flight_on_sigterm(tmp_path: Path, world: World) -> None:
+    org = next(iter(world.orgs))
+    with Simulator(world) as sim:
+        config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org])
+        config.write_text(config.read_text().replace("[api.retry]", "request_timeout = 120\n\n[api.retry]"))
+        proc = run_cli("run-once", "--config", str(config), env={KEY_ENV: API_KEY})
+        assert proc.wait(timeout=60) == 0
+        assert main(["edit", active(world, org), "--external-id", "x", "--config", str(config)]) == 0
+        sim.inject(Fault(kind="slow_reply", delay=30.0, operation="get_device", times=None))
+        proc = run_cli("reconcile-once", "--config", str(config), env={KEY_ENV: API_KEY})
+        store = Store(f"sqlite:///{tmp_path}/m.db")
+        wait_until = time.monotonic() + 30  # claimed: its GET goes out next, and is answered 30 s later
+        while time.monotonic() < wait_until and EditQueue(store).find()[0]["status"] != "in_flight":
+            time.sleep(0.05)
+        store.close()
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 5, err
+    assert "1 stopped" in out and "1 pending" in out  # handed back untouched, for the next round

@@ -38,6 +38,11 @@ class _Inflater:
         self._started = True
         return out
 
+    def finish(self) -> None:
+        """InvalidResponseError if the compressed stream was cut short."""
+        if not self._z.eof:
+            raise InvalidResponseError(f"the {self._encoding} body ends before its compressed stream does")
+
 
 def read_body(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
     """The decoded body, at most ``limit`` bytes of it.
@@ -64,4 +69,7 @@ def read_body(response: httpx.Response, limit: int, *, truncate: bool = False) -
             break
         chunks.append(data)
         size += len(data)
+    else:
+        if inflater is not None and size:
+            inflater.finish()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

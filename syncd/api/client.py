@@ -49,7 +49,7 @@ from syncd.errors import (
     TransportError,
 )
 from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
-from syncd.models import check_device_id, preview
+from syncd.models import check_device_id, one_line, preview
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,7 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
             for key in keys:
                 value = data.get(key)
                 if isinstance(value, str) and value:
-                    return value
+                    return one_line(value, 200)
             return None
 
         return ApiProblem(
@@ -102,7 +102,7 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
             error_code=text("error_code", "errorCode", "code"),
             correlation_id=text("correlationId", "correlation_id"),
         )
-    snippet = " ".join(body[:200].decode("utf-8", "replace").split())
+    snippet = one_line(" ".join(body[:200].decode("utf-8", "replace").split()), 200)
     return ApiProblem(status, message=snippet or None)
 
 
@@ -134,6 +134,7 @@ class OpenAppClient:
         # verifying context instead of loading the CA bundle (40 ms at every start).
         plain = settings.base_url.startswith("http://")
         verify: ssl.SSLContext | bool = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if plain else True
+        unsendable = False
         try:
             self._http = httpx.Client(
                 base_url=settings.base_url,
@@ -147,8 +148,10 @@ class OpenAppClient:
                 transport=transport or guarded_transport(settings.base_url, verify, limits),
                 trust_env=False,  # no .netrc credentials, no transport without the deadline guard
             )
-        except (httpx.LocalProtocolError, UnicodeError):
-            raise ConfigError("the API key or api.base_url cannot be sent in an HTTP request") from None
+        except (httpx.LocalProtocolError, UnicodeError):  # the exception quotes the key: not even kept as context
+            unsendable = True
+        if unsendable:
+            raise ConfigError("the API key or api.base_url cannot be sent in an HTTP request")
         self._in_flight = InFlight()
         self._stop = stop
         self._sleep = sleep or (stop.wait if stop else time.sleep)
@@ -350,10 +353,11 @@ class OpenAppClient:
                     bound = "api.request_timeout" if own_limit <= give_up_at else "the retry or pass deadline"
                     raise RequestTimeoutError(
                         f"{operation}: no complete answer within {expires - started:.1f}s ({bound})"
-                    ) from exc
+                    ) from None
+                # Not chained: an httpx exception holds its request, auth header included.
                 raise TransportError(
                     f"{operation}: {type(exc).__name__}: {self._scrub(exc) or 'connection failed'}"
-                ) from exc
+                ) from None
             except ResponseTooLargeError:
                 raise ResponseTooLargeError(
                     f"{operation}: the answer is larger than api.max_response_size "
@@ -374,7 +378,7 @@ class OpenAppClient:
 
     def _scrub(self, exc: BaseException) -> str:
         """An exception's text for a message, one line, with the key masked should it appear."""
-        return " ".join(str(exc).replace(self._key, "********").split())[:300]
+        return one_line(" ".join(str(exc).replace(self._key, "********").split()))
 
 
 def _user_agent(instance: str | None) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from sqlalchemy import Select, Text, and_, cast, func, insert, literal, or_, select, update
 
-from syncd.models import Device
-from syncd.store.schema import device_edits
+from syncd.models import Device, one_line, parse_timestamp, preview
+from syncd.store.schema import UTCDateTime, device_edits
 from syncd.store.store import Store, _translated
 
 FINAL_STATUSES = ("succeeded", "failed", "conflict", "cancelled")
@@ -77,7 +77,10 @@ class EditQueue:
             )
             .exists()
         )
-        due = and_(e.c.status == "pending", or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now), ~blocked)
+        when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now)
+        if self._engine.dialect.name == "sqlite":  # a time SQLite cannot read (written by hand): due, to fail
+            when = or_(when, func.datetime(e.c.next_attempt_at).is_(None))
+        due = and_(e.c.status == "pending", when, ~blocked)
         stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), e.c.claimed_at < lease_cutoff))
         query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
         if self._engine.dialect.name == "postgresql":
@@ -127,6 +130,8 @@ class EditQueue:
         this edit's own change does not count as a conflict for them.
         """
         e = device_edits
+        if values.get("last_error"):  # it may quote a server: one line, and nothing a database refuses
+            values = {**values, "last_error": one_line(values["last_error"], 2000)}
         with self.store.writer() as writer:
             writer.execute(update(e).where(e.c.id == edit_id).values({**values, "updated_at": now, "claimed_at": None}))
             if device is not None and rebase_from is not None and device.updated_at is not None:
@@ -167,15 +172,21 @@ class UnreadablePayload(str):
     """A payload that is not valid JSON (only possible on SQLite, via plain SQL)."""
 
 
+_AS_TEXT = ("payload", "remote", *(c.name for c in device_edits.c if isinstance(c.type, UTCDateTime)))
+
+
 def _readable() -> Select[Any]:
-    """device_edits with the JSON columns as text, so one bad row cannot break a read of many."""
+    """device_edits with the JSON and time columns as text, so one bad row (SQL writes anything into
+    SQLite) cannot break a read of many; :func:`_decoded` reads them."""
     e = device_edits
-    plain = [c for c in e.c if c.name not in ("payload", "remote")]
-    return select(*plain, cast(e.c.payload, Text).label("payload"), cast(e.c.remote, Text).label("remote"))
+    return select(*(cast(c, Text).label(c.name) if c.name in _AS_TEXT else c for c in e.c))
 
 
 def _decoded(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """An edit as a dict. A value that cannot be read is None, named in ``unreadable``
+    (a payload that is not JSON stays an :class:`UnreadablePayload`)."""
     values = dict(row)
+    values["unreadable"] = []
     for column in ("payload", "remote"):
         text = values[column]
         if text is None:
@@ -184,4 +195,11 @@ def _decoded(row: Mapping[Any, Any]) -> dict[str, Any]:
             values[column] = orjson.loads(text)
         except orjson.JSONDecodeError:
             values[column] = UnreadablePayload(text)
+    for column in _AS_TEXT[2:]:
+        text = values[column]
+        try:
+            values[column] = parse_timestamp(text)
+        except ValueError:
+            values[column] = None
+            values["unreadable"].append(f"{column} {preview(text)} is not a timestamp")
     return values

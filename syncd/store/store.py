@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from sqlalchemy import (
@@ -32,7 +33,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
-from syncd.models import Device
+from syncd.models import Device, one_line
 from syncd.store.locks import OrgLocks
 from syncd.store.schema import RUN_COUNTERS, SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
 
@@ -103,7 +104,8 @@ class Store:
                     raise SchemaOutdatedError(
                         f"there is no mirror at {sqlite_path} yet: run `syncd run-once` (or `syncd db upgrade`)"
                     )
-                parsed = parsed.set(database=f"file:{sqlite_path}?mode=ro", query={"uri": "true"})
+                uri = f"file:{quote(str(sqlite_path))}?mode=ro"  # quoted: a '#' or '?' in the path is a name
+                parsed = parsed.set(database=uri, query={"uri": "true"})
         elif parsed.get_backend_name() == "postgresql":
             # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
             options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
@@ -219,7 +221,8 @@ class Store:
         fresh connections for a few seconds. If it still fails, the result is kept and written
         before this process starts its next run, and StoreError says what happened.
         """
-        values = {"status": status, "finished_at": now, "error": error}
+        # The error may quote a server; whatever it holds, it must not be what makes the write fail.
+        values = {"status": status, "finished_at": now, "error": None if error is None else one_line(error, 2000)}
         for delay in (*BOOKKEEPING_RETRIES, None):
             try:
                 with _translated("recording the end of a run"), self.engine.begin() as conn:
@@ -238,18 +241,18 @@ class Store:
         with _translated("reading runs"), self.engine.connect() as conn:
             return conn.execute(query.limit(1)).first() is not None
 
-    def known_size(self, org_id: str) -> int:
-        """How many devices the org had by the last count: the larger of the devices its newest
-        finished pass saw and its live devices in the mirror."""
+    def last_success_size(self, org_id: str) -> int | None:
+        """How many devices the newest successful pass of the org saw (None: none has succeeded).
+        Only a successful pass counts: a failed one may have seen a server that never stopped."""
         seen = (
             select(sync_runs.c.devices_seen)
-            .where(sync_runs.c.org_id == org_id, sync_runs.c.status != "running")
+            .where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
             .order_by(sync_runs.c.id.desc())
             .limit(1)
         )
-        live = select(func.count()).where(devices.c.org_id == org_id, devices.c.state != "purged")
         with _translated("reading runs"), self.engine.connect() as conn:
-            return max(conn.execute(seen).scalar() or 0, conn.execute(live).scalar() or 0)
+            size = conn.execute(seen).scalar()
+        return None if size is None else int(size)
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One sync_runs row as a dict."""
