@@ -122,15 +122,20 @@ def run_once(config: Path) -> tuple[float, float, str]:
 
 
 def totals(output: str) -> tuple[int, int, int]:
-    """Devices seen, requests (pages + confirmations) and rows written, from the summary table."""
+    """Devices seen, requests (pages + confirmations) and rows written, from the summary table
+    (read by its header, so a new counter column does not shift the others)."""
     seen = requests = written = 0
+    header: list[str] = []
     for line in output.splitlines():
         cells = line.split()
-        if len(cells) == 12 and cells[1] == "succeeded":
-            pages, devices, created, updated, _unchanged, deleted, restored, purged = map(int, cells[2:10])
-            seen += devices
-            requests += pages + purged
-            written += created + updated + deleted + restored + purged
+        if cells[:2] == ["ORG", "STATUS"]:
+            header = [c.lower() for c in cells]
+        elif header and len(cells) == len(header) and cells[1] == "succeeded":
+            row = dict(zip(header, cells, strict=True))
+            counts = {k: int(v) for k, v in row.items() if k not in ("org", "status", "seconds")}
+            seen += counts["devices"]
+            requests += counts["pages"] + counts["purged"]
+            written += sum(counts[k] for k in ("created", "updated", "deleted", "restored", "purged"))
     return seen, requests, written
 
 
