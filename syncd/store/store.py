@@ -280,11 +280,6 @@ class Store:
         with self.session() as session, session.reader() as reader:
             yield reader
 
-    def has_devices(self, org_id: str) -> bool:
-        """Whether the mirror holds any row (purged ones included) of this org."""
-        with _translated("counting devices"), self.engine.connect() as conn:
-            return conn.execute(select(devices.c.id).where(devices.c.org_id == org_id).limit(1)).first() is not None
-
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
     ) -> list[str]:
