@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from syncd import __version__, logs
+from syncd import __version__, health, logs
 from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
@@ -260,7 +260,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         info = overview.get(org.id, {})
         last_run = info.get("last_run") or {}
         success = info.get("last_success")
-        max_age = args.max_age if args.max_age is not None else max(2 * config.interval(org), 300.0)
+        max_age = args.max_age if args.max_age is not None else health.max_age(config.interval(org))
         age = (now - success).total_seconds() if success else None
         finished = last_run.get("finished_at")
         report.append(

@@ -26,11 +26,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd import logs
+from syncd import health, logs
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
-from syncd.metrics import EDIT_QUEUE, ORG_FAILING, MetricsServer
+from syncd.metrics import AUTH_PAUSED, EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_FAILING, ORG_MAX_AGE, MetricsServer
 from syncd.notify import Notifier
 from syncd.reconcile import Reconciler
 from syncd.runner import instance_name, locked_pass, passes_at_once, writeback_client
@@ -161,6 +161,7 @@ class Daemon:
 
     def _schedule(self, org: OrgSettings, first: bool) -> None:
         interval = self.config.interval(org)
+        ORG_MAX_AGE.labels(org.id).set(health.max_age(interval))
         delay = random.uniform(0, min(FIRST_PASS_WITHIN, interval / 10)) if first else interval
         self.scheduler.add_job(
             self._job,
@@ -196,6 +197,8 @@ class Daemon:
                 EDIT_QUEUE.labels(status).set(0)
             for status, count in self.reconciler.queue.counts().items():
                 EDIT_QUEUE.labels(status).set(count)
+            oldest = self.reconciler.queue.oldest_pending()
+            EDIT_QUEUE_OLDEST.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
         except SyncdError as exc:
             log.error("write-back round failed", error=str(exc))
         finally:
@@ -246,6 +249,7 @@ class Daemon:
         if isinstance(outcome.exception, AuthError):
             with self._lock:
                 self._auth_paused_until = time.monotonic() + interval
+            AUTH_PAUSED.set(1)
             log.error(
                 "OpenApp rejected the API key: all syncing is paused",
                 retry_in_seconds=round(interval),
@@ -256,6 +260,7 @@ class Daemon:
             resumed = self._auth_paused_until is not None
             self._auth_paused_until = None
         if resumed:
+            AUTH_PAUSED.set(0)
             log.info("OpenApp accepted the API key again: syncing resumed")
         health = self.health.setdefault(org.id, OrgHealth())
         if outcome.status == "succeeded":

@@ -27,6 +27,13 @@ PURGES_REFUSED = Counter("syncd_purges_refused", "Passes whose purges the mass-p
 EDIT_RESULTS = Counter("syncd_edit_attempts", "Write-back attempts by result", ["result"])
 EDIT_QUEUE = Gauge("syncd_edit_queue", "Queued local edits by status", ["status"])
 ORG_FAILING = Gauge("syncd_org_failing", "1 while the org's passes keep failing", ["org_id"])
+ORG_MAX_AGE = Gauge(
+    "syncd_org_max_age_seconds", "Oldest a last success may be for the org to count as healthy", ["org_id"]
+)
+AUTH_PAUSED = Gauge("syncd_auth_paused", "1 while OpenApp rejects the API key (syncing or write-back paused)")
+EDIT_QUEUE_OLDEST = Gauge(
+    "syncd_edit_queue_oldest_pending_seconds", "Age of the oldest pending edit (0 when none is pending)"
+)
 
 
 class MetricsServer:

@@ -37,7 +37,7 @@ from syncd.errors import (
     SyncdError,
     TransientError,
 )
-from syncd.metrics import EDIT_RESULTS
+from syncd.metrics import AUTH_PAUSED, EDIT_RESULTS
 from syncd.models import (
     Device,
     change_kind,
@@ -258,6 +258,7 @@ class Reconciler:
         log.info("edit applied", edit_id=row["id"], device_id=row["device_id"], action=row["action"])
         if self._paused_until is not None:
             self._paused_until = None
+            AUTH_PAUSED.set(0)
             log.info("OpenApp accepted the API key again: write-back resumed")
         return "succeeded"
 
@@ -318,6 +319,7 @@ class Reconciler:
         self.queue.release([row["id"]], utcnow())
         first = self._paused_until is None
         self._paused_until = time.monotonic() + max(self.settings.interval, 30.0)
+        AUTH_PAUSED.set(1)
         if first:
             log.error("OpenApp rejected the API key: write-back is paused (no attempts are used up)", error=str(exc))
         return "paused"

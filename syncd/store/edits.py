@@ -50,6 +50,12 @@ class EditQueue:
         with _translated("counting edits"), self._engine.connect() as conn:
             return {status: int(n) for status, n in conn.execute(query)}
 
+    def oldest_pending(self) -> datetime | None:
+        """When the oldest pending edit was queued (None when none is)."""
+        query = select(func.min(device_edits.c.created_at)).where(device_edits.c.status == "pending")
+        with _translated("reading edits"), self._engine.connect() as conn:
+            return conn.execute(query).scalar()
+
     def transition(self, edit_id: int, allowed: Sequence[str], values: dict[str, Any]) -> bool:
         """Update an edit only if its status is one of ``allowed``; False if it was not."""
         with _translated("updating an edit"), self._engine.begin() as conn:
