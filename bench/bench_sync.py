@@ -236,7 +236,7 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
 
     from prometheus_client import REGISTRY
 
-    from syncd.config import ApiSettings, Config, OrgSettings, Secret, SyncSettings, WritebackSettings
+    from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret, SyncSettings, WritebackSettings
     from syncd.reconcile import Reconciler, queue_edit
     from syncd.runner import writeback_client
     from syncd.store import Store
@@ -256,10 +256,10 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
     org = org_ids(1)[0]
     config = Config(
         api=ApiSettings(base_url=url.group(1), api_key=Secret(KEY)),
-        database_url=f"sqlite:///{workdir}/edits-{uuid.uuid4().hex[:6]}.db",
+        database=DatabaseSettings(url=f"sqlite:///{workdir}/edits-{uuid.uuid4().hex[:6]}.db"),
         orgs=(OrgSettings(org),),
     )
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     try:
         store.upgrade()
         from syncd.api import OpenAppClient

@@ -22,7 +22,7 @@ import structlog
 
 from syncd import __version__, health, logs
 from syncd.api import OpenAppClient
-from syncd.config import ApiSettings, Config, OrgSettings, Secret, load_config, parse_duration
+from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
 from syncd.reconcile import Reconciler, queue_edit, requester
 from syncd.runner import instance_name, passes_at_once, run_once, select_orgs, writeback_client
@@ -207,12 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run_once(args: argparse.Namespace) -> int:
     config = _load(args)
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(config.logging.format, config.logging.level)
     orgs = select_orgs(config, args.org)
     tune_for_bulk_work(passes_at_once(config, orgs))
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     try:
-        store.prepare(config.auto_upgrade)
+        store.prepare(config.database.auto_upgrade)
         with (
             stop_on_signals("finishing the current page, then stopping") as stop,
             OpenAppClient(config.api, stop=stop) as client,
@@ -229,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = _config_path(args)
     config = load_config(path)
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(config.logging.format, config.logging.level)
     tune_for_bulk_work(passes_at_once(config, config.orgs))
     daemon = Daemon(config, path)
     handlers = {
@@ -247,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args, with_key=False)
-    store = Store(config.database_url, read_only=True)
+    store = Store(config.database.url, read_only=True)
     try:
         store.prepare(auto_upgrade=False)
         overview = store.org_overview()
@@ -360,7 +360,7 @@ def cmd_edits_change(args: argparse.Namespace) -> int:
 
 def cmd_reconcile_once(args: argparse.Namespace) -> int:
     config = _load(args)
-    logs.configure(config.log_format, config.log_level)
+    logs.configure(config.logging.format, config.logging.level)
     with (
         _prepared_store(config) as store,
         stop_on_signals("finishing the current edit, then stopping") as stop,
@@ -388,15 +388,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{path}: OK")
     api = config.api
     print(f"  api       {api.base_url} (auth header: {api.auth_header}, page size {api.page_size})")
-    print(f"  database  {redact_url(config.database_url)}")
+    print(f"  database  {redact_url(config.database.url)}")
     print(f"  orgs      {len(config.orgs)}: {', '.join(o.id for o in config.orgs)}")
     return EXIT_OK
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     config = _load(args, with_key=False)
-    logs.configure(config.log_format, config.log_level)
-    store = Store(config.database_url)
+    logs.configure(config.logging.format, config.logging.level)
+    store = Store(config.database.url)
     try:
         before = store.schema_revision()
         store.upgrade()
@@ -409,7 +409,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_current(args: argparse.Namespace) -> int:
     config = _load(args, with_key=False)
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     try:
         print(store.schema_revision() or "empty (run `syncd db upgrade`)")
     finally:
@@ -469,10 +469,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with Simulator(world) as sim:
         config = Config(
             api=ApiSettings(base_url=sim.url, api_key=Secret(key)),
-            database_url=f"sqlite:///{db}",
+            database=DatabaseSettings(url=f"sqlite:///{db}"),
             orgs=tuple(OrgSettings(org_id) for org_id in org_ids),
         )
-        store = Store(config.database_url)
+        store = Store(config.database.url)
         try:
             store.prepare(auto_upgrade=True)
             with (
@@ -707,9 +707,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, t
 
 @contextmanager
 def _prepared_store(config: Config) -> Iterator[Store]:
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     try:
-        store.prepare(config.auto_upgrade)
+        store.prepare(config.database.auto_upgrade)
         yield store
     finally:
         store.close()

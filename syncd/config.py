@@ -1,4 +1,11 @@
-"""Load and validate syncd's TOML configuration, reporting every problem at once."""
+"""syncd's configuration: one frozen dataclass per TOML section, every key declared once.
+
+A key is a field of its section's dataclass, declared with :func:`setting`: its default, its kind
+(number, duration, size, choice ...) and its bounds. From that one declaration come the TOML
+reader, the list of allowed keys, the validation and the defaults. A section validates itself when
+it is made (``__post_init__``), so a ``Config`` built in code is checked as a file is; the reader
+collects every problem of a file before it raises. A new key is one line in its dataclass.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,10 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
 
 from syncd.errors import ConfigError
@@ -18,11 +25,13 @@ MAX_PAGE_SIZE = 200
 MIB = 1024 * 1024
 AuthHeader = Literal["x-api-key", "bearer"]
 LogFormat = Literal["auto", "console", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": MIB, "GB": 1000**3, "GiB": 1024**3}
 # Org ids go into the X-Org header and VARCHAR(64) columns: letters, digits and - _ . : only.
 ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+KEY_SOURCES = ("api_key", "api_key_env", "api_key_file", "api_key_credential")
 
 
 class Secret:
@@ -49,68 +58,223 @@ class Secret:
         return hash(self._value)
 
 
+Kind = Literal["int", "number", "duration", "size", "bool", "choice", "string"]
+
+
+def setting(
+    default: Any,
+    kind: Kind,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+    note: str = "",
+) -> Any:
+    """Declare one configuration key: its default, its kind and its bounds (``note``: why, in messages)."""
+    meta = {"kind": kind, "minimum": minimum, "maximum": maximum, "choices": choices, "note": note}
+    return field(default=default, metadata=meta)
+
+
+class Section:
+    """A section of the configuration: checks each of its settings, and its own cross-field rules."""
+
+    PREFIX: ClassVar[str]
+
+    def check(self, prefix: str | None = None) -> None:
+        """ConfigError listing every problem of this section (``prefix`` names it in messages)."""
+        where = prefix or self.PREFIX
+        declared = [f for f in fields(cast(Any, self)) if "kind" in f.metadata]
+        problems = [p for f in declared for p in _value_problems(self, f, where)]
+        problems += list(self.rules(where))
+        if problems:
+            raise ConfigError("; ".join(problems), problems=problems)
+
+    def rules(self, where: str) -> Iterator[str]:
+        """Problems of the section beyond its single settings."""
+        return iter(())
+
+
+def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
+    value, meta = getattr(section, f.name), f.metadata
+    name, kind = f"{where}.{f.name}", meta["kind"]
+    if value is None and f.default is None:
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            yield f"{name} must be true or false, got {value!r}"
+        return
+    if kind == "choice":
+        if value not in meta["choices"]:
+            yield f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
+        return
+    if kind == "string":
+        if not isinstance(value, str) or not value.strip():
+            yield f"{name} must be a non-empty string, got {value!r}"
+        return
+    whole = kind in ("int", "size")
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+        yield f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}"
+        return
+    low, high = meta["minimum"], meta["maximum"]
+    note = f" {meta['note']}" if meta["note"] else ""
+    if low is not None and value < low:
+        yield f"{name} must be at least {_amount(kind, low)}{note}, got {_amount(kind, value)}"
+    elif high is not None and value > high:
+        yield f"{name} must be at most {_amount(kind, high)}{note}, got {_amount(kind, value)}"
+
+
+def _amount(kind: str, value: float) -> str:
+    if kind == "duration":
+        return f"{value:g} second{'' if value == 1 else 's'}"
+    if kind == "size":
+        return f"{value / 1024:g}KiB" if value >= 1024 and value % 1024 == 0 else f"{value:g} bytes"
+    return f"{value:g}"
+
+
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Section):
     """How the API client retries what is safe to repeat."""
 
-    max_attempts: int = 5
-    base_delay: float = 0.25
-    max_delay: float = 8.0
-    max_retry_after: float = 60.0
-    deadline: float = 120.0
+    PREFIX = "api.retry"
+    max_attempts: int = setting(5, "int", minimum=1)
+    base_delay: float = setting(0.25, "duration", minimum=0)
+    max_delay: float = setting(8.0, "duration", minimum=0)
+    max_retry_after: float = setting(60.0, "duration", minimum=0)
+    deadline: float = setting(120.0, "duration", minimum=0)
+
+    def __post_init__(self) -> None:
+        self.check()
 
 
 @dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(Section):
     """Where OpenApp is and how to talk to it."""
 
+    PREFIX = "api"
     base_url: str
     api_key: Secret | None = field(repr=False)  # None for commands that never call the API
-    auth_header: AuthHeader = "x-api-key"
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    request_timeout: float = 60.0  # a whole request, however slowly the answer trickles in
-    max_response_size: int = 16 * MIB  # decompressed
-    page_size: int = MAX_PAGE_SIZE
+    auth_header: AuthHeader = setting("x-api-key", "choice", choices=("x-api-key", "bearer"))
+    connect_timeout: float = setting(5.0, "duration", minimum=0)
+    read_timeout: float = setting(30.0, "duration", minimum=0)
+    request_timeout: float = setting(60.0, "duration", minimum=1)  # a whole request, however it trickles
+    max_response_size: int = setting(16 * MIB, "size", minimum=64 * 1024)  # decompressed
+    page_size: int = setting(MAX_PAGE_SIZE, "int", minimum=1, maximum=MAX_PAGE_SIZE, note="(the API's maximum)")
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def rules(self, where: str) -> Iterator[str]:
+        yield from _base_url_problems(f"{where}.base_url", self.base_url)
+        if self.api_key is not None:
+            trouble = key_problem(self.api_key.reveal())
+            if trouble:
+                yield f"{where}.api_key: the API key {trouble}"
+
 
 @dataclass(frozen=True)
-class OrgSettings:
-    """One organisation to mirror, with optional list filters."""
+class DatabaseSettings(Section):
+    """The mirror database."""
 
-    id: str
-    name: str | None = None
-    integration_id: str | None = None
-    device_kind: str | None = None
-    interval: float | None = None
+    PREFIX = "database"
+    url: str = setting("sqlite:///syncd.db", "string")  # when absent from a file: see default_database_url
+    auto_upgrade: bool = setting(True, "bool")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def rules(self, where: str) -> Iterator[str]:
+        if isinstance(self.url, str) and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.url):
+            yield f"{where}.url must be a sqlite:/// or postgresql:// URL, got {_redact_url(self.url)!r}"
 
 
 @dataclass(frozen=True)
-class SyncSettings:
+class SyncSettings(Section):
     """How passes behave, and how the daemon schedules them."""
 
-    concurrency: int = 4
-    interval: float = 900.0
-    max_purge_fraction: float = 0.10
-    last_seen_resolution: float = 86400.0
-    failure_backoff_max: float = 3600.0
-    shutdown_timeout: float = 30.0
-    pass_timeout: float = 3600.0
-    max_pages: int = 10_000  # 2,000,000 devices at 200 a page
+    PREFIX = "sync"
+    concurrency: int = setting(4, "int", minimum=1)
+    interval: float = setting(900.0, "duration", minimum=1)
+    max_purge_fraction: float = setting(0.10, "number", minimum=0, maximum=1)
+    last_seen_resolution: float = setting(86400.0, "duration", minimum=0)
+    failure_backoff_max: float = setting(3600.0, "duration", minimum=0)
+    shutdown_timeout: float = setting(30.0, "duration", minimum=0)
+    pass_timeout: float = setting(3600.0, "duration", minimum=1)
+    max_pages: int = setting(10_000, "int", minimum=1)  # 2,000,000 devices at 200 a page
+
+    def __post_init__(self) -> None:
+        self.check()
 
 
 @dataclass(frozen=True)
-class WritebackSettings:
+class WritebackSettings(Section):
     """How queued local edits are pushed to OpenApp."""
 
-    interval: float = 5.0
-    max_attempts: int = 8
-    base_delay: float = 1.0
-    max_delay: float = 300.0
-    lease_timeout: float = 120.0
-    conflict_policy: str = "detect"  # or "force": push even over a newer remote change
-    batch_size: int = 50
+    PREFIX = "writeback"
+    interval: float = setting(5.0, "duration", minimum=0.1)
+    max_attempts: int = setting(8, "int", minimum=1)
+    base_delay: float = setting(1.0, "duration", minimum=0)
+    max_delay: float = setting(300.0, "duration", minimum=0)
+    lease_timeout: float = setting(120.0, "duration", minimum=0)
+    conflict_policy: str = setting("detect", "choice", choices=("detect", "force"))  # force: push anyway
+    batch_size: int = setting(50, "int", minimum=1)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+
+@dataclass(frozen=True)
+class MetricsSettings(Section):
+    """The Prometheus endpoint of ``syncd run`` (off when ``listen`` is None)."""
+
+    PREFIX = "metrics"
+    listen: tuple[str, int] | None = None  # "HOST:PORT" in the file
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def rules(self, where: str) -> Iterator[str]:
+        if self.listen is not None:
+            host, port = self.listen
+            if not host or not 0 <= port <= 65535:
+                yield f"{where}.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {host}:{port}"
+
+
+@dataclass(frozen=True)
+class LoggingSettings(Section):
+    """Where log lines go and how much."""
+
+    PREFIX = "logging"
+    format: LogFormat = setting("auto", "choice", choices=("auto", "console", "json"))
+    level: LogLevel = setting("info", "choice", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        self.check()
+
+
+@dataclass(frozen=True)
+class OrgSettings(Section):
+    """One organisation to mirror, with optional list filters."""
+
+    PREFIX = "orgs[]"
+    id: str
+    name: str | None = setting(None, "string")
+    integration_id: str | None = setting(None, "string")
+    device_kind: str | None = setting(None, "string")
+    interval: float | None = setting(None, "duration", minimum=1)
+    where: InitVar[str | None] = None  # how messages name it ("orgs[2]" in a file)
+
+    def __post_init__(self, where: str | None) -> None:
+        self.check(where or f"orgs[{self.id!r}]")
+
+    def rules(self, where: str) -> Iterator[str]:
+        if not isinstance(self.id, str) or not ORG_ID.fullmatch(self.id):
+            yield (
+                f"{where}.id {self.id!r} is not an org id (1-64 letters, digits, '-', '_', '.' or ':', "
+                "starting with a letter or digit)"
+            )
+        if self.device_kind and not self.integration_id:
+            yield f"{where}.device_kind needs {where}.integration_id (the API requires both)"
 
 
 @dataclass(frozen=True)
@@ -118,15 +282,17 @@ class Config:
     """The whole validated configuration."""
 
     api: ApiSettings
-    database_url: str
     orgs: tuple[OrgSettings, ...]
-    auto_upgrade: bool = True
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     writeback: WritebackSettings = field(default_factory=WritebackSettings)
-    log_format: LogFormat = "auto"
-    log_level: str = "info"
-    metrics_listen: tuple[str, int] | None = None
-    source: Path | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def __post_init__(self) -> None:
+        problems = list(_org_list_problems(self.orgs))
+        if problems:
+            raise ConfigError("; ".join(problems), problems=problems)
 
     def interval(self, org: OrgSettings) -> float:
         """Seconds between passes of ``org``."""
@@ -140,10 +306,49 @@ class Config:
         raise ConfigError(f"org {org_id!r} is not in the configuration")
 
 
-def default_database_url(environ: Mapping[str, str]) -> str:
-    """A SQLite file in systemd's StateDirectory when there is one, else in the working directory."""
-    state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return f"sqlite:///{Path(state_dir) / 'syncd.db'}" if state_dir else "sqlite:///syncd.db"
+def _org_list_problems(orgs: tuple[OrgSettings, ...]) -> Iterator[str]:
+    if not orgs:
+        yield "no [[orgs]] configured: add at least one org with an id"
+    seen: set[str] = set()
+    for i, org in enumerate(orgs):
+        if org.id in seen:
+            yield f"orgs[{i}].id {org.id!r} is configured twice"
+        seen.add(org.id)
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes (see :func:`diff_config`)."""
+
+    added: tuple[OrgSettings, ...]
+    removed: tuple[str, ...]
+    interval_changed: tuple[OrgSettings, ...]
+    api: bool
+    writeback: bool
+    logging: bool
+    database: bool
+    concurrency: bool
+
+
+def diff_config(old: Config, new: Config) -> ConfigDiff:
+    """What changes from ``old`` to ``new``, for the daemon's reload."""
+    before = {o.id: o for o in old.orgs}
+    after = {o.id: o for o in new.orgs}
+    return ConfigDiff(
+        added=tuple(o for i, o in after.items() if i not in before),
+        removed=tuple(sorted(before.keys() - after.keys())),
+        interval_changed=tuple(
+            o for i, o in after.items() if i in before and old.interval(before[i]) != new.interval(o)
+        ),
+        api=new.api != old.api,
+        writeback=new.writeback != old.writeback,
+        logging=new.logging != old.logging,
+        database=new.database.url != old.database.url,
+        concurrency=new.sync.concurrency != old.sync.concurrency,
+    )
+
+
+# -- durations and sizes --------------------------------------------------------------------------
 
 
 def parse_duration(value: object) -> float:
@@ -172,6 +377,15 @@ def parse_size(value: object) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
+# -- reading a file -------------------------------------------------------------------------------
+
+
+def default_database_url(environ: Mapping[str, str]) -> str:
+    """A SQLite file in systemd's StateDirectory when there is one, else in the working directory."""
+    state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return f"sqlite:///{Path(state_dir) / 'syncd.db'}" if state_dir else "sqlite:///syncd.db"
+
+
 def load_config(
     path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, with_key: bool = True
 ) -> Config:
@@ -198,160 +412,81 @@ def build_config(
 ) -> Config:
     """Validate parsed TOML; ConfigError carries every problem found, not just the first."""
     r = _Reader(source)
-    r.only_keys("", data, {"api", "database", "orgs", "sync", "writeback", "logging", "metrics"})
-    api = r.table(data, "api", required=True)
-    database = r.table(data, "database")
-    sync = r.table(data, "sync")
-    logging_ = r.table(data, "logging")
-
-    r.only_keys(
+    r.only_keys("", data, {"api", "orgs", *(f.name for f in fields(Config))})
+    api_table = r.table(data, "api", required=True)
+    retry = r.section(RetryPolicy, r.table(api_table, "retry", prefix="api."), "api.retry")
+    base_url = api_table.get("base_url")
+    if isinstance(base_url, str) and base_url.strip():
+        base_url = base_url.strip().rstrip("/")
+    else:
+        if api_table:
+            r.problem(
+                "api.base_url is required" if base_url is None else f"api.base_url must be a URL, got {base_url!r}"
+            )
+        base_url = "http://base-url.invalid"  # stands in: the problem is recorded, no Config will be made
+    api = r.section(
+        ApiSettings,
+        api_table,
         "api",
-        api,
-        {
-            "base_url",
-            "api_key",
-            "api_key_env",
-            "api_key_file",
-            "api_key_credential",
-            "auth_header",
-            "connect_timeout",
-            "read_timeout",
-            "request_timeout",
-            "max_response_size",
-            "page_size",
-            "retry",
-        },
+        extra_keys={"base_url", "retry", *KEY_SOURCES},
+        base_url=base_url,
+        api_key=_resolve_api_key(r, api_table, environ) if with_key else None,
+        retry=retry or RetryPolicy(),
     )
-    base_url = r.string(api, "api.base_url", required=True) or ""
-    if base_url:
-        _check_base_url(r, base_url)
-    auth_header = r.choice(api, "api.auth_header", ("x-api-key", "bearer"), "x-api-key")
-    api_key = _resolve_api_key(r, api, environ) if with_key else None
-    retry_table = r.table(api, "retry", prefix="api.")
-    r.only_keys("api.retry", retry_table, {"max_attempts", "base_delay", "max_delay", "max_retry_after", "deadline"})
-    retry = RetryPolicy(
-        max_attempts=r.integer(retry_table, "api.retry.max_attempts", 5, minimum=1),
-        base_delay=r.duration(retry_table, "api.retry.base_delay", 0.25),
-        max_delay=r.duration(retry_table, "api.retry.max_delay", 8.0),
-        max_retry_after=r.duration(retry_table, "api.retry.max_retry_after", 60.0),
-        deadline=r.duration(retry_table, "api.retry.deadline", 120.0),
+    database_table = r.table(data, "database")
+    default_url: dict[str, Any] = {} if "url" in database_table else {"url": default_database_url(environ)}
+    database = r.section(DatabaseSettings, database_table, "database", **default_url)
+    metrics_table = r.table(data, "metrics")
+    metrics = r.section(
+        MetricsSettings, metrics_table, "metrics", extra_keys={"listen"}, listen=_listen(r, metrics_table)
     )
-    page_size = r.integer(api, "api.page_size", MAX_PAGE_SIZE, minimum=1)
-    if page_size > MAX_PAGE_SIZE:
-        r.problem(f"api.page_size must be at most {MAX_PAGE_SIZE} (the API's maximum), got {page_size}")
-
-    r.only_keys("database", database, {"url", "auto_upgrade"})
-    database_url = r.string(database, "database.url") or default_database_url(environ)
-    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", database_url):
-        r.problem(f"database.url must be a sqlite:/// or postgresql:// URL, got {_redact_url(database_url)!r}")
-
-    r.only_keys(
-        "sync",
-        sync,
-        {
-            "concurrency",
-            "interval",
-            "max_purge_fraction",
-            "last_seen_resolution",
-            "failure_backoff_max",
-            "shutdown_timeout",
-            "pass_timeout",
-            "max_pages",
-        },
-    )
-    fraction = r.number(sync, "sync.max_purge_fraction", 0.10)
-    if not 0.0 <= fraction <= 1.0:
-        r.problem(f"sync.max_purge_fraction must be between 0 and 1, got {fraction}")
-    sync_settings = SyncSettings(
-        concurrency=r.integer(sync, "sync.concurrency", 4, minimum=1),
-        interval=r.duration(sync, "sync.interval", 900.0),
-        max_purge_fraction=fraction,
-        last_seen_resolution=r.duration(sync, "sync.last_seen_resolution", 86400.0),
-        failure_backoff_max=r.duration(sync, "sync.failure_backoff_max", 3600.0),
-        shutdown_timeout=r.duration(sync, "sync.shutdown_timeout", 30.0),
-        pass_timeout=r.duration(sync, "sync.pass_timeout", 3600.0),
-        max_pages=r.integer(sync, "sync.max_pages", 10_000, minimum=1),
-    )
-    if sync_settings.interval < 1:
-        r.problem(f"sync.interval must be at least 1 second, got {sync_settings.interval}")
-    if sync_settings.pass_timeout < 1:
-        r.problem(f"sync.pass_timeout must be at least 1 second, got {sync_settings.pass_timeout}")
-    wb = r.table(data, "writeback")
-    r.only_keys(
-        "writeback",
-        wb,
-        {"interval", "max_attempts", "base_delay", "max_delay", "lease_timeout", "conflict_policy", "batch_size"},
-    )
-    writeback = WritebackSettings(
-        interval=r.duration(wb, "writeback.interval", 5.0),
-        max_attempts=r.integer(wb, "writeback.max_attempts", 8, minimum=1),
-        base_delay=r.duration(wb, "writeback.base_delay", 1.0),
-        max_delay=r.duration(wb, "writeback.max_delay", 300.0),
-        lease_timeout=r.duration(wb, "writeback.lease_timeout", 120.0),
-        conflict_policy=r.choice(wb, "writeback.conflict_policy", ("detect", "force"), "detect"),
-        batch_size=r.integer(wb, "writeback.batch_size", 50, minimum=1),
-    )
-    if writeback.interval < 0.1:
-        r.problem(f"writeback.interval must be at least 0.1 seconds, got {writeback.interval}")
-    metrics = r.table(data, "metrics")
-    r.only_keys("metrics", metrics, {"listen"})
-    metrics_listen = _listen_address(r, r.string(metrics, "metrics.listen"))
-
-    r.only_keys("logging", logging_, {"format", "level"})
-    log_format = r.choice(logging_, "logging.format", ("auto", "console", "json"), "auto")
-    log_level = r.choice(logging_, "logging.level", ("debug", "info", "warning", "error"), "info")
-
+    sections = {
+        "sync": r.section(SyncSettings, r.table(data, "sync"), "sync"),
+        "writeback": r.section(WritebackSettings, r.table(data, "writeback"), "writeback"),
+        "logging": r.section(LoggingSettings, r.table(data, "logging"), "logging"),
+    }
     orgs = _read_orgs(r, data.get("orgs"))
-    connect_timeout = r.duration(api, "api.connect_timeout", 5.0)
-    read_timeout = r.duration(api, "api.read_timeout", 30.0)
-    request_timeout = r.duration(api, "api.request_timeout", 60.0)
-    if request_timeout < 1:
-        r.problem(f"api.request_timeout must be at least 1 second, got {request_timeout}")
-    max_response_size = r.size(api, "api.max_response_size", 16 * MIB)
-    if max_response_size < 64 * 1024:
-        r.problem(f"api.max_response_size must be at least 64KiB, got {max_response_size} bytes")
-    auto_upgrade = r.boolean(database, "database.auto_upgrade", True)
     r.raise_if_any()
-    return Config(
-        api=ApiSettings(
-            base_url=base_url.rstrip("/"),
-            api_key=api_key,
-            auth_header=auth_header,  # type: ignore[arg-type]
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            request_timeout=request_timeout,
-            max_response_size=max_response_size,
-            page_size=page_size,
-            retry=retry,
-        ),
-        database_url=database_url,
-        orgs=tuple(orgs),
-        auto_upgrade=auto_upgrade,
-        sync=sync_settings,
-        writeback=writeback,
-        log_format=log_format,  # type: ignore[arg-type]
-        log_level=log_level,
-        metrics_listen=metrics_listen,
-        source=source,
-    )
+    assert api is not None and database is not None and metrics is not None
+    return Config(api=api, orgs=orgs, database=database, metrics=metrics, **sections)
 
 
-def _check_base_url(r: _Reader, base_url: str) -> None:
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in base_url):
-        r.problem(f"api.base_url must be an http:// or https:// URL, got {base_url!r}")
-    elif parts.username is not None or parts.password is not None:
-        r.problem("api.base_url must not hold credentials (user:password@); the key has its own settings")
-    elif parts.query or parts.fragment:
-        r.problem(f"api.base_url must not have a query or fragment, got {base_url!r}")
-    elif not base_url.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in base_url):
-        r.problem(f"api.base_url must be plain ASCII without control characters, got {base_url!r}")
+def _read_orgs(r: _Reader, raw: object) -> tuple[OrgSettings, ...]:
+    if raw is None:
+        r.problem("no [[orgs]] configured: add at least one org with an id")
+        return ()
+    if not isinstance(raw, list):
+        r.problem("orgs must be an array of tables ([[orgs]])")
+        return ()
+    orgs = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        where = f"orgs[{i}]"
+        if not isinstance(entry, dict):
+            r.problem(f"{where} must be a table")
+            continue
+        org_id = entry.get("id")
+        if org_id is None:
+            r.problem(f"{where}.id is required")
+            r.only_keys(where, entry, {f.name for f in fields(OrgSettings)})
+            continue
+        org_id = org_id.strip() if isinstance(org_id, str) else org_id
+        if org_id in seen:
+            r.problem(f"{where}.id {org_id!r} is configured twice")
+            continue
+        if isinstance(org_id, str):
+            seen.add(org_id)
+        org = r.section(OrgSettings, entry, where, id=org_id, where=where)
+        if org is not None:
+            orgs.append(org)
+    return tuple(orgs)
 
 
-def _listen_address(r: _Reader, value: str | None) -> tuple[str, int] | None:
+def _listen(r: _Reader, table: Mapping[str, Any]) -> tuple[str, int] | None:
+    value = table.get("listen")
     if value is None:
         return None
-    host, _, port = value.rpartition(":")
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         r.problem(f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {value!r}")
@@ -359,45 +494,22 @@ def _listen_address(r: _Reader, value: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _read_orgs(r: _Reader, raw: object) -> list[OrgSettings]:
-    if raw is None:
-        r.problem("no [[orgs]] configured: add at least one org with an id")
-        return []
-    if not isinstance(raw, list):
-        r.problem("orgs must be an array of tables ([[orgs]])")
-        return []
-    orgs: list[OrgSettings] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(raw):
-        where = f"orgs[{i}]"
-        if not isinstance(entry, dict):
-            r.problem(f"{where} must be a table")
-            continue
-        r.only_keys(where, entry, {"id", "name", "integration_id", "device_kind", "interval"})
-        org_id = r.string(entry, f"{where}.id", required=True)
-        if org_id is not None and not ORG_ID.fullmatch(org_id):
-            r.problem(
-                f"{where}.id {org_id!r} is not an org id (1-64 letters, digits, '-', '_', '.' or ':', "
-                "starting with a letter or digit)"
-            )
-            org_id = None
-        if org_id in seen:
-            r.problem(f"{where}.id {org_id!r} is configured twice")
-        integration_id = r.string(entry, f"{where}.integration_id")
-        device_kind = r.string(entry, f"{where}.device_kind")
-        if device_kind and not integration_id:
-            r.problem(f"{where}.device_kind needs {where}.integration_id (the API requires both)")
-        interval = r.duration(entry, f"{where}.interval", None) if "interval" in entry else None
-        if interval is not None and interval < 1:
-            r.problem(f"{where}.interval must be at least 1 second, got {interval}")
-        if org_id:
-            seen.add(org_id)
-            orgs.append(OrgSettings(org_id, r.string(entry, f"{where}.name"), integration_id, device_kind, interval))
-    return orgs
+def _base_url_problems(name: str, base_url: str) -> Iterator[str]:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in base_url):
+        yield f"{name} must be an http:// or https:// URL, got {base_url!r}"
+    elif parts.username is not None or parts.password is not None:
+        yield f"{name} must not hold credentials (user:password@); the key has its own settings"
+    elif parts.query or parts.fragment:
+        yield f"{name} must not have a query or fragment, got {base_url!r}"
+    elif not base_url.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in base_url):
+        yield f"{name} must be plain ASCII without control characters, got {base_url!r}"
 
 
 def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, str]) -> Secret | None:
-    sources = [k for k in ("api_key", "api_key_env", "api_key_file", "api_key_credential") if k in api]
+    if not api:
+        return None  # the missing [api] section is the problem already reported
+    sources = [k for k in KEY_SOURCES if k in api]
     if not sources:
         r.problem("api: set one of api_key_env, api_key_file or api_key_credential to supply the API key")
         return None
@@ -448,6 +560,17 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
     return _checked_key(r, value, f"api.{kind} ({key_path})")
 
 
+def key_problem(value: str) -> str | None:
+    """What makes ``value`` unfit to be sent as the API key in an HTTP header (never quoting it)."""
+    if "\n" in value or "\r" in value:
+        return "spans several lines; it must be one line holding only the key"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "holds a control character; it must hold only the key"
+    if not value.isascii() or not value.isprintable() or " " in value:
+        return "holds spaces or non-ASCII characters; it must hold only the key"
+    return None
+
+
 def _checked_key(r: _Reader, value: str, source: str) -> Secret | None:
     """The key from ``source`` as a Secret, or a problem naming the source and never the value.
 
@@ -459,15 +582,11 @@ def _checked_key(r: _Reader, value: str, source: str) -> Secret | None:
         value = value[:-2]
     elif value.endswith("\n"):
         value = value[:-1]
-    if "\n" in value or "\r" in value:
-        r.problem(f"{source}: the API key spans several lines; it must be one line holding only the key")
-    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
-        r.problem(f"{source}: the API key holds a control character; it must hold only the key")
-    elif not value.isascii() or not value.isprintable() or " " in value:
-        r.problem(f"{source}: the API key holds spaces or non-ASCII characters; it must hold only the key")
-    else:
-        return Secret(value)
-    return None
+    trouble = key_problem(value)
+    if trouble:
+        r.problem(f"{source}: the API key {trouble}")
+        return None
+    return Secret(value)
 
 
 def _redact_url(url: str) -> str:
@@ -475,7 +594,7 @@ def _redact_url(url: str) -> str:
 
 
 class _Reader:
-    """Typed lookups that record problems instead of stopping at the first one."""
+    """Reads TOML tables into sections, recording problems instead of stopping at the first one."""
 
     def __init__(self, source: Path | None) -> None:
         self.source = source
@@ -508,60 +627,45 @@ class _Reader:
             return {}
         return value
 
-    def string(self, t: Mapping[str, Any], name: str, required: bool = False) -> str | None:
-        value = t.get(name.rsplit(".", 1)[-1])
-        if value is None:
-            if required:
-                self.problem(f"{name} is required")
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self.problem(f"{name} must be a non-empty string, got {value!r}")
-            return None
-        return value.strip()
-
-    def choice(self, t: Mapping[str, Any], name: str, options: tuple[str, ...], default: str) -> str:
-        value = t.get(name.rsplit(".", 1)[-1], default)
-        if not isinstance(value, str) or value.lower() not in options:
-            self.problem(f"{name} must be one of {', '.join(options)}, got {value!r}")
-            return default
-        return value.lower()
-
-    def integer(self, t: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
-        value = t.get(name.rsplit(".", 1)[-1], default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(f"{name} must be a whole number, got {value!r}")
-            return default
-        if value < minimum:
-            self.problem(f"{name} must be at least {minimum}, got {value}")
-            return default
-        return value
-
-    def number(self, t: Mapping[str, Any], name: str, default: float) -> float:
-        value = t.get(name.rsplit(".", 1)[-1], default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.problem(f"{name} must be a number, got {value!r}")
-            return default
-        return float(value)
-
-    def boolean(self, t: Mapping[str, Any], name: str, default: bool) -> bool:
-        value = t.get(name.rsplit(".", 1)[-1], default)
-        if not isinstance(value, bool):
-            self.problem(f"{name} must be true or false, got {value!r}")
-            return default
-        return value
-
-    def size(self, t: Mapping[str, Any], name: str, default: int) -> int:
-        return int(self._parsed(t, name, default, parse_size))
-
-    def duration(self, t: Mapping[str, Any], name: str, default: Any) -> Any:
-        return self._parsed(t, name, default, parse_duration)
-
-    def _parsed(self, t: Mapping[str, Any], name: str, default: Any, parse: Callable[[object], Any]) -> Any:
-        key = name.rsplit(".", 1)[-1]
-        if key not in t:
-            return default
+    def section(
+        self,
+        cls: type[Any],
+        table: Mapping[str, Any],
+        prefix: str,
+        *,
+        extra_keys: set[str] | frozenset[str] = frozenset(),
+        **given: Any,
+    ) -> Any:
+        """``cls`` made from its declared settings in ``table`` and the ``given`` values; None (and
+        the problems recorded) when it cannot be made."""
+        declared = {f.name: f for f in fields(cls) if "kind" in f.metadata}
+        self.only_keys(prefix, table, set(declared) | set(extra_keys) | {k for k in given if k != "prefix"})
+        values: dict[str, Any] = dict(given)
+        for name, f in declared.items():
+            if name in table and name not in values:
+                try:
+                    values[name] = _from_toml(table[name], f.metadata)
+                except ValueError as exc:
+                    self.problem(f"{prefix}.{name} {exc}")
         try:
-            return parse(t[key])
-        except ValueError as exc:
-            self.problem(f"{name} {exc}")
-            return default
+            return cls(**values)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return None
+
+
+def _from_toml(value: Any, meta: Mapping[str, Any]) -> Any:
+    """A TOML value as the kind of its setting: durations and sizes parsed, choices lower-cased.
+    Type and bound problems are left to the section's own check."""
+    kind = meta["kind"]
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "size":
+        return parse_size(value)
+    if kind == "choice" and isinstance(value, str):
+        return value.lower()
+    if kind == "string" and isinstance(value, str):
+        return value.strip()
+    if kind == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -28,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncd import health, logs
 from syncd.api import OpenAppClient
-from syncd.config import Config, OrgSettings, load_config
+from syncd.config import Config, OrgSettings, diff_config, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.metrics import AUTH_PAUSED, EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_FAILING, ORG_MAX_AGE, MetricsServer
 from syncd.notify import Notifier
@@ -65,7 +65,7 @@ class Daemon:
         self._reload = threading.Event()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
-        self.store = Store(config.database_url)
+        self.store = Store(config.database.url)
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
@@ -88,9 +88,9 @@ class Daemon:
         """Run until stopped; returns the exit code."""
         try:
             with self.store.locks.instance():
-                self.store.prepare(self.config.auto_upgrade)
-                if self.config.metrics_listen:
-                    host, port = self.config.metrics_listen
+                self.store.prepare(self.config.database.auto_upgrade)
+                if self.config.metrics.listen:
+                    host, port = self.config.metrics.listen
                     self._metrics = MetricsServer(host, port)
                     log.info("metrics endpoint listening", address=f"{host}:{self._metrics.port}")
                 for org in self.config.orgs:
@@ -294,21 +294,21 @@ class Daemon:
         except ConfigError as exc:
             log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
             return False
-        old = self.config
-        if new.database_url != old.database_url:
+        old, change = self.config, diff_config(self.config, new)
+        if change.database:
             log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")
             return False
-        if new.api != old.api:
+        if change.api:
             self._retired_clients.append(self.client)
             self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
-        if new.api != old.api or new.writeback != old.writeback:
+        if change.api or change.writeback:
             self._retired_clients.append(self.reconciler.client)
             self.reconciler = self._new_reconciler(new)
         self.reconciler.orgs = frozenset(org.id for org in new.orgs)
         self.config = new
-        if (new.log_format, new.log_level) != (old.log_format, old.log_level):
-            logs.configure(new.log_format, new.log_level)  # passes started from now on log at the new level
-        if new.sync.concurrency != old.sync.concurrency:
+        if change.logging:
+            logs.configure(new.logging.format, new.logging.level)  # passes started from now on log at the new level
+        if change.concurrency:
             log.warning(
                 "sync.concurrency takes effect when syncd restarts",
                 running=old.sync.concurrency,
@@ -316,20 +316,17 @@ class Daemon:
             )
         if new.writeback.interval != old.writeback.interval:
             self._schedule_reconciler()
-        before = {o.id: o for o in old.orgs}
-        after = {o.id: o for o in new.orgs}
-        for org_id in before.keys() - after.keys():
+        for org_id in change.removed:
             self.scheduler.remove_job(_job_id(org_id))
-        changed = [o for i, o in after.items() if i in before and old.interval(before[i]) != new.interval(o)]
-        for org in changed:
+        for org in change.interval_changed:
             self._schedule(org, first=False)
-        for org_id in after.keys() - before.keys():
-            self._schedule(after[org_id], first=True)
+        for org in change.added:
+            self._schedule(org, first=True)
         log.info(
             "configuration reloaded",
-            added=sorted(after.keys() - before.keys()),
-            removed=sorted(before.keys() - after.keys()),
-            interval_changed=[o.id for o in changed],
+            added=sorted(o.id for o in change.added),
+            removed=list(change.removed),
+            interval_changed=[o.id for o in change.interval_changed],
         )
         return True
 

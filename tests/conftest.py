@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from syncd.api import OpenAppClient
-from syncd.config import ApiSettings, Config, OrgSettings, RetryPolicy, Secret, SyncSettings
+from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, RetryPolicy, Secret, SyncSettings
 from syncd.simulator import Simulator, World
 from syncd.store import Store
 from syncd.sync import OrgPass, PassOutcome
@@ -94,7 +94,7 @@ def api_settings(sim: Simulator, **overrides: Any) -> ApiSettings:
 def make_config(sim: Simulator, database_url: str, **sync: Any) -> Config:
     return Config(
         api=api_settings(sim),
-        database_url=database_url,
+        database=DatabaseSettings(url=database_url),
         orgs=tuple(OrgSettings(o) for o in sim.world.orgs),
         sync=SyncSettings(**sync),
     )

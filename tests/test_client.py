@@ -323,7 +323,11 @@ def test_an_answer_about_something_else_is_not_believed(sim: Simulator, answer: 
 
 def test_a_header_value_http_cannot_carry_is_a_config_error_that_quotes_nothing(sim: Simulator) -> None:
     leaky = Secret("KEY-NOW\r\n# previous key: KEY-BEFORE")  # as a two-line key file would have given it
-    with OpenAppClient(api_settings(sim, api_key=leaky)) as client, pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match="spans several lines"):
+        api_settings(sim, api_key=leaky)  # settings refuse it, however they are made
+    settings = api_settings(sim)
+    object.__setattr__(settings, "api_key", leaky)  # and should one get past them, the client quotes nothing
+    with OpenAppClient(settings) as client, pytest.raises(ConfigError) as caught:
         client.get_device(sim.world.orgs and next(iter(sim.world.orgs)), DEVICE)
     text = f"{caught.value} {caught.value!r} {caught.value.__cause__!r} {caught.value.__context__!r}"
     assert "KEY-NOW" not in text and "KEY-BEFORE" not in text

@@ -35,7 +35,7 @@ def test_the_minimal_config_from_the_docs_works_as_written(tmp_path: Path) -> No
     assert config.api.api_key == Secret("s3cret")
     assert config.api.auth_header == "x-api-key"
     assert config.api.page_size == 200
-    assert config.database_url == "sqlite:///syncd.db"
+    assert config.database.url == "sqlite:///syncd.db"
     assert [o.id for o in config.orgs] == ["01HORG00000000000000000000"]
     assert "s3cret" not in repr(config)
 
@@ -144,8 +144,8 @@ def test_key_from_file_and_from_systemd_credentials(tmp_path: Path) -> None:
 def test_default_database_is_sqlite_in_the_state_directory(tmp_path: Path) -> None:
     text = MINIMAL.replace('[database]\nurl = "sqlite:///syncd.db"\n', "")
     config = load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k", "STATE_DIRECTORY": "/var/lib/syncd"})
-    assert config.database_url == "sqlite:////var/lib/syncd/syncd.db"
-    assert load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"}).database_url == "sqlite:///syncd.db"
+    assert config.database.url == "sqlite:////var/lib/syncd/syncd.db"
+    assert load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"}).database.url == "sqlite:///syncd.db"
 
 
 @pytest.mark.parametrize(
@@ -289,3 +289,47 @@ def test_commands_that_never_call_the_api_need_no_key(tmp_path: Path) -> None:
     assert config.api.api_key is None
     with pytest.raises(ConfigError, match="SYNCD_API_KEY"):
         load_config(write(tmp_path, MINIMAL), {})
+
+
+def test_a_config_built_in_code_is_checked_like_a_file() -> None:
+    from syncd.config import ApiSettings, Config, OrgSettings, SyncSettings, WritebackSettings
+
+    with pytest.raises(ConfigError, match=r"sync\.concurrency must be at least 1, got 0"):
+        SyncSettings(concurrency=0)
+    with pytest.raises(ConfigError, match=r"writeback\.conflict_policy must be one of detect, force"):
+        WritebackSettings(conflict_policy="maybe")
+    with pytest.raises(ConfigError, match="is not an org id"):
+        OrgSettings("no spaces please")
+    with pytest.raises(ConfigError, match="must be an http"):
+        ApiSettings(base_url="ftp://x", api_key=None)
+    api = ApiSettings(base_url="http://x/api/v1", api_key=Secret("k"))
+    with pytest.raises(ConfigError, match="configured twice"):
+        Config(api=api, orgs=(OrgSettings("a"), OrgSettings("a")))
+    with pytest.raises(ConfigError, match="no \\[\\[orgs\\]\\] configured"):
+        Config(api=api, orgs=())
+
+
+def test_every_declared_setting_is_a_key_of_its_section(tmp_path: Path) -> None:
+    # One declaration per key: a file setting each one to its default reads back as the defaults.
+    from dataclasses import fields
+
+    from syncd.config import LoggingSettings, RetryPolicy, SyncSettings, WritebackSettings
+
+    def toml(section: str, cls: type) -> str:
+        lines = [f"[{section}]"]
+        for f in fields(cls):
+            if "kind" in f.metadata and f.default is not None:
+                value = f.default
+                lines.append(f"{f.name} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+
+    text = MINIMAL.replace("[database]", toml("api.retry", RetryPolicy) + "[database]")
+    for section, cls in [("sync", SyncSettings), ("writeback", WritebackSettings), ("logging", LoggingSettings)]:
+        text += toml(section, cls)
+    config = load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"})
+    assert (config.sync, config.writeback, config.logging, config.api.retry) == (
+        SyncSettings(),
+        WritebackSettings(),
+        LoggingSettings(),
+        RetryPolicy(),
+    )

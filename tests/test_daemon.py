@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from syncd.cli import main
-from syncd.config import Config, OrgSettings, SyncSettings
+from syncd.config import Config, DatabaseSettings, MetricsSettings, OrgSettings, SyncSettings
 from syncd.daemon import Daemon
 from syncd.errors import AlreadyRunningError
 from syncd.notify import Notifier
@@ -197,10 +197,10 @@ def test_sighup_reloads_and_rejects_a_broken_config(tmp_path: Path, sim: Simulat
 def in_process_daemon(sim: Simulator, database_url: str, orgs: list[str], **sync: Any) -> Daemon:
     config = Config(
         api=api_settings(sim, retry=replace(FAST_RETRY, max_attempts=1)),
-        database_url=database_url,
+        database=DatabaseSettings(url=database_url),
         orgs=tuple(OrgSettings(o) for o in orgs),
         sync=SyncSettings(**{"interval": 1.0, **sync}),
-        metrics_listen=("127.0.0.1", 0),
+        metrics=MetricsSettings(listen=("127.0.0.1", 0)),
     )
     return Daemon(config, notifier=Notifier({}))
 

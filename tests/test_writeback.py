@@ -452,7 +452,7 @@ def _store(url: str) -> Iterator[Store]:
 
 
 def test_the_daemon_pushes_queued_edits(tmp_path: Path, sim: Simulator, world: World, mirrored: str) -> None:
-    from syncd.config import Config, OrgSettings
+    from syncd.config import Config, DatabaseSettings, OrgSettings
     from syncd.daemon import Daemon
     from syncd.notify import Notifier
 
@@ -461,7 +461,10 @@ def test_the_daemon_pushes_queued_edits(tmp_path: Path, sim: Simulator, world: W
         Syncer(client, store)(mirrored)
         edit_id = queue_edit(store, active(world, mirrored), "update", {"external_id": "via-daemon"}, "ops", ORGS)
     config = Config(
-        api=api_settings(sim), database_url=db, orgs=(OrgSettings(mirrored),), writeback=replace(FAST, interval=0.2)
+        api=api_settings(sim),
+        database=DatabaseSettings(url=db),
+        orgs=(OrgSettings(mirrored),),
+        writeback=replace(FAST, interval=0.2),
     )
     daemon = Daemon(config, notifier=Notifier({}))
     thread = threading.Thread(target=daemon.run, daemon=True)
