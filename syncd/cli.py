@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import secrets
@@ -24,8 +23,8 @@ from syncd import __version__, health, logs
 from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret, load_config, parse_duration
 from syncd.errors import ConfigError, SyncdError
+from syncd.passes import instance_name, passes_at_once, run_once, select_orgs, tune_for_bulk_work, writeback_client
 from syncd.reconcile import Reconciler, queue_edit, requester
-from syncd.runner import instance_name, passes_at_once, run_once, select_orgs, writeback_client
 from syncd.store import Store, redact_url
 from syncd.store.edits import EditQueue
 from syncd.store.schema import EDIT_STATUSES, RUN_COUNTERS
@@ -512,21 +511,6 @@ def _demo_changes(world: Any, org_id: str) -> None:
     world.purge_device(org_id, ids[30])
     world.create_device(org_id)
     world.create_device(org_id)
-
-
-def tune_for_bulk_work(passes: int) -> None:
-    """Interpreter settings for passes over large orgs (measured with bench/bench_sync.py).
-
-    - How often a thread that waits for the GIL takes it from a busy one. A single pass has two
-      threads (its own and the page prefetcher) and goes fastest when the prefetcher gets its turn
-      within 0.5 ms. With several passes at once, hand-overs between their threads cost more than
-      they overlap, and Python's default 5 ms was the faster (1 org x 100,000: 3.7 s against 4.2 s
-      with 5 ms; 10 orgs x 10,000, 4 at once: 4.9 s against 5.4 s with 0.5 ms).
-    - Freeze what start-up allocated, so the collector's full passes over a busy heap skip it.
-      (Raising the collection thresholds was faster still but cost 60 MB of peak RSS.)
-    """
-    sys.setswitchinterval(0.0005 if passes <= 1 else 0.005)
-    gc.freeze()
 
 
 def _run_passes(

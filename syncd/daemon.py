@@ -16,8 +16,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,28 +28,21 @@ from syncd import health, logs
 from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings, diff_config, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
-from syncd.metrics import AUTH_PAUSED, EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_FAILING, ORG_MAX_AGE, MetricsServer
+from syncd.health import AuthGate
+from syncd.metrics import EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_MAX_AGE, MetricsServer, forget_org, track_org
 from syncd.notify import Notifier
+from syncd.passes import instance_name, locked_pass, make_pass, passes_at_once, writeback_client
 from syncd.reconcile import Reconciler
-from syncd.runner import instance_name, locked_pass, passes_at_once, writeback_client
 from syncd.store import Store
 from syncd.store.schema import EDIT_STATUSES
-from syncd.sync import OrgPass, PassOutcome
+from syncd.sync import PassOutcome
 
-log = structlog.get_logger("syncd.daemon")
+log = structlog.get_logger(__name__)
 
 FIRST_PASS_WITHIN = 10.0  # seconds after start-up (or after an org is added)
 MAX_JITTER = 60.0
 LOOP_TICK = 5.0
 RECONCILE_JOB = "reconcile"
-
-
-@dataclass
-class OrgHealth:
-    """How an org's recent passes went."""
-
-    failures: int = 0
-    last_error: str | None = None
 
 
 class Daemon:
@@ -69,12 +60,10 @@ class Daemon:
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
+        self.auth = AuthGate()  # one 401 pauses passes and write-back alike
         self.reconciler = self._new_reconciler(config)
-        self.health: dict[str, OrgHealth] = {}
+        self.board = health.Board()
         self.running: set[str] = set()
-        self.totals: Counter[str] = Counter()
-        self._auth_paused_until: float | None = None
-        self._auth_probe: str | None = None
         self._metrics: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -89,6 +78,8 @@ class Daemon:
         try:
             with self.store.locks.instance():
                 self.store.prepare(self.config.database.auto_upgrade)
+                configured = {o.id for o in self.config.orgs}
+                self.board.seed({k: v for k, v in self.store.last_successes().items() if k in configured})
                 if self.config.metrics.listen:
                     host, port = self.config.metrics.listen
                     self._metrics = MetricsServer(host, port)
@@ -147,7 +138,7 @@ class Daemon:
             left = sorted(self.running)
         if left:
             log.warning("passes still running at shutdown; the next start marks them aborted", orgs=left)
-        log.info("daemon stopped", passes=dict(self.totals), instance=self.instance)
+        log.info("daemon stopped", instance=self.instance, **{f"passes_{k}": n for k, n in self.board.totals().items()})
 
     def _close(self) -> None:
         if self._metrics:
@@ -161,7 +152,10 @@ class Daemon:
 
     def _schedule(self, org: OrgSettings, first: bool) -> None:
         interval = self.config.interval(org)
-        ORG_MAX_AGE.labels(org.id).set(health.max_age(interval))
+        if first:
+            track_org(org.id, health.max_age(interval))
+        else:
+            ORG_MAX_AGE.labels(org.id).set(health.max_age(interval))
         delay = random.uniform(0, min(FIRST_PASS_WITHIN, interval / 10)) if first else interval
         self.scheduler.add_job(
             self._job,
@@ -207,81 +201,52 @@ class Daemon:
 
     def _job(self, org_id: str) -> None:
         org = next((o for o in self.config.orgs if o.id == org_id), None)
-        if org is None or self.stop.is_set() or not self._may_run(org_id):
+        if org is None or self.stop.is_set() or not self.auth.admit(org_id):
             return
         with self._lock:
             self.running.add(org_id)
         try:
-            with structlog.contextvars.bound_contextvars(org_id=org_id):
-                org_pass = OrgPass(
-                    self.client,
-                    self.store,
-                    org,
-                    self.config.sync,
-                    trigger="scheduled",
-                    instance=self.instance,
-                    stop=self.stop,
-                    fetch_ahead=passes_at_once(self.config, self.config.orgs) == 1,
-                )
-                self._after(org, locked_pass(org_pass))
+            org_pass = make_pass(
+                self.config,
+                org,
+                self.client,
+                self.store,
+                side_by_side=passes_at_once(self.config, self.config.orgs),
+                trigger="scheduled",
+                instance=self.instance,
+                stop=self.stop,
+            )
+            self._after(org, locked_pass(org_pass))
         finally:
+            self.auth.done(org_id)
             with self._lock:
                 self.running.discard(org_id)
-                if self._auth_probe == org_id:
-                    self._auth_probe = None
-
-    def _may_run(self, org_id: str) -> bool:
-        """False while a 401 pauses syncing, except for one probe pass per interval."""
-        with self._lock:
-            if self._auth_paused_until is None:
-                return True
-            if self._auth_probe is not None or time.monotonic() < self._auth_paused_until:
-                return False
-            self._auth_probe = org_id
-            return True
 
     def _after(self, org: OrgSettings, outcome: PassOutcome) -> None:
-        self.totals[outcome.status] += 1
-        org_log = log.bind(org_id=org.id)
-        if outcome.status == "skipped":
-            return
         interval = self.config.interval(org)
         if isinstance(outcome.exception, AuthError):
-            with self._lock:
-                self._auth_paused_until = time.monotonic() + interval
-            AUTH_PAUSED.set(1)
-            log.error(
+            self.auth.rejected(interval)
+            log.error(  # once per probe: each one is a state the operator should see
                 "OpenApp rejected the API key: all syncing is paused",
                 retry_in_seconds=round(interval),
                 error=outcome.error,
             )
             return
-        with self._lock:
-            resumed = self._auth_paused_until is not None
-            self._auth_paused_until = None
-        if resumed:
-            AUTH_PAUSED.set(0)
+        if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
-        health = self.health.setdefault(org.id, OrgHealth())
-        if outcome.status == "succeeded":
-            if health.failures:
-                org_log.info("org recovered", after_failures=health.failures)
-                ORG_FAILING.labels(org.id).set(0)
-            health.failures, health.last_error = 0, None
-            return
-        if outcome.status == "aborted" and self.stop.is_set():
-            return
-        health.failures += 1
-        health.last_error = outcome.error
-        if health.failures == 1:
+        verdict = self.board.record(
+            org.id, outcome.status, outcome.error, interval, self.config.sync.failure_backoff_max, self.stop.is_set()
+        )
+        org_log = log.bind(org_id=org.id)
+        if verdict.recovered_after:
+            org_log.info("org recovered", after_failures=verdict.recovered_after)
+        if verdict.started_failing:
             org_log.error("org started failing", error=outcome.error)
-            ORG_FAILING.labels(org.id).set(1)
-        backoff = min(interval * 2 ** (health.failures - 1), max(interval, self.config.sync.failure_backoff_max))
-        if backoff > interval:
+        if verdict.backoff:
             job = self.scheduler.get_job(_job_id(org.id))
             if job is not None:
-                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=backoff))
-            org_log.info("backing off", failures=health.failures, next_pass_in_seconds=round(backoff))
+                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=verdict.backoff))
+            org_log.info("backing off", failures=verdict.failures, next_pass_in_seconds=round(verdict.backoff))
 
     # -- reload ------------------------------------------------------------------------------------
 
@@ -318,6 +283,9 @@ class Daemon:
             self._schedule_reconciler()
         for org_id in change.removed:
             self.scheduler.remove_job(_job_id(org_id))
+        self.board.forget(change.removed)
+        for org_id in change.removed:
+            forget_org(org_id)
         for org in change.interval_changed:
             self._schedule(org, first=False)
         for org in change.added:
@@ -332,19 +300,17 @@ class Daemon:
 
     def _new_reconciler(self, config: Config) -> Reconciler:
         orgs = frozenset(org.id for org in config.orgs)
-        return Reconciler(
-            writeback_client(config, self.stop), self.store, config.writeback, self.instance, orgs, self.stop
-        )
+        client = writeback_client(config, self.stop)
+        return Reconciler(client, self.store, config.writeback, self.instance, orgs, self.stop, auth=self.auth)
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=."""
+        """One line for systemd's STATUS=: orgs ok (a success within their max age, as ``syncd status``
+        counts them), stale and failing, passes running, and a rejected key."""
         with self._lock:
-            failing = sum(1 for h in self.health.values() if h.failures)
             running = len(self.running - {RECONCILE_JOB})
-            paused = self._auth_paused_until is not None
-        orgs = len(self.config.orgs)
-        line = f"{orgs} orgs: {orgs - failing} ok, {failing} failing, {running} running"
-        return line + "; PAUSED: API key rejected" if paused else line
+        ok, stale, failing = self.board.summary({o.id: self.config.interval(o) for o in self.config.orgs})
+        line = f"{ok + stale} orgs: {ok} ok, {stale} stale, {failing} failing, {running} running"
+        return line + "; PAUSED: API key rejected" if self.auth.paused else line
 
 
 def _job_id(org_id: str) -> str:

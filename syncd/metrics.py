@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+from syncd.models import CHANGE_KINDS, DEVICE_STATES
+
+PASS_STATUSES = ("succeeded", "failed", "aborted")
 
 HTTP_REQUESTS = Counter(
     "syncd_http_requests", "OpenApp API responses by operation and HTTP status", ["operation", "status"]
@@ -54,3 +59,28 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def track_org(org_id: str, max_age: float) -> None:
+    """Start an org's series at their resting values, so a first failure or refusal is a change."""
+    ORG_MAX_AGE.labels(org_id).set(max_age)
+    ORG_FAILING.labels(org_id).set(0)
+    PURGES_REFUSED.labels(org_id).inc(0)
+    for kind in CHANGE_KINDS:
+        CHANGES.labels(org_id, kind).inc(0)
+
+
+def forget_org(org_id: str) -> None:
+    """Drop every series of an org no longer configured (so no alert fires for it)."""
+    for metric in (ORG_MAX_AGE, ORG_FAILING, PURGES_REFUSED, LAST_SUCCESS):
+        with contextlib.suppress(KeyError):
+            metric.remove(org_id)
+    pairs: tuple[tuple[Counter | Gauge | Histogram, tuple[str, ...]], ...] = (
+        (CHANGES, CHANGE_KINDS),
+        (DEVICES, DEVICE_STATES),
+        (PASS_DURATION, PASS_STATUSES),
+    )
+    for labelled, values in pairs:
+        for value in values:
+            with contextlib.suppress(KeyError):
+                labelled.remove(org_id, value)

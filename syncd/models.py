@@ -19,6 +19,8 @@ from xxhash import xxh3_128_hexdigest
 from syncd.errors import InvalidDeviceError
 
 DeviceState = Literal["active", "deleted", "purged"]
+DEVICE_STATES: tuple[DeviceState, ...] = ("active", "deleted", "purged")
+CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")  # device_changes.change
 LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_delete_at")
 # Per-request cache annotations: they change between identical reads, so they are not content.
 VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})

@@ -17,7 +17,6 @@ from __future__ import annotations
 import getpass
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Collection
 from datetime import datetime, timedelta
@@ -25,7 +24,8 @@ from typing import Any
 
 import structlog
 
-from syncd.api import OpenAppClient, backoff_delay
+from syncd.api import OpenAppClient
+from syncd.backoff import backoff_delay
 from syncd.config import WritebackSettings
 from syncd.errors import (
     AuthError,
@@ -37,7 +37,8 @@ from syncd.errors import (
     SyncdError,
     TransientError,
 )
-from syncd.metrics import AUTH_PAUSED, EDIT_RESULTS
+from syncd.health import AuthGate
+from syncd.metrics import EDIT_RESULTS
 from syncd.models import (
     Device,
     change_kind,
@@ -53,7 +54,8 @@ from syncd.models import (
 from syncd.store import Store
 from syncd.store.edits import EditQueue
 
-log = structlog.get_logger("syncd.reconcile")
+log = structlog.get_logger(__name__)
+WRITEBACK = "write-back"  # who asks the AuthGate
 
 
 def requester() -> str:
@@ -114,8 +116,11 @@ class Reconciler:
         instance: str,
         orgs: Collection[str],
         stop: threading.Event | None = None,
+        *,
+        auth: AuthGate | None = None,
     ) -> None:
-        """``orgs``: the configured org ids; edits of devices of any other org fail unsent."""
+        """``orgs``: the configured org ids; edits of devices of any other org fail unsent. ``auth``:
+        the gate a 401 closes (shared with the daemon's passes there)."""
         self.client = client
         self.store = store
         self.orgs = frozenset(orgs)
@@ -123,13 +128,20 @@ class Reconciler:
         self.settings = settings
         self.instance = instance
         self.stop = stop or threading.Event()
-        self._paused_until: float | None = None
+        self.auth = auth or AuthGate()
 
     def run_once(self) -> Counter[str]:
         """Process every edit due now (each at most once); returns how many ended how."""
         results: Counter[str] = Counter()
-        if self._paused_until is not None and time.monotonic() < self._paused_until:
+        if not self.auth.admit(WRITEBACK):  # the key was rejected: wait for the pause to run out
             return results
+        try:
+            self._round(results)
+        finally:
+            self.auth.done(WRITEBACK)
+        return results
+
+    def _round(self, results: Counter[str]) -> None:
         started = utcnow()
         seen: set[int] = set()
         while not self.stop.is_set():
@@ -143,14 +155,13 @@ class Reconciler:
                 seen.add(row["id"])
                 if self.stop.is_set():
                     self.queue.release([r["id"] for r in fresh[index:]], utcnow())
-                    return results
+                    return
                 result = self._process(row)
                 results[result] += 1
                 EDIT_RESULTS.labels(result).inc()
                 if result in ("paused", "stopped"):
                     self.queue.release([r["id"] for r in fresh[index + 1 :]], utcnow())
-                    return results
-        return results
+                    return
 
     # -- one edit ----------------------------------------------------------------------------------
 
@@ -256,9 +267,7 @@ class Reconciler:
             rebase_from=overwrote,
         )
         log.info("edit applied", edit_id=row["id"], device_id=row["device_id"], action=row["action"])
-        if self._paused_until is not None:
-            self._paused_until = None
-            AUTH_PAUSED.set(0)
+        if self.auth.accepted():
             log.info("OpenApp accepted the API key again: write-back resumed")
         return "succeeded"
 
@@ -317,9 +326,6 @@ class Reconciler:
 
     def _pause(self, row: dict[str, Any], exc: AuthError) -> str:
         self.queue.release([row["id"]], utcnow())
-        first = self._paused_until is None
-        self._paused_until = time.monotonic() + max(self.settings.interval, 30.0)
-        AUTH_PAUSED.set(1)
-        if first:
+        if self.auth.rejected(max(self.settings.interval, 30.0)):
             log.error("OpenApp rejected the API key: write-back is paused (no attempts are used up)", error=str(exc))
         return "paused"

@@ -39,6 +39,8 @@ from syncd.errors import (
 )
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
 from syncd.models import (
+    CHANGE_KINDS,
+    DEVICE_STATES,
     Device,
     change_kind,
     describe_change,
@@ -240,7 +242,7 @@ class OrgPass:
     def _record_metrics(self, outcome: PassOutcome) -> None:
         org_id = self.org.id
         PASS_DURATION.labels(org_id, outcome.status).observe(outcome.seconds)
-        for kind in ("created", "updated", "deleted", "restored", "purged"):
+        for kind in CHANGE_KINDS:
             if self.counts[kind]:
                 CHANGES.labels(org_id, kind).inc(self.counts[kind])
         if outcome.status == "succeeded":
@@ -249,7 +251,7 @@ class OrgPass:
             by_state = self.store.state_counts(org_id).get(org_id, {})
         except StoreError:
             return  # the gauges keep their last values; the pass's outcome says what failed
-        for state in ("active", "deleted", "purged"):
+        for state in DEVICE_STATES:
             DEVICES.labels(org_id, state).set(by_state.get(state, 0))
 
     # -- scan ------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def test_metrics_endpoint(tmp_path: Path, sim: Simulator, world: World) -> None:
     daemon = in_process_daemon(sim, f"sqlite:///{tmp_path}/m.db", [org])
     thread = running(daemon)
     try:
-        wait_for(lambda: daemon._metrics is not None and daemon.totals["succeeded"] >= 1, what="a pass")
+        wait_for(lambda: daemon._metrics is not None and daemon.board.totals().get("succeeded", 0) >= 1, what="a pass")
         assert daemon._metrics is not None
         body = httpx.get(f"http://127.0.0.1:{daemon._metrics.port}/metrics").text
     finally:

@@ -4,7 +4,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from syncd.api.retry import backoff_delay, parse_retry_after
+from syncd.api.retry import parse_retry_after
+from syncd.backoff import backoff_delay
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 

@@ -22,6 +22,7 @@ from syncd.api import OpenAppClient
 from syncd.cli import main
 from syncd.config import WritebackSettings
 from syncd.errors import ConfigError
+from syncd.health import AuthGate
 from syncd.reconcile import Reconciler, queue_edit
 from syncd.simulator import Fault, SimError, Simulator, World
 from syncd.simulator.world import org_id_for
@@ -264,13 +265,16 @@ def test_a_401_pauses_without_burning_attempts(
         queue_edit(store, active(world, mirrored, n), "update", {"external_id": f"e{n}"}, "ops", ORGS) for n in range(3)
     ]
     world.keys.clear()
-    rec = reconciler(wb_client, store)
+    now = [1000.0]
+    rec = Reconciler(wb_client, store, FAST, "test:1", ORGS, auth=AuthGate(clock=lambda: now[0]))
     assert rec.run_once() == Counter(paused=1)
     assert rec.run_once() == Counter()  # paused: nothing is tried
     assert all(edit(store, i)["status"] == "pending" and edit(store, i)["attempts"] == 0 for i in ids)
     world.add_key(API_KEY)
-    rec._paused_until = 0.0  # the pause is over
+    assert rec.run_once() == Counter()  # still paused until the pause runs out
+    now[0] += 30.0
     assert rec.run_once() == Counter(succeeded=3)
+    assert not rec.auth.paused
 
 
 def test_sql_inserted_edits_work_and_a_malformed_one_fails_alone(

@@ -28,8 +28,9 @@ import structlog
 from syncd import __version__
 from syncd.api.body import ACCEPT_ENCODING, read_body
 from syncd.api.pages import read_page
-from syncd.api.retry import backoff_delay, parse_retry_after
+from syncd.api.retry import parse_retry_after
 from syncd.api.transport import InFlight, guarded_transport
+from syncd.backoff import backoff_delay
 from syncd.config import ApiSettings
 from syncd.errors import (
     ApiProblem,

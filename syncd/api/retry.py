@@ -1,17 +1,10 @@
-"""Retry timing: exponential backoff with full jitter, and the server's Retry-After hint."""
+"""The server's Retry-After hint (the backoff syncd falls back to is :mod:`syncd.backoff`)."""
 
 from __future__ import annotations
 
 import math
-import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Full-jitter backoff: uniform in [0, min(cap, base * 2**(attempt-1))] for attempt >= 1."""
-    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 def parse_retry_after(value: str | None, maximum: float, now: datetime | None = None) -> float | None:

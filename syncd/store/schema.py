@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeEngine
 
+from syncd.models import CHANGE_KINDS, DEVICE_STATES
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -71,10 +73,8 @@ class JSONDoc(TypeDecorator[Any]):
 # Autoincrement ids: BIGINT on PostgreSQL, INTEGER (rowid alias) on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-DEVICE_STATES = ("active", "deleted", "purged")
 RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
 RUN_TRIGGERS = ("scheduled", "run-once")
-CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")
 CHANGE_SOURCES = ("sync", "local_edit")
 EDIT_ACTIONS = ("update", "restore")
 EDIT_STATUSES = ("pending", "in_flight", "succeeded", "failed", "conflict", "cancelled")

@@ -307,21 +307,26 @@ class Store:
                 counts.setdefault(org, {})[state] = int(count)
         return counts
 
-    def org_overview(self) -> dict[str, dict[str, Any]]:
-        """Per org: ``last_run`` (the newest sync_runs row), ``last_success`` (when the newest successful
-        pass finished) and ``devices`` (counts by state)."""
-        newest = select(func.max(sync_runs.c.id)).group_by(sync_runs.c.org_id)
-        success = (
+    def last_successes(self) -> dict[str, datetime]:
+        """When each org's newest successful pass finished."""
+        query = (
             select(sync_runs.c.org_id, func.max(sync_runs.c.finished_at, type_=UTCDateTime()))
             .where(sync_runs.c.status == "succeeded")
             .group_by(sync_runs.c.org_id)
         )
+        with _translated("reading runs"), self.engine.connect() as conn:
+            return {str(org_id): finished for org_id, finished in conn.execute(query)}
+
+    def org_overview(self) -> dict[str, dict[str, Any]]:
+        """Per org: ``last_run`` (the newest sync_runs row), ``last_success`` (when the newest successful
+        pass finished) and ``devices`` (counts by state)."""
+        newest = select(func.max(sync_runs.c.id)).group_by(sync_runs.c.org_id)
         overview: dict[str, dict[str, Any]] = {}
         with _translated("reading the status"), self.engine.connect() as conn:
             for row in conn.execute(select(sync_runs).where(sync_runs.c.id.in_(newest))).mappings():
                 overview.setdefault(row["org_id"], {})["last_run"] = dict(row)
-            for org_id, finished in conn.execute(success):
-                overview.setdefault(org_id, {})["last_success"] = finished
+        for org_id, finished in self.last_successes().items():
+            overview.setdefault(org_id, {})["last_success"] = finished
         for org_id, by_state in self.state_counts().items():
             overview.setdefault(org_id, {})["devices"] = by_state
         return overview
