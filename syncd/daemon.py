@@ -82,7 +82,13 @@ class Daemon:
                 self.board.seed({k: v for k, v in self.store.last_successes().items() if k in configured})
                 if self.config.metrics.listen:
                     host, port = self.config.metrics.listen
-                    self._metrics = MetricsServer(host, port)
+                    try:
+                        self._metrics = MetricsServer(host, port)
+                    except OSError as exc:
+                        raise ConfigError(
+                            f"metrics.listen {host}:{port}: cannot listen there ({exc.strerror}); another program "
+                            "may use the port: choose another one"
+                        ) from None
                     log.info("metrics endpoint listening", address=f"{host}:{self._metrics.port}")
                 for org in self.config.orgs:
                     self._schedule(org, first=True)

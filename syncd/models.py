@@ -343,6 +343,8 @@ def validate_edit(action: object, payload: object) -> str | None:
     for field in ("zone_id", "external_id"):
         if field in payload and payload[field] is not None and not isinstance(payload[field], str):
             return f"{field} must be a string or null, got {preview(payload[field])}"
+    if "device_metadata" in payload and not isinstance(payload["device_metadata"], dict):
+        return f"device_metadata must be a JSON object, got {preview(payload['device_metadata'])}"
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -107,10 +108,30 @@ def test_check_config_lists_every_problem(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_check_config_ok(tmp_path: Path, key_env: None, sim: Simulator, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path, sim, "postgresql://syncd:pw@db/syncd", ["A", "B"])
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", ["A", "B"])
     assert main(["check-config", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "2: A, B" in out and "pw" not in out
+    assert "OK" in out and "2: A, B" in out
+    assert not (tmp_path / "m.db").exists()  # checked, not created
+
+
+def test_check_config_checks_where_the_mirror_lives(
+    tmp_path: Path, key_env: None, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, sim, "postgresql://syncd:pw@db.invalid/syncd", ["A"])
+    assert main(["check-config", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "database error while connecting to postgresql+psycopg://syncd:***@db.invalid/syncd" in err
+    assert ":pw@" not in err
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/nowhere/m.db", ["A"])
+    assert main(["check-config", "--config", str(config)]) == 2
+    assert f"the folder {tmp_path}/nowhere of the SQLite mirror does not exist" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() != 0:  # root may write anywhere: the check then rightly passes
+        config = write_config(tmp_path, sim, f"sqlite:///{locked}/m.db", ["A"])
+        assert main(["check-config", "--config", str(config)]) == 2
+        assert f"this user cannot write in {locked}" in capsys.readouterr().err
 
 
 def test_db_upgrade_and_current(
@@ -339,3 +360,79 @@ def test_run_once_max_pages_confirms_a_grown_org(
     with pytest.raises(SystemExit) as caught:
         main(["run-once", "--config", str(config), "--max-pages", "0"])
     assert caught.value.code == 2
+
+
+# -- clear errors where tracebacks were -------------------------------------------------------------
+
+
+def busy_port() -> tuple[socket.socket, int]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder, holder.getsockname()[1]
+
+
+def test_a_busy_port_is_one_line_not_a_traceback(
+    tmp_path: Path, sim: Simulator, world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder, port = busy_port()
+    try:
+        monkeypatch.setenv("SYNCD_API_KEY", "k")
+        assert main(["simulate", "--port", str(port), "--orgs", "1", "--devices", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+        config = write_config(
+            tmp_path,
+            sim,
+            f"sqlite:///{tmp_path}/m.db",
+            list(world.orgs),
+            extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+        )
+        proc = run_cli("run", "--config", str(config), env={KEY_ENV: API_KEY})
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert f"metrics.listen 127.0.0.1:{port}: cannot listen there" in err and "Traceback" not in err
+    finally:
+        holder.close()
+
+
+def test_a_base_url_without_the_api_prefix_is_named(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", list(world.orgs)[:1])
+    config.write_text(config.read_text().replace(sim.url, sim.url.removesuffix("/api/v1")))
+    assert main(["run-once", "--config", str(config)]) == 1
+    assert "api.base_url is probably wrong: it must end in /api/v1" in capsys.readouterr().out
+
+
+def test_demo_starts_afresh_and_never_takes_another_mirror(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "demo.db"
+    for run in range(2):
+        assert main(["demo", "--db", str(db), "--orgs", "1", "--devices", "200"]) == 0
+        out = capsys.readouterr().out
+        assert ("earlier demo there was replaced" in out) == (run == 1)
+        first_pass = out.split("Pass 2")[0]
+        assert re.search(r"01HORG00000000000000000000\s+succeeded\s+2\s+200\s+200\s+0\s+0\s+0\s+0\s+0", first_pass)
+    other = tmp_path / "other.db"
+    other.write_text("not a mirror")
+    assert main(["demo", "--db", str(other)]) == 2
+    assert "is not a demo's mirror" in capsys.readouterr().err
+    assert other.read_text() == "not a mirror"
+
+
+def test_edit_refuses_metadata_that_is_not_an_object_and_edits_says_what_an_edit_did(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = next(iter(world.orgs))
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [org])
+    assert main(["run-once", "--config", str(config)]) == 0
+    device = world.ids(org)[0]
+    assert main(["edit", device, "--metadata-json", "[1]", "--config", str(config)]) == 2
+    assert "device_metadata must be a JSON object" in capsys.readouterr().err
+    assert main(["edit", device, "--external-id", "x-1", "--config", str(config)]) == 0
+    assert main(["edits", "--config", str(config)]) == 0
+    assert re.search(r"1: queued\s+\{\"external_id\": \"x-1\"\}", capsys.readouterr().out)
+    assert main(["reconcile-once", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["edits", "--config", str(config)]) == 0
+    assert re.search(r"1: applied\s+\{\"external_id\": \"x-1\"\}", capsys.readouterr().out)

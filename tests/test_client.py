@@ -76,7 +76,7 @@ def test_error_body_fields_are_kept() -> None:
 def test_non_json_error_body_is_tolerated() -> None:
     problem = read_problem(502, b"<html><body>Bad gateway\n</body></html>")
     assert problem.status == 502
-    assert problem.message == "<html><body>Bad gateway </body></html>"
+    assert problem.message == "Bad gateway"  # the text of the page, not its markup
     assert read_problem(500, b"").message is None
 
 
@@ -446,3 +446,11 @@ def test_a_compressed_body_cut_short_is_refused(sim: Simulator) -> None:
     with OpenAppClient(api_settings(sim), transport=transport) as client:
         with pytest.raises(InvalidResponseError, match="ends before its compressed stream does"):
             list(client.list_device_pages("O"))
+
+
+def test_an_html_error_page_is_kept_as_its_title() -> None:
+    page = b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title></head><body>" + b"x" * 5000
+    assert read_problem(503, page).message == "503 Service Unavailable"
+    assert read_problem(502, b"upstream connect error\nor disconnect/reset before headers").message == (
+        "upstream connect error"
+    )

@@ -13,6 +13,7 @@ total deadline; no error message carries a header value.
 from __future__ import annotations
 
 import random
+import re
 import ssl
 import threading
 import time
@@ -71,6 +72,8 @@ class DevicePage:
 def error_for_status(status: int, problem: ApiProblem, operation: str, retry_after: float | None) -> SyncdError:
     """The one mapping from an HTTP error status to the exception the caller acts on."""
     message = f"{operation}: {problem.describe()}"
+    if status == 404 and operation == "list_devices":  # the collection itself: the URL is wrong, not a device
+        message += " (api.base_url is probably wrong: it must end in /api/v1)"
     if status == 401:
         return AuthError(f"{message} (check the API key and api.auth_header)", problem=problem)
     if status == 403:
@@ -103,8 +106,20 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
             error_code=text("error_code", "errorCode", "code"),
             correlation_id=text("correlationId", "correlation_id"),
         )
-    snippet = one_line(" ".join(body[:200].decode("utf-8", "replace").split()), 200)
-    return ApiProblem(status, message=snippet or None)
+    return ApiProblem(status, message=_snippet(body) or None)
+
+
+def _snippet(body: bytes) -> str:
+    """One line of a body that is not an ApiErrorResponse: an HTML page's title, else its first line
+    of text, not the whole page."""
+    text = body[:4096].decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        text = title.group(1)
+    elif text.lstrip().startswith("<"):
+        text = re.sub(r"<[^>]*>", "\n", text)  # the page's text, a line per element
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return one_line(" ".join(line.split()), 200)
 
 
 class OpenAppClient:

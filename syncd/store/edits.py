@@ -9,11 +9,13 @@ from typing import Any
 import orjson
 from sqlalchemy import Select, Text, and_, cast, func, insert, literal, or_, select, update
 
+from syncd.errors import ConfigError
 from syncd.models import Device, one_line, parse_timestamp, preview
 from syncd.store.schema import UTCDateTime, device_edits
 from syncd.store.store import Store, _translated
 
-FINAL_STATUSES = ("succeeded", "failed", "conflict", "cancelled")
+RETRYABLE_STATUSES = ("failed", "conflict", "cancelled")  # what `syncd edits retry` queues again
+CANCELLABLE_STATUSES = ("pending", "failed", "conflict")  # what `syncd edits cancel` drops
 
 
 class EditQueue:
@@ -56,15 +58,29 @@ class EditQueue:
         with _translated("reading edits"), self._engine.connect() as conn:
             return conn.execute(query).scalar()
 
-    def transition(self, edit_id: int, allowed: Sequence[str], values: dict[str, Any]) -> bool:
-        """Update an edit only if its status is one of ``allowed``; False if it was not."""
+    def retry(self, edit_id: int, now: datetime) -> str:
+        """Queue a failed, conflicting or cancelled edit again, its attempts reset; returns the status
+        it had (ConfigError for an edit that does not exist or cannot be retried)."""
+        values = {"status": "pending", "attempts": 0, "next_attempt_at": None, "last_error": None}
+        return self._transition(edit_id, "retry", RETRYABLE_STATUSES, {**values, "updated_at": now})
+
+    def cancel(self, edit_id: int, now: datetime) -> str:
+        """Drop a pending, failed or conflicting edit; returns the status it had."""
+        return self._transition(edit_id, "cancel", CANCELLABLE_STATUSES, {"status": "cancelled", "updated_at": now})
+
+    def _transition(self, edit_id: int, change: str, allowed: Sequence[str], values: dict[str, Any]) -> str:
         with _translated("updating an edit"), self._engine.begin() as conn:
-            result = conn.execute(
+            status = conn.execute(select(device_edits.c.status).where(device_edits.c.id == edit_id)).scalar()
+            if status is None:
+                raise ConfigError(f"there is no edit {edit_id}")
+            updated = conn.execute(
                 update(device_edits)
                 .where(device_edits.c.id == edit_id, device_edits.c.status.in_(allowed))
                 .values(values)
-            )
-            return bool(result.rowcount)
+            ).rowcount
+        if not updated:
+            raise ConfigError(f"edit {edit_id} is {status}; {change} works on {', '.join(allowed)} edits")
+        return str(status)
 
     def claim(self, now: datetime, lease_cutoff: datetime, limit: int, instance: str) -> list[dict[str, Any]]:
         """Mark due edits ``in_flight`` for this instance and return them (with ``recheck``).

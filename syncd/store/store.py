@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -63,7 +64,10 @@ def _translated(action: str) -> Iterator[None]:
         yield
     except SQLAlchemyError as exc:
         detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        raise StoreError(f"database error while {action}: {detail[:300]}") from exc
+        hint = ""
+        if "unable to open database file" in detail:
+            hint = " (does the SQLite file's folder exist, and may this user write in it? `syncd check-config` tells)"
+        raise StoreError(f"database error while {action}: {detail[:300]}{hint}") from exc
 
 
 # What a page comparison needs to know of an already mirrored device: ``(fingerprint, state,
@@ -136,6 +140,32 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
+
+    @staticmethod
+    def check_access(url: str) -> None:
+        """ConfigError (or StoreError) naming what keeps syncd from using the mirror at ``url``: for
+        SQLite a missing or read-only directory or file (checked, nothing is created), for PostgreSQL
+        a server it cannot reach or log in to."""
+        parsed = make_url(normalise_url(url))
+        if parsed.get_backend_name() == "sqlite":
+            path = Path(parsed.database or "").resolve()
+            folder = path.parent
+            if not folder.is_dir():
+                raise ConfigError(f"database.url: the folder {folder} of the SQLite mirror does not exist")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"database.url: this user cannot write in {folder}, where the SQLite mirror and its -wal "
+                    "and -shm files live (give it write permission, or point database.url elsewhere)"
+                )
+            if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+                raise ConfigError(f"database.url: this user cannot read and write {path}")
+            return
+        store = Store(url)
+        try:
+            with _translated(f"connecting to {redact_url(store.url)}"), store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            store.close()
 
     @property
     def dialect(self) -> str:

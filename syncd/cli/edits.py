@@ -1,0 +1,152 @@
+"""Write-back from the command line: ``edit``, ``restore``, ``edits`` (``retry``, ``cancel``), ``reconcile-once``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from syncd import logs
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Commands,
+    config_option,
+    edit_id,
+    load,
+    org_ids,
+    prepared_store,
+)
+from syncd.cli.output import print_edits
+from syncd.cli.signals import stop_on_signals
+from syncd.errors import ConfigError
+from syncd.passes import instance_name, writeback_client
+from syncd.reconcile import Reconciler, queue_edit, requester
+from syncd.store.edits import EditQueue
+from syncd.store.schema import EDIT_STATUSES
+
+
+def add_commands(commands: Commands) -> None:
+    """``edit``, ``restore``, ``edits`` and ``reconcile-once``."""
+    p = commands.add_parser("edit", help="queue a change of a device, to be pushed to OpenApp")
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument(
+        "--name",
+        action="append",
+        metavar="LOCALE=TEXT",
+        help="set the name in one locale (repeatable); other locales are kept",
+    )
+    zone = p.add_mutually_exclusive_group()
+    zone.add_argument("--zone-id", metavar="ZONE", help="move the device to this zone")
+    zone.add_argument("--clear-zone", action="store_true", help="take the device out of its zone")
+    p.add_argument("--external-id", metavar="ID", help="set the external id")
+    p.add_argument("--metadata-json", metavar="JSON", help="replace device_metadata with this JSON object")
+    p.set_defaults(handler=cmd_edit)
+
+    p = commands.add_parser("restore", help="queue the restore of a soft-deleted device")
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.set_defaults(handler=cmd_restore)
+
+    p = commands.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
+    config_option(p)
+    p.add_argument("--status", choices=EDIT_STATUSES, help="only edits with this status")
+    p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
+    p.set_defaults(handler=cmd_edits)
+    actions = p.add_subparsers(metavar="ACTION")
+    for name, helptext in (
+        ("retry", "queue a failed, conflicting or cancelled edit again"),
+        ("cancel", "drop a pending, failed or conflicting edit"),
+    ):
+        q = actions.add_parser(name, help=helptext)
+        config_option(q)
+        q.add_argument("edit_id", type=edit_id, metavar="ID")
+        q.set_defaults(handler=cmd_edits_change, change=name)
+
+    p = commands.add_parser("reconcile-once", help="push every due queued edit once, then exit")
+    config_option(p)
+    p.set_defaults(handler=cmd_reconcile_once)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Queue an update of a device."""
+    config = load(args, with_key=False)
+    payload: dict[str, Any] = {}
+    with prepared_store(config) as store:
+        if args.name:
+            current = (store.device(args.device_id) or {}).get("name") or {}
+            payload["name"] = {**current, **dict(_locale_text(item) for item in args.name)}
+        if args.zone_id is not None or args.clear_zone:
+            payload["zone_id"] = None if args.clear_zone else args.zone_id
+        if args.external_id is not None:
+            payload["external_id"] = args.external_id
+        if args.metadata_json is not None:
+            try:
+                payload["device_metadata"] = json.loads(args.metadata_json)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--metadata-json is not valid JSON: {exc}") from None
+        if not payload:
+            raise ConfigError(
+                "nothing to change: give --name, --zone-id/--clear-zone, --external-id or --metadata-json"
+            )
+        queued = queue_edit(store, args.device_id, "update", payload, requester(), org_ids(config))
+    print(f"queued edit {queued}: update {args.device_id} {json.dumps(payload, ensure_ascii=False)}")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Queue the restore of a soft-deleted device."""
+    config = load(args, with_key=False)
+    with prepared_store(config) as store:
+        queued = queue_edit(store, args.device_id, "restore", None, requester(), org_ids(config))
+    print(f"queued edit {queued}: restore {args.device_id}")
+    return EXIT_OK
+
+
+def cmd_edits(args: argparse.Namespace) -> int:
+    """List the queue."""
+    config = load(args, with_key=False)
+    with prepared_store(config) as store:
+        rows = EditQueue(store).find(args.status, args.device)
+    print_edits(rows, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_edits_change(args: argparse.Namespace) -> int:
+    """``edits retry ID`` / ``edits cancel ID``: the queue's own rules say which edits may."""
+    config = load(args, with_key=False)
+    now = datetime.now(UTC)
+    with prepared_store(config) as store:
+        queue = EditQueue(store)
+        was = queue.retry(args.edit_id, now) if args.change == "retry" else queue.cancel(args.edit_id, now)
+    print(f"edit {args.edit_id}: {was} -> {'pending' if args.change == 'retry' else 'cancelled'}")
+    return EXIT_OK
+
+
+def cmd_reconcile_once(args: argparse.Namespace) -> int:
+    """Push every edit due now, once."""
+    config = load(args)
+    logs.configure(config.logging.format, config.logging.level)
+    with (
+        prepared_store(config) as store,
+        stop_on_signals("finishing the current edit, then stopping") as stop,
+        writeback_client(config, stop) as client,
+    ):
+        reconciler = Reconciler(client, store, config.writeback, instance_name(), org_ids(config), stop)
+        results = reconciler.run_once()
+        counts = EditQueue(store).counts()
+    done = ", ".join(f"{n} {kind}" for kind, n in sorted(results.items())) or "nothing was due"
+    print(f"reconcile: {done}; queue now: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"))
+    if results["paused"]:
+        print("reconcile: OpenApp rejected the API key; the edits not attempted stay pending", file=sys.stderr)
+    return EXIT_FAILED if results["failed"] or results["conflict"] or results["paused"] else EXIT_OK
+
+
+def _locale_text(item: str) -> tuple[str, str]:
+    locale, sep, text = item.partition("=")
+    if not sep or not locale.strip() or not text:
+        raise ConfigError(f"--name {item!r}: use LOCALE=TEXT, e.g. --name en='Front door'")
+    return locale.strip(), text

@@ -1,0 +1,134 @@
+"""What commands print: tables, and progress lines on a terminal."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from syncd.models import DEVICE_STATES
+from syncd.store.schema import RUN_COUNTERS
+from syncd.sync import PassOutcome
+
+SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if c != "requests")
+# What the payload line of an edit says it does, by the edit's status.
+PAYLOAD_VERBS = {"pending": "queued", "in_flight": "pushing", "succeeded": "applied"}
+
+
+class Progress:
+    """Per-org progress lines on a terminal, at most one per org every two seconds."""
+
+    def __init__(self, stream: TextIO, every: float = 2.0) -> None:
+        self.stream = stream
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def update(self, org_id: str, pages: int, devices: int) -> None:
+        """A pass of ``org_id`` has read ``pages`` pages, ``devices`` devices."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(org_id, 0.0) < self.every:
+                return
+            self._last[org_id] = now
+        print(f"  {org_id}: {pages} pages, {devices} devices", file=self.stream, flush=True)
+
+
+def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
+    """The end-of-command table: one row per org, then any errors."""
+    headers = ("org", "status", *(c.replace("devices_seen", "devices") for c in SUMMARY_COLUMNS), "seconds")
+    rows = [(o.org_id, o.status, *(str(o.counts[c]) for c in SUMMARY_COLUMNS), f"{o.seconds:.1f}") for o in outcomes]
+    table(headers, rows, out)
+    for o in outcomes:
+        if o.error:
+            print(f"{o.org_id}: {o.status}: {o.error}", file=out)
+
+
+def print_status(report: list[dict[str, Any]], out: TextIO) -> None:
+    """The human table of ``syncd status``."""
+    rows = [
+        (
+            r["org_id"],
+            "OK" if r["ok"] else "STALE",
+            r["last_pass_started_at"] or "never",
+            f"{r['last_pass_seconds']}" if r["last_pass_seconds"] is not None else "-",
+            r["last_pass_status"] or "-",
+            age(r["last_success_age_seconds"]),
+            *(str(r["devices"][s]) for s in DEVICE_STATES),
+        )
+        for r in report
+    ]
+    headers = ("org", "health", "last pass", "seconds", "result", "last success", *DEVICE_STATES)
+    table(headers, rows, out, text_columns=5)
+    for r in report:
+        if r["last_error"]:
+            print(f"{r['org_id']}: last error: {r['last_error']}", file=out)
+
+
+def print_edits(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """The queue as a table, with what each edit sets and, on a conflict, what OpenApp has."""
+    lines = [
+        (
+            str(r["id"]),
+            r["device_id"],
+            r["action"],
+            r["status"],
+            str(r["attempts"]),
+            iso(r["next_attempt_at"]) or "-",
+            str(r["last_status_code"] or "-"),
+            iso(r["created_at"]) or "-",
+            r["requested_by"] or "-",
+        )
+        for r in rows
+    ]
+    headers = ("id", "device", "action", "status", "attempts", "next attempt", "last code", "created", "by")
+    table(headers, lines, out, text_columns=4)
+    for r in rows:
+        if r["payload"]:
+            verb = PAYLOAD_VERBS.get(r["status"], "wanted")
+            print(f"  {r['id']}: {verb:<8}{json.dumps(r['payload'], ensure_ascii=False)}", file=out)
+        if r["remote"]:
+            print(f"  {r['id']}: remote  {json.dumps(r['remote'], ensure_ascii=False, default=str)}", file=out)
+        if r["last_error"] and r["status"] != "succeeded":
+            print(f"  {r['id']}: error   {r['last_error']}", file=out)
+
+
+def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
+    """Devices by state per org."""
+    rows = [(org, *(str(by_state.get(s, 0)) for s in DEVICE_STATES)) for org, by_state in sorted(counts.items())]
+    table(("org", *DEVICE_STATES), rows, out)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, text_columns: int = 2) -> None:
+    """Left-aligned text columns first, then right-aligned numbers."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line([h.upper() for h in headers]).rstrip(), file=out)
+    for row in rows:
+        print(line(row).rstrip(), file=out)
+
+
+def age(seconds: int | None) -> str:
+    """``42s ago``, ``5m ago``, ``3h ago``, ``2d ago`` or ``never``."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def iso(moment: datetime | None) -> str | None:
+    """``YYYY-MM-DDTHH:MM:SSZ``, or None."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None

@@ -1,0 +1,33 @@
+"""SIGTERM and SIGINT for the commands that run passes or push edits."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+
+@contextmanager
+def stop_on_signals(what: str) -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the yielded event (the API client then interrupts its reads in flight);
+    a second SIGINT interrupts at once. The previous handlers are restored on exit."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"syncd: {signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
