@@ -468,8 +468,11 @@ def test_three_daemons_share_thirty_orgs_on_postgresql(tmp_path: Path, postgres_
                 start, _, agent = windows[-1]
                 assert agent == r.user_agent, f"{org}: two instances interleaved"
                 windows[-1] = (start, r.finished, agent)
-        for (_, end, _), (start, _, _) in itertools.pairwise(windows):
-            assert end <= start, f"{org}: overlapping passes"
+        killed = f":{daemons[0].pid})"
+        for (_, end, agent), (start, _, _) in itertools.pairwise(windows):
+            # The killed instance's lock went with its connection, while the simulator may still have
+            # been answering its last request: only its windows may end after the next one starts.
+            assert end <= start or killed in agent, f"{org}: overlapping passes"
     store.close()
 
 

@@ -84,8 +84,10 @@ def test_database_errors_become_store_errors(store: Store) -> None:
 
 
 def test_unusable_urls_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="not usable"):
+    with pytest.raises(ConfigError, match="unsupported database 'nosuchdb'"):
         Store("nosuchdb://x")
+    with pytest.raises(ConfigError, match="not usable"):
+        Store("::not a url::")
 
 
 def test_page_transactions_may_skip_the_wal_flush_and_nothing_else_does(postgres_database: str) -> None:
@@ -214,3 +216,39 @@ def test_a_read_only_store_takes_odd_paths_as_names(tmp_path: Path) -> None:
     finally:
         reader.close()
     assert {p.name for p in tmp_path.iterdir()} <= {odd.name, f"{odd.name}-wal", f"{odd.name}-shm"}
+
+
+def test_the_fast_path_follows_the_schema(database_url: str) -> None:
+    # The page statements take their columns from schema.py; device_values must fill them in order.
+    from syncd.models import parse_device
+    from syncd.store.dialect import CONTENT_COLUMNS, dialect_for
+
+    raw = {
+        "id": "01HK153X0038NZ3ZA2MABNBN61",
+        "org_id": "org-a",
+        "integration_id": "int-b",
+        "zone_id": "zone-c",
+        "external_id": "ext-d",
+        "name": {"en": "Door"},
+        "device_metadata": {"kind": "gate"},
+        "created_at": "2024-01-01T00:00:01.000000Z",
+        "updated_at": "2024-01-01T00:00:02.000000Z",
+        "deleted_at": "2024-01-01T00:00:03.000000Z",
+        "purge_at": "2024-01-01T00:00:04.000000Z",
+        "hard_delete_at": "2024-01-01T00:00:05.000000Z",
+    }
+    device = parse_device(raw)
+    store = Store(database_url)
+    store.upgrade()
+    try:
+        dialect = dialect_for(store.dialect)
+        assert len(dialect.device_values(device)) == len(CONTENT_COLUMNS)
+        with store.writer() as writer:
+            writer.insert_devices([device], datetime.now(UTC))
+        row = store.device(device.id)
+        assert row is not None
+        for column in CONTENT_COLUMNS:
+            expected = getattr(device, column) if column != "raw" else device.raw
+            assert row[column] == expected, column
+    finally:
+        store.close()

@@ -12,7 +12,8 @@ from sqlalchemy import Select, Text, and_, cast, func, insert, literal, or_, sel
 from syncd.errors import ConfigError
 from syncd.models import Device, one_line, parse_timestamp, preview
 from syncd.store.schema import UTCDateTime, device_edits
-from syncd.store.store import Store, _translated
+from syncd.store.store import Store
+from syncd.store.translate import translated
 
 RETRYABLE_STATUSES = ("failed", "conflict", "cancelled")  # what `syncd edits retry` queues again
 CANCELLABLE_STATUSES = ("pending", "failed", "conflict")  # what `syncd edits cancel` drops
@@ -27,12 +28,12 @@ class EditQueue:
 
     def add(self, values: dict[str, Any]) -> int:
         """Insert an edit; returns its id."""
-        with _translated("queuing an edit"), self._engine.begin() as conn:
+        with translated("queuing an edit"), self._engine.begin() as conn:
             return int(conn.execute(insert(device_edits).values(values).returning(device_edits.c.id)).scalar_one())
 
     def get(self, edit_id: int) -> dict[str, Any] | None:
         """One edit as a dict, or None."""
-        with _translated("reading an edit"), self._engine.connect() as conn:
+        with translated("reading an edit"), self._engine.connect() as conn:
             row = conn.execute(_readable().where(device_edits.c.id == edit_id)).mappings().one_or_none()
             return _decoded(row) if row else None
 
@@ -43,19 +44,19 @@ class EditQueue:
             query = query.where(device_edits.c.status == status)
         if device_id:
             query = query.where(device_edits.c.device_id == device_id)
-        with _translated("listing edits"), self._engine.connect() as conn:
+        with translated("listing edits"), self._engine.connect() as conn:
             return [_decoded(row) for row in conn.execute(query).mappings()]
 
     def counts(self) -> dict[str, int]:
         """Edits by status."""
         query = select(device_edits.c.status, func.count()).group_by(device_edits.c.status)
-        with _translated("counting edits"), self._engine.connect() as conn:
+        with translated("counting edits"), self._engine.connect() as conn:
             return {status: int(n) for status, n in conn.execute(query)}
 
     def oldest_pending(self) -> datetime | None:
         """When the oldest pending edit was queued (None when none is)."""
         query = select(func.min(device_edits.c.created_at)).where(device_edits.c.status == "pending")
-        with _translated("reading edits"), self._engine.connect() as conn:
+        with translated("reading edits"), self._engine.connect() as conn:
             return conn.execute(query).scalar()
 
     def retry(self, edit_id: int, now: datetime) -> str:
@@ -69,7 +70,7 @@ class EditQueue:
         return self._transition(edit_id, "cancel", CANCELLABLE_STATUSES, {"status": "cancelled", "updated_at": now})
 
     def _transition(self, edit_id: int, change: str, allowed: Sequence[str], values: dict[str, Any]) -> str:
-        with _translated("updating an edit"), self._engine.begin() as conn:
+        with translated("updating an edit"), self._engine.begin() as conn:
             status = conn.execute(select(device_edits.c.status).where(device_edits.c.id == edit_id)).scalar()
             if status is None:
                 raise ConfigError(f"there is no edit {edit_id}")
@@ -107,7 +108,7 @@ class EditQueue:
         query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
         if self._engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True, of=e)
-        with _translated("claiming edits"), self._engine.begin() as conn:
+        with translated("claiming edits"), self._engine.begin() as conn:
             picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
             if not picked:
                 return []
@@ -126,7 +127,7 @@ class EditQueue:
         ids = list(edit_ids)
         if ids:
             e = device_edits
-            with _translated("releasing edits"), self._engine.begin() as conn:
+            with translated("releasing edits"), self._engine.begin() as conn:
                 conn.execute(
                     update(e)
                     .where(e.c.id.in_(ids), e.c.status == "in_flight")

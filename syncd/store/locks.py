@@ -24,6 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from syncd.errors import AlreadyRunningError, StoreError
+from syncd.store.translate import translated
 
 POLL = 0.2  # seconds between attempts while waiting for a lock
 
@@ -99,24 +100,23 @@ class OrgLocks:
     @contextlib.contextmanager
     def _advisory_lock(self, org_id: str, give_up: Callable[[], bool]) -> Iterator[bool]:
         key = lock_key(org_id)
-        try:
+        with translated(f"locking org {org_id}"):
             conn = self._engine.connect()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error while locking org {org_id}: {exc}") from exc
         try:
-            while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-                conn.rollback()
-                if give_up():
-                    yield False
-                    return
-            conn.commit()
+            with translated(f"locking org {org_id}"):
+                while not (acquired := conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()):
+                    conn.rollback()
+                    if give_up():
+                        break
+                conn.commit()
+            if not acquired:
+                yield False
+                return
             try:
                 yield True
             finally:
-                with contextlib.suppress(SQLAlchemyError):
+                with contextlib.suppress(SQLAlchemyError):  # the session may be gone with its lock already
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                     conn.commit()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error while locking org {org_id}: {exc}") from exc
         finally:
             conn.close()

@@ -1,4 +1,5 @@
-"""Reads and writes of the mirror. SQLAlchemy errors become :class:`StoreError` here."""
+"""Reads and writes of the mirror. Database errors become :class:`StoreError` (in :mod:`.translate`);
+each database's own SQL and settings are in :mod:`.dialect`."""
 
 from __future__ import annotations
 
@@ -8,35 +9,24 @@ import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import cache
+from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import orjson
-from sqlalchemy import (
-    Connection,
-    Engine,
-    create_engine,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, Engine, create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device, one_line
+from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLocks
-from syncd.store.schema import RUN_COUNTERS, SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
+from syncd.store.schema import SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
+from syncd.store.translate import translated
+
+__all__ = ["KnownDevice", "PageReader", "PageWriter", "Session", "Store", "normalise_url", "redact_url"]
 
 
 def normalise_url(url: str) -> str:
@@ -58,24 +48,6 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        hint = ""
-        if "unable to open database file" in detail:
-            hint = " (does the SQLite file's folder exist, and may this user write in it? `syncd check-config` tells)"
-        raise StoreError(f"database error while {action}: {detail[:300]}{hint}") from exc
-
-
-# What a page comparison needs to know of an already mirrored device: ``(fingerprint, state,
-# stale)``, stale meaning last seen before the caller's resolution. A plain sequence, as the
-# driver hands it over: building an object per device costs more than the comparison it serves.
-KnownDevice = Sequence[Any]
-
-
 # Waits before each try of a run's bookkeeping after a failure: about 8 s, a PostgreSQL restart.
 BOOKKEEPING_RETRIES = (0.5, 2.0, 5.0)
 
@@ -94,40 +66,20 @@ class Store:
             parsed = make_url(self.url)
         except ArgumentError as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
-        sqlite_path = None
-        connect_args: dict[str, Any] = {}
-        if parsed.get_backend_name() == "sqlite":
-            database = parsed.database
-            if not database or database == ":memory:" or database.startswith("file:"):
-                raise ConfigError(
-                    "database.url: use a SQLite file (sqlite:///path/to/syncd.db), not an in-memory database"
-                )
-            sqlite_path = Path(database).resolve()
-            if read_only:
-                if not sqlite_path.exists():
-                    raise SchemaOutdatedError(
-                        f"there is no mirror at {sqlite_path} yet: run `syncd run-once` (or `syncd db upgrade`)"
-                    )
-                uri = f"file:{quote(str(sqlite_path))}?mode=ro"  # quoted: a '#' or '?' in the path is a name
-                parsed = parsed.set(database=uri, query={"uri": "true"})
-        elif parsed.get_backend_name() == "postgresql":
-            # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
-            options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
-            connect_args["options"] = options
+        self._dialect: Dialect = dialect_for(parsed.get_backend_name())
+        engine_url, connect_args = self._dialect.engine_url(parsed, read_only)
         try:
             self.engine: Engine = create_engine(
-                parsed,
+                engine_url,
                 json_serializer=_json_dumps,
                 json_deserializer=orjson.loads,
-                pool_pre_ping=sqlite_path is None,  # a server connection can drop; a file cannot
+                pool_pre_ping=self._dialect.name != "sqlite",  # a server connection can drop; a file cannot
                 connect_args=connect_args,
             )
         except (ArgumentError, ImportError, ValueError) as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
-        if self.engine.dialect.name == "sqlite":
-            _tune_sqlite(self.engine, read_only)
-        elif self.engine.dialect.name != "postgresql":
-            raise ConfigError(f"database.url: unsupported database {self.engine.dialect.name!r}")
+        self._dialect.tune(self.engine, read_only)
+        sqlite_path = self._dialect.lock_base(parsed)
         self.locks = OrgLocks(self.engine, sqlite_path)
         # SQLite has one writer at a time. Threads of this process queue here for their turn instead
         # of in SQLite's busy handler, which sleeps up to 100 ms between tries.
@@ -162,7 +114,7 @@ class Store:
             return
         store = Store(url)
         try:
-            with _translated(f"connecting to {redact_url(store.url)}"), store.engine.connect() as conn:
+            with translated(f"connecting to {redact_url(store.url)}"), store.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         finally:
             store.close()
@@ -170,7 +122,7 @@ class Store:
     @property
     def dialect(self) -> str:
         """``sqlite`` or ``postgresql``."""
-        return self.engine.dialect.name
+        return self._dialect.name
 
     def close(self) -> None:
         """Release pooled connections."""
@@ -182,12 +134,12 @@ class Store:
         """Apply Alembic migrations up to ``revision``."""
         from syncd.store import migrate  # Alembic is only loaded when there is something to migrate
 
-        with _translated("upgrading the schema"), self.engine.begin() as conn:
+        with translated("upgrading the schema"), self.engine.begin() as conn:
             migrate.upgrade(conn, revision)
 
     def schema_revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
-        with _translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
+        with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -222,7 +174,7 @@ class Store:
         """
         with self._unrecorded_lock:
             unrecorded = dict(self._unrecorded)
-        with _translated("starting a run"), self.engine.begin() as conn:
+        with translated("starting a run"), self.engine.begin() as conn:
             for run_id, values in unrecorded.items():
                 conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
             stale = conn.execute(
@@ -255,7 +207,7 @@ class Store:
         values = {"status": status, "finished_at": now, "error": None if error is None else one_line(error, 2000)}
         for delay in (*BOOKKEEPING_RETRIES, None):
             try:
-                with _translated("recording the end of a run"), self.engine.begin() as conn:
+                with translated("recording the end of a run"), self.engine.begin() as conn:
                     conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
                 return
             except StoreError:
@@ -268,7 +220,7 @@ class Store:
     def has_succeeded(self, org_id: str) -> bool:
         """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
         query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
-        with _translated("reading runs"), self.engine.connect() as conn:
+        with translated("reading runs"), self.engine.connect() as conn:
             return conn.execute(query.limit(1)).first() is not None
 
     def last_success_size(self, org_id: str) -> int | None:
@@ -280,13 +232,13 @@ class Store:
             .order_by(sync_runs.c.id.desc())
             .limit(1)
         )
-        with _translated("reading runs"), self.engine.connect() as conn:
+        with translated("reading runs"), self.engine.connect() as conn:
             size = conn.execute(seen).scalar()
         return None if size is None else int(size)
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One sync_runs row as a dict."""
-        with _translated("reading a run"), self.engine.connect() as conn:
+        with translated("reading a run"), self.engine.connect() as conn:
             return dict(conn.execute(select(sync_runs).where(sync_runs.c.id == run_id)).mappings().one())
 
     # -- devices ---------------------------------------------------------------------------
@@ -295,20 +247,14 @@ class Store:
     def session(self) -> Iterator[Session]:
         """One connection for a series of transactions (a pass's pages): checked out, and on
         PostgreSQL pinged, once rather than for every page."""
-        with _translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
-            yield Session(conn, self._write_turn)
+        with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
+            yield Session(conn, self._write_turn, self._dialect)
 
     @contextmanager
     def writer(self) -> Iterator[PageWriter]:
         """One transaction for a page's writes: all of it commits, or none of it."""
         with self.session() as session, session.writer() as writer:
             yield writer
-
-    @contextmanager
-    def reader(self) -> Iterator[PageReader]:
-        """A read-only transaction (on SQLite it does not wait for writers)."""
-        with self.session() as session, session.reader() as reader:
-            yield reader
 
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
@@ -322,7 +268,7 @@ class Store:
             query = query.where(devices.c.integration_id == integration_id)
         if device_kind:
             query = query.where(devices.c.device_metadata["kind"].as_string() == device_kind)
-        with _translated("listing devices"), self.engine.connect() as conn:
+        with translated("listing devices"), self.engine.connect() as conn:
             rows = conn.execution_options(yield_per=5000).execute(query).scalars()
             return [device_id for device_id in rows if device_id not in seen]
 
@@ -332,7 +278,7 @@ class Store:
         if org_id is not None:
             query = query.where(devices.c.org_id == org_id)
         counts: dict[str, dict[str, int]] = {}
-        with _translated("counting devices"), self.engine.connect() as conn:
+        with translated("counting devices"), self.engine.connect() as conn:
             for org, state, count in conn.execute(query):
                 counts.setdefault(org, {})[state] = int(count)
         return counts
@@ -344,7 +290,7 @@ class Store:
             .where(sync_runs.c.status == "succeeded")
             .group_by(sync_runs.c.org_id)
         )
-        with _translated("reading runs"), self.engine.connect() as conn:
+        with translated("reading runs"), self.engine.connect() as conn:
             return {str(org_id): finished for org_id, finished in conn.execute(query)}
 
     def org_overview(self) -> dict[str, dict[str, Any]]:
@@ -352,7 +298,7 @@ class Store:
         pass finished) and ``devices`` (counts by state)."""
         newest = select(func.max(sync_runs.c.id)).group_by(sync_runs.c.org_id)
         overview: dict[str, dict[str, Any]] = {}
-        with _translated("reading the status"), self.engine.connect() as conn:
+        with translated("reading the status"), self.engine.connect() as conn:
             for row in conn.execute(select(sync_runs).where(sync_runs.c.id.in_(newest))).mappings():
                 overview.setdefault(row["org_id"], {})["last_run"] = dict(row)
         for org_id, finished in self.last_successes().items():
@@ -363,14 +309,14 @@ class Store:
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         """One mirrored device row as a dict, or None."""
-        with _translated("reading a device"), self.engine.connect() as conn:
+        with translated("reading a device"), self.engine.connect() as conn:
             row = conn.execute(select(devices).where(devices.c.id == device_id)).mappings().one_or_none()
             return dict(row) if row else None
 
     def devices_of(self, org_id: str) -> list[dict[str, Any]]:
         """Every mirrored device row of an org, by id."""
         query = select(devices).where(devices.c.org_id == org_id).order_by(devices.c.id)
-        with _translated("reading devices"), self.engine.connect() as conn:
+        with translated("reading devices"), self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     def changes(self, org_id: str | None = None, run_id: int | None = None) -> list[dict[str, Any]]:
@@ -380,24 +326,25 @@ class Store:
             query = query.where(device_changes.c.org_id == org_id)
         if run_id is not None:
             query = query.where(device_changes.c.run_id == run_id)
-        with _translated("reading changes"), self.engine.connect() as conn:
+        with translated("reading changes"), self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
 
 class Session:
     """Transactions on one held connection; see :meth:`Store.session`."""
 
-    def __init__(self, conn: Connection, write_turn: contextlib.AbstractContextManager[Any]) -> None:
+    def __init__(self, conn: Connection, write_turn: contextlib.AbstractContextManager[Any], dialect: Dialect) -> None:
         self._conn = conn
         self._write_turn = write_turn
+        self._dialect = dialect
 
     @contextmanager
     def reader(self) -> Iterator[PageReader]:
         """A read-only transaction (on SQLite it does not wait for writers)."""
         self._conn.execution_options(syncd_read_only=True)
         try:
-            with _translated("reading devices"), self._conn.begin():
-                yield PageReader(self._conn)
+            with translated("reading devices"), self._conn.begin():
+                yield PageReader(self._conn, self._dialect)
         finally:
             self._conn.execution_options(syncd_read_only=False)
 
@@ -409,49 +356,30 @@ class Session:
         database server can then lose the newest transactions, each whole; for a page of a pass
         that only means the next pass finds and writes those changes again.
         """
-        with self._write_turn, _translated("writing devices"), self._conn.begin():
-            if not durable and self._conn.dialect.name == "postgresql":
-                self._conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-            yield PageWriter(self._conn)
+        with (
+            self._write_turn,
+            translated("writing devices"),
+            self._conn.begin(),
+            self._dialect.page_transaction(self._conn, durable),
+        ):
+            yield PageWriter(self._conn, self._dialect)
 
 
 class PageReader:
-    """The reads one page of a pass needs, inside one open transaction.
+    """The reads one page of a pass needs, inside one open transaction (in the dialect's own SQL)."""
 
-    This is the hot path of a pass, so it speaks the driver's SQL directly: values are encoded
-    once by :class:`_Codec` instead of through SQLAlchemy's per-value type processing.
-    """
-
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn
-        self._codec = _Codec.for_dialect(conn.dialect.name)
+        self._dialect = dialect
 
     def known(self, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
         """``{id: (fingerprint, state, stale)}`` of those ids already mirrored; ``stale`` when last
         seen before ``seen_before``."""
-        if not ids:
-            return {}
-        c = self._codec
-        where = f"FROM devices WHERE {c.id_in(ids)}"
-        params = (c.time(seen_before), *c.id_params(ids))
-        if c.sqlite:
-            # One JSON object instead of a row per device: the sqlite3 module gives the GIL away at
-            # every row it steps through, and getting it back behind busy threads is what costs.
-            sql = f"SELECT json_group_object(id, json_array(fingerprint, state, last_seen_at < ?)) {where}"
-            known: dict[str, KnownDevice] = orjson.loads(self._conn.exec_driver_sql(sql, params).scalar_one())
-            return known
-        sql = f"SELECT id, fingerprint, state, last_seen_at < %s {where}"
-        return {row[0]: row[1:] for row in self._conn.exec_driver_sql(sql, params)}
+        return self._dialect.known(self._conn, ids, seen_before) if ids else {}
 
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""
-        if not ids:
-            return {}
-        c = self._codec
-        rows = self._conn.exec_driver_sql(
-            f"SELECT id, raw, state FROM devices WHERE {c.id_in(ids)}", c.id_params(ids)
-        ).fetchall()
-        return {row[0]: (c.unjson(row[1]), row[2]) for row in rows}
+        return self._dialect.previous(self._conn, ids) if ids else {}
 
 
 class PageWriter(PageReader):
@@ -464,53 +392,22 @@ class PageWriter(PageReader):
     def insert_devices(self, new: Sequence[Device], now: datetime) -> None:
         """Add devices seen for the first time."""
         if new:
-            c = self._codec
-            stamp = c.time(now)
-            if c.sqlite:  # the write time is bound once per statement (as ?1), not three times a row
-                c.insert(self._conn, c.insert_device_sql, [c.device_values(d) for d in new], lead=(stamp,))
-            else:
-                self._copy(c.insert_device_sql, [(stamp, stamp, stamp, *c.device_values(d)) for d in new])
-
-    def _copy(self, copy_sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """PostgreSQL: load rows with COPY, much cheaper than INSERTs for both sides.
-
-        COPY is psycopg's own API, beneath SQLAlchemy, so driver errors are translated here.
-        """
-        driver: Any = self._conn.connection.dbapi_connection
-        try:
-            with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:
-                for row in rows:
-                    copy.write_row(row)
-        except self._conn.dialect.loaded_dbapi.Error as exc:
-            detail = " ".join(str(exc).split())
-            raise StoreError(f"database error while writing devices: {detail[:300]}") from exc
+            self._dialect.insert_devices(self._conn, new, now)
 
     def update_devices(self, changed: Sequence[Device], now: datetime) -> None:
         """Rewrite devices whose content changed (un-purging them if they had been purged)."""
         if changed:
-            c = self._codec
-            stamp = c.time(now)
-            self._conn.exec_driver_sql(
-                c.update_device_sql, [(stamp, stamp, *c.device_values(d)[1:], d.id) for d in changed]
-            )
+            self._dialect.update_devices(self._conn, changed, now)
 
-    def refresh_devices(self, devices: Sequence[Device], now: datetime) -> None:
+    def refresh_devices(self, same: Sequence[Device], now: datetime) -> None:
         """Store a new serialisation of unchanged content: the payload and its fingerprint."""
-        if devices:
-            c = self._codec
-            stamp = c.time(now)
-            self._conn.exec_driver_sql(
-                c.refresh_device_sql, [(d.raw_json, d.fingerprint, stamp, d.id) for d in devices]
-            )
+        if same:
+            self._dialect.refresh_devices(self._conn, same, now)
 
     def touch(self, ids: Collection[str], seen_at: datetime) -> None:
         """Move ``last_seen_at`` forward for unchanged devices."""
         if ids:
-            c = self._codec
-            self._conn.exec_driver_sql(
-                f"UPDATE devices SET last_seen_at = {c.p} WHERE {c.id_in(ids)}",
-                (c.time(seen_at), *c.id_params(ids)),
-            )
+            self._dialect.touch(self._conn, ids, seen_at)
 
     def mark_purged(self, device_id: str, at: datetime) -> None:
         """Record that OpenApp no longer has this device."""
@@ -519,173 +416,10 @@ class PageWriter(PageReader):
         )
 
     def add_changes(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append device_changes rows (device_id, org_id, run_id, observed_at, change, diff)."""
+        """Append device_changes rows (device_id, org_id, run_id, observed_at, change, diff[, source, edit_id])."""
         if rows:
-            c = self._codec
-            values = [
-                (
-                    r["device_id"],
-                    r["org_id"],
-                    r["run_id"],
-                    c.time(r["observed_at"]),
-                    r["change"],
-                    c.json(r["diff"]),
-                    r.get("source", "sync"),
-                    r.get("edit_id"),
-                )
-                for r in rows
-            ]
-            c.insert(self._conn, c.insert_change_sql, values)
+            self._dialect.add_changes(self._conn, rows)
 
     def bump_run(self, run_id: int, counters: Mapping[str, int]) -> None:
         """Add to a run's counters (committed with the page they describe)."""
-        bumps = [(name, n) for name, n in counters.items() if n and name in RUN_COUNTERS]
-        if bumps:
-            p = self._codec.p
-            sets = ", ".join(f"{name} = {name} + {p}" for name, _ in bumps)
-            self._conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {p}", (*(n for _, n in bumps), run_id))
-
-
-# What a device's content fills, in the order of _Codec.device_values.
-_CONTENT_COLUMNS = (
-    "id",
-    "org_id",
-    "integration_id",
-    "zone_id",
-    "external_id",
-    "name",
-    "device_metadata",
-    "created_at",
-    "updated_at",
-    "deleted_at",
-    "purge_at",
-    "hard_delete_at",
-    "state",
-    "fingerprint",
-    "raw",
-)
-_JSON_COLUMNS = frozenset({"name", "device_metadata", "raw", "diff"})
-SQLITE_ROWS_PER_INSERT = 500  # 500 x 15 values stays far below SQLite's 32,766 bound parameters
-
-
-@dataclass(frozen=True)
-class _Codec:
-    """Driver-level placeholders and value encoding for one dialect.
-
-    SQLite stores timestamps as UTC text in SQLAlchemy's format (so Core reads them back) and JSON
-    as text; PostgreSQL takes timestamps as UTC text marked ``+00:00`` (or aware datetimes) and
-    JSON text cast to jsonb.
-    """
-
-    sqlite: bool
-    p: str
-    insert_device_sql: str  # an INSERT on SQLite, a COPY on PostgreSQL
-    update_device_sql: str
-    refresh_device_sql: str
-    insert_change_sql: str
-
-    @classmethod
-    @cache
-    def for_dialect(cls, name: str) -> _Codec:
-        sqlite = name == "sqlite"
-        p = "?" if sqlite else "%s"
-
-        def slot(column: str) -> str:
-            return f"{p}::jsonb" if column in _JSON_COLUMNS and not sqlite else p
-
-        # New devices: the write time fills the first three columns. SQLite binds it once (?1) in
-        # multi-row INSERTs; PostgreSQL loads them with COPY.
-        insert_columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(_CONTENT_COLUMNS)}"
-        insert_device = (
-            f"INSERT INTO devices ({insert_columns}) VALUES (?1, ?1, ?1, {', '.join(['?'] * len(_CONTENT_COLUMNS))})"
-            if sqlite
-            else f"COPY devices ({insert_columns}) FROM STDIN"
-        )
-        update_device = (
-            f"UPDATE devices SET purged_at = NULL, last_seen_at = {p}, last_changed_at = {p}, "
-            f"{', '.join(f'{col} = {slot(col)}' for col in _CONTENT_COLUMNS[1:])} WHERE id = {p}"
-        )
-        refresh_device = f"UPDATE devices SET raw = {slot('raw')}, fingerprint = {p}, last_seen_at = {p} WHERE id = {p}"
-        change_columns = ("device_id", "org_id", "run_id", "observed_at", "change", "diff", "source", "edit_id")
-        insert_change = (
-            f"INSERT INTO device_changes ({', '.join(change_columns)}) "
-            f"VALUES ({', '.join(slot(col) for col in change_columns)})"
-        )
-        return cls(sqlite, p, insert_device, update_device, refresh_device, insert_change)
-
-    def insert(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]], lead: tuple[Any, ...] = ()) -> None:
-        """INSERT many rows. On SQLite as multi-row VALUES statements, stepped once each, rather than
-        one step per row (each step gives the GIL away; see PageReader.known); ``lead`` are values
-        every row refers to by number (?1, ?2, ...), bound once per statement."""
-        if not self.sqlite:
-            conn.exec_driver_sql(sql, rows)
-            return
-        head, _, row_slots = sql.partition(" VALUES ")
-        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
-            chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
-            values = ", ".join([row_slots] * len(chunk))
-            conn.exec_driver_sql(f"{head} VALUES {values}", (*lead, *(v for row in chunk for v in row)))
-
-    def id_in(self, ids: Collection[str]) -> str:
-        """``id`` is one of ``ids`` (bound by :meth:`id_params`). On PostgreSQL one array parameter,
-        so the statement text stays the same and the server prepares it once."""
-        return f"id IN ({', '.join(['?'] * len(ids))})" if self.sqlite else "id = ANY(%s)"
-
-    def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
-        return tuple(ids) if self.sqlite else (list(ids),)
-
-    def time(self, value: datetime | None) -> Any:
-        if value is None or not self.sqlite:
-            return value
-        if value.tzinfo is not UTC:
-            value = value.astimezone(UTC)
-        # SQLAlchemy's SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff" (isoformat is 3x faster than strftime).
-        return value.isoformat(" ", "microseconds")[:26]
-
-    @staticmethod
-    def json(value: Any) -> str | None:
-        return None if value is None else orjson.dumps(value).decode()
-
-    @staticmethod
-    def unjson(value: Any) -> Any:
-        return orjson.loads(value) if isinstance(value, str | bytes) else value
-
-    def device_values(self, d: Device) -> tuple[Any, ...]:
-        """A device's content in _CONTENT_COLUMNS order."""
-        # PostgreSQL: the same UTC text, marked as UTC for timestamptz.
-        lifecycle = d.lifecycle if self.sqlite else tuple(None if t is None else t + "+00:00" for t in d.lifecycle)
-        return (
-            d.id,
-            d.org_id,
-            d.integration_id,
-            d.zone_id,
-            d.external_id,
-            self.json(d.name),
-            self.json(d.device_metadata),
-            *lifecycle,
-            d.state,
-            d.fingerprint,
-            d.raw_json,
-        )
-
-
-def _tune_sqlite(engine: Engine, read_only: bool) -> None:
-    """WAL, a busy timeout, foreign keys, and BEGIN IMMEDIATE so concurrent writers queue up
-    instead of failing on a read-to-write lock upgrade. A read-only store only ever reads."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=60000")
-        if not read_only:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~40 MB of WAL, not every 4 MB
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        reading = read_only or conn.get_execution_options().get("syncd_read_only", False)
-        conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
+        self._dialect.bump_run(self._conn, run_id, counters)

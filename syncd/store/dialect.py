@@ -1,0 +1,349 @@
+"""Each database's own SQL for the hot path of a pass, and its connection settings: one class each.
+
+A :class:`Dialect` offers the same statements on SQLite and PostgreSQL (which devices of a page
+are known, their previous payloads, inserting, rewriting and touching devices, change rows, run
+counters) and the engine set-up each database needs; :func:`dialect_for` picks one, once per
+store. The column lists come from :mod:`syncd.store.schema`, so the statements follow the tables.
+
+The statements speak the driver's SQL directly: values are encoded once, here, instead of
+through SQLAlchemy's per-value type processing (bench/bench_sync.py measured the difference).
+Timestamps arrive as syncd's canonical UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``, see
+:func:`syncd.models.utc_text`) or aware datetimes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from sqlalchemy import URL, Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from syncd.errors import ConfigError, SchemaOutdatedError
+from syncd.models import Device
+from syncd.store.schema import RUN_COUNTERS, JSONDoc, device_changes, devices
+
+# Columns of `devices` that record what syncd saw, not what OpenApp said.
+BOOKKEEPING_COLUMNS = ("purged_at", "first_seen_at", "last_seen_at", "last_changed_at")
+# What a device's content fills, in table order: the order of Dialect.device_values.
+CONTENT_COLUMNS = tuple(c.name for c in devices.columns if c.name not in BOOKKEEPING_COLUMNS)
+CHANGE_COLUMNS = tuple(c.name for c in device_changes.columns if c.name != "id")
+CHANGE_DEFAULTS = {"source": "sync", "edit_id": None}
+JSON_COLUMNS = frozenset(
+    c.name for table in (devices, device_changes) for c in table.columns if isinstance(c.type, JSONDoc)
+)
+
+# What a page comparison needs to know of an already mirrored device: ``(fingerprint, state,
+# stale)``, stale meaning last seen before the caller's resolution. A plain sequence, as the
+# driver hands it over: building an object per device costs more than the comparison it serves.
+KnownDevice = Sequence[Any]
+
+
+class Dialect:
+    """The statements of a page, for one database; see the module docstring."""
+
+    name: str
+    p: str  # the driver's placeholder
+
+    def __init__(self) -> None:
+        content = CONTENT_COLUMNS[1:]  # all but the id
+        self.update_device_sql = (
+            f"UPDATE devices SET purged_at = NULL, last_seen_at = {self.p}, last_changed_at = {self.p}, "
+            f"{', '.join(f'{col} = {self.slot(col)}' for col in content)} WHERE id = {self.p}"
+        )
+        self.refresh_device_sql = (
+            f"UPDATE devices SET raw = {self.slot('raw')}, fingerprint = {self.p}, last_seen_at = {self.p} "
+            f"WHERE id = {self.p}"
+        )
+        self.insert_change_sql = (
+            f"INSERT INTO device_changes ({', '.join(CHANGE_COLUMNS)}) "
+            f"VALUES ({', '.join(self.slot(col) for col in CHANGE_COLUMNS)})"
+        )
+
+    # -- engine ---------------------------------------------------------------------------------
+
+    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
+        """The URL and driver arguments to open ``url`` with (``read_only``: for looking only)."""
+        return url, {}
+
+    def tune(self, engine: Engine, read_only: bool) -> None:
+        """Settings every connection of ``engine`` gets."""
+
+    def lock_base(self, url: URL) -> Path | None:
+        """The SQLite file whose ``.locks`` folder holds the org locks (None: the database locks)."""
+        return None
+
+    @contextlib.contextmanager
+    def page_transaction(self, conn: Connection, durable: bool) -> Any:
+        """Settings of one page's transaction (see :meth:`syncd.store.store.Session.writer`)."""
+        yield
+
+    # -- values ---------------------------------------------------------------------------------
+
+    def slot(self, column: str) -> str:
+        """The placeholder for a value of ``column``."""
+        return self.p
+
+    def time(self, value: datetime | None) -> Any:
+        """A timestamp as the driver takes it."""
+        return value
+
+    def lifecycle(self, device: Device) -> tuple[Any, ...]:
+        """A device's lifecycle timestamps (canonical UTC text) as the driver takes them."""
+        return device.lifecycle
+
+    @staticmethod
+    def json(value: Any) -> str | None:
+        """A JSON column's value as text."""
+        return None if value is None else orjson.dumps(value).decode()
+
+    @staticmethod
+    def unjson(value: Any) -> Any:
+        """A JSON column's value as read: text (or a bare number on SQLite) to the JSON value."""
+        return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+    def device_values(self, d: Device) -> tuple[Any, ...]:
+        """A device's content in CONTENT_COLUMNS order (a test holds the two together)."""
+        return (
+            d.id,
+            d.org_id,
+            d.integration_id,
+            d.zone_id,
+            d.external_id,
+            self.json(d.name),
+            self.json(d.device_metadata),
+            *self.lifecycle(d),
+            d.state,
+            d.fingerprint,
+            d.raw_json,
+        )
+
+    def id_in(self, ids: Collection[str]) -> str:
+        """``id`` is one of ``ids`` (bound by :meth:`id_params`)."""
+        raise NotImplementedError
+
+    def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
+        """The parameters of :meth:`id_in`."""
+        raise NotImplementedError
+
+    # -- statements -----------------------------------------------------------------------------
+
+    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
+        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored."""
+        raise NotImplementedError
+
+    def previous(self, conn: Connection, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
+        """``{id: (raw, state)}`` as mirrored now."""
+        rows = conn.exec_driver_sql(
+            f"SELECT id, raw, state FROM devices WHERE {self.id_in(ids)}", self.id_params(ids)
+        ).fetchall()
+        return {row[0]: (self.unjson(row[1]), row[2]) for row in rows}
+
+    def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
+        """Add devices seen for the first time (the write time fills their bookkeeping columns)."""
+        raise NotImplementedError
+
+    def update_devices(self, conn: Connection, changed: Sequence[Device], now: datetime) -> None:
+        """Rewrite devices whose content changed (un-purging them if they had been purged)."""
+        stamp = self.time(now)
+        conn.exec_driver_sql(
+            self.update_device_sql, [(stamp, stamp, *self.device_values(d)[1:], d.id) for d in changed]
+        )
+
+    def refresh_devices(self, conn: Connection, same: Sequence[Device], now: datetime) -> None:
+        """Store a new serialisation of unchanged content: the payload and its fingerprint."""
+        stamp = self.time(now)
+        conn.exec_driver_sql(self.refresh_device_sql, [(d.raw_json, d.fingerprint, stamp, d.id) for d in same])
+
+    def touch(self, conn: Connection, ids: Collection[str], seen_at: datetime) -> None:
+        """Move ``last_seen_at`` forward for unchanged devices."""
+        conn.exec_driver_sql(
+            f"UPDATE devices SET last_seen_at = {self.p} WHERE {self.id_in(ids)}",
+            (self.time(seen_at), *self.id_params(ids)),
+        )
+
+    def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append device_changes rows (dicts by column; ``source`` and ``edit_id`` may be left out)."""
+        values = [
+            tuple(self._change_value(col, r.get(col, CHANGE_DEFAULTS.get(col))) for col in CHANGE_COLUMNS) for r in rows
+        ]
+        self.insert_many(conn, self.insert_change_sql, values)
+
+    def _change_value(self, column: str, value: Any) -> Any:
+        if column == "observed_at":
+            return self.time(value)
+        return self.json(value) if column in JSON_COLUMNS else value
+
+    def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run an INSERT for many rows."""
+        conn.exec_driver_sql(sql, rows)
+
+    def bump_run(self, conn: Connection, run_id: int, counters: Mapping[str, int]) -> None:
+        """Add to a run's counters."""
+        bumps = [(name, n) for name, n in counters.items() if n and name in RUN_COUNTERS]
+        if bumps:
+            sets = ", ".join(f"{name} = {name} + {self.p}" for name, _ in bumps)
+            conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {self.p}", (*(n for _, n in bumps), run_id))
+
+
+SQLITE_ROWS_PER_INSERT = 500  # 500 x 15 values stays far below SQLite's 32,766 bound parameters
+
+
+class SQLiteDialect(Dialect):
+    """SQLite: timestamps as UTC text (SQLAlchemy's own format, so Core reads them back), JSON as text."""
+
+    name = "sqlite"
+    p = "?"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # New devices: the write time fills the first three columns, bound once per statement (?1).
+        columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(CONTENT_COLUMNS)}"
+        self.insert_device_sql = (
+            f"INSERT INTO devices ({columns}) VALUES (?1, ?1, ?1, {', '.join(['?'] * len(CONTENT_COLUMNS))})"
+        )
+
+    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
+        database = url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            raise ConfigError("database.url: use a SQLite file (sqlite:///path/to/syncd.db), not an in-memory database")
+        if not read_only:
+            return url, {}
+        path = Path(database).resolve()
+        if not path.exists():
+            raise SchemaOutdatedError(f"there is no mirror at {path} yet: run `syncd run-once` (or `syncd db upgrade`)")
+        # Read-only: the file is never created nor write-locked. Quoted: a '#' or '?' in the path is a name.
+        return url.set(database=f"file:{quote(str(path))}?mode=ro", query={"uri": "true"}), {}
+
+    def tune(self, engine: Engine, read_only: bool) -> None:
+        """WAL, a busy timeout, foreign keys, and BEGIN IMMEDIATE so concurrent writers queue up
+        instead of failing on a read-to-write lock upgrade. A read-only store only ever reads."""
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=60000")
+            if not read_only:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.execute("PRAGMA wal_autocheckpoint=10000")  # every ~40 MB of WAL, not every 4 MB
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            reading = read_only or conn.get_execution_options().get("syncd_read_only", False)
+            conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
+
+    def lock_base(self, url: URL) -> Path | None:
+        return Path(url.database or "").resolve()
+
+    def time(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        # SQLAlchemy's SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff" (isoformat is 3x faster than strftime).
+        return value.isoformat(" ", "microseconds")[:26]
+
+    def id_in(self, ids: Collection[str]) -> str:
+        return f"id IN ({', '.join(['?'] * len(ids))})"
+
+    def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
+        return tuple(ids)
+
+    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
+        # One JSON object instead of a row per device: the sqlite3 module gives the GIL away at
+        # every row it steps through, and getting it back behind busy threads is what costs.
+        sql = (
+            "SELECT json_group_object(id, json_array(fingerprint, state, last_seen_at < ?)) "
+            f"FROM devices WHERE {self.id_in(ids)}"
+        )
+        known: dict[str, KnownDevice] = orjson.loads(
+            conn.exec_driver_sql(sql, (self.time(seen_before), *self.id_params(ids))).scalar_one()
+        )
+        return known
+
+    def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
+        self.insert_many(conn, self.insert_device_sql, [self.device_values(d) for d in new], lead=(self.time(now),))
+
+    def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]], lead: tuple[Any, ...] = ()) -> None:
+        """Multi-row VALUES statements, stepped once each rather than once per row (each step gives
+        the GIL away; see :meth:`known`); ``lead`` are values every row refers to by number (?1, ...)."""
+        head, _, row_slots = sql.partition(" VALUES ")
+        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+            chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
+            values = ", ".join([row_slots] * len(chunk))
+            conn.exec_driver_sql(f"{head} VALUES {values}", (*lead, *(v for row in chunk for v in row)))
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL: timestamps as UTC text marked ``+00:00`` (or aware datetimes), JSON text cast to
+    jsonb; new devices loaded with COPY; id lists as one array parameter."""
+
+    name = "postgresql"
+    p = "%s"
+
+    def __init__(self) -> None:
+        super().__init__()
+        columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(CONTENT_COLUMNS)}"
+        self.insert_device_sql = f"COPY devices ({columns}) FROM STDIN"
+
+    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
+        # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
+        options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
+        return url, {"options": options}
+
+    @contextlib.contextmanager
+    def page_transaction(self, conn: Connection, durable: bool) -> Any:
+        """``durable=False``: the commit does not wait for the WAL flush (this transaction only)."""
+        if not durable:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        yield
+
+    def slot(self, column: str) -> str:
+        return f"{self.p}::jsonb" if column in JSON_COLUMNS else self.p
+
+    def lifecycle(self, device: Device) -> tuple[Any, ...]:
+        return tuple(None if t is None else t + "+00:00" for t in device.lifecycle)  # the same UTC text, marked
+
+    def id_in(self, ids: Collection[str]) -> str:
+        # One array parameter: the statement text stays the same and the server prepares it once.
+        return "id = ANY(%s)"
+
+    def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
+        return (list(ids),)
+
+    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
+        sql = f"SELECT id, fingerprint, state, last_seen_at < %s FROM devices WHERE {self.id_in(ids)}"
+        return {row[0]: row[1:] for row in conn.exec_driver_sql(sql, (seen_before, *self.id_params(ids)))}
+
+    def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
+        """COPY: much cheaper than INSERTs for both sides. It is psycopg's own API, beneath
+        SQLAlchemy, so its errors are wrapped as SQLAlchemy's for the one translation."""
+        driver: Any = conn.connection.dbapi_connection
+        dbapi = conn.dialect.loaded_dbapi
+        try:
+            with driver.cursor() as cursor, cursor.copy(self.insert_device_sql) as copy:
+                for d in new:
+                    copy.write_row((now, now, now, *self.device_values(d)))
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(self.insert_device_sql, None, exc, dbapi.Error) from exc
+
+
+@cache
+def dialect_for(name: str) -> Dialect:
+    """The dialect of a database by SQLAlchemy's name for it (ConfigError for one syncd does not use)."""
+    if name == "sqlite":
+        return SQLiteDialect()
+    if name == "postgresql":
+        return PostgresDialect()
+    raise ConfigError(f"database.url: unsupported database {name!r}")

@@ -1,0 +1,23 @@
+"""The one place where database errors become :class:`~syncd.errors.StoreError`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from syncd.errors import StoreError
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn a database error inside the block into StoreError("database error while {action}: ...")."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        hint = ""
+        if "unable to open database file" in detail:
+            hint = " (does the SQLite file's folder exist, and may this user write in it? `syncd check-config` tells)"
+        raise StoreError(f"database error while {action}: {detail[:300]}{hint}") from exc
