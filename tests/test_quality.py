@@ -33,3 +33,56 @@ def test_every_package_is_shipped() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "syncd").rglob("__init__.py")}
     assert found <= listed, found - listed
+
+
+# The rooms of ARCHITECTURE.md, top floor first: a module imports only rooms on lower floors (or its own).
+FLOORS = {
+    "syncd.cli": 9,
+    "syncd.daemon": 8,
+    "syncd.passes": 7,
+    "syncd.sync": 6,
+    "syncd.reconcile": 6,
+    "syncd.api": 5,
+    "syncd.store": 5,
+    "syncd.health": 5,
+    "syncd.metrics": 4,
+    "syncd.migrations": 4,  # migrations/, installed as syncd.migrations (Alembic scripts)
+    "syncd.models": 3,
+    "syncd.config": 3,
+    "syncd.errors": 1,
+    "syncd.backoff": 1,
+    "syncd.logs": 1,
+    "syncd.notify": 1,
+    "syncd.simulator": 1,
+    "syncd": 0,  # the package's face: __version__
+}
+ONLY_IN = {"httpx": "syncd.api", "httpcore": "syncd.api", "sqlalchemy": "syncd.store", "apscheduler": "syncd.daemon"}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_imports_point_down() -> None:
+    import ast
+
+    wrong = []
+    for path in (ROOT / "syncd").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        if module == "syncd.__main__":
+            continue
+        room = _room(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in ONLY_IN and room != ONLY_IN[top]:
+                    wrong.append(f"{module} imports {name} (only {ONLY_IN[top]} may)")
+                if top == "syncd":
+                    target = _room(name)
+                    if target != room and FLOORS[target] >= FLOORS[room]:
+                        wrong.append(f"{module} (floor {FLOORS[room]}) imports {name} (floor {FLOORS[target]})")
+    assert wrong == []
