@@ -241,7 +241,7 @@ class Daemon:
         if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
         verdict = self.board.record(
-            org.id, outcome.status, outcome.error, interval, self.config.sync.failure_backoff_max, self.stop.is_set()
+            org.id, outcome.status, interval, self.config.sync.failure_backoff_max, self.stop.is_set()
         )
         org_log = log.bind(org_id=org.id)
         if verdict.recovered_after:

@@ -41,7 +41,6 @@ class OrgHealth:
     """One org's recent passes."""
 
     failures: int = 0  # consecutive failed passes
-    last_error: str | None = None
     last_success: datetime | None = None
 
 
@@ -72,22 +71,19 @@ class Board:
                 self._orgs.setdefault(org_id, OrgHealth()).last_success = when
                 LAST_SUCCESS.labels(org_id).set(when.timestamp())
 
-    def record(
-        self, org_id: str, status: str, error: str | None, interval: float, backoff_max: float, stopping: bool
-    ) -> Verdict:
+    def record(self, org_id: str, status: str, interval: float, backoff_max: float, stopping: bool) -> Verdict:
         """Take a pass's outcome (``status`` of :class:`~syncd.sync.PassOutcome`) into account."""
         with self._lock:
             self._totals[status] += 1
             org = self._orgs.setdefault(org_id, OrgHealth())
             if status == "succeeded":
-                failures, org.failures, org.last_error = org.failures, 0, None
+                failures, org.failures = org.failures, 0
                 org.last_success = self.clock()
                 ORG_FAILING.labels(org_id).set(0)
                 return Verdict(recovered_after=failures)
             if status == "skipped" or (status == "aborted" and stopping):
                 return Verdict(failures=org.failures)
             org.failures += 1
-            org.last_error = error
             ORG_FAILING.labels(org_id).set(1)
             wait = backoff_ceiling(org.failures, interval, max(interval, backoff_max))
             return Verdict(

@@ -333,3 +333,24 @@ def test_every_declared_setting_is_a_key_of_its_section(tmp_path: Path) -> None:
         LoggingSettings(),
         RetryPolicy(),
     )
+
+
+def test_a_reload_is_told_what_changed() -> None:
+    from dataclasses import replace
+
+    from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, SyncSettings, diff_config
+
+    api = ApiSettings(base_url="http://x/api/v1", api_key=Secret("k"))
+    old = Config(api=api, orgs=(OrgSettings("a"), OrgSettings("b"), OrgSettings("c", interval=60)))
+    new = replace(
+        old,
+        orgs=(OrgSettings("b", interval=30), OrgSettings("c", interval=60), OrgSettings("d")),
+        sync=SyncSettings(concurrency=8),
+        api=replace(api, api_key=Secret("k2")),
+    )
+    change = diff_config(old, new)
+    assert [o.id for o in change.added] == ["d"] and change.removed == ("a",)
+    assert [o.id for o in change.interval_changed] == ["b"]
+    assert change.api and change.concurrency and not change.writeback and not change.logging
+    assert not change.database
+    assert diff_config(old, replace(old, database=DatabaseSettings(url="sqlite:///other.db"))).database

@@ -18,15 +18,15 @@ def test_max_age_is_twice_the_interval_at_least_five_minutes() -> None:
 def test_a_failing_org_backs_off_and_its_transitions_are_told_once() -> None:
     now = [T0]
     board = Board(clock=lambda: now[0])
-    first = board.record("a", "failed", "boom", interval=60, backoff_max=600, stopping=False)
+    first = board.record("a", "failed", interval=60, backoff_max=600, stopping=False)
     assert first.started_failing and first.failures == 1 and first.backoff == 0  # the next pass is due anyway
-    backoffs = [board.record("a", "failed", "boom", 60, 600, False) for _ in range(5)]
+    backoffs = [board.record("a", "failed", 60, 600, False) for _ in range(5)]
     assert not any(v.started_failing for v in backoffs)
     assert [v.backoff for v in backoffs] == [120, 240, 480, 600, 600]  # doubling, capped
-    recovered = board.record("a", "succeeded", None, 60, 600, False)
-    assert recovered.recovered_after == 6 and not board.record("a", "succeeded", None, 60, 600, False).recovered_after
-    assert board.record("a", "aborted", "stopped", 60, 600, stopping=True).failures == 0  # a shutdown is no failure
-    assert board.record("a", "skipped", None, 60, 600, False).failures == 0
+    recovered = board.record("a", "succeeded", 60, 600, False)
+    assert recovered.recovered_after == 6 and not board.record("a", "succeeded", 60, 600, False).recovered_after
+    assert board.record("a", "aborted", 60, 600, stopping=True).failures == 0  # a shutdown is no failure
+    assert board.record("a", "skipped", 60, 600, False).failures == 0
     assert board.totals() == {"failed": 6, "succeeded": 2, "aborted": 1, "skipped": 1}
 
 
@@ -34,7 +34,7 @@ def test_the_summary_counts_orgs_as_syncd_status_does() -> None:
     now = [T0]
     board = Board(clock=lambda: now[0])
     board.seed({"old": T0 - timedelta(hours=2), "recent": T0 - timedelta(minutes=10)})
-    board.record("failing", "failed", "x", 60, 600, False)
+    board.record("failing", "failed", 60, 600, False)
     assert board.summary({"old": 900, "recent": 900, "failing": 60, "new": 900}) == (1, 3, 1)
     now[0] += timedelta(minutes=30)
     assert board.summary({"recent": 900}) == (0, 1, 0)  # 40 minutes > 2 x 15 minutes

@@ -43,11 +43,12 @@ def org_ids(config: Config) -> frozenset[str]:
 
 
 @contextmanager
-def prepared_store(config: Config) -> Iterator[Store]:
-    """The mirror, its schema current (or upgraded, as ``database.auto_upgrade`` says), closed after."""
-    store = Store(config.database.url)
+def prepared_store(config: Config, read_only: bool = False) -> Iterator[Store]:
+    """The mirror, its schema current (or upgraded, as ``database.auto_upgrade`` says; never when
+    ``read_only``), closed after."""
+    store = Store(config.database.url, read_only=read_only)
     try:
-        store.prepare(config.database.auto_upgrade)
+        store.prepare(config.database.auto_upgrade and not read_only)
         yield store
     finally:
         store.close()

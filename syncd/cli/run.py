@@ -9,7 +9,17 @@ import threading
 
 from syncd import logs
 from syncd.api import OpenAppClient
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, config_option, config_path, count, load, seconds
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Commands,
+    config_option,
+    config_path,
+    count,
+    load,
+    prepared_store,
+    seconds,
+)
 from syncd.cli.output import Progress, print_summary
 from syncd.cli.signals import stop_on_signals
 from syncd.config import Config, OrgSettings, load_config
@@ -55,16 +65,12 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     logs.configure(config.logging.format, config.logging.level)
     orgs = select_orgs(config, args.org)
     tune_for_bulk_work(passes_at_once(config, orgs))
-    store = Store(config.database.url)
-    try:
-        store.prepare(config.database.auto_upgrade)
-        with (
-            stop_on_signals("finishing the current page, then stopping") as stop,
-            OpenAppClient(config.api, stop=stop) as client,
-        ):
-            outcomes = run_passes(config, orgs, store, client, stop, args.allow_mass_purge, args.wait, args.max_pages)
-    finally:
-        store.close()
+    with (
+        prepared_store(config) as store,
+        stop_on_signals("finishing the current page, then stopping") as stop,
+        OpenAppClient(config.api, stop=stop) as client,
+    ):
+        outcomes = run_passes(config, orgs, store, client, stop, args.allow_mass_purge, args.wait, args.max_pages)
     print_summary(outcomes, sys.stdout)
     return EXIT_OK if all(o.status in ("succeeded", "skipped") for o in outcomes) else EXIT_FAILED
 

@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncd import health
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, config_option, duration, load
+from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, config_option, duration, load, prepared_store
 from syncd.cli.output import iso, print_status
 from syncd.models import DEVICE_STATES
-from syncd.store import Store
 from syncd.store.edits import EditQueue
 
 
@@ -36,13 +35,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     Reads only: the mirror is opened read-only, and no API key is needed.
     """
     config = load(args, with_key=False)
-    store = Store(config.database.url, read_only=True)
-    try:
-        store.prepare(auto_upgrade=False)
+    with prepared_store(config, read_only=True) as store:
         overview = store.org_overview()
         edit_counts = EditQueue(store).counts()
-    finally:
-        store.close()
     now = datetime.now(UTC)
     report = []
     for org in config.orgs:

@@ -14,7 +14,6 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -418,14 +417,3 @@ def _handler_for(sim: Simulator) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
-
-
-def serve(sim: Simulator, on_ready: Callable[[Simulator], None] | None = None) -> None:
-    """Serve until interrupted (for ``syncd simulate``)."""
-    if on_ready:
-        on_ready(sim)
-    try:
-        sim.serve_forever()
-    finally:
-        sim._server.close_all()
-        sim._server.server_close()
