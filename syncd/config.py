@@ -80,6 +80,9 @@ class Section:
 
     PREFIX: ClassVar[str]
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self, prefix: str | None = None) -> None:
         """ConfigError listing every problem of this section (``prefix`` names it in messages)."""
         where = prefix or self.PREFIX
@@ -142,9 +145,6 @@ class RetryPolicy(Section):
     max_retry_after: float = setting(60.0, "duration", minimum=0)
     deadline: float = setting(120.0, "duration", minimum=0)
 
-    def __post_init__(self) -> None:
-        self.check()
-
 
 @dataclass(frozen=True)
 class ApiSettings(Section):
@@ -161,9 +161,6 @@ class ApiSettings(Section):
     page_size: int = setting(MAX_PAGE_SIZE, "int", minimum=1, maximum=MAX_PAGE_SIZE, note="(the API's maximum)")
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    def __post_init__(self) -> None:
-        self.check()
-
     def rules(self, where: str) -> Iterator[str]:
         yield from _base_url_problems(f"{where}.base_url", self.base_url)
         if self.api_key is not None:
@@ -179,9 +176,6 @@ class DatabaseSettings(Section):
     PREFIX = "database"
     url: str = setting("sqlite:///syncd.db", "string")  # when absent from a file: see default_database_url
     auto_upgrade: bool = setting(True, "bool")
-
-    def __post_init__(self) -> None:
-        self.check()
 
     def rules(self, where: str) -> Iterator[str]:
         if isinstance(self.url, str) and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.url):
@@ -202,9 +196,6 @@ class SyncSettings(Section):
     pass_timeout: float = setting(3600.0, "duration", minimum=1)
     max_pages: int = setting(10_000, "int", minimum=1)  # 2,000,000 devices at 200 a page
 
-    def __post_init__(self) -> None:
-        self.check()
-
 
 @dataclass(frozen=True)
 class WritebackSettings(Section):
@@ -219,9 +210,6 @@ class WritebackSettings(Section):
     conflict_policy: str = setting("detect", "choice", choices=("detect", "force"))  # force: push anyway
     batch_size: int = setting(50, "int", minimum=1)
 
-    def __post_init__(self) -> None:
-        self.check()
-
 
 @dataclass(frozen=True)
 class MetricsSettings(Section):
@@ -229,9 +217,6 @@ class MetricsSettings(Section):
 
     PREFIX = "metrics"
     listen: tuple[str, int] | None = None  # "HOST:PORT" in the file
-
-    def __post_init__(self) -> None:
-        self.check()
 
     def rules(self, where: str) -> Iterator[str]:
         if self.listen is not None:
@@ -247,9 +232,6 @@ class LoggingSettings(Section):
     PREFIX = "logging"
     format: LogFormat = setting("auto", "choice", choices=("auto", "console", "json"))
     level: LogLevel = setting("info", "choice", choices=("debug", "info", "warning", "error"))
-
-    def __post_init__(self) -> None:
-        self.check()
 
 
 @dataclass(frozen=True)
