@@ -4,9 +4,10 @@ One APScheduler interval job per org (jittered, coalesced, one instance at a tim
 the org's lock, so several daemons sharing a PostgreSQL mirror split the orgs between them. The main
 thread only waits: for signals (stop, reload), and to feed systemd's watchdog.
 
-Failure handling:
-- an org whose passes fail backs off exponentially (up to ``sync.failure_backoff_max``);
-- a 401 pauses every org: one probe pass per interval, one error line per probe;
+Failure handling, whose rules live in :mod:`syncd.health` (this module wires them in):
+- an org whose passes fail backs off exponentially (up to ``sync.failure_backoff_max``): the Board;
+- a 401 pauses every org and the write-back: one probe per interval, one error line per probe: the
+  AuthGate, shared with the reconciler;
 - state changes (an org starts failing, recovers; the key is rejected, accepted) are logged at
   ERROR/INFO, repeats at lower levels.
 """
