@@ -9,6 +9,7 @@ collects every problem of a file before it raises. A new key is one line in its 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -115,8 +116,8 @@ def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
             yield f"{name} must be a non-empty string, got {value!r}"
         return
     whole = kind in ("int", "size")
-    if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
-        yield f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or not math.isfinite(value):
+        yield f"{name} must be {'a whole number' if whole else 'a finite number'}, got {value!r}"
         return
     low, high = meta["minimum"], meta["maximum"]
     note = f" {meta['note']}" if meta["note"] else ""
@@ -162,8 +163,15 @@ class ApiSettings(Section):
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def rules(self, where: str) -> Iterator[str]:
-        yield from _base_url_problems(f"{where}.base_url", self.base_url)
-        if self.api_key is not None:
+        if not isinstance(self.base_url, str):
+            yield f"{where}.base_url must be a URL, got {self.base_url!r}"
+        else:
+            yield from _base_url_problems(f"{where}.base_url", self.base_url)
+        if not isinstance(self.retry, RetryPolicy):
+            yield f"{where}.retry must be a RetryPolicy, got {type(self.retry).__name__}"
+        if self.api_key is not None and not isinstance(self.api_key, Secret):
+            yield f"{where}.api_key must be a Secret (never a plain string)"
+        elif self.api_key is not None:
             trouble = key_problem(self.api_key.reveal())
             if trouble:
                 yield f"{where}.api_key: the API key {trouble}"
@@ -219,10 +227,13 @@ class MetricsSettings(Section):
     listen: tuple[str, int] | None = None  # "HOST:PORT" in the file
 
     def rules(self, where: str) -> Iterator[str]:
-        if self.listen is not None:
-            host, port = self.listen
-            if not host or not 0 <= port <= 65535:
-                yield f"{where}.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {host}:{port}"
+        if self.listen is None:
+            return
+        host, port = self.listen if isinstance(self.listen, tuple) and len(self.listen) == 2 else ("", -1)
+        if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int):
+            yield f"{where}.listen must be (HOST, PORT), got {self.listen!r}"
+        elif not 0 <= port <= 65535:
+            yield f"{where}.listen must be HOST:PORT (e.g. 127.0.0.1:9464), got {host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -272,7 +283,15 @@ class Config:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     def __post_init__(self) -> None:
-        problems = list(_org_list_problems(self.orgs))
+        problems = [
+            f"{f.name} must be {f.type}, got {type(getattr(self, f.name)).__name__}"
+            for f in fields(self)
+            if f.name != "orgs" and not isinstance(getattr(self, f.name), SECTION_TYPES[f.name])
+        ]
+        if not isinstance(self.orgs, tuple) or not all(isinstance(o, OrgSettings) for o in self.orgs):
+            problems.append("orgs must be a tuple of OrgSettings")
+        else:
+            problems += _org_list_problems(self.orgs)
         if problems:
             raise ConfigError("; ".join(problems), problems=problems)
 
@@ -286,6 +305,16 @@ class Config:
             if org.id == org_id:
                 return org
         raise ConfigError(f"org {org_id!r} is not in the configuration")
+
+
+SECTION_TYPES: dict[str, type] = {
+    "api": ApiSettings,
+    "database": DatabaseSettings,
+    "sync": SyncSettings,
+    "writeback": WritebackSettings,
+    "metrics": MetricsSettings,
+    "logging": LoggingSettings,
+}
 
 
 def _org_list_problems(orgs: tuple[OrgSettings, ...]) -> Iterator[str]:
@@ -310,6 +339,7 @@ class ConfigDiff:
     logging: bool
     database: bool
     concurrency: bool
+    writeback_interval: bool
 
 
 def diff_config(old: Config, new: Config) -> ConfigDiff:
@@ -327,6 +357,7 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         logging=new.logging != old.logging,
         database=new.database.url != old.database.url,
         concurrency=new.sync.concurrency != old.sync.concurrency,
+        writeback_interval=new.writeback.interval != old.writeback.interval,
     )
 
 
@@ -452,13 +483,15 @@ def _read_orgs(r: _Reader, raw: object) -> tuple[OrgSettings, ...]:
             r.problem(f"{where}.id is required")
             r.only_keys(where, entry, {f.name for f in fields(OrgSettings)})
             continue
-        org_id = org_id.strip() if isinstance(org_id, str) else org_id
+        if not isinstance(org_id, str):
+            r.problem(f"{where}.id must be a non-empty string, got {org_id!r}")
+            continue
+        org_id = org_id.strip()
         if org_id in seen:
             r.problem(f"{where}.id {org_id!r} is configured twice")
             continue
-        if isinstance(org_id, str):
-            seen.add(org_id)
-        org = r.section(OrgSettings, entry, where, id=org_id, where=where)
+        seen.add(org_id)
+        org = r.section(OrgSettings, entry, where, extra_keys={"id"}, id=org_id, where=where)
         if org is not None:
             orgs.append(org)
     return tuple(orgs)
@@ -621,7 +654,7 @@ class _Reader:
         """``cls`` made from its declared settings in ``table`` and the ``given`` values; None (and
         the problems recorded) when it cannot be made."""
         declared = {f.name: f for f in fields(cls) if "kind" in f.metadata}
-        self.only_keys(prefix, table, set(declared) | set(extra_keys) | {k for k in given if k != "prefix"})
+        self.only_keys(prefix, table, set(declared) | set(extra_keys))
         values: dict[str, Any] = dict(given)
         for name, f in declared.items():
             if name in table and name not in values:

@@ -78,9 +78,6 @@ class Daemon:
         """Run until stopped; returns the exit code."""
         try:
             with self.store.locks.instance():
-                self.store.prepare(self.config.database.auto_upgrade)
-                configured = {o.id for o in self.config.orgs}
-                self.board.seed({k: v for k, v in self.store.last_successes().items() if k in configured})
                 if self.config.metrics.listen:
                     host, port = self.config.metrics.listen
                     try:
@@ -91,6 +88,9 @@ class Daemon:
                             "may use the port: choose another one"
                         ) from None
                     log.info("metrics endpoint listening", address=f"{host}:{self._metrics.port}")
+                self.store.prepare(self.config.database.auto_upgrade)  # after the port: a busy one changes nothing
+                configured = {o.id for o in self.config.orgs}
+                self.board.seed({k: v for k, v in self.store.last_successes().items() if k in configured})
                 for org in self.config.orgs:
                     self._schedule(org, first=True)
                 self._schedule_reconciler()
@@ -230,6 +230,8 @@ class Daemon:
                 self.running.discard(org_id)
 
     def _after(self, org: OrgSettings, outcome: PassOutcome) -> None:
+        if all(o.id != org.id for o in self.config.orgs):
+            return  # a reload removed the org while its pass ran: no state, no series for it any more
         interval = self.config.interval(org)
         if isinstance(outcome.exception, AuthError):
             self.auth.rejected(interval)
@@ -286,7 +288,7 @@ class Daemon:
                 running=old.sync.concurrency,
                 configured=new.sync.concurrency,
             )
-        if new.writeback.interval != old.writeback.interval:
+        if change.writeback_interval:
             self._schedule_reconciler()
         for org_id in change.removed:
             self.scheduler.remove_job(_job_id(org_id))

@@ -7,7 +7,8 @@
 - :class:`AuthGate`: while OpenApp rejects the API key, work pauses: one probe at a time, at most
   one per pause. Shared by the daemon's passes and the write-back reconciler.
 
-All of them take their clock from the caller, so tests drive time instead of waiting for it.
+All of them take their clock from the caller, so tests drive time instead of waiting for it; the
+Board and the gate keep their own Prometheus gauges in step (failing orgs, the pause).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class AuthGate:
         with self._lock:
             first = self._paused_until is None
             self._paused_until = self._clock() + pause
-        AUTH_PAUSED.set(1)
+            AUTH_PAUSED.set(1)  # under the lock: the gauge never disagrees with the gate
         return first
 
     def accepted(self) -> bool:
@@ -159,6 +160,5 @@ class AuthGate:
         with self._lock:
             was = self._paused_until is not None
             self._paused_until = None
-        if was:
             AUTH_PAUSED.set(0)
         return was

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from xxhash import xxh3_128_hexdigest
@@ -19,7 +19,7 @@ from xxhash import xxh3_128_hexdigest
 from syncd.errors import InvalidDeviceError
 
 DeviceState = Literal["active", "deleted", "purged"]
-DEVICE_STATES: tuple[DeviceState, ...] = ("active", "deleted", "purged")
+DEVICE_STATES: tuple[DeviceState, ...] = get_args(DeviceState)
 CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")  # device_changes.change
 LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_delete_at")
 # Per-request cache annotations: they change between identical reads, so they are not content.

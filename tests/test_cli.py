@@ -119,8 +119,9 @@ def test_check_config_checks_where_the_mirror_lives(
     tmp_path: Path, key_env: None, sim: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(tmp_path, sim, "postgresql://syncd:pw@db.invalid/syncd", ["A"])
-    assert main(["check-config", "--config", str(config)]) == 2
+    assert main(["check-config", "--config", str(config)]) == 1  # the file is fine; the database is not
     err = capsys.readouterr().err
+    assert "the configuration is valid, but the database cannot be used now" in err
     assert "database error while connecting to postgresql+psycopg://syncd:***@db.invalid/syncd" in err
     assert ":pw@" not in err
     config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/nowhere/m.db", ["A"])

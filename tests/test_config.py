@@ -307,6 +307,31 @@ def test_a_config_built_in_code_is_checked_like_a_file() -> None:
         Config(api=api, orgs=(OrgSettings("a"), OrgSettings("a")))
     with pytest.raises(ConfigError, match="no \\[\\[orgs\\]\\] configured"):
         Config(api=api, orgs=())
+    from syncd.config import MetricsSettings
+
+    for make, message in [
+        (lambda: Config(api=api, orgs=(OrgSettings("a"),), sync=None), "sync must be SyncSettings"),  # type: ignore[arg-type]
+        (lambda: Config(api=api, orgs=[OrgSettings("a")]), "orgs must be a tuple"),  # type: ignore[arg-type]
+        (lambda: MetricsSettings(listen="127.0.0.1:9464"), r"metrics\.listen must be \(HOST, PORT\)"),  # type: ignore[arg-type]
+        (lambda: ApiSettings(base_url="http://x", api_key="k"), "must be a Secret"),  # type: ignore[arg-type]
+        (lambda: SyncSettings(interval=float("nan")), "must be a finite number"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            make()
+
+
+@pytest.mark.parametrize(
+    ("orgs", "message"),
+    [
+        ('id = ["a"]', r"orgs\[0\]\.id must be a non-empty string, got \['a'\]"),
+        ('id = "a"\nwhere = "x"', r"unknown key 'orgs\[0\]\.where'"),
+        ('id = "a"\ninterval = nan', r"orgs\[0\]\.interval must be a finite number"),
+    ],
+)
+def test_odd_org_tables_are_problems_not_crashes(tmp_path: Path, orgs: str, message: str) -> None:
+    text = f'[api]\nbase_url = "http://x/api/v1"\napi_key_env = "K"\n[[orgs]]\n{orgs}\n'
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), {"K": "k"})
 
 
 def test_every_declared_setting_is_a_key_of_its_section(tmp_path: Path) -> None:

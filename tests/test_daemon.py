@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -564,3 +565,21 @@ def test_sigterm_while_passes_wait_on_retry_after_aborts_them_without_alarm(tmp_
         assert {r["status"] for r in runs(store)} == {"aborted"}
     finally:
         store.close()
+
+
+def test_an_org_removed_while_its_pass_ran_leaves_no_series(tmp_path: Path, sim: Simulator, world: World) -> None:
+    from prometheus_client import REGISTRY
+
+    from syncd.sync import PassOutcome
+
+    org_a, org_b = list(world.orgs)
+    daemon = in_process_daemon(sim, f"sqlite:///{tmp_path}/m.db", [org_a, org_b])
+    try:
+        removed = daemon.config.orgs[1]
+        daemon.config = replace(daemon.config, orgs=daemon.config.orgs[:1])  # as a reload leaves it
+        now = datetime.now(UTC)
+        daemon._after(removed, PassOutcome(org_b, 1, "failed", now, now, error="boom"))  # its last pass ends
+        assert REGISTRY.get_sample_value("syncd_org_failing", {"org_id": org_b}) in (None, 0.0)
+        assert daemon.board.totals() == {}
+    finally:
+        daemon._close()

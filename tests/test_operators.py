@@ -45,6 +45,9 @@ GRAFANA_RANGES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1d
 # -- where the expressions are -------------------------------------------------------------------------
 
 
+VALUE = "__value__"  # where scrape() keeps a sample's value beside its labels
+
+
 def dashboard() -> dict[str, Any]:
     """The dashboard as Grafana would import it."""
     loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
@@ -448,13 +451,21 @@ def scrape(url: str) -> dict[str, list[dict[str, str]]] | None:
     served: dict[str, list[dict[str, str]]] = {}
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
-            served.setdefault(sample.name, []).append(dict(sample.labels))
+            served.setdefault(sample.name, []).append({**sample.labels, VALUE: repr(sample.value)})
     return served
 
 
 def has(served: dict[str, list[dict[str, str]]], metric: str, **labels: str) -> bool:
     """Whether ``metric`` is served with these label values."""
     return any(all(sample.get(k) == v for k, v in labels.items()) for sample in served.get(metric, []))
+
+
+def positive(served: dict[str, list[dict[str, str]]], metric: str, **labels: str) -> bool:
+    """Whether ``metric`` is served with these label values and a value above 0 (series start at 0)."""
+    return any(
+        all(sample.get(k) == v for k, v in labels.items()) and float(sample[VALUE]) > 0
+        for sample in served.get(metric, [])
+    )
 
 
 def test_every_metric_the_dashboard_and_alerts_use_is_served(tmp_path: Path) -> None:
@@ -522,8 +533,8 @@ def test_every_metric_the_dashboard_and_alerts_use_is_served(tmp_path: Path) -> 
             assert edit.returncode == 0, edit.stdout + edit.stderr
             wait_for(
                 lambda s: (
-                    has(s, "syncd_purges_refused_total", org_id=refusing)
-                    and has(s, "syncd_org_failing", org_id=refusing)
+                    positive(s, "syncd_purges_refused_total", org_id=refusing)
+                    and positive(s, "syncd_org_failing", org_id=refusing)
                     and has(s, "syncd_edit_attempts_total", result="succeeded")
                     and has(s, "syncd_http_requests_total", status="429")
                 ),

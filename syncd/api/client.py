@@ -115,7 +115,7 @@ def _snippet(body: bytes) -> str:
     text = body[:4096].decode("utf-8", "replace")
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     if title:
-        text = title.group(1)
+        text = " ".join(title.group(1).split())  # a title may span lines
     elif text.lstrip().startswith("<"):
         text = re.sub(r"<[^>]*>", "\n", text)  # the page's text, a line per element
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")

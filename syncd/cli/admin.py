@@ -6,7 +6,16 @@ import argparse
 import sys
 
 from syncd import logs
-from syncd.cli.args import EXIT_OK, EXIT_USAGE, Commands, config_option, config_path, load
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    config_option,
+    config_path,
+    load,
+    prepared_store,
+)
 from syncd.config import load_config
 from syncd.errors import ConfigError, StoreError
 from syncd.store import Store, redact_url
@@ -38,8 +47,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _problems(path, exc.problems)
     try:
         Store.check_access(config.database.url)
-    except (ConfigError, StoreError) as exc:
+    except ConfigError as exc:
         return _problems(path, [str(exc)])
+    except StoreError as exc:  # the database is down or refuses us: not a problem of the file (exit 1)
+        print(f"{path}: the configuration is valid, but the database cannot be used now: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"{path}: OK")
     api = config.api
     print(f"  api       {api.base_url} (auth header: {api.auth_header}, page size {api.page_size})")
@@ -59,13 +71,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply pending migrations."""
     config = load(args, with_key=False)
     logs.configure(config.logging.format, config.logging.level)
-    store = Store(config.database.url)
-    try:
+    with prepared_store(config, prepare=False) as store:
         before = store.schema_revision()
         store.upgrade()
         after = store.schema_revision()
-    finally:
-        store.close()
     print(f"schema: {before or 'empty'} -> {after}" if before != after else f"schema already at {after}")
     return EXIT_OK
 
@@ -73,9 +82,6 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_db_current(args: argparse.Namespace) -> int:
     """Print the schema revision."""
     config = load(args, with_key=False)
-    store = Store(config.database.url)
-    try:
+    with prepared_store(config, prepare=False) as store:
         print(store.schema_revision() or "empty (run `syncd db upgrade`)")
-    finally:
-        store.close()
     return EXIT_OK

@@ -43,12 +43,13 @@ def org_ids(config: Config) -> frozenset[str]:
 
 
 @contextmanager
-def prepared_store(config: Config, read_only: bool = False) -> Iterator[Store]:
+def prepared_store(config: Config, read_only: bool = False, prepare: bool = True) -> Iterator[Store]:
     """The mirror, its schema current (or upgraded, as ``database.auto_upgrade`` says; never when
-    ``read_only``), closed after."""
+    ``read_only``; left as it is when not ``prepare``: ``syncd db``), closed after."""
     store = Store(config.database.url, read_only=read_only)
     try:
-        store.prepare(config.database.auto_upgrade and not read_only)
+        if prepare:
+            store.prepare(config.database.auto_upgrade and not read_only)
         yield store
     finally:
         store.close()

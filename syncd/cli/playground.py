@@ -13,7 +13,7 @@ from typing import Any
 
 from syncd import logs
 from syncd.api import OpenAppClient
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, port
+from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, port, prepared_store
 from syncd.cli.output import print_state_counts, print_summary
 from syncd.cli.run import run_passes
 from syncd.cli.signals import stop_on_signals
@@ -132,9 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             database=DatabaseSettings(url=f"sqlite:///{db}"),
             orgs=tuple(OrgSettings(org_id) for org_id in org_ids),
         )
-        store = Store(config.database.url)
-        try:
-            store.prepare(auto_upgrade=True)
+        with prepared_store(config) as store:
             with (
                 stop_on_signals("finishing the current page, then stopping") as stop,
                 OpenAppClient(config.api, stop=stop) as client,
@@ -153,8 +151,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\nThe mirror now holds (devices by state):")
             print_state_counts(store.state_counts(), sys.stdout)
             print(f'\nQuery it yourself: sqlite3 {db} "SELECT change, count(*) FROM device_changes GROUP BY change"')
-        finally:
-            store.close()
     return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
 
 
@@ -171,7 +167,9 @@ def _start_afresh(db: Path) -> bool:
             previous.close()
     except SyncdError:
         orgs = {"?"}
-    if not orgs <= {f"01HORG{i:020d}" for i in range(1000)}:
+    from syncd.simulator.world import is_seeded_org
+
+    if not all(is_seeded_org(org_id) for org_id in orgs):
         raise ConfigError(f"--db {db}: the file exists and is not a demo's mirror; name another file")
     for leftover in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         leftover.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
@@ -21,7 +20,7 @@ from syncd.cli.args import (
     seconds,
 )
 from syncd.cli.output import Progress, print_summary
-from syncd.cli.signals import stop_on_signals
+from syncd.cli.signals import daemon_signals, stop_on_signals
 from syncd.config import Config, OrgSettings, load_config
 from syncd.passes import passes_at_once, run_once, select_orgs, tune_for_bulk_work
 from syncd.store import Store
@@ -84,17 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(config.logging.format, config.logging.level)
     tune_for_bulk_work(passes_at_once(config, config.orgs))
     daemon = Daemon(config, path)
-    handlers = {
-        signal.SIGTERM: lambda signum, frame: daemon.request_stop(),
-        signal.SIGINT: lambda signum, frame: daemon.request_stop(),
-        signal.SIGHUP: lambda signum, frame: daemon.request_reload(),
-    }
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    try:
+    with daemon_signals(daemon):
         return daemon.run()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_passes(

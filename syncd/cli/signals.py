@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT for the commands that run passes or push edits."""
+"""Signals: SIGTERM and SIGINT for the commands that run passes or push edits; and the daemon's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Protocol
 
 
 @contextmanager
@@ -28,6 +29,31 @@ def stop_on_signals(what: str) -> Iterator[threading.Event]:
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Stoppable(Protocol):
+    """What the daemon offers its signal handlers (both are safe to call from one)."""
+
+    def request_stop(self) -> None: ...
+
+    def request_reload(self) -> None: ...
+
+
+@contextmanager
+def daemon_signals(daemon: Stoppable) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the daemon gracefully, SIGHUP reloads its configuration; the previous
+    handlers are restored on exit."""
+    handlers = {
+        signal.SIGTERM: lambda signum, frame: daemon.request_stop(),
+        signal.SIGINT: lambda signum, frame: daemon.request_stop(),
+        signal.SIGHUP: lambda signum, frame: daemon.request_reload(),
+    }
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

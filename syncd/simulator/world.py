@@ -54,6 +54,11 @@ def org_id_for(index: int) -> str:
     return f"01HORG{index:020d}"
 
 
+def is_seeded_org(org_id: str) -> bool:
+    """Whether ``org_id`` is one :meth:`World.seed` gives (:func:`org_id_for`)."""
+    return len(org_id) == 26 and org_id.startswith("01HORG") and org_id[6:].isdigit()
+
+
 def iso(moment: datetime | None) -> str | None:
     """RFC 3339 with microseconds and Z, as the server sends it."""
     return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -14,7 +14,8 @@ Timestamps arrive as syncd's canonical UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Mapping, Sequence
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -22,13 +23,13 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from sqlalchemy import URL, Connection, Engine, event
+from sqlalchemy import URL, ColumnElement, Connection, Engine, Select, Table, event, false, func
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from syncd.errors import ConfigError, SchemaOutdatedError
 from syncd.models import Device
-from syncd.store.schema import RUN_COUNTERS, JSONDoc, device_changes, devices
+from syncd.store.schema import RUN_COUNTERS, JSONDoc, UTCDateTime, device_changes, devices
 
 # Columns of `devices` that record what syncd saw, not what OpenApp said.
 BOOKKEEPING_COLUMNS = ("purged_at", "first_seen_at", "last_seen_at", "last_changed_at")
@@ -36,6 +37,7 @@ BOOKKEEPING_COLUMNS = ("purged_at", "first_seen_at", "last_seen_at", "last_chang
 CONTENT_COLUMNS = tuple(c.name for c in devices.columns if c.name not in BOOKKEEPING_COLUMNS)
 CHANGE_COLUMNS = tuple(c.name for c in device_changes.columns if c.name != "id")
 CHANGE_DEFAULTS = {"source": "sync", "edit_id": None}
+TIME_COLUMNS = frozenset(c.name for c in device_changes.columns if isinstance(c.type, UTCDateTime))
 JSON_COLUMNS = frozenset(
     c.name for table in (devices, device_changes) for c in table.columns if isinstance(c.type, JSONDoc)
 )
@@ -66,6 +68,11 @@ class Dialect:
             f"INSERT INTO device_changes ({', '.join(CHANGE_COLUMNS)}) "
             f"VALUES ({', '.join(self.slot(col) for col in CHANGE_COLUMNS)})"
         )
+        # How each column of a change row is encoded, decided once (a first pass after a baseline
+        # can write a change row for every device).
+        self._change_encoders: tuple[Callable[[Any], Any] | None, ...] = tuple(
+            self.time if col in TIME_COLUMNS else self.json if col in JSON_COLUMNS else None for col in CHANGE_COLUMNS
+        )
 
     # -- engine ---------------------------------------------------------------------------------
 
@@ -79,6 +86,19 @@ class Dialect:
     def lock_base(self, url: URL) -> Path | None:
         """The SQLite file whose ``.locks`` folder holds the org locks (None: the database locks)."""
         return None
+
+    def needs_connection_check(self, url: URL) -> bool:
+        """Check what can be checked without connecting (ConfigError naming it); whether a
+        connection must be tried too (see :meth:`syncd.store.store.Store.check_access`)."""
+        return True
+
+    def unreadable_time(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        """Rows whose time in ``column`` the database itself cannot read (the database refuses them)."""
+        return false()
+
+    def lock_for_claim(self, query: Select[Any], table: Table) -> Select[Any]:
+        """The write-back queue's claim, as this database keeps concurrent claimers apart."""
+        return query
 
     @contextlib.contextmanager
     def page_transaction(self, conn: Connection, durable: bool) -> Any:
@@ -171,15 +191,12 @@ class Dialect:
 
     def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append device_changes rows (dicts by column; ``source`` and ``edit_id`` may be left out)."""
+        columns = tuple(zip(CHANGE_COLUMNS, self._change_encoders, strict=True))
         values = [
-            tuple(self._change_value(col, r.get(col, CHANGE_DEFAULTS.get(col))) for col in CHANGE_COLUMNS) for r in rows
+            tuple(r.get(col, CHANGE_DEFAULTS.get(col)) if encode is None else encode(r[col]) for col, encode in columns)
+            for r in rows
         ]
         self.insert_many(conn, self.insert_change_sql, values)
-
-    def _change_value(self, column: str, value: Any) -> Any:
-        if column == "observed_at":
-            return self.time(value)
-        return self.json(value) if column in JSON_COLUMNS else value
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run an INSERT for many rows."""
@@ -246,6 +263,25 @@ class SQLiteDialect(Dialect):
     def lock_base(self, url: URL) -> Path | None:
         return Path(url.database or "").resolve()
 
+    def needs_connection_check(self, url: URL) -> bool:
+        """The folder and the file are checked (nothing is created); no connection is needed."""
+        path = Path(url.database or "").resolve()
+        folder = path.parent
+        if not folder.is_dir():
+            raise ConfigError(f"database.url: the folder {folder} of the SQLite mirror does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"database.url: this user cannot write in {folder}, where the SQLite mirror and its -wal "
+                "and -shm files live (give it write permission, or point database.url elsewhere)"
+            )
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"database.url: this user cannot read and write {path}")
+        return False
+
+    def unreadable_time(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        """SQLite stores anything a hand-written row holds; what it cannot read as a time."""
+        return column.is_not(None) & func.datetime(column).is_(None)
+
     def time(self, value: datetime | None) -> Any:
         if value is None:
             return None
@@ -311,6 +347,10 @@ class PostgresDialect(Dialect):
 
     def slot(self, column: str) -> str:
         return f"{self.p}::jsonb" if column in JSON_COLUMNS else self.p
+
+    def lock_for_claim(self, query: Select[Any], table: Table) -> Select[Any]:
+        """``FOR UPDATE SKIP LOCKED``: several daemons never claim the same edit."""
+        return query.with_for_update(skip_locked=True, of=table)
 
     def lifecycle(self, device: Device) -> tuple[Any, ...]:
         return tuple(None if t is None else t + "+00:00" for t in device.lifecycle)  # the same UTC text, marked

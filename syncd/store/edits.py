@@ -11,6 +11,7 @@ from sqlalchemy import Select, Text, and_, cast, func, insert, literal, or_, sel
 
 from syncd.errors import ConfigError
 from syncd.models import Device, one_line, parse_timestamp, preview
+from syncd.store.dialect import dialect_for
 from syncd.store.schema import UTCDateTime, device_edits
 from syncd.store.store import Store
 from syncd.store.translate import translated
@@ -25,6 +26,7 @@ class EditQueue:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._engine = store.engine
+        self._dialect = dialect_for(store.dialect)
 
     def add(self, values: dict[str, Any]) -> int:
         """Insert an edit; returns its id."""
@@ -100,14 +102,13 @@ class EditQueue:
             )
             .exists()
         )
-        when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now)
-        if self._engine.dialect.name == "sqlite":  # a time SQLite cannot read (written by hand): due, to fail
-            when = or_(when, func.datetime(e.c.next_attempt_at).is_(None))
+        # A time written by hand that the database cannot read makes its row due, so it fails clearly.
+        unreadable = self._dialect.unreadable_time(e.c.next_attempt_at)
+        when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now, unreadable)
         due = and_(e.c.status == "pending", when, ~blocked)
         stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), e.c.claimed_at < lease_cutoff))
         query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
-        if self._engine.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True, of=e)
+        query = self._dialect.lock_for_claim(query, e)
         with translated("claiming edits"), self._engine.begin() as conn:
             picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
             if not picked:

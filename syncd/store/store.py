@@ -4,13 +4,11 @@ each database's own SQL and settings are in :mod:`.dialect`."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -99,18 +97,7 @@ class Store:
         SQLite a missing or read-only directory or file (checked, nothing is created), for PostgreSQL
         a server it cannot reach or log in to."""
         parsed = make_url(normalise_url(url))
-        if parsed.get_backend_name() == "sqlite":
-            path = Path(parsed.database or "").resolve()
-            folder = path.parent
-            if not folder.is_dir():
-                raise ConfigError(f"database.url: the folder {folder} of the SQLite mirror does not exist")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"database.url: this user cannot write in {folder}, where the SQLite mirror and its -wal "
-                    "and -shm files live (give it write permission, or point database.url elsewhere)"
-                )
-            if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-                raise ConfigError(f"database.url: this user cannot read and write {path}")
+        if not dialect_for(parsed.get_backend_name()).needs_connection_check(parsed):
             return
         store = Store(url)
         try:
