@@ -81,8 +81,8 @@ def world() -> World:
 
 @pytest.fixture
 def sim(world: World) -> Iterator[Simulator]:
-    """The simulator serving ``world`` on 127.0.0.1."""
-    with Simulator(world) as s:
+    """The simulator serving ``world`` on 127.0.0.1; strict about the query booleans syncd must send."""
+    with Simulator(world, strict_query=True) as s:
         yield s
 
 

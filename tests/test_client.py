@@ -73,6 +73,12 @@ def test_error_body_fields_are_kept() -> None:
     assert read_problem(422, body) == ApiProblem(422, "Device has entities", "has_entities", "c-1")
 
 
+@pytest.mark.parametrize("key", ["error_code", "errorCode", "code"])  # the contract's, camelCase, the SDK's
+def test_error_code_is_read_under_any_of_its_names(key: str) -> None:
+    body = orjson.dumps({"message": "Device has entities", key: "has_entities"})
+    assert read_problem(422, body).error_code == "has_entities"
+
+
 def test_non_json_error_body_is_tolerated() -> None:
     problem = read_problem(502, b"<html><body>Bad gateway\n</body></html>")
     assert problem.status == 502

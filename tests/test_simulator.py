@@ -171,3 +171,99 @@ def test_mutation_during_a_scan_shifts_offsets(sim: Simulator, http: httpx.Clien
 def test_simulator_binds_loopback_only(world: World) -> None:
     with pytest.raises(ValueError, match="loopback"):
         Simulator(world, host="0.0.0.0")
+
+
+def test_missing_query_booleans_take_their_defaults_unless_strict(world: World, org: str) -> None:
+    headers = {"X-API-Key": API_KEY, "X-Org": org}
+    with Simulator(world) as lenient:  # the default: what the SDK's newer revision expects
+        page = httpx.get(f"{lenient.url}/devices", params={"limit": 200}, headers=headers).json()
+        assert page and all(d["deleted_at"] is None for d in page) and "metadata" not in page[0]
+        one = httpx.get(f"{lenient.url}/devices/{page[0]['id']}", headers=headers)
+        assert one.status_code == 200
+    with Simulator(world, strict_query=True) as strict:
+        assert httpx.get(f"{strict.url}/devices", params={"limit": 1}, headers=headers).status_code == 400
+
+
+def test_create_does_what_the_request_says(http: httpx.Client, world: World, org: str) -> None:
+    integration, zone = world.orgs[org].integrations[1], world.orgs[org].zones[2]
+    body = {"org_id": org, "integration_id": integration, "name": {"value": {"en": "Bare"}}}
+    bare = http.post("/devices", json=body).json()
+    nothing_invented = (None, None, {}, [])
+    assert (bare["external_id"], bare["zone_id"], bare["device_metadata"], bare["credentials_set"]) == nothing_invented
+    zoned = http.post("/devices", json={**body, "zone_id": zone, "external_id": "e-1"}).json()
+    assert (zoned["zone_id"], zoned["external_id"]) == (zone, "e-1")
+    rejected = [
+        {**body, "integration_id": make_ulid(0, world.rng)},
+        {**body, "device_metadata": "not an object"},
+        {**body, "zone_id": make_ulid(0, world.rng)},
+        {**body, "external_id": 7},
+        {k: v for k, v in body.items() if k != "name"},
+    ]
+    for request in rejected:
+        answer = http.post("/devices", json=request)
+        assert answer.status_code == 422, request
+        assert_valid(answer.json(), "ApiErrorResponse")
+
+
+def test_updates_change_only_what_they_name(http: httpx.Client, world: World, org: str) -> None:
+    device_id = world.ids(org)[5]
+    before = world.device(org, device_id)
+    unchanged = http.put(f"/devices/{device_id}", json={"no_such_field": 1}).json()
+    assert unchanged["updated_at"] == before["updated_at"]  # a no-op is not a change
+    assert http.put(f"/devices/{device_id}", json={"device_metadata": [1]}).status_code == 422
+    assert http.put(f"/devices/{device_id}", json={"external_id": "x"}).json()["updated_at"] > before["updated_at"]
+
+
+def test_metadata_definitions_describe_their_data_and_hide_credentials(
+    http: httpx.Client, world: World, org: str
+) -> None:
+    seen = set()
+    for device in world.ground_truth(org)[:120]:
+        definition = http.get(f"/devices/{device['id']}/metadata-definition").json()
+        assert_valid(definition, "DeviceMetadataDefinitionResponse")
+        schema = definition["schema"]
+        Draft202012Validator.check_schema(schema)
+        assert not list(Draft202012Validator(schema).iter_errors(definition["data"]))
+        secrets = [k for k, v in schema["properties"].items() if v.get("format") == "password"]
+        assert secrets and not set(secrets) & set(definition["data"])  # write-only: never returned
+        assert set(definition["credentials_set"]) <= {f"/{k}" for k in secrets}
+        assert definition["credentials_set"] == device["credentials_set"]
+        seen.add(definition["provider_type"])
+    assert seen == {"shelly_cloud", "akuvox", "go2rtc", "openapp_virtual"}
+
+
+def test_credentials_are_write_only(http: httpx.Client, world: World, org: str) -> None:
+    device = next(d for d in world.ground_truth(org) if d["device_metadata"]["provider"] == "akuvox")
+    metadata = {**device["device_metadata"], "sip_password": "hunter2"}
+    stored = http.put(f"/devices/{device['id']}", json={"device_metadata": metadata}).json()
+    assert stored["credentials_set"] == ["/sip_password"] and "hunter2" not in json.dumps(stored)
+    kept = http.put(f"/devices/{device['id']}", json={"device_metadata": device["device_metadata"]}).json()
+    assert kept["credentials_set"] == ["/sip_password"]  # left out: kept
+    cleared = {**device["device_metadata"], "sip_password": None}
+    assert http.put(f"/devices/{device['id']}", json={"device_metadata": cleared}).json()["credentials_set"] == []
+
+
+def test_set_door_restrictions(sim: Simulator, http: httpx.Client, world: World, org: str) -> None:
+    devices = world.ground_truth(org)
+    portal = next(d for d in devices if d["device_metadata"]["kind"] == "virtual_access_portal")
+    gate = next(d for d in devices if d["device_metadata"]["kind"] == "gate")
+    entities = [make_ulid(1, world.rng), make_ulid(2, world.rng)]
+    answer = http.put(f"/devices/{portal['id']}/door-restrictions", json={"apartment_entity_ids": entities})
+    assert answer.json() == {"apartment_entity_ids": entities}
+    assert httpx.get(f"{sim.url}/devices/{portal['id']}/door-restrictions").json() == answer.json()
+    world.restrictions_key = "listing_entity_ids"  # the SDK's newer models' key; either is taken
+    answer = http.put(f"/devices/{portal['id']}/door-restrictions", json={"listing_entity_ids": entities[:1]})
+    assert answer.json() == {"listing_entity_ids": entities[:1]}
+    assert http.put(f"/devices/{gate['id']}/door-restrictions", json={"listing_entity_ids": []}).status_code == 400
+    assert http.put(f"/devices/{portal['id']}/door-restrictions", json={"listing_entity_ids": "x"}).status_code == 422
+
+
+def test_credentials_set_as_an_older_boolean() -> None:
+    world = World(seed=3, credentials_style="bool")
+    org = world.seed(1, 50)[0]
+    assert {type(d["credentials_set"]) for d in world.ground_truth(org)} == {bool}
+    assert {d["credentials_set"] for d in world.ground_truth(org)} == {True, False}
+
+
+def test_status_probe_needs_no_key(sim: Simulator) -> None:
+    assert httpx.get(f"{sim.url}/status").json()["status"] == "ok"

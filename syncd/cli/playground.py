@@ -49,6 +49,23 @@ def add_commands(commands: Commands) -> None:
         default="both",
         help="where lifecycle timestamps appear (default both)",
     )
+    p.add_argument(
+        "--credentials-set",
+        choices=("list", "bool"),
+        default="list",
+        help="credentials_set as the SDK's JSON Pointers (default) or an older payload's boolean",
+    )
+    p.add_argument(
+        "--restrictions-key",
+        choices=("apartment_entity_ids", "listing_entity_ids"),
+        default="apartment_entity_ids",
+        help="door-restrictions body key: the public spec's (default) or the SDK's newer models'",
+    )
+    p.add_argument(
+        "--strict-query",
+        action="store_true",
+        help="answer 400 when list/get lack include_deleted/only_deleted/include_metadata (the spec's 'required')",
+    )
     p.add_argument("--error-rate", type=fraction, default=0.0, help="fraction of requests answered 503")
     p.add_argument("--rate-limit-rate", type=fraction, default=0.0, help="fraction of requests answered 429")
     p.add_argument("--retry-after", default="1", help="Retry-After sent with injected 429s (default 1)")
@@ -76,11 +93,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"set the environment variable {args.api_key_env} to the API key the simulator accepts")
     if args.host not in LOOPBACK:
         raise ConfigError(f"--host {args.host}: the simulator binds loopback only (127.0.0.1, ::1, localhost)")
-    world = World(seed=args.seed, name_style=args.name_style, timestamps=args.timestamps)
+    world = World(
+        seed=args.seed,
+        name_style=args.name_style,
+        timestamps=args.timestamps,
+        credentials_style=args.credentials_set,
+        restrictions_key=args.restrictions_key,
+    )
     org_ids = world.seed(args.orgs, args.devices, args.deleted_fraction)
     world.add_key(key)
     try:
-        sim = Simulator(world, host=args.host, port=args.port, seed=args.seed)
+        sim = Simulator(world, host=args.host, port=args.port, seed=args.seed, strict_query=args.strict_query)
     except OSError as exc:
         raise ConfigError(
             f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror}); "

@@ -99,6 +99,7 @@ class Routes:
     def for_base(cls, base: str) -> Routes:
         dev = re.escape(base) + r"/devices"
         table = [
+            ("GET", re.escape(base) + r"/status$", "status"),
             ("GET", dev + r"$", "list_devices"),
             ("POST", dev + r"$", "create_device"),
             ("GET", dev + r"/(?P<id>[^/]+)$", "get_device"),
@@ -107,6 +108,7 @@ class Routes:
             ("DELETE", dev + r"/(?P<id>[^/]+)/purge$", "hard_delete_device"),
             ("POST", dev + r"/(?P<id>[^/]+)/restore$", "restore_device"),
             ("GET", dev + r"/(?P<id>[^/]+)/door-restrictions$", "get_door_restrictions"),
+            ("PUT", dev + r"/(?P<id>[^/]+)/door-restrictions$", "set_door_restrictions"),
             ("GET", dev + r"/(?P<id>[^/]+)/metadata-definition$", "get_device_metadata_definition"),
         ]
         return cls([(m, re.compile(p), op) for m, p, op in table])
@@ -134,10 +136,15 @@ class Simulator:
         auth_header: str = "any",
         seed: int = 0,
         log_size: int = 200_000,
+        strict_query: bool = False,
     ) -> None:
+        """``strict_query``: answer 400 when list_devices / get_device lack the output-option booleans
+        the public spec marks required (syncd's tests: it always sends them); by default they take
+        their defaults (false), as the official SDK's newer revision expects."""
         if host not in LOOPBACK:
             raise ValueError(f"the simulator binds loopback only, not {host!r}")
         self.world = world
+        self.strict_query = strict_query
         self.base_path = base_path.rstrip("/")
         self.auth_header = auth_header  # "x-api-key", "bearer" or "any"
         self.faults: list[Fault] = []
@@ -266,9 +273,12 @@ class Simulator:
         body: bytes,
     ) -> bytes:
         world = self.world
+        if operation == "status":  # the SDK's connect() probe
+            return orjson.dumps({"status": "ok", "service": "openapp-simulator"})
         if operation == "get_door_restrictions":  # the spec declares no security here
             assert device_id is not None
             return world.door_restrictions(device_id)
+        strict = self.strict_query
         world.authorise(self._key(headers), org_id)
         assert org_id is not None
         if operation == "list_devices":
@@ -290,9 +300,9 @@ class Simulator:
             filters.pop("include_stale", None)
             return world.list_devices(
                 org_id,
-                include_deleted=_flag(query, "include_deleted"),
-                only_deleted=_flag(query, "only_deleted"),
-                include_metadata=_flag(query, "include_metadata"),
+                include_deleted=_flag(query, "include_deleted", strict),
+                only_deleted=_flag(query, "only_deleted", strict),
+                include_metadata=_flag(query, "include_metadata", strict),
                 limit=_int(query, "limit", DEFAULT_LIMIT, MAX_LIMIT),
                 offset=_int(query, "offset", 0, 2**31 - 1),
                 filters=filters,
@@ -301,7 +311,7 @@ class Simulator:
         if operation == "get_device":
             assert device_id is not None
             return world.get_device(
-                org_id, device_id, _flag(query, "include_deleted"), _flag(query, "include_metadata")
+                org_id, device_id, _flag(query, "include_deleted", strict), _flag(query, "include_metadata", strict)
             )
         if operation == "create_device":
             payload = _json_body(body)
@@ -320,6 +330,8 @@ class Simulator:
             return world.purge_device(org_id, device_id)
         if operation == "restore_device":
             return world.restore_device(org_id, device_id)
+        if operation == "set_door_restrictions":
+            return world.set_door_restrictions(org_id, device_id, _json_body(body))
         return world.metadata_definition(org_id, device_id)
 
 

@@ -18,11 +18,66 @@ import orjson
 
 NameStyle = Literal["value", "map", "string", "mixed"]
 TimestampStyle = Literal["top", "metadata", "both"]
+CredentialsStyle = Literal["list", "bool"]  # credentials_set: the SDK's JSON Pointers, or an older boolean
+RestrictionsKey = Literal["apartment_entity_ids", "listing_entity_ids"]  # public spec / the SDK's newer models
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 KINDS = ("door_controller", "gate", "intercom", "camera", "virtual_access_portal", "lock")
 PROVIDERS = ("shelly_cloud", "akuvox", "go2rtc", "openapp_virtual")
 WORDS = ("Front", "Back", "North", "South", "East", "West", "Main", "Side", "Garage", "Lobby", "Roof", "Yard")
+# Each provider's JSON Schema of device_metadata (what get_device_metadata_definition serves). Fields
+# with "format": "password" are write-only credentials: stored, never returned, named in credentials_set.
+_KIND = {"type": "string", "enum": list(KINDS)}
+PROVIDER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "shelly_cloud": {
+        "type": "object",
+        "properties": {
+            "kind": _KIND,
+            "provider": {"const": "shelly_cloud"},
+            "relay": {"type": "integer", "minimum": 0, "maximum": 3},
+            "auth_key": {"type": "string", "format": "password", "writeOnly": True},
+        },
+        "required": ["kind", "provider"],
+        "additionalProperties": False,
+    },
+    "akuvox": {
+        "type": "object",
+        "properties": {
+            "kind": _KIND,
+            "provider": {"const": "akuvox"},
+            "room": {"type": "string", "maxLength": 32},
+            "sip_password": {"type": "string", "format": "password", "writeOnly": True},
+        },
+        "required": ["kind", "provider"],
+        "additionalProperties": False,
+    },
+    "go2rtc": {
+        "type": "object",
+        "properties": {
+            "kind": _KIND,
+            "provider": {"const": "go2rtc"},
+            "channel": {"type": "string", "pattern": "^cam[0-9]+$"},
+            "stream_password": {"type": "string", "format": "password", "writeOnly": True},
+        },
+        "required": ["kind", "provider"],
+        "additionalProperties": False,
+    },
+    "openapp_virtual": {
+        "type": "object",
+        "properties": {
+            "kind": _KIND,
+            "provider": {"const": "openapp_virtual"},
+            "label": {"type": "string"},
+            "webhook_secret": {"type": "string", "format": "password", "writeOnly": True},
+        },
+        "required": ["kind", "provider"],
+        "additionalProperties": False,
+    },
+}
+CREDENTIAL_FIELDS = {
+    provider: tuple(k for k, v in schema["properties"].items() if v.get("format") == "password")
+    for provider, schema in PROVIDER_SCHEMAS.items()
+}
 THINGS = {
     "door_controller": "door",
     "gate": "gate",
@@ -75,11 +130,12 @@ class SimDevice:
     name: dict[str, str]
     external_id: str | None
     zone_id: str | None
-    device_metadata: dict[str, Any]
+    device_metadata: dict[str, Any]  # what is returned: write-only credentials are kept apart
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
-    credentials_set: bool = False
+    credentials: dict[str, str] = field(default_factory=dict)  # write-only: never returned
+    restrictions: list[str] = field(default_factory=list)  # door restrictions (virtual_access_portal only)
 
 
 @dataclass
@@ -101,11 +157,15 @@ class World:
         seed: int = 0,
         name_style: NameStyle = "value",
         timestamps: TimestampStyle = "both",
+        credentials_style: CredentialsStyle = "list",
+        restrictions_key: RestrictionsKey = "apartment_entity_ids",
     ) -> None:
         self.lock = threading.RLock()
         self.rng = random.Random(seed)
         self.name_style = name_style
         self.timestamps = timestamps
+        self.credentials_style = credentials_style
+        self.restrictions_key = restrictions_key
         self.orgs: dict[str, SimOrg] = {}
         self.keys: dict[str, frozenset[str] | None] = {}  # key -> orgs it may use (None: all)
         self._cache: dict[str, bytes] = {}
@@ -155,11 +215,16 @@ class World:
         name = {"en": label}
         if rng.random() < 0.3:
             name["de"] = label.replace("door", "Tür").replace("gate", "Tor")
-        metadata: dict[str, Any] = {"kind": kind, "provider": PROVIDERS[rng.randrange(len(PROVIDERS))]}
+        provider = "go2rtc" if kind == "camera" else PROVIDERS[rng.randrange(len(PROVIDERS))]
+        metadata: dict[str, Any] = {"kind": kind, "provider": provider}
         if kind == "camera":
             metadata["channel"] = f"cam{rng.randrange(64)}"
+        restrictions = []
         if kind == "virtual_access_portal":
-            metadata["apartment_entity_ids"] = [make_ulid(self._millis(created), rng) for _ in range(rng.randrange(3))]
+            restrictions = [make_ulid(self._millis(created), rng) for _ in range(rng.randrange(3))]
+        credentials = {}
+        if rng.random() < 0.5:
+            credentials[CREDENTIAL_FIELDS[provider][0]] = f"secret-{rng.getrandbits(32):08x}"
         return SimDevice(
             id=make_ulid(self._millis(created), rng),
             org_id=org.id,
@@ -171,7 +236,8 @@ class World:
             device_metadata=metadata,
             created_at=created,
             updated_at=created,
-            credentials_set=rng.random() < 0.5,
+            credentials=credentials,
+            restrictions=restrictions,
         )
 
     @staticmethod
@@ -246,37 +312,64 @@ class World:
     # -- changing ----------------------------------------------------------------------------
 
     def create_device(self, org_id: str, body: dict[str, Any] | None = None, *, before: str | None = None) -> str:
-        """Create a device (random content unless ``body`` says otherwise); returns its id.
+        """Create a device; returns its id. Without ``body`` (tests, the demo) its content is random;
+        with one (create_device over HTTP) it is what the request says, checked as OpenApp would.
 
         ``before``: give it an id that sorts before that id, so it lands ahead of a running scan.
         """
         with self.lock:
             org = self.orgs[org_id]
             now = self._tick()
-            device = self._new_device(org, now)
+            device = self._new_device(org, now) if body is None else self._device_from_request(org, body, now)
             if before is not None:
                 floor = self._millis(EPOCH)
                 ceiling = max(floor, _ulid_millis(before) - 1)
                 device.id = make_ulid(self.rng.randint(floor, ceiling), self.rng)
-            body = body or {}
-            if "integration_id" in body:
-                device.integration_id = str(body["integration_id"])
-            if "name" in body:
-                device.name = _localized(body["name"])
-            if "external_id" in body:
-                device.external_id = body["external_id"]
-            if isinstance(body.get("device_metadata"), dict):
-                device.device_metadata = dict(body["device_metadata"])
-                device.kind = str(device.device_metadata.get("kind", device.kind))
             self._store(org, device)
             return device.id
 
+    def _device_from_request(self, org: SimOrg, body: dict[str, Any], now: datetime) -> SimDevice:
+        missing = [k for k in ("org_id", "name", "integration_id") if k not in body]
+        if missing:
+            raise SimError(422, f"missing required field(s): {', '.join(missing)}", "invalid_body")
+        if body["integration_id"] not in org.integrations:
+            raise SimError(422, f"Unknown integration {body['integration_id']}", "unknown_integration")
+        external_id = body.get("external_id")
+        if external_id is not None and not isinstance(external_id, str):
+            raise SimError(422, "external_id must be a string or null", "invalid_field")
+        zone_id = body.get("zone_id")
+        if zone_id is not None and zone_id not in org.zones:
+            raise SimError(422, f"Unknown zone {zone_id}", "unknown_zone")
+        metadata = body.get("device_metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
+        visible, credentials = _split_credentials(metadata or {}, {})
+        return SimDevice(
+            id=make_ulid(self._millis(now), self.rng),
+            org_id=org.id,
+            integration_id=body["integration_id"],
+            kind=str(visible.get("kind", "unknown")),
+            name=_localized(body["name"]),
+            external_id=external_id,
+            zone_id=zone_id,
+            device_metadata=visible,
+            created_at=now,
+            updated_at=now,
+            credentials=credentials,
+        )
+
     def update_device(self, org_id: str, device_id: str, changes: dict[str, Any]) -> bytes:
-        """update_device: apply the given UpdateDeviceRequest fields (plus zone_id, as the live API does)."""
+        """update_device: apply the given UpdateDeviceRequest fields (plus zone_id, as the live API does).
+
+        Unknown fields are ignored; ``updated_at`` moves only when something changed. In
+        ``device_metadata`` a credential field (``format: password``) left out keeps its value and
+        ``null`` clears it.
+        """
         with self.lock:
             device = self._find(org_id, device_id)
             if not isinstance(changes, dict):
                 raise SimError(400, "Request body must be a JSON object", "invalid_body")
+            before = (device.name, device.external_id, device.zone_id, device.device_metadata, device.credentials)
             if "name" in changes and changes["name"] is not None:
                 device.name = _localized(changes["name"])
             if "external_id" in changes:
@@ -292,8 +385,12 @@ class World:
             if "device_metadata" in changes:
                 if not isinstance(changes["device_metadata"], dict):
                     raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
-                device.device_metadata = dict(changes["device_metadata"])
-            self._changed(device)
+                device.device_metadata, device.credentials = _split_credentials(
+                    changes["device_metadata"], device.credentials
+                )
+                device.kind = str(device.device_metadata.get("kind", device.kind))
+            if (device.name, device.external_id, device.zone_id, device.device_metadata, device.credentials) != before:
+                self._changed(device)
             return self._bytes(device, True)
 
     def delete_device(self, org_id: str, device_id: str) -> bytes:
@@ -327,23 +424,45 @@ class World:
             return body
 
     def door_restrictions(self, device_id: str) -> bytes:
-        """get_door_restrictions: only for virtual_access_portal devices."""
+        """get_door_restrictions: only for virtual_access_portal devices (the spec asks for no org)."""
         with self.lock:
-            device = next((o.devices[device_id] for o in self.orgs.values() if device_id in o.devices), None)
-            if device is None:
-                raise SimError(404, f"Device {device_id} not found", "not_found")
-            if device.kind != "virtual_access_portal":
-                raise SimError(400, "Door restrictions exist only for virtual_access_portal devices", "wrong_kind")
-            ids = device.device_metadata.get("apartment_entity_ids", [])
-            return orjson.dumps({"apartment_entity_ids": list(ids)})
+            device = self._portal(next((o.id for o in self.orgs.values() if device_id in o.devices), None), device_id)
+            return orjson.dumps({self.restrictions_key: list(device.restrictions)})
+
+    def set_door_restrictions(self, org_id: str, device_id: str, body: Any) -> bytes:
+        """PUT door-restrictions (the SDK's set_door_restrictions; not in the public spec). Either body key
+        is taken; the answer uses this world's. The device itself does not change."""
+        with self.lock:
+            device = self._portal(org_id, device_id)
+            ids = body.get("listing_entity_ids", body.get("apartment_entity_ids")) if isinstance(body, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise SimError(422, f"{self.restrictions_key} must be a list of entity ids", "invalid_body")
+            device.restrictions = list(dict.fromkeys(ids))
+            return orjson.dumps({self.restrictions_key: list(device.restrictions)})
+
+    def _portal(self, org_id: str | None, device_id: str) -> SimDevice:
+        device = self.orgs[org_id].devices.get(device_id) if org_id in self.orgs else None
+        if device is None:
+            raise SimError(404, f"Device {device_id} not found", "not_found")
+        if device.kind != "virtual_access_portal":
+            raise SimError(400, "Door restrictions exist only for virtual_access_portal devices", "wrong_kind")
+        return device
 
     def metadata_definition(self, org_id: str, device_id: str) -> bytes:
-        """get_device_metadata_definition: a JSON Schema for device_metadata plus the data."""
+        """get_device_metadata_definition: the provider's JSON Schema of device_metadata, the data
+        (without write-only fields) and which credentials are set."""
         with self.lock:
             device = self._find(org_id, device_id)
-            schema = {"type": "object", "properties": {"kind": {"type": "string"}, "provider": {"type": "string"}}}
             provider = str(device.device_metadata.get("provider", "unknown"))
-            return orjson.dumps({"provider_type": provider, "schema": schema, "data": device.device_metadata})
+            schema = PROVIDER_SCHEMAS.get(provider, {"type": "object"})
+            return orjson.dumps(
+                {
+                    "provider_type": provider,
+                    "schema": schema,
+                    "data": device.device_metadata,
+                    "credentials_set": self._credentials_set(device),
+                }
+            )
 
     def during_scan(self, org_id: str, at_offset: int, action: Callable[[World], None]) -> None:
         """Run ``action`` once, just before serving the list page of ``org_id`` at ``at_offset``."""
@@ -429,7 +548,7 @@ class World:
             "device_metadata": device.device_metadata,
             # Fields the live server sends ahead of the public spec (CONTRACT.md §8).
             "zone_id": device.zone_id,
-            "credentials_set": device.credentials_set,
+            "credentials_set": self._credentials_set(device),
             "is_primary_instance": True,
         }
         if self.timestamps in ("top", "both"):
@@ -437,6 +556,12 @@ class World:
         if include_metadata and self.timestamps in ("metadata", "both"):
             body["metadata"] = {k: v for k, v in stamps.items() if v is not None}
         return body
+
+    def _credentials_set(self, device: SimDevice) -> Any:
+        """JSON Pointers to the credential fields holding a value (the SDK's form), or an older boolean."""
+        if self.credentials_style == "bool":
+            return bool(device.credentials)
+        return [f"/{name}" for name in sorted(device.credentials)]
 
     def _render_name(self, device: SimDevice) -> Any:
         style: str = self.name_style
@@ -457,6 +582,23 @@ def _localized(value: Any) -> dict[str, str]:
         if isinstance(inner, dict) and inner and all(isinstance(v, str) for v in inner.values()):
             return {str(k): v for k, v in inner.items()}
     raise SimError(422, "name must be a localized string map", "invalid_field")
+
+
+def _split_credentials(metadata: dict[str, Any], stored: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(visible metadata, credentials)`` after a write: the provider's credential fields leave the
+    metadata; a string sets one, ``null`` clears it, and one left out keeps its stored value."""
+    fields = CREDENTIAL_FIELDS.get(str(metadata.get("provider", "")), ())
+    credentials = dict(stored)
+    for name in fields:
+        if name in metadata:
+            value = metadata[name]
+            if value is None:
+                credentials.pop(name, None)
+            elif isinstance(value, str):
+                credentials[name] = value
+            else:
+                raise SimError(422, f"device_metadata.{name} must be a string or null", "invalid_field")
+    return {k: v for k, v in metadata.items() if k not in fields}, credentials
 
 
 def _ulid_millis(ulid: str) -> int:
