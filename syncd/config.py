@@ -203,6 +203,12 @@ class SyncSettings(Section):
     shutdown_timeout: float = setting(30.0, "duration", minimum=0)
     pass_timeout: float = setting(3600.0, "duration", minimum=1)
     max_pages: int = setting(10_000, "int", minimum=1)  # 2,000,000 devices at 200 a page
+    # After the scan: each portal's door restrictions (one request per portal, when it is new or
+    # changed, else once per interval) and each integration's metadata definition (once per interval).
+    door_restrictions: bool = setting(True, "bool")
+    door_restrictions_interval: float = setting(3600.0, "duration", minimum=60)
+    metadata_definitions: bool = setting(True, "bool")
+    metadata_definitions_interval: float = setting(86400.0, "duration", minimum=3600)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from syncd.errors import InvalidDeviceError
 
 DeviceState = Literal["active", "deleted", "purged"]
 DEVICE_STATES: tuple[DeviceState, ...] = get_args(DeviceState)
-CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged")  # device_changes.change
+# device_changes.change: what happened to a device; "restrictions": a portal's door restrictions changed.
+CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged", "restrictions")
 LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_delete_at")
 # Per-request cache annotations: they change between identical reads, so they are not content.
 VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
@@ -52,6 +53,9 @@ class Device:
     external_id: str | None
     name: dict[str, str]
     device_metadata: Any
+    # credentials_set as received: JSON Pointers (the SDK's newer form) or a boolean (older payloads);
+    # None when absent or neither. has_credentials reads either form.
+    credentials_set: list[str] | bool | None
     # The LIFECYCLE_FIELDS as canonical UTC text (see utc_text): the form SQLite stores, kept as
     # text because formatting a datetime costs more than the rest of a device's parsing.
     lifecycle: tuple[str | None, ...]
@@ -64,6 +68,13 @@ class Device:
     deleted_at = _lifecycle(2, "When OpenApp soft-deleted the device (None when it is not deleted).")
     purge_at = _lifecycle(3, "When OpenApp plans to purge the soft-deleted device.")
     hard_delete_at = _lifecycle(4, "When OpenApp plans to delete the device for good.")
+
+    @property
+    def has_credentials(self) -> bool | None:
+        """Whether OpenApp holds a credential of the device (None: the payload does not say)."""
+        if self.credentials_set is None:
+            return None
+        return bool(self.credentials_set)
 
     @property
     def state(self) -> DeviceState:
@@ -188,11 +199,96 @@ def parse_device(
         external_id=external_id,
         name=name,
         device_metadata=raw.get("device_metadata"),
+        credentials_set=credentials_set(raw.get("credentials_set")),
         lifecycle=tuple(lifecycle),
         raw=raw,
         raw_json=payload.decode(),
         fingerprint=digest,
     )
+
+
+def credentials_set(value: object) -> list[str] | bool | None:
+    """``credentials_set`` in either form the API sends: a list of JSON Pointers naming write-only
+    credential fields that hold a value, or a boolean. Anything else is not believed (None); the
+    payload keeps it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(pointer, str) for pointer in value):
+        return value
+    return None
+
+
+PORTAL_KIND = "virtual_access_portal"  # device_metadata.kind of the only devices with door restrictions
+# Door restrictions arrive under the public spec's key or the SDK's newer models' key (CONTRACT.md §9).
+RESTRICTION_KEYS = ("apartment_entity_ids", "listing_entity_ids")
+MAX_RESTRICTED_ENTITIES = 100_000  # per portal: more is a broken answer, not a building
+
+
+@dataclass(frozen=True, slots=True)
+class DoorRestrictions:
+    """What get_door_restrictions said about one portal."""
+
+    entity_ids: tuple[str, ...]  # sorted, each once; empty: the portal is not restricted
+    key: str  # the body key that carried them (one of RESTRICTION_KEYS)
+    raw: dict[str, Any]  # the answer as received
+
+
+def parse_door_restrictions(body: object) -> DoorRestrictions:
+    """Read a DoorRestrictionsResponse under either key; ValueError naming what is wrong with it."""
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+    present = [key for key in RESTRICTION_KEYS if key in body]
+    if not present:
+        raise ValueError(f"has neither {' nor '.join(RESTRICTION_KEYS)}")
+    lists = [body[key] for key in present]
+    for key, ids in zip(present, lists, strict=True):
+        if not isinstance(ids, list):
+            raise ValueError(f"{key} is not a list: {preview(ids)}")
+        if len(ids) > MAX_RESTRICTED_ENTITIES:
+            raise ValueError(f"{key} lists {len(ids)} entities, more than syncd believes ({MAX_RESTRICTED_ENTITIES})")
+        for entity_id in ids:
+            if not (isinstance(entity_id, str) and 0 < len(entity_id) <= ID_LENGTH and entity_id.isprintable()):
+                raise ValueError(f"{key} holds {preview(entity_id)}, which is not an entity id")
+    if len(present) == 2 and set(lists[0]) != set(lists[1]):
+        raise ValueError(f"{' and '.join(RESTRICTION_KEYS)} disagree")
+    _check_storable(body)
+    return DoorRestrictions(tuple(sorted(set(lists[0]))), present[0], body)
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataDefinition:
+    """What get_device_metadata_definition said: a provider's JSON Schema of ``device_metadata``."""
+
+    provider_type: str
+    schema: dict[str, Any] | bool
+    fingerprint: str  # digest of the schema, key order aside: tells a changed schema
+    raw: dict[str, Any]  # the answer as received (with the asked device's data and credentials_set)
+
+
+def parse_metadata_definition(body: object) -> MetadataDefinition:
+    """Read a DeviceMetadataDefinitionResponse; ValueError naming what is wrong with it."""
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+    provider = body.get("provider_type")
+    if not (isinstance(provider, str) and 0 < len(provider) <= ID_LENGTH and provider.isprintable()):
+        raise ValueError(f"provider_type {preview(provider)} is not a provider type")
+    schema = body.get("schema")
+    if not isinstance(schema, dict | bool):
+        raise ValueError(f"schema is not a JSON Schema (an object or a boolean): {preview(schema)}")
+    _check_storable(body)
+    digest = xxh3_128_hexdigest(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    return MetadataDefinition(provider, schema, digest, body)
+
+
+def _check_storable(body: dict[str, Any]) -> None:
+    """ValueError if an answer cannot be stored alike on both databases (as :func:`parse_device` checks)."""
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise ValueError(f"it is nested more than {MAX_NESTING} levels deep, deeper than syncd stores") from None
+    where = nul_path(body)
+    if where is not None:
+        raise ValueError(f"it holds a NUL character (U+0000) at {where}; PostgreSQL cannot store one")
 
 
 def nul_path(value: Any) -> str | None:

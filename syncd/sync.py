@@ -7,7 +7,8 @@ Safety rules (README, "How a pass works"):
 - a pass that would purge more than ``sync.max_purge_fraction`` of the org refuses, unless confirmed;
 - a device of another org is never written; a device that cannot be read or stored costs only itself
   (and purge detection); a device listed twice is taken once;
-- a pass ends: at ``sync.pass_timeout``, and when a list runs on far past the org's known size.
+- a pass ends: at ``sync.pass_timeout``, and when a list runs on far past the org's known size;
+- door restrictions and metadata definitions are read after purge detection (:mod:`syncd.details`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import structlog
 
 from syncd.api import DevicePage, OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
+from syncd.details import DetailReads
 from syncd.errors import (
     InvalidDeviceError,
     InvalidResponseError,
@@ -168,6 +170,8 @@ class OrgPass:
                     "failed",
                     self._problems_summary("could not be confirmed; purge detection is incomplete"),
                 )
+            if status != "aborted" and not self.stop.is_set():
+                self._read_details(run_id)
         except StoppedError as exc:
             status, error = "aborted", str(exc)
         except MassPurgeRefusedError as exc:
@@ -211,6 +215,20 @@ class OrgPass:
         else:
             self.log.warning(f"pass {outcome.status}", error=outcome.error, seconds=round(outcome.seconds, 2), **counts)
         return outcome
+
+    def _read_details(self, run_id: int) -> None:
+        """Door restrictions and metadata definitions (:mod:`syncd.details`), after the scan and
+        purge detection: what goes wrong there is logged and counted, never the pass's failure."""
+        reads = DetailReads(
+            self.client, self.store, self.org, self.settings, run_id, self.deadline, self.stop, self.log
+        )
+        try:
+            counts = reads.run()
+        except SyncdError as exc:
+            self.log.warning("door restrictions or metadata definitions were not mirrored this pass", error=str(exc))
+            return
+        self.counts.update(counts)
+        self.writes.count(run_id, counts)
 
     def _problems_summary(self, what: str) -> str:
         return f"{len(self.problems)} device(s) {what}; first: {self.problems[0]}"
@@ -473,6 +491,11 @@ class PageWrites:
             except BaseException:
                 self._held.subtract(page.counts)  # the page was rolled back, and its counts with it
                 raise
+
+    def count(self, run_id: int, counts: Counter[str]) -> None:
+        """Counters of work done outside the pages, committed with the next commit or :meth:`flush`."""
+        self._held.update(counts)
+        self._held_run = run_id
 
     def flush(self) -> None:
         """Commit the counters held back."""

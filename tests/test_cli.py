@@ -142,7 +142,7 @@ def test_db_upgrade_and_current(
     assert main(["db", "current", "--config", str(config)]) == 0
     assert "empty" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "empty -> 0004" in capsys.readouterr().out
+    assert "empty -> 0005" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at" in capsys.readouterr().out
 

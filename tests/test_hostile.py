@@ -27,12 +27,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from syncd.simulator.world import iso, make_ulid
 from syncd.store import Store
 from syncd.store.edits import EditQueue
-from syncd.store.schema import device_edits, devices
+from syncd.store.schema import device_edits, devices, door_restrictions, metadata_definitions, portal_restrictions
 
 from .conftest import API_KEY
 from .test_secrets import dump_database
@@ -40,7 +40,19 @@ from .test_secrets import dump_database
 ORG = "01HORG00000000000000000000"
 KEY_ENV = "SYNCD_TEST_API_KEY"
 GOOD = 450  # ordinary devices: three pages of 200
-ULID_PATH = re.compile(r"/api/v1/devices/[0-7][0-9A-HJKMNP-TV-Z]{25}")
+DEVICE_PATH = re.compile(r"/api/v1/devices/[0-7][0-9A-HJKMNP-TV-Z]{25}")
+ULID_PATH = re.compile(DEVICE_PATH.pattern + "(/door-restrictions|/metadata-definition)?")
+DEFINITION = orjson.dumps({"provider_type": "acme", "schema": {"type": "object"}, "data": {}, "credentials_set": []})
+# What a lying server answers to get_door_restrictions (one per portal) and get_device_metadata_definition.
+LYING_RESTRICTIONS = [
+    b'{"apartment_entity_ids": ["01HENT00000000000000000001", "evil\\u001b[31m"]}',
+    b'{"apartment_entity_ids": "everyone"}',
+    b'{"apartment_entity_ids": ["A"], "listing_entity_ids": ["B"]}',
+    b"<html><body>maintenance</body></html>",
+    b'{"listing_entity_ids": ["nul\\u0000"]}',
+    b'{"listing_entity_ids": [' + b",".join(b'"%d"' % i for i in range(100_001)) + b"]}",
+]
+LYING_DEFINITION = b'{"provider_type": "x\\n\\u001b[2J", "schema": {"type": "object"}, "data": {}}'
 RSS_LIMIT_MB = 250  # a normal run of this size peaks near 60 MB; a 1 GB bomb would be far above
 SECONDS_LIMIT = 40
 
@@ -98,6 +110,7 @@ class Case:
     seed_mirror: list[str] = field(default_factory=list)  # ids written into the mirror first (an older syncd)
     config: str = ""
     duplicates: int = 0
+    detail_failures: tuple[int, int] = (0, 0)  # door restrictions, metadata definitions
 
 
 CASES = [
@@ -191,6 +204,14 @@ CASES = [
         all_mirrored=False,
     ),
     Case(
+        "door restrictions and metadata definitions that lie",
+        extra=[item(device_metadata={"kind": "virtual_access_portal"}) for _ in LYING_RESTRICTIONS],
+        behaviour="lying_details",
+        exit_code=0,
+        error="6 request(s) for door restrictions failed",
+        detail_failures=(6, 1),
+    ),
+    Case(
         "one huge string beside one unreadable device",
         extra=[
             item(device_metadata={"blob": "y" * 12_000_000}),
@@ -208,6 +229,7 @@ class HostileServer:
     def __init__(self, case: Case) -> None:
         self.case = case
         self.requests: list[tuple[str, str]] = []
+        self.lies = 0
         self.stopping = threading.Event()
         self.listed = self._list_items(case)
         self.bomb = self._bomb() if case.behaviour == "gzip_bomb" else b""
@@ -285,8 +307,16 @@ class HostileServer:
                     else:
                         self.send(200, server.page(offset, limit))
                     return
-                if ULID_PATH.fullmatch(split.path) and server.case.behaviour == "wrong_answer":
+                if DEVICE_PATH.fullmatch(split.path) and server.case.behaviour == "wrong_answer":
                     self.send(200, orjson.dumps(GOOD_DEVICES[3]))  # a device, but not the one asked for
+                    return
+                lying = server.case.behaviour == "lying_details"
+                if split.path.endswith("/door-restrictions") and lying:
+                    server.lies += 1
+                    self.send(200, LYING_RESTRICTIONS[(server.lies - 1) % len(LYING_RESTRICTIONS)])
+                    return
+                if split.path.endswith("/metadata-definition"):
+                    self.send(200, LYING_DEFINITION if lying else DEFINITION)
                     return
                 self.send(404, b'{"message": "Device not found", "error_code": "not_found"}')
 
@@ -309,6 +339,24 @@ class HostileServer:
             do_PUT = do_POST = do_DELETE = do_PATCH = _refuse
 
         return Handler
+
+
+def details_believed(database_url: str) -> list[Any]:
+    """What the mirror took from door-restrictions and metadata-definition answers other than the
+    one honest definition."""
+    store = Store(database_url)
+    try:
+        with store.engine.connect() as conn:
+            kept = list(conn.execute(select(door_restrictions)))
+            kept += list(conn.execute(select(portal_restrictions).where(portal_restrictions.c.raw.is_not(None))))
+            kept += [
+                row
+                for row in conn.execute(select(metadata_definitions))
+                if row.json_schema is not None and row.provider_type != "acme"
+            ]
+        return kept
+    finally:
+        store.close()
 
 
 def seed_mirror(database_url: str, ids: list[str]) -> None:
@@ -406,6 +454,8 @@ def test_hostile_server(case: Case, tmp_path: Path, database_url: str) -> None:
         assert rows[planted]["state"] == "active"
     assert not any(r["state"] == "purged" for r in rows.values())
     assert run["unreadable"] == case.unreadable and run["duplicates"] == case.duplicates
+    assert (run["restriction_failures"], run["definition_failures"]) == case.detail_failures
+    assert not details_believed(database_url)  # nothing a lying answer said was kept
     assert (run["status"] == "succeeded") == (case.exit_code == 0)
     if case.unreadable:
         assert "position" in run["error"]

@@ -1,10 +1,20 @@
+import re
 from datetime import UTC, datetime
 
 import orjson
 import pytest
 
 from syncd.errors import InvalidDeviceError
-from syncd.models import encode, identify, normalise_name, parse_device, parse_timestamp, utc_text
+from syncd.models import (
+    encode,
+    identify,
+    normalise_name,
+    parse_device,
+    parse_door_restrictions,
+    parse_metadata_definition,
+    parse_timestamp,
+    utc_text,
+)
 
 DEVICE_ID = "01HK153X0038NZ3ZA2MABNBN61"
 BASE = {"id": DEVICE_ID, "org_id": "01HORG", "integration_id": "01HINT", "name": {"en": "Door"}}
@@ -126,3 +136,74 @@ def test_fingerprint_ignores_cache_annotations_and_keeps_the_payload_as_received
     reordered = dict(reversed(list({**BASE, "cache_ttl": 5}.items())))
     assert orjson.loads(encode(reordered)[0]) == reordered  # cache fields included: the payload as received
     assert list(orjson.loads(encode(reordered)[0])) == list(reordered)
+
+
+@pytest.mark.parametrize(
+    ("body", "entities", "key"),
+    [
+        ({"apartment_entity_ids": ["B", "A", "B"]}, ("A", "B"), "apartment_entity_ids"),  # the public spec
+        ({"listing_entity_ids": ["A"]}, ("A",), "listing_entity_ids"),  # the SDK's newer models
+        ({"apartment_entity_ids": ["A"], "listing_entity_ids": ["A"]}, ("A",), "apartment_entity_ids"),
+        ({"apartment_entity_ids": [], "extra": 1}, (), "apartment_entity_ids"),  # empty: not restricted
+    ],
+)
+def test_door_restrictions_under_either_key(body: dict[str, object], entities: tuple[str, ...], key: str) -> None:
+    restrictions = parse_door_restrictions(body)
+    assert (restrictions.entity_ids, restrictions.key, restrictions.raw) == (entities, key, body)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ([], "expected a JSON object"),
+        ({}, "has neither apartment_entity_ids nor listing_entity_ids"),
+        ({"apartment_entity_ids": "A"}, "is not a list"),
+        ({"listing_entity_ids": [1]}, "is not an entity id"),
+        ({"listing_entity_ids": [""]}, "is not an entity id"),
+        ({"listing_entity_ids": ["x" * 65]}, "is not an entity id"),
+        ({"listing_entity_ids": ["a\u001b[31m"]}, "is not an entity id"),
+        ({"apartment_entity_ids": ["A"], "listing_entity_ids": ["B"]}, "disagree"),
+        ({"apartment_entity_ids": ["A"], "note": "nul\u0000"}, "NUL character"),
+        ({"apartment_entity_ids": [str(i) for i in range(100_001)]}, "more than syncd believes"),
+    ],
+)
+def test_door_restrictions_that_are_not_believed(body: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_door_restrictions(body)
+
+
+def test_metadata_definitions() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"format": "password"}}}
+    body = {"provider_type": "akuvox", "schema": schema, "data": {"a": "x"}, "credentials_set": ["/b"]}
+    definition = parse_metadata_definition(body)
+    assert (definition.provider_type, definition.schema, definition.raw) == ("akuvox", schema, body)
+    reordered = {"properties": schema["properties"], "type": "object"}
+    assert parse_metadata_definition({**body, "schema": reordered}).fingerprint == definition.fingerprint
+    assert parse_metadata_definition({**body, "schema": True}).fingerprint != definition.fingerprint
+    for bad, problem in [
+        ({**body, "provider_type": ""}, "is not a provider type"),
+        ({**body, "provider_type": None}, "is not a provider type"),
+        ({**body, "schema": "object"}, "is not a JSON Schema"),
+        ({k: v for k, v in body.items() if k != "schema"}, "is not a JSON Schema"),
+        ({**body, "data": {"a": "\u0000"}}, "NUL character"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            parse_metadata_definition(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "kept", "has"),
+    [
+        (["/a"], ["/a"], True),
+        ([], [], False),
+        (True, True, True),
+        (False, False, False),
+        (None, None, None),
+        ([1], None, None),
+        ("yes", None, None),
+    ],
+)
+def test_credentials_set_in_either_form(value: object, kept: object, has: bool | None) -> None:
+    device = parse_device({**BASE, "credentials_set": value})
+    assert (device.credentials_set, device.has_credentials) == (kept, has)
+    assert device.raw["credentials_set"] == value  # as received

@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from syncd.api.pages import _salvage, read_page
 from syncd.errors import InvalidDeviceError, InvalidResponseError
-from syncd.models import UnreadableItem, parse_device, parse_timestamp, same_json
+from syncd.models import (
+    UnreadableItem,
+    parse_device,
+    parse_door_restrictions,
+    parse_metadata_definition,
+    parse_timestamp,
+    same_json,
+)
 from syncd.simulator.world import make_ulid
 from syncd.store import Store
 
@@ -196,3 +203,44 @@ def test_any_body_is_read_or_refused_never_crashes(body: bytes) -> None:
         pass
     else:
         assert isinstance(items, list)
+
+
+restriction_bodies = st.dictionaries(
+    st.sampled_from(["apartment_entity_ids", "listing_entity_ids", "other"]),
+    json_values | st.lists(st.text(max_size=70), max_size=6),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=restriction_bodies | json_values)
+def test_door_restrictions_are_read_or_refused_in_one_line(body: Any) -> None:
+    try:
+        restrictions = parse_door_restrictions(body)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+        return
+    ids = restrictions.entity_ids
+    assert list(ids) == sorted(set(ids)) and all(0 < len(i) <= 64 and i.isprintable() for i in ids)
+    assert set(ids) == set(body[restrictions.key]) and restrictions.raw is body
+
+
+definition_bodies = st.fixed_dictionaries(
+    {"provider_type": st.text(max_size=70) | json_values, "schema": json_values},
+    optional={"data": json_values, "credentials_set": json_values},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=definition_bodies | json_values)
+def test_metadata_definitions_are_read_or_refused_in_one_line(body: Any) -> None:
+    try:
+        definition = parse_metadata_definition(body)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert definition.schema is body["schema"] and len(definition.fingerprint) == 32
+    reordered = (
+        {**body, "schema": dict(reversed(list(body["schema"].items())))} if isinstance(body["schema"], dict) else body
+    )
+    assert parse_metadata_definition(reordered).fingerprint == definition.fingerprint  # key order aside

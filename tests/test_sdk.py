@@ -102,9 +102,10 @@ def test_get_by_name_searches_the_first_page_only(client: Client, sdk_world: Wor
 def test_create_update_delete_restore_purge(client: Client, sdk_world: World) -> None:
     org = org_of(sdk_world)
     zone = sdk_world.orgs[org].zones[0]
+    virtual = next(i for i, provider in sdk_world.orgs[org].providers.items() if provider == "openapp_virtual")
     request = CreateDeviceRequest(
         org_id=org,
-        integration_id=sdk_world.orgs[org].integrations[0],
+        integration_id=virtual,
         name={"value": {"en": "SDK portal"}},
         zone_id=zone,
         device_metadata={"kind": "virtual_access_portal", "provider": "openapp_virtual", "webhook_secret": "s"},

@@ -231,6 +231,7 @@ def test_the_fast_path_follows_the_schema(database_url: str) -> None:
         "external_id": "ext-d",
         "name": {"en": "Door"},
         "device_metadata": {"kind": "gate"},
+        "credentials_set": ["/auth_key"],
         "created_at": "2024-01-01T00:00:01.000000Z",
         "updated_at": "2024-01-01T00:00:02.000000Z",
         "deleted_at": "2024-01-01T00:00:03.000000Z",

@@ -19,7 +19,9 @@ from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
 from syncd.models import LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
 from syncd.simulator import Fault, Simulator, World
+from syncd.simulator.world import PROVIDER_SCHEMAS
 from syncd.store import Store
+from syncd.store.details import MetadataDefinitions, PortalRestrictions
 from syncd.store.schema import devices
 from syncd.sync import OrgPass, PageWrites, PreparedPage
 
@@ -45,6 +47,25 @@ def assert_mirror_matches(store: Store, world: World, org: str) -> None:
     for device_id, row in rows.items():
         if device_id not in truth:
             assert row["state"] == "purged" and row["purged_at"] is not None
+    assert_details_match(store, world, org)
+
+
+def assert_details_match(store: Store, world: World, org: str) -> None:
+    """Every active portal's door restrictions, every device's credentials_set and every
+    integration's metadata definition are mirrored as OpenApp has them."""
+    restrictions = PortalRestrictions(store)
+    definitions = MetadataDefinitions(store).of(org)
+    sim_org = world.orgs[org]
+    for device_id, row in ((r["id"], r) for r in store.devices_of(org) if r["state"] == "active"):
+        device = sim_org.devices[device_id]
+        assert row["credentials_set"] == world.device(org, device_id)["credentials_set"]
+        assert row["has_credentials"] is bool(device.credentials)
+        if device.kind == "virtual_access_portal":
+            assert restrictions.entities(device_id) == sorted(device.restrictions), device_id
+            assert restrictions.row(device_id)["status"] == "ok"
+        provider = sim_org.providers[device.integration_id]
+        assert definitions[device.integration_id]["provider_type"] == provider
+        assert definitions[device.integration_id]["json_schema"] == PROVIDER_SCHEMAS[provider]
 
 
 def test_first_sync_equals_ground_truth(sync: Syncer, store: Store, world: World, org: str) -> None:
@@ -316,7 +337,7 @@ def test_org_filters_are_applied_and_scope_purge_detection(
     sim: Simulator, client: Any, sync: Syncer, store: Store, world: World, org: str
 ) -> None:
     sync(org)  # the whole org first; later passes are filtered
-    integration = world.orgs[org].integrations[1]
+    integration = next(i for i, provider in world.orgs[org].providers.items() if provider == "openapp_virtual")
     portal = OrgSettings(org, integration_id=integration, device_kind="virtual_access_portal")
     in_scope = [
         d["id"]

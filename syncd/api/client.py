@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -51,12 +51,21 @@ from syncd.errors import (
     TransportError,
 )
 from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
-from syncd.models import check_device_id, one_line, preview
+from syncd.models import (
+    DoorRestrictions,
+    MetadataDefinition,
+    check_device_id,
+    one_line,
+    parse_door_restrictions,
+    parse_metadata_definition,
+    preview,
+)
 
 log = structlog.get_logger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_OFFSET = 2**31 - 1  # PaginationQuery.offset is int32
+T = TypeVar("T")
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer only the ApiErrorResponse fields (or a snippet) are kept
 STOP_POLL = 0.5  # seconds between looks at the stop event by the thread that interrupts requests
 
@@ -266,6 +275,21 @@ class OpenAppClient:
         body = self._send("delete_device", "DELETE", path, org_id, _write_params())
         return _device(body, "delete_device", org_id, device_id)
 
+    def get_door_restrictions(self, org_id: str, device_id: str, *, deadline: float | None = None) -> DoorRestrictions:
+        """get_door_restrictions: the entities a virtual_access_portal lets through (either body key).
+        RejectedError (400) for a device that is not a portal, NotFoundError (404) for one that is gone."""
+        path = _device_path("get_door_restrictions", device_id, "door-restrictions")
+        body = self._send("get_door_restrictions", "GET", path, org_id, {}, deadline=deadline)
+        return _answer(body, "get_door_restrictions", parse_door_restrictions)
+
+    def get_metadata_definition(
+        self, org_id: str, device_id: str, *, deadline: float | None = None
+    ) -> MetadataDefinition:
+        """get_device_metadata_definition: the JSON Schema of the device's provider's device_metadata."""
+        path = _device_path("get_device_metadata_definition", device_id, "metadata-definition")
+        body = self._send("get_device_metadata_definition", "GET", path, org_id, {}, deadline=deadline)
+        return _answer(body, "get_device_metadata_definition", parse_metadata_definition)
+
     # -- transport --------------------------------------------------------------------------
 
     def _send(
@@ -428,6 +452,16 @@ def _device(body: bytes, operation: str, org_id: str, device_id: str) -> dict[st
             f"{preview(data.get('id'))} of org {preview(data.get('org_id'))}; it was not believed"
         )
     return data
+
+
+def _answer(body: bytes, operation: str, parse: Callable[[object], T]) -> T:
+    """An answer read by ``parse`` (a models function); what it cannot read is InvalidResponseError."""
+    try:
+        return parse(orjson.loads(body))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidResponseError(f"{operation}: the response body is not JSON ({exc})") from None
+    except ValueError as exc:
+        raise InvalidResponseError(f"{operation}: unusable answer: {exc}") from None
 
 
 def _item_id(item: object) -> object:

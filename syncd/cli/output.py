@@ -13,7 +13,8 @@ from syncd.models import DEVICE_STATES
 from syncd.store.schema import RUN_COUNTERS
 from syncd.sync import PassOutcome
 
-SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if c != "requests")
+SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if not c.endswith(("requests", "failures")))
+DETAIL_FAILURES = {"restriction_failures": "door restrictions", "definition_failures": "metadata definitions"}
 # What the payload line of an edit says it does, by the edit's status.
 PAYLOAD_VERBS = {"pending": "queued", "in_flight": "pushing", "succeeded": "applied"}
 
@@ -45,6 +46,13 @@ def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
     for o in outcomes:
         if o.error:
             print(f"{o.org_id}: {o.status}: {o.error}", file=out)
+        for counter, what in DETAIL_FAILURES.items():
+            if o.counts[counter]:
+                print(
+                    f"{o.org_id}: {o.counts[counter]} request(s) for {what} failed; the mirror keeps what it had "
+                    "and asks again next pass (see the log)",
+                    file=out,
+                )
 
 
 def print_status(report: list[dict[str, Any]], out: TextIO) -> None:

@@ -74,6 +74,13 @@ PROVIDER_SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
 }
+# What each provider's integrations hold (the shape of device_metadata depends on the provider).
+PROVIDER_KINDS = {
+    "shelly_cloud": ("door_controller", "gate", "lock"),
+    "akuvox": ("intercom", "door_controller"),
+    "go2rtc": ("camera",),
+    "openapp_virtual": ("virtual_access_portal",),
+}
 CREDENTIAL_FIELDS = {
     provider: tuple(k for k, v in schema["properties"].items() if v.get("format") == "password")
     for provider, schema in PROVIDER_SCHEMAS.items()
@@ -145,6 +152,7 @@ class SimOrg:
     id: str
     integrations: list[str]
     zones: list[str]
+    providers: dict[str, str] = field(default_factory=dict)  # integration id -> provider type
     ids: list[str] = field(default_factory=list)
     devices: dict[str, SimDevice] = field(default_factory=dict)
 
@@ -178,25 +186,30 @@ class World:
         """Accept ``key``; limited to ``orgs`` when given."""
         self.keys[key] = frozenset(orgs) if orgs is not None else None
 
-    def add_org(self, org_id: str, integrations: int = 3, zones: int = 5) -> SimOrg:
-        """Create an empty organisation with some integrations and zones."""
+    def add_org(self, org_id: str, integrations: int = 4, zones: int = 5) -> SimOrg:
+        """Create an empty organisation with some integrations (of the providers in turn) and zones."""
         with self.lock:
+            integration_ids = [make_ulid(self._millis(EPOCH), self.rng) for _ in range(integrations)]
             org = SimOrg(
                 org_id,
-                integrations=[make_ulid(self._millis(EPOCH), self.rng) for _ in range(integrations)],
+                integrations=integration_ids,
                 zones=[make_ulid(self._millis(EPOCH), self.rng) for _ in range(zones)],
+                providers={i: PROVIDERS[n % len(PROVIDERS)] for n, i in enumerate(integration_ids)},
             )
             self.orgs[org_id] = org
             return org
 
-    def seed(self, orgs: int, devices_per_org: int, deleted_fraction: float = 0.05) -> list[str]:
-        """Fill the world with deterministic data; returns the org ids."""
+    def seed(
+        self, orgs: int, devices_per_org: int, deleted_fraction: float = 0.05, portal_fraction: float | None = None
+    ) -> list[str]:
+        """Fill the world with deterministic data; returns the org ids. ``portal_fraction``: the share
+        of devices that are portals (default: as many as of each other provider)."""
         ids = []
         for o in range(orgs):
             org = self.add_org(org_id_for(o))
             for i in range(devices_per_org):
                 created = EPOCH + timedelta(seconds=i * 37 + o)
-                device = self._new_device(org, created, index=i)
+                device = self._new_device(org, created, index=i, portal_fraction=portal_fraction)
                 if self.rng.random() < deleted_fraction:
                     device.deleted_at = created + timedelta(days=30)
                     device.updated_at = device.deleted_at
@@ -206,18 +219,27 @@ class World:
                 self._bytes(device, True)
         return ids
 
-    def _new_device(self, org: SimOrg, created: datetime, index: int | None = None) -> SimDevice:
+    def _new_device(
+        self, org: SimOrg, created: datetime, index: int | None = None, portal_fraction: float | None = None
+    ) -> SimDevice:
         rng = self.rng
-        kind = KINDS[rng.randrange(len(KINDS))]
-        integration = org.integrations[rng.randrange(len(org.integrations))]
+        portals = [i for i in org.integrations if org.providers[i] == "openapp_virtual"]
+        others = [i for i in org.integrations if org.providers[i] != "openapp_virtual"]
+        if portal_fraction is None or not portals or not others:
+            integration = org.integrations[rng.randrange(len(org.integrations))]
+        else:
+            pool = portals if rng.random() < portal_fraction else others
+            integration = pool[rng.randrange(len(pool))]
+        provider = org.providers[integration]
+        kinds = PROVIDER_KINDS[provider]
+        kind = kinds[rng.randrange(len(kinds))]
         number = index if index is not None else rng.randrange(10**6)
         label = f"{WORDS[rng.randrange(len(WORDS))]} {THINGS[kind]} {number}"
         name = {"en": label}
         if rng.random() < 0.3:
             name["de"] = label.replace("door", "Tür").replace("gate", "Tor")
-        provider = "go2rtc" if kind == "camera" else PROVIDERS[rng.randrange(len(PROVIDERS))]
         metadata: dict[str, Any] = {"kind": kind, "provider": provider}
-        if kind == "camera":
+        if provider == "go2rtc":
             metadata["channel"] = f"cam{rng.randrange(64)}"
         restrictions = []
         if kind == "virtual_access_portal":
@@ -343,7 +365,7 @@ class World:
         metadata = body.get("device_metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
-        visible, credentials = _split_credentials(metadata or {}, {})
+        visible, credentials = _split_credentials(metadata or {}, {}, org.providers[body["integration_id"]])
         return SimDevice(
             id=make_ulid(self._millis(now), self.rng),
             org_id=org.id,
@@ -386,7 +408,7 @@ class World:
                 if not isinstance(changes["device_metadata"], dict):
                     raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
                 device.device_metadata, device.credentials = _split_credentials(
-                    changes["device_metadata"], device.credentials
+                    changes["device_metadata"], device.credentials, self.orgs[org_id].providers[device.integration_id]
                 )
                 device.kind = str(device.device_metadata.get("kind", device.kind))
             if (device.name, device.external_id, device.zone_id, device.device_metadata, device.credentials) != before:
@@ -453,8 +475,8 @@ class World:
         (without write-only fields) and which credentials are set."""
         with self.lock:
             device = self._find(org_id, device_id)
-            provider = str(device.device_metadata.get("provider", "unknown"))
-            schema = PROVIDER_SCHEMAS.get(provider, {"type": "object"})
+            provider = self.orgs[org_id].providers[device.integration_id]
+            schema = PROVIDER_SCHEMAS[provider]
             return orjson.dumps(
                 {
                     "provider_type": provider,
@@ -584,10 +606,12 @@ def _localized(value: Any) -> dict[str, str]:
     raise SimError(422, "name must be a localized string map", "invalid_field")
 
 
-def _split_credentials(metadata: dict[str, Any], stored: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+def _split_credentials(
+    metadata: dict[str, Any], stored: dict[str, str], provider: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """``(visible metadata, credentials)`` after a write: the provider's credential fields leave the
     metadata; a string sets one, ``null`` clears it, and one left out keeps its stored value."""
-    fields = CREDENTIAL_FIELDS.get(str(metadata.get("provider", "")), ())
+    fields = CREDENTIAL_FIELDS[provider]
     credentials = dict(stored)
     for name in fields:
         if name in metadata:

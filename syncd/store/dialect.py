@@ -139,6 +139,8 @@ class Dialect:
             d.external_id,
             self.json(d.name),
             self.json(d.device_metadata),
+            self.json(d.credentials_set),
+            d.has_credentials,
             *self.lifecycle(d),
             d.state,
             d.fingerprint,
@@ -210,7 +212,7 @@ class Dialect:
             conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {self.p}", (*(n for _, n in bumps), run_id))
 
 
-SQLITE_ROWS_PER_INSERT = 500  # 500 x 15 values stays far below SQLite's 32,766 bound parameters
+SQLITE_ROWS_PER_INSERT = 500  # 500 x 17 values stays far below SQLite's 32,766 bound parameters
 
 
 class SQLiteDialect(Dialect):

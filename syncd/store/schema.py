@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -35,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -118,6 +119,12 @@ devices = Table(
     Column("external_id", Text),
     Column("name", JSONDoc, nullable=False, comment="{locale: text}; 'und' when OpenApp sent a bare string"),
     Column("device_metadata", JSONDoc),
+    Column(
+        "credentials_set",
+        JSONDoc,
+        comment="as received: JSON Pointers of write-only credential fields that hold a value, or a boolean",
+    ),
+    Column("has_credentials", Boolean, comment="credentials_set in either form: any credential stored"),
     Column("created_at", UTCDateTime),
     Column("updated_at", UTCDateTime),
     Column("deleted_at", UTCDateTime),
@@ -157,6 +164,11 @@ sync_runs = Table(
     Column("error", Text),
     Column("unreadable", Integer, nullable=False, server_default="0"),
     Column("duplicates", Integer, nullable=False, server_default="0"),
+    Column("restrictions", Integer, nullable=False, server_default="0", comment="portals whose restrictions changed"),
+    Column("restriction_requests", Integer, nullable=False, server_default="0"),
+    Column("restriction_failures", Integer, nullable=False, server_default="0"),
+    Column("definition_requests", Integer, nullable=False, server_default="0"),
+    Column("definition_failures", Integer, nullable=False, server_default="0"),
     CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
     CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
     Index(None, "org_id", "started_at"),
@@ -208,6 +220,62 @@ device_edits = Table(
     Index(None, "device_id", "id"),
 )
 
+# Door restrictions: one row per portal syncd has asked (portal_restrictions), one per portal and
+# entity it restricts to (door_restrictions). An answered portal without door_restrictions rows is
+# not restricted.
+RESTRICTION_STATUSES = ("ok", "not_a_portal", "not_found", "failed")
+
+portal_restrictions = Table(
+    "portal_restrictions",
+    metadata,
+    Column("device_id", String(64), ForeignKey("devices.id"), primary_key=True, comment="the portal"),
+    Column("org_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False, comment="ok, not_a_portal (400), not_found (404), failed"),
+    Column("restricted", Boolean, comment="the last answer listed entities (false: no restriction)"),
+    Column("entity_count", Integer),
+    Column("body_key", String(32), comment="apartment_entity_ids or listing_entity_ids, as the answer had it"),
+    Column("raw", JSONDoc, comment="the last DoorRestrictionsResponse as received"),
+    Column("fetched_at", UTCDateTime, comment="the last answer"),
+    Column("changed_at", UTCDateTime, comment="when the list last changed"),
+    Column("attempted_at", UTCDateTime, nullable=False),
+    Column("next_fetch_at", UTCDateTime, nullable=False, comment="asked again after this, or when the device changes"),
+    Column("device_fingerprint", String(32), comment="devices.fingerprint when last asked"),
+    Column("last_error", Text),
+    CheckConstraint(_one_of("status", RESTRICTION_STATUSES), name="status"),
+    Index(None, "org_id", "next_fetch_at"),
+)
+
+door_restrictions = Table(
+    "door_restrictions",
+    metadata,
+    Column("device_id", String(64), ForeignKey("devices.id"), primary_key=True, comment="the portal"),
+    Column("entity_id", String(64), primary_key=True, comment="an apartment / listing it lets through"),
+    Column("org_id", String(64), nullable=False),
+    Column("since", UTCDateTime, nullable=False, comment="when syncd first saw the entity on the portal"),
+    Index(None, "entity_id"),
+    Index(None, "org_id"),
+)
+
+# A provider's JSON Schema of device_metadata, asked of one device per integration (the shape of
+# device_metadata depends on the integration's provider).
+metadata_definitions = Table(
+    "metadata_definitions",
+    metadata,
+    Column("org_id", String(64), primary_key=True),
+    Column("integration_id", String(64), primary_key=True),
+    Column("provider_type", String(64)),
+    Column("json_schema", JSONDoc, comment="JSON Schema of device_metadata for this provider"),
+    Column("fingerprint", String(32), comment="digest of json_schema (key order aside)"),
+    Column("device_id", String(64), comment="the device it was asked of"),
+    Column("raw", JSONDoc, comment="the last DeviceMetadataDefinitionResponse as received"),
+    Column("fetched_at", UTCDateTime, comment="the last answer"),
+    Column("changed_at", UTCDateTime, comment="when json_schema last changed"),
+    Column("attempted_at", UTCDateTime, nullable=False),
+    Column("next_fetch_at", UTCDateTime, nullable=False),
+    Column("last_error", Text),
+    Index(None, "provider_type"),
+)
+
 RUN_COUNTERS = (
     "pages",
     "requests",
@@ -221,4 +289,9 @@ RUN_COUNTERS = (
     "rejected",
     "unreadable",
     "duplicates",
+    "restrictions",
+    "restriction_requests",
+    "restriction_failures",
+    "definition_requests",
+    "definition_failures",
 )

@@ -243,6 +243,13 @@ class Store:
         with self.session() as session, session.writer() as writer:
             yield writer
 
+    @contextmanager
+    def transaction(self, action: str) -> Iterator[Connection]:
+        """A write transaction for the store's own modules, in this process's turn to write on SQLite;
+        a database error in it is StoreError naming ``action``."""
+        with self._write_turn, translated(action), self.engine.begin() as conn:
+            yield conn
+
     def live_ids_except(
         self, org_id: str, seen: set[str], integration_id: str | None = None, device_kind: str | None = None
     ) -> list[str]:

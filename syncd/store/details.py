@@ -1,0 +1,285 @@
+"""What a pass reads beyond list_devices, as the mirror keeps it: door restrictions of portals
+(``portal_restrictions``, ``door_restrictions``) and metadata definitions (``metadata_definitions``).
+
+Which portals and integrations are due to be asked is decided here, in SQL, from the mirrored
+devices; what each answer changes (rows, and a ``restrictions`` history row when a portal's list
+changed) is written here, a batch of answers per transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
+
+from syncd.models import PORTAL_KIND, DoorRestrictions, MetadataDefinition, one_line
+from syncd.store.schema import (
+    device_changes,
+    devices,
+    door_restrictions,
+    metadata_definitions,
+    portal_restrictions,
+)
+from syncd.store.store import Store
+from syncd.store.translate import translated
+
+
+@dataclass(frozen=True, slots=True)
+class DuePortal:
+    """A portal whose restrictions are to be asked for."""
+
+    device_id: str
+    fingerprint: str  # the device's fingerprint now; stored with the answer
+    answered: bool  # an earlier answer exists (else this is the portal's first)
+
+
+@dataclass(frozen=True, slots=True)
+class RestrictionsAnswer:
+    """The outcome of asking one portal: ``ok`` with its restrictions, ``not_a_portal`` (400),
+    ``not_found`` (404), or ``failed`` (with ``error``; the previous restrictions stay)."""
+
+    device_id: str
+    fingerprint: str
+    status: str
+    next_fetch_at: datetime
+    restrictions: DoorRestrictions | None = None
+    error: str | None = None
+
+
+class PortalRestrictions:
+    """``portal_restrictions`` and ``door_restrictions``, for the pass that asks about portals."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def due(self, org_id: str, now: datetime, integration_id: str | None = None) -> list[DuePortal]:
+        """Active portals of the org never asked about, changed since they were asked, or whose
+        ``next_fetch_at`` has come; likewise devices asked before that no longer say they are
+        portals, until OpenApp answers that they are not (400). New and changed ones first."""
+        d, p = devices, portal_restrictions
+        kind = d.c.device_metadata["kind"].as_string()
+        query = (
+            select(d.c.id, d.c.fingerprint, p.c.status)
+            .select_from(d.outerjoin(p, p.c.device_id == d.c.id))
+            .where(
+                d.c.org_id == org_id,
+                d.c.state == "active",
+                or_(kind == PORTAL_KIND, p.c.status != "not_a_portal"),
+                or_(
+                    p.c.device_id.is_(None),
+                    p.c.device_fingerprint.is_(None),
+                    p.c.device_fingerprint != d.c.fingerprint,
+                    p.c.next_fetch_at <= now,
+                ),
+            )
+            .order_by(p.c.next_fetch_at.nulls_first(), d.c.id)
+        )
+        if integration_id:
+            query = query.where(d.c.integration_id == integration_id)
+        with translated("finding portals due for their door restrictions"), self.store.engine.connect() as conn:
+            return [
+                DuePortal(device_id, fingerprint, status not in (None, "failed"))
+                for device_id, fingerprint, status in conn.execute(query)
+            ]
+
+    def entities(self, device_id: str) -> list[str]:
+        """The entities a portal is restricted to, as mirrored (sorted)."""
+        query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
+        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def row(self, device_id: str) -> dict[str, Any] | None:
+        """A portal's ``portal_restrictions`` row, or None."""
+        query = select(portal_restrictions).where(portal_restrictions.c.device_id == device_id)
+        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+            found = conn.execute(query).mappings().one_or_none()
+            return dict(found) if found else None
+
+    def record(self, org_id: str, run_id: int, now: datetime, answers: Sequence[RestrictionsAnswer]) -> int:
+        """Write a batch of answers in one transaction; returns how many portals' lists changed
+        (each also gets a ``restrictions`` row in device_changes, with the old and new lists)."""
+        if not answers:
+            return 0
+        ids = [a.device_id for a in answers]
+        changes: list[dict[str, Any]] = []
+        with self.store.transaction("writing door restrictions") as conn:
+            previous = {
+                row.device_id: row.status
+                for row in conn.execute(
+                    select(portal_restrictions.c.device_id, portal_restrictions.c.status).where(
+                        portal_restrictions.c.device_id.in_(ids)
+                    )
+                )
+            }
+            held: dict[str, set[str]] = {device_id: set() for device_id in ids}
+            query = select(door_restrictions.c.device_id, door_restrictions.c.entity_id).where(
+                door_restrictions.c.device_id.in_(ids)
+            )
+            for device_id, entity_id in conn.execute(query):
+                held[device_id].add(entity_id)
+            for answer in answers:
+                old_status = previous.get(answer.device_id)
+                change = _write_answer(conn, org_id, now, answer, old_status, held[answer.device_id])
+                if change is not None:
+                    changes.append(
+                        {
+                            "device_id": answer.device_id,
+                            "org_id": org_id,
+                            "run_id": run_id,
+                            "observed_at": now,
+                            "change": "restrictions",
+                            "diff": {"door_restrictions": change},
+                        }
+                    )
+            if changes:
+                conn.execute(insert(device_changes), changes)
+        return len(changes)
+
+
+def _write_answer(
+    conn: Connection, org_id: str, now: datetime, answer: RestrictionsAnswer, old_status: str | None, held: set[str]
+) -> dict[str, Any] | None:
+    """Write one answer; the ``{"old": ..., "new": ...}`` of a changed list, else None. The first
+    list of a portal has nothing to compare with; a portal that is no longer one has none (new: null)."""
+    p = portal_restrictions
+    values: dict[str, Any] = {"attempted_at": now, "next_fetch_at": answer.next_fetch_at}
+    known_before = old_status == "ok" or bool(held)  # the mirror holds a list to compare with
+    new: list[str] | None = None
+    if answer.status == "failed":
+        # The previous restrictions (and what the last answer said) stay; only the attempt is recorded.
+        values["last_error"] = one_line(answer.error or "failed", 2000)
+        if old_status is None:
+            values["status"] = "failed"
+    else:
+        values.update(status=answer.status, fetched_at=now, device_fingerprint=answer.fingerprint, last_error=None)
+        if answer.status == "ok":
+            assert answer.restrictions is not None
+            new = list(answer.restrictions.entity_ids)
+            values.update(
+                restricted=bool(new),
+                entity_count=len(new),
+                body_key=answer.restrictions.key,
+                raw=answer.restrictions.raw,
+            )
+        elif answer.status == "not_a_portal":
+            values.update(restricted=None, entity_count=None, raw=None, last_error=answer.error)
+    changed = answer.status in ("ok", "not_a_portal") and (new is None or set(new) != held)
+    if answer.status == "ok" and not known_before:
+        values["changed_at"] = now  # first list: nothing to compare with, no history row
+    if changed:
+        wanted = set(new or ())
+        gone, added = held - wanted, wanted - held
+        if gone:
+            conn.execute(
+                delete(door_restrictions).where(
+                    door_restrictions.c.device_id == answer.device_id, door_restrictions.c.entity_id.in_(gone)
+                )
+            )
+        if added:
+            conn.execute(
+                insert(door_restrictions),
+                [
+                    {"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now}
+                    for e in sorted(added)
+                ],
+            )
+        if gone or added or (new is None and known_before):
+            values["changed_at"] = now
+    updated = conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values)).rowcount
+    if not updated:
+        conn.execute(insert(p).values(device_id=answer.device_id, org_id=org_id, **values))
+    if known_before and "changed_at" in values:
+        return {"old": sorted(held), "new": new}
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class DueIntegration:
+    """An integration whose provider's metadata definition is to be asked for, and the device to ask."""
+
+    integration_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DefinitionAnswer:
+    """The outcome of asking one integration's device: a definition, or ``error``."""
+
+    integration_id: str
+    device_id: str
+    next_fetch_at: datetime
+    definition: MetadataDefinition | None = None
+    error: str | None = None
+
+
+class MetadataDefinitions:
+    """``metadata_definitions``: each integration's provider's JSON Schema of device_metadata."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def due(self, org_id: str, now: datetime, integration_id: str | None = None) -> list[DueIntegration]:
+        """Integrations of the org's active devices never asked about or whose ``next_fetch_at`` has
+        come, each with the device to ask (the lowest id, for a stable choice)."""
+        d, m = devices, metadata_definitions
+        query = (
+            select(d.c.integration_id, func.min(d.c.id))
+            .select_from(d.outerjoin(m, (m.c.org_id == d.c.org_id) & (m.c.integration_id == d.c.integration_id)))
+            .where(
+                d.c.org_id == org_id,
+                d.c.state == "active",
+                d.c.integration_id.is_not(None),
+                or_(m.c.integration_id.is_(None), m.c.next_fetch_at <= now),
+            )
+            .group_by(d.c.integration_id)
+            .order_by(d.c.integration_id)
+        )
+        if integration_id:
+            query = query.where(d.c.integration_id == integration_id)
+        with translated("finding integrations due for their metadata definition"), self.store.engine.connect() as c:
+            return [DueIntegration(integration, device_id) for integration, device_id in c.execute(query)]
+
+    def of(self, org_id: str) -> dict[str, dict[str, Any]]:
+        """The org's ``metadata_definitions`` rows by integration id."""
+        query = select(metadata_definitions).where(metadata_definitions.c.org_id == org_id)
+        with translated("reading metadata definitions"), self.store.engine.connect() as conn:
+            return {row["integration_id"]: dict(row) for row in conn.execute(query).mappings()}
+
+    def record(self, org_id: str, now: datetime, answers: Sequence[DefinitionAnswer]) -> list[str]:
+        """Write the answers in one transaction; returns the integrations whose schema changed
+        (from an earlier, different one)."""
+        m = metadata_definitions
+        changed: list[str] = []
+        with self.store.transaction("writing metadata definitions") as conn:
+            for answer in answers:
+                key = (m.c.org_id == org_id) & (m.c.integration_id == answer.integration_id)
+                old = conn.execute(select(m.c.fingerprint).where(key)).one_or_none()
+                values: dict[str, Any] = {
+                    "attempted_at": now,
+                    "next_fetch_at": answer.next_fetch_at,
+                    "device_id": answer.device_id,
+                }
+                definition = answer.definition
+                if definition is None:
+                    values["last_error"] = one_line(answer.error or "failed", 2000)
+                else:
+                    values.update(
+                        provider_type=definition.provider_type,
+                        json_schema=definition.schema,
+                        fingerprint=definition.fingerprint,
+                        raw=definition.raw,
+                        fetched_at=now,
+                        last_error=None,
+                    )
+                    if old is None or old.fingerprint != definition.fingerprint:
+                        values["changed_at"] = now
+                        if old is not None and old.fingerprint is not None:
+                            changed.append(answer.integration_id)
+                if old is None:
+                    conn.execute(insert(m).values(org_id=org_id, integration_id=answer.integration_id, **values))
+                else:
+                    conn.execute(update(m).where(key).values(values))
+        return changed
