@@ -9,6 +9,11 @@ process, and the simulator's own serving rate for the same pages (fetched raw, w
 included; "in-pass" is from the first pass start to the last pass end recorded in sync_runs. Each
 sync figure is the median of --repeat runs (each on a fresh database); peak RSS is the highest.
 With --scaling it also syncs 1 x 300,000 on SQLite to show how peak RSS grows with the device count.
+The simulator makes 2% of the devices door portals (`syncd simulate --portal-fraction`), so every pass
+also mirrors door restrictions and metadata definitions, as by default. A separate block measures what
+door restrictions add: 1 org x 100,000 devices (about 2,000 portals), synced with
+`sync.door_restrictions` off and on in alternation, on fresh databases: the extra requests and seconds
+of a first sync and of a no-change re-sync (which, inside the refresh interval, must ask nothing).
 Then it pushes 1,000 queued edits through the write-back reconciler (in this process), without and
 with 10% of requests answered 429 (Retry-After: 1): edits pushed per second and requests per edit.
 
@@ -23,6 +28,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +193,94 @@ def typical(measures: list[Measure]) -> Measure:
     return replace(middle, rss_mb=max(m.rss_mb for m in measures))
 
 
+def write_config(path: Path, url: str, db: str, orgs: int, sync: str = "") -> None:
+    path.write_text(
+        f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
+        f'[sync]\nconcurrency = 4\n{sync}[logging]\nlevel = "warning"\n'
+        + "".join(f'[[orgs]]\nid = "{o}"\n' for o in org_ids(orgs))
+    )
+    subprocess.run(
+        [sys.executable, "-m", "syncd", "db", "upgrade", "--config", str(path)],
+        env={**os.environ, "SYNCD_API_KEY": KEY},
+        check=True,
+        capture_output=True,
+    )
+
+
+def newest_runs(db: str, *columns: str) -> list[int]:
+    """Sums of sync_runs counters over the newest run-once's passes."""
+    from sqlalchemy import func, select
+
+    from syncd.store import Store
+    from syncd.store.schema import sync_runs
+
+    store = Store(db)
+    try:
+        with store.engine.connect() as conn:
+            newest = conn.execute(select(func.max(sync_runs.c.id))).scalar_one()
+            orgs = conn.execute(select(func.count(func.distinct(sync_runs.c.org_id)))).scalar_one()
+            sums = select(*(func.sum(sync_runs.c[c]) for c in columns)).where(sync_runs.c.id > newest - orgs)
+            return [int(v or 0) for v in conn.execute(sums).one()]
+    finally:
+        store.close()
+
+
+def portal_count(db: str) -> int:
+    from sqlalchemy import func, select
+
+    from syncd.store import Store
+    from syncd.store.schema import portal_restrictions
+
+    store = Store(db)
+    try:
+        with store.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(portal_restrictions)).scalar_one())
+    finally:
+        store.close()
+
+
+def restrictions_scenario(kind: str, workdir: Path, pg_url: str | None, repeat: int, devices: int) -> None:
+    """What door restrictions add to a first sync and a no-change re-sync of 1 org: runs with
+    sync.door_restrictions off and on alternate, each on a fresh database; medians are compared."""
+    sim, url = start_simulator(1, devices)
+    seconds: dict[tuple[bool, str], list[float]] = {}
+    asked: dict[str, list[int]] = {"first": [], "resync": []}
+    portals = 0
+    try:
+        serve_rate(url, 1)
+        for _ in range(repeat):
+            for restrictions in (False, True):
+                db = fresh_database(kind, workdir, pg_url)
+                try:
+                    config = workdir / "bench.toml"
+                    write_config(config, url, db, 1, f"door_restrictions = {str(restrictions).lower()}\n")
+                    for label in ("first", "resync"):
+                        took, _, _ = run_once(config)
+                        seconds.setdefault((restrictions, label), []).append(took)
+                        if restrictions:
+                            asked[label].append(newest_runs(db, "restriction_requests")[0])
+                    if restrictions:
+                        portals = portal_count(db)
+                finally:
+                    drop_database(db, pg_url)
+    finally:
+        sim.terminate()
+        sim.wait(timeout=30)
+    for label in ("first", "resync"):
+        off, on = statistics.median(seconds[(False, label)]), statistics.median(seconds[(True, label)])
+        requests = statistics.median(asked[label])
+        print(
+            f"door restrictions, {kind} 1 x {devices:,} with {portals:,} portals, {label}: "
+            f"+{requests:,.0f} requests, {off:.2f} s -> {on:.2f} s (+{on - off:.2f} s, {on / off:.2f}x; "
+            f"median of {repeat})",
+            flush=True,
+        )
+    if any(asked["resync"]):
+        print(f"  VIOLATED: a no-change re-sync inside the interval asked for restrictions: {asked['resync']}")
+    else:
+        print("  a no-change re-sync inside the refresh interval asked for no restrictions (as required)")
+
+
 def scenario(
     kind: str, orgs: int, devices: int, workdir: Path, pg_url: str | None, repeat: int = 1
 ) -> dict[str, object]:
@@ -202,17 +296,7 @@ def scenario(
             db = fresh_database(kind, workdir, pg_url)
             try:
                 config = workdir / "bench.toml"
-                config.write_text(
-                    f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
-                    '[sync]\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
-                    + "".join(f'[[orgs]]\nid = "{o}"\n' for o in org_ids(orgs))
-                )
-                subprocess.run(
-                    [sys.executable, "-m", "syncd", "db", "upgrade", "--config", str(config)],
-                    env={**os.environ, "SYNCD_API_KEY": KEY},
-                    check=True,
-                    capture_output=True,
-                )
+                write_config(config, url, db, orgs)
                 for label in ("first", "resync"):
                     seconds, rss, output = run_once(config)
                     seen, requests, written = totals(output)
@@ -303,6 +387,7 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also 1 x 300,000 on SQLite (peak RSS growth)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, to try the script")
     parser.add_argument("--only-edits", action="store_true", help="run only the write-back part")
+    parser.add_argument("--only-restrictions", action="store_true", help="run only the door-restrictions comparison")
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per sync figure; the median run is reported (default 3)"
     )
@@ -316,6 +401,10 @@ def main() -> None:
     kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            restrictions_scenario(kind, Path(tmp), args.postgres_url, args.repeat, 100_000 // scale)
+        if args.only_restrictions:
+            return
         for rate in (0.0, 0.1):
             edits = 1000 // scale
             r = edits_scenario(Path(tmp), rate, edits)

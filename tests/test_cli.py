@@ -160,9 +160,14 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["demo", "--db", str(tmp_path / "demo.db"), "--orgs", "2", "--devices", "300"]) == 0
     out = capsys.readouterr().out
     assert "Pass 2: only the changes are written" in out
-    assert re.search(r"01HORG00000000000000000000\s+succeeded\s+2\s+301\s+2\s+3\s+\d+\s+2\s+1\s+1", out)
+    # created 2, updated 4 (3 renamed, 1 portal moved), deleted 2, restored 1, purged 1; 1 portal's restrictions
+    assert re.search(r"01HORG00000000000000000000\s+succeeded\s+2\s+301\s+2\s+4\s+\d+\s+2\s+1\s+1(\s+0){3}\s+1\s", out)
+    assert "Door restrictions (portal_access):" in out and "01HENTDEM0NEWTENANT0000000" in out
     with sqlite3.connect(tmp_path / "demo.db") as db:
         assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 602
+        assert db.execute("SELECT count(*) FROM device_changes WHERE change = 'restrictions'").fetchone()[0] == 1
+        assert db.execute("SELECT count(*) FROM metadata_definitions").fetchone()[0] == 8
+        assert db.execute("SELECT count(DISTINCT portal_id) FROM portal_access").fetchone()[0] > 0
 
 
 def test_demo_stopped_during_the_first_pass_runs_no_second(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from syncd.models import DEVICE_STATES
+from syncd.store import Store
+from syncd.store.details import PortalRestrictions
 from syncd.store.schema import RUN_COUNTERS
 from syncd.sync import PassOutcome
 
@@ -53,6 +55,20 @@ def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
                     "and asks again next pass (see the log)",
                     file=out,
                 )
+
+
+def print_door_restrictions(store: Store, out: TextIO) -> None:
+    """Per org: portals mirrored, how many restrict who may pass, and the newest restriction changes."""
+    restrictions = PortalRestrictions(store)
+    summary = restrictions.summary()
+    if not summary:
+        return
+    print("\nDoor restrictions (portal_access):", file=out)
+    rows = [(org_id, str(s["portals"]), str(s["restricted"]), str(s["entities"])) for org_id, s in summary.items()]
+    table(("org", "portals", "restricted", "entity grants"), rows, out, text_columns=1)
+    for change in restrictions.newest_changes(5):
+        diff = change["diff"]["door_restrictions"]
+        print(f"  {change['device_id']}: {diff['old']} -> {diff['new']}", file=out)
 
 
 def print_status(report: list[dict[str, Any]], out: TextIO) -> None:

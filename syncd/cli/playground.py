@@ -14,7 +14,7 @@ from typing import Any
 from syncd import logs
 from syncd.api import OpenAppClient
 from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, port, prepared_store
-from syncd.cli.output import print_state_counts, print_summary
+from syncd.cli.output import print_door_restrictions, print_state_counts, print_summary
 from syncd.cli.run import run_passes
 from syncd.cli.signals import stop_on_signals
 from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret
@@ -31,6 +31,9 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--devices", type=count, default=1000, help="devices per org (default 1000)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the generated data (default 1)")
     p.add_argument("--deleted-fraction", type=fraction, default=0.05, help="share seeded soft-deleted (0.05)")
+    p.add_argument(
+        "--portal-fraction", type=fraction, default=0.02, help="share of devices that are door portals (0.02)"
+    )
     p.add_argument(
         "--api-key-env",
         default="SYNCD_API_KEY",
@@ -100,7 +103,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         credentials_style=args.credentials_set,
         restrictions_key=args.restrictions_key,
     )
-    org_ids = world.seed(args.orgs, args.devices, args.deleted_fraction)
+    org_ids = world.seed(args.orgs, args.devices, args.deleted_fraction, args.portal_fraction)
     world.add_key(key)
     try:
         sim = Simulator(world, host=args.host, port=args.port, seed=args.seed, strict_query=args.strict_query)
@@ -141,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logs.configure("console" if sys.stderr.isatty() else "json", "warning")
     world = World(seed=args.seed, name_style="mixed")
-    org_ids = world.seed(args.orgs, args.devices)
+    org_ids = world.seed(args.orgs, args.devices, portal_fraction=0.05)
     key = secrets.token_urlsafe(24)
     world.add_key(key)
     db = Path(args.db).resolve()
@@ -167,13 +170,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     _demo_changes(world, org_ids[0])
                     print(
                         f"\nOpenApp changed meanwhile (org {org_ids[0]}): 3 renamed, 2 soft-deleted, 1 restored, "
-                        "1 purged, 2 created.\nPass 2: only the changes are written"
+                        "1 purged, 2 created; one door portal was moved and who may open it changed.\n"
+                        "Pass 2: only the changes are written (unchanged portals are asked again hourly)"
                     )
                     outcomes += run_passes(config, list(config.orgs), store, client, stop)
                     print_summary(outcomes[len(org_ids) :], sys.stdout)
             print("\nThe mirror now holds (devices by state):")
             print_state_counts(store.state_counts(), sys.stdout)
+            print_door_restrictions(store, sys.stdout)
             print(f'\nQuery it yourself: sqlite3 {db} "SELECT change, count(*) FROM device_changes GROUP BY change"')
+            print(f'                   sqlite3 {db} "SELECT * FROM portal_access LIMIT 10"')
     return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
 
 
@@ -211,3 +217,11 @@ def _demo_changes(world: Any, org_id: str) -> None:
     world.purge_device(org_id, ids[30])
     world.create_device(org_id)
     world.create_device(org_id)
+    portal = next(
+        d
+        for d in world.ground_truth(org_id)
+        if d["device_metadata"]["kind"] == "virtual_access_portal" and not d["deleted_at"]
+    )
+    kept = world.orgs[org_id].devices[portal["id"]].restrictions[:1]
+    world.set_door_restrictions(org_id, portal["id"], {"apartment_entity_ids": [*kept, "01HENTDEM0NEWTENANT0000000"]})
+    world.update_device(org_id, portal["id"], {"name": {"en": "Lobby portal (moved)"}})

@@ -203,13 +203,14 @@ class World:
         self, orgs: int, devices_per_org: int, deleted_fraction: float = 0.05, portal_fraction: float | None = None
     ) -> list[str]:
         """Fill the world with deterministic data; returns the org ids. ``portal_fraction``: the share
-        of devices that are portals (default: as many as of each other provider)."""
+        of devices that are portals, exactly, evenly spread (default: as many as of each other provider)."""
         ids = []
         for o in range(orgs):
             org = self.add_org(org_id_for(o))
             for i in range(devices_per_org):
                 created = EPOCH + timedelta(seconds=i * 37 + o)
-                device = self._new_device(org, created, index=i, portal_fraction=portal_fraction)
+                portal = None if portal_fraction is None else int((i + 1) * portal_fraction) > int(i * portal_fraction)
+                device = self._new_device(org, created, index=i, portal=portal)
                 if self.rng.random() < deleted_fraction:
                     device.deleted_at = created + timedelta(days=30)
                     device.updated_at = device.deleted_at
@@ -220,16 +221,13 @@ class World:
         return ids
 
     def _new_device(
-        self, org: SimOrg, created: datetime, index: int | None = None, portal_fraction: float | None = None
+        self, org: SimOrg, created: datetime, index: int | None = None, portal: bool | None = None
     ) -> SimDevice:
+        """A random device; ``portal``: whether it is a portal (None: any integration, at random)."""
         rng = self.rng
-        portals = [i for i in org.integrations if org.providers[i] == "openapp_virtual"]
-        others = [i for i in org.integrations if org.providers[i] != "openapp_virtual"]
-        if portal_fraction is None or not portals or not others:
-            integration = org.integrations[rng.randrange(len(org.integrations))]
-        else:
-            pool = portals if rng.random() < portal_fraction else others
-            integration = pool[rng.randrange(len(pool))]
+        pool = [i for i in org.integrations if portal is None or (org.providers[i] == "openapp_virtual") == portal]
+        pool = pool or org.integrations
+        integration = pool[rng.randrange(len(pool))]
         provider = org.providers[integration]
         kinds = PROVIDER_KINDS[provider]
         kind = kinds[rng.randrange(len(kinds))]

@@ -98,6 +98,31 @@ class PortalRestrictions:
             found = conn.execute(query).mappings().one_or_none()
             return dict(found) if found else None
 
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per org: ``portals`` asked about, how many are ``restricted``, and ``entities`` (grants)."""
+        p, r = portal_restrictions, door_restrictions
+        portals = select(p.c.org_id, func.count(), func.count().filter(p.c.restricted.is_(True))).group_by(p.c.org_id)
+        grants = select(r.c.org_id, func.count()).group_by(r.c.org_id)
+        with translated("counting door restrictions"), self.store.engine.connect() as conn:
+            summary = {
+                org_id: {"portals": int(n), "restricted": int(restricted), "entities": 0}
+                for org_id, n, restricted in conn.execute(portals)
+            }
+            for org_id, n in conn.execute(grants):
+                summary.setdefault(org_id, {"portals": 0, "restricted": 0, "entities": 0})["entities"] = int(n)
+        return summary
+
+    def newest_changes(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``restrictions`` rows of device_changes, newest first."""
+        query = (
+            select(device_changes)
+            .where(device_changes.c.change == "restrictions")
+            .order_by(device_changes.c.id.desc())
+            .limit(limit)
+        )
+        with translated("reading changes"), self.store.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
     def record(self, org_id: str, run_id: int, now: datetime, answers: Sequence[RestrictionsAnswer]) -> int:
         """Write a batch of answers in one transaction; returns how many portals' lists changed
         (each also gets a ``restrictions`` row in device_changes, with the old and new lists)."""
@@ -188,9 +213,10 @@ def _write_answer(
             )
         if gone or added or (new is None and known_before):
             values["changed_at"] = now
-    updated = conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values)).rowcount
-    if not updated:
+    if old_status is None:
         conn.execute(insert(p).values(device_id=answer.device_id, org_id=org_id, **values))
+    else:
+        conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values))
     if known_before and "changed_at" in values:
         return {"old": sorted(held), "new": new}
     return None
