@@ -271,7 +271,7 @@ def restrictions_scenario(kind: str, workdir: Path, pg_url: str | None, repeat: 
         requests = statistics.median(asked[label])
         print(
             f"door restrictions, {kind} 1 x {devices:,} with {portals:,} portals, {label}: "
-            f"+{requests:,.0f} requests, {off:.2f} s -> {on:.2f} s (+{on - off:.2f} s, {on / off:.2f}x; "
+            f"+{requests:,.0f} requests, {off:.2f} s -> {on:.2f} s ({on - off:+.2f} s, {on / off:.2f}x; "
             f"median of {repeat})",
             flush=True,
         )

@@ -38,7 +38,7 @@ from syncd.errors import (
     SyncdError,
     TransientError,
 )
-from syncd.models import PORTAL_KIND, utcnow
+from syncd.models import PORTAL_KIND, Inventory, utcnow
 from syncd.store import Store
 from syncd.store.details import (
     DefinitionAnswer,
@@ -65,6 +65,7 @@ class DetailReads:
         org: OrgSettings,
         settings: SyncSettings,
         run_id: int,
+        inventory: Inventory,
         deadline: float,
         stop: threading.Event,
         log: Any,
@@ -73,6 +74,7 @@ class DetailReads:
         self.org = org
         self.settings = settings
         self.run_id = run_id
+        self.inventory = inventory
         self.deadline = deadline
         self.stop = stop
         self.log = log  # the pass's, its context bound
@@ -93,7 +95,7 @@ class DetailReads:
 
     def _door_restrictions(self) -> Counter[str]:
         interval = self.settings.door_restrictions_interval
-        due = self.restrictions.due(self.org.id, utcnow(), self.org.integration_id)
+        due = self.restrictions.due(self.org.id, utcnow(), self.inventory.portals)
         if not due:
             return Counter()
         self.log.debug("asking portals for their door restrictions", portals=len(due))
@@ -131,7 +133,7 @@ class DetailReads:
 
     def _metadata_definitions(self) -> Counter[str]:
         interval = timedelta(seconds=self.settings.metadata_definitions_interval)
-        due = self.definitions.due(self.org.id, utcnow(), self.org.integration_id)
+        due = self.definitions.due(self.org.id, utcnow(), self.inventory.integrations)
 
         def ask(item: DueIntegration) -> DefinitionAnswer:
             definition = self.client.get_metadata_definition(self.org.id, item.device_id, deadline=self.deadline)

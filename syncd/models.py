@@ -7,6 +7,7 @@ inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -219,6 +220,27 @@ def credentials_set(value: object) -> list[str] | bool | None:
 
 
 PORTAL_KIND = "virtual_access_portal"  # device_metadata.kind of the only devices with door restrictions
+
+
+@dataclass(slots=True)
+class Inventory:
+    """What a scan saw that the reads after it need: the active portals and the integrations."""
+
+    portals: dict[str, str] = dataclasses.field(default_factory=dict)  # active portal id -> its fingerprint
+    integrations: dict[str, str] = dataclasses.field(default_factory=dict)  # -> its lowest active device id
+
+    def note(self, device_id: str, raw: dict[str, Any], fingerprint: str) -> None:
+        """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint)."""
+        metadata = raw.get("device_metadata")
+        if metadata.__class__ is dict and metadata.get("kind") == PORTAL_KIND:
+            self.portals[device_id] = fingerprint
+        integration = raw.get("integration_id")
+        if integration.__class__ is str and 0 < len(integration) <= ID_LENGTH:
+            known = self.integrations.get(integration)
+            if known is None or device_id < known:
+                self.integrations[integration] = device_id
+
+
 # Door restrictions arrive under the public spec's key or the SDK's newer models' key (CONTRACT.md §9).
 RESTRICTION_KEYS = ("apartment_entity_ids", "listing_entity_ids")
 MAX_RESTRICTED_ENTITIES = 100_000  # per portal: more is a broken answer, not a building

@@ -44,6 +44,7 @@ from syncd.models import (
     CHANGE_KINDS,
     DEVICE_STATES,
     Device,
+    Inventory,
     change_kind,
     describe_change,
     encode,
@@ -128,6 +129,7 @@ class OrgPass:
         self.fetch_ahead = fetch_ahead
         self.counts: Counter[str] = Counter()
         self.seen: set[str] = set()
+        self.inventory = Inventory()  # what the reads after the scan ask about
         self.problems: list[InvalidDeviceError] = []
         self._touch_after = timedelta(seconds=settings.last_seen_resolution)
         self.log = log.bind(org_id=org.id)
@@ -220,7 +222,7 @@ class OrgPass:
         """Door restrictions and metadata definitions (:mod:`syncd.details`), after the scan and
         purge detection: what goes wrong there is logged and counted, never the pass's failure."""
         reads = DetailReads(
-            self.client, self.store, self.org, self.settings, run_id, self.deadline, self.stop, self.log
+            self.client, self.store, self.org, self.settings, run_id, self.inventory, self.deadline, self.stop, self.log
         )
         try:
             counts = reads.run()
@@ -348,6 +350,8 @@ class OrgPass:
                         counts["unchanged"] += 1
                         if stale:
                             touches.append(device_id)
+                        if state == "active":
+                            self.inventory.note(device_id, item, fingerprint)
                         continue
                 try:
                     device = parse_device(item, position, encoded, (device_id, self.org.id))
@@ -355,6 +359,8 @@ class OrgPass:
                     self._problem(exc)
                     continue
                 (updates if existing is not None else inserts).append(device)
+                if device.state == "active":
+                    self.inventory.note(device_id, item, device.fingerprint)
             previous = reader.previous([d.id for d in updates])
         counts["unreadable"] = len(self.problems) - problems_before
         changes = [] if self.baseline else [_change(d.id, self.org.id, run_id, now, "created", None) for d in inserts]

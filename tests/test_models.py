@@ -6,6 +6,7 @@ import pytest
 
 from syncd.errors import InvalidDeviceError
 from syncd.models import (
+    Inventory,
     encode,
     identify,
     normalise_name,
@@ -207,3 +208,14 @@ def test_credentials_set_in_either_form(value: object, kept: object, has: bool |
     device = parse_device({**BASE, "credentials_set": value})
     assert (device.credentials_set, device.has_credentials) == (kept, has)
     assert device.raw["credentials_set"] == value  # as received
+
+
+def test_the_inventory_notes_portals_and_the_lowest_device_of_each_integration() -> None:
+    inventory = Inventory()
+    portal = {"device_metadata": {"kind": "virtual_access_portal"}, "integration_id": "int-a"}
+    inventory.note("01HK153X0038NZ3ZA2MABNBN62", portal, "f2")
+    inventory.note("01HK153X0038NZ3ZA2MABNBN61", {"device_metadata": {"kind": "gate"}, "integration_id": "int-a"}, "f1")
+    inventory.note("01HK153X0038NZ3ZA2MABNBN63", {"device_metadata": ["kind"], "integration_id": "i" * 65}, "f3")
+    inventory.note("01HK153X0038NZ3ZA2MABNBN64", {"device_metadata": 5, "integration_id": 7}, "f4")
+    assert inventory.portals == {"01HK153X0038NZ3ZA2MABNBN62": "f2"}
+    assert inventory.integrations == {"int-a": "01HK153X0038NZ3ZA2MABNBN61"}

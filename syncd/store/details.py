@@ -8,14 +8,14 @@ changed) is written here, a batch of answers per transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, select, update
 
-from syncd.models import PORTAL_KIND, DoorRestrictions, MetadataDefinition, one_line
+from syncd.models import DoorRestrictions, MetadataDefinition, one_line
 from syncd.store.schema import (
     device_changes,
     devices,
@@ -55,35 +55,37 @@ class PortalRestrictions:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def due(self, org_id: str, now: datetime, integration_id: str | None = None) -> list[DuePortal]:
-        """Active portals of the org never asked about, changed since they were asked, or whose
-        ``next_fetch_at`` has come; likewise devices asked before that no longer say they are
-        portals, until OpenApp answers that they are not (400). New and changed ones first."""
-        d, p = devices, portal_restrictions
-        kind = d.c.device_metadata["kind"].as_string()
-        query = (
-            select(d.c.id, d.c.fingerprint, p.c.status)
-            .select_from(d.outerjoin(p, p.c.device_id == d.c.id))
-            .where(
-                d.c.org_id == org_id,
-                d.c.state == "active",
-                or_(kind == PORTAL_KIND, p.c.status != "not_a_portal"),
-                or_(
-                    p.c.device_id.is_(None),
-                    p.c.device_fingerprint.is_(None),
-                    p.c.device_fingerprint != d.c.fingerprint,
-                    p.c.next_fetch_at <= now,
-                ),
-            )
-            .order_by(p.c.next_fetch_at.nulls_first(), d.c.id)
-        )
-        if integration_id:
-            query = query.where(d.c.integration_id == integration_id)
+    def due(self, org_id: str, now: datetime, portals: Mapping[str, str]) -> list[DuePortal]:
+        """Of ``portals`` (the active portals a pass saw, with their fingerprints): those never
+        answered, changed since the last answer, or whose ``next_fetch_at`` has come. Likewise
+        devices asked before that no longer say they are portals, until OpenApp answers that they
+        are not (400). New and changed ones first. Reads only this org's ``portal_restrictions``
+        rows and, for former portals, their devices: no scan of the org's devices."""
+        p, d = portal_restrictions, devices
         with translated("finding portals due for their door restrictions"), self.store.engine.connect() as conn:
-            return [
-                DuePortal(device_id, fingerprint, status not in (None, "failed"))
-                for device_id, fingerprint, status in conn.execute(query)
-            ]
+            rows = {
+                row.device_id: row
+                for row in conn.execute(
+                    select(p.c.device_id, p.c.status, p.c.device_fingerprint, p.c.next_fetch_at).where(
+                        p.c.org_id == org_id
+                    )
+                )
+            }
+            former = [i for i, row in rows.items() if i not in portals and row.status != "not_a_portal"]
+            candidates = dict(portals)
+            if former:
+                query = select(d.c.id, d.c.fingerprint).where(d.c.id.in_(former), d.c.state == "active")
+                candidates.update(conn.execute(query).all())
+        due = []
+        for device_id, fingerprint in candidates.items():
+            row = rows.get(device_id)
+            if row is None or row.device_fingerprint != fingerprint or row.next_fetch_at <= now:
+                answered = row is not None and row.status != "failed"
+                due.append(
+                    (row is not None and row.device_fingerprint == fingerprint, device_id, fingerprint, answered)
+                )
+        due.sort()  # new and changed first, then by id
+        return [DuePortal(device_id, fingerprint, answered) for _, device_id, fingerprint, answered in due]
 
     def entities(self, device_id: str) -> list[str]:
         """The entities a portal is restricted to, as mirrored (sorted)."""
@@ -130,6 +132,7 @@ class PortalRestrictions:
             return 0
         ids = [a.device_id for a in answers]
         changes: list[dict[str, Any]] = []
+        p, r = portal_restrictions, door_restrictions
         with self.store.transaction("writing door restrictions") as conn:
             previous = {
                 row.device_id: row.status
@@ -145,9 +148,21 @@ class PortalRestrictions:
             )
             for device_id, entity_id in conn.execute(query):
                 held[device_id].add(entity_id)
+            new_rows: list[dict[str, Any]] = []
+            entity_rows: list[dict[str, Any]] = []
             for answer in answers:
                 old_status = previous.get(answer.device_id)
-                change = _write_answer(conn, org_id, now, answer, old_status, held[answer.device_id])
+                held_now = held[answer.device_id]
+                values, gone, added, change = _plan(answer, now, old_status, held_now)
+                if old_status is None:
+                    new_rows.append({**NEW_ROW, **values, "device_id": answer.device_id, "org_id": org_id})
+                else:
+                    conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values))
+                if gone:
+                    conn.execute(delete(r).where(r.c.device_id == answer.device_id, r.c.entity_id.in_(gone)))
+                entity_rows += (
+                    {"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now} for e in added
+                )
                 if change is not None:
                     changes.append(
                         {
@@ -159,17 +174,25 @@ class PortalRestrictions:
                             "diff": {"door_restrictions": change},
                         }
                     )
+            if new_rows:
+                conn.execute(insert(p), new_rows)
+            if entity_rows:
+                conn.execute(insert(r), entity_rows)
             if changes:
                 conn.execute(insert(device_changes), changes)
         return len(changes)
 
 
-def _write_answer(
-    conn: Connection, org_id: str, now: datetime, answer: RestrictionsAnswer, old_status: str | None, held: set[str]
-) -> dict[str, Any] | None:
-    """Write one answer; the ``{"old": ..., "new": ...}`` of a changed list, else None. The first
-    list of a portal has nothing to compare with; a portal that is no longer one has none (new: null)."""
-    p = portal_restrictions
+# A new portal_restrictions row: every column a plan does not set is NULL (one executemany for a batch).
+NEW_ROW = {c.name: None for c in portal_restrictions.columns}
+
+
+def _plan(
+    answer: RestrictionsAnswer, now: datetime, old_status: str | None, held: set[str]
+) -> tuple[dict[str, Any], set[str], list[str], dict[str, Any] | None]:
+    """What one answer writes: the portal_restrictions values, the entities gone and added, and the
+    ``{"old": ..., "new": ...}`` of a changed list (else None). The first list of a portal has
+    nothing to compare with; a portal that is no longer one has none (new: null)."""
     values: dict[str, Any] = {"attempted_at": now, "next_fetch_at": answer.next_fetch_at}
     known_before = old_status == "ok" or bool(held)  # the mirror holds a list to compare with
     new: list[str] | None = None
@@ -178,48 +201,26 @@ def _write_answer(
         values["last_error"] = one_line(answer.error or "failed", 2000)
         if old_status is None:
             values["status"] = "failed"
-    else:
-        values.update(status=answer.status, fetched_at=now, device_fingerprint=answer.fingerprint, last_error=None)
-        if answer.status == "ok":
-            assert answer.restrictions is not None
-            new = list(answer.restrictions.entity_ids)
-            values.update(
-                restricted=bool(new),
-                entity_count=len(new),
-                body_key=answer.restrictions.key,
-                raw=answer.restrictions.raw,
-            )
-        elif answer.status == "not_a_portal":
-            values.update(restricted=None, entity_count=None, raw=None, last_error=answer.error)
-    changed = answer.status in ("ok", "not_a_portal") and (new is None or set(new) != held)
-    if answer.status == "ok" and not known_before:
-        values["changed_at"] = now  # first list: nothing to compare with, no history row
-    if changed:
-        wanted = set(new or ())
-        gone, added = held - wanted, wanted - held
-        if gone:
-            conn.execute(
-                delete(door_restrictions).where(
-                    door_restrictions.c.device_id == answer.device_id, door_restrictions.c.entity_id.in_(gone)
-                )
-            )
-        if added:
-            conn.execute(
-                insert(door_restrictions),
-                [
-                    {"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now}
-                    for e in sorted(added)
-                ],
-            )
-        if gone or added or (new is None and known_before):
-            values["changed_at"] = now
-    if old_status is None:
-        conn.execute(insert(p).values(device_id=answer.device_id, org_id=org_id, **values))
-    else:
-        conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values))
-    if known_before and "changed_at" in values:
-        return {"old": sorted(held), "new": new}
-    return None
+        return values, set(), [], None
+    values.update(status=answer.status, fetched_at=now, device_fingerprint=answer.fingerprint, last_error=None)
+    if answer.status == "ok":
+        assert answer.restrictions is not None
+        new = list(answer.restrictions.entity_ids)
+        values.update(
+            restricted=bool(new), entity_count=len(new), body_key=answer.restrictions.key, raw=answer.restrictions.raw
+        )
+        if not known_before:
+            values["changed_at"] = now  # first list: nothing to compare with, no history row
+    elif answer.status == "not_a_portal":
+        values.update(restricted=None, entity_count=None, raw=None, last_error=answer.error)
+    else:  # not_found: what the mirror holds stays
+        return values, set(), [], None
+    wanted = set(new or ())
+    gone, added = held - wanted, sorted(wanted - held)
+    if not (gone or added or (new is None and known_before)):
+        return values, gone, added, None
+    values["changed_at"] = now
+    return values, gone, added, ({"old": sorted(held), "new": new} if known_before else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,26 +248,18 @@ class MetadataDefinitions:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def due(self, org_id: str, now: datetime, integration_id: str | None = None) -> list[DueIntegration]:
-        """Integrations of the org's active devices never asked about or whose ``next_fetch_at`` has
-        come, each with the device to ask (the lowest id, for a stable choice)."""
-        d, m = devices, metadata_definitions
-        query = (
-            select(d.c.integration_id, func.min(d.c.id))
-            .select_from(d.outerjoin(m, (m.c.org_id == d.c.org_id) & (m.c.integration_id == d.c.integration_id)))
-            .where(
-                d.c.org_id == org_id,
-                d.c.state == "active",
-                d.c.integration_id.is_not(None),
-                or_(m.c.integration_id.is_(None), m.c.next_fetch_at <= now),
-            )
-            .group_by(d.c.integration_id)
-            .order_by(d.c.integration_id)
-        )
-        if integration_id:
-            query = query.where(d.c.integration_id == integration_id)
+    def due(self, org_id: str, now: datetime, integrations: Mapping[str, str]) -> list[DueIntegration]:
+        """Of ``integrations`` (integration id -> the device to ask, from a pass), those never asked
+        about or whose ``next_fetch_at`` has come."""
+        m = metadata_definitions
+        query = select(m.c.integration_id, m.c.next_fetch_at).where(m.c.org_id == org_id)
         with translated("finding integrations due for their metadata definition"), self.store.engine.connect() as c:
-            return [DueIntegration(integration, device_id) for integration, device_id in c.execute(query)]
+            next_fetch = dict(c.execute(query).all())
+        return [
+            DueIntegration(integration_id, device_id)
+            for integration_id, device_id in sorted(integrations.items())
+            if integration_id not in next_fetch or next_fetch[integration_id] <= now
+        ]
 
     def of(self, org_id: str) -> dict[str, dict[str, Any]]:
         """The org's ``metadata_definitions`` rows by integration id."""
