@@ -401,8 +401,9 @@ def main() -> None:
     kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in kinds:
-            restrictions_scenario(kind, Path(tmp), args.postgres_url, args.repeat, 100_000 // scale)
+        if not args.only_edits:
+            for kind in kinds:
+                restrictions_scenario(kind, Path(tmp), args.postgres_url, args.repeat, 100_000 // scale)
         if args.only_restrictions:
             return
         for rate in (0.0, 0.1):

@@ -10,11 +10,15 @@ Rules:
   together are then asked spread over the passes of an interval); one request per integration
   once per ``sync.metadata_definitions_interval``. An org without portals asks nothing;
 - every answer costs only itself: one that fails (after the client's retries) keeps what the
-  mirror has and is asked again at the next pass;
+  mirror has and is asked again at the next pass; after a second failure in a row it backs off
+  (:data:`RETRY_BASE` seconds, doubling, at most the interval), and items that failed last time
+  are asked after all others, so a few that keep failing never hold the rest up;
 - the phase ends early, leaving the rest due, at a 401 or 403 (every request would get it), after
   :data:`MAX_FAILURES_IN_A_ROW` transient failures in a row (OpenApp is failing now), at the
   pass's deadline and on a stop;
-- answers are written :data:`BATCH` at a time, each batch in one transaction.
+- answers are written :data:`BATCH` at a time, each batch in one transaction, sooner when they
+  hold :data:`BATCH_ENTITIES` entity ids (memory stays bounded whatever the answers hold);
+- one phase failing (the database, say) does not keep the other from running.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from syncd.api import OpenAppClient
+from syncd.backoff import backoff_ceiling
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import (
     AuthError,
@@ -50,7 +55,9 @@ from syncd.store.details import (
 )
 
 BATCH = 50
-MAX_FAILURES_IN_A_ROW = 3
+BATCH_ENTITIES = 20_000
+MAX_FAILURES_IN_A_ROW = 5  # a few doors may be unreachable (error_code door_unreachable); five is OpenApp
+RETRY_BASE = 60.0
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
 
@@ -66,6 +73,7 @@ class DetailReads:
         settings: SyncSettings,
         run_id: int,
         inventory: Inventory,
+        seen: set[str],
         deadline: float,
         stop: threading.Event,
         log: Any,
@@ -75,6 +83,7 @@ class DetailReads:
         self.settings = settings
         self.run_id = run_id
         self.inventory = inventory
+        self.seen = seen  # every device the scan saw
         self.deadline = deadline
         self.stop = stop
         self.log = log  # the pass's, its context bound
@@ -85,17 +94,26 @@ class DetailReads:
         """Ask what is due; counters ``restrictions`` (portals whose list changed),
         ``restriction_requests``, ``restriction_failures``, ``definition_requests``, ``definition_failures``."""
         counts: Counter[str] = Counter()
-        if self.settings.door_restrictions and self.org.device_kind in (None, PORTAL_KIND):
-            counts += self._door_restrictions()
-        if self.settings.metadata_definitions and not self.stop.is_set():
-            counts += self._metadata_definitions()
+        phases = [
+            ("door restrictions", self._door_restrictions, self.settings.door_restrictions),
+            ("metadata definitions", self._metadata_definitions, self.settings.metadata_definitions),
+        ]
+        for what, phase, wanted in phases:
+            if not wanted or self.stop.is_set():
+                continue
+            try:
+                counts += phase()
+            except SyncdError as exc:
+                self.log.warning(f"{what} were not mirrored this pass", error=str(exc))
         return counts
 
     # -- door restrictions -----------------------------------------------------------------------
 
     def _door_restrictions(self) -> Counter[str]:
+        if self.org.device_kind not in (None, PORTAL_KIND):
+            return Counter()  # the scan took only devices of another kind
         interval = self.settings.door_restrictions_interval
-        due = self.restrictions.due(self.org.id, utcnow(), self.inventory.portals)
+        due = self.restrictions.due(self.org.id, utcnow(), self.inventory.portals, self.seen)
         if not due:
             return Counter()
         self.log.debug("asking portals for their door restrictions", portals=len(due))
@@ -112,7 +130,11 @@ class DetailReads:
             return self._answer(portal, "ok", interval, restrictions=restrictions)
 
         def failed(portal: DuePortal, exc: SyncdError) -> RestrictionsAnswer:
-            return RestrictionsAnswer(portal.device_id, portal.fingerprint, "failed", utcnow(), error=str(exc))
+            failures = portal.failures + 1
+            again = retry_at(failures, interval)
+            return RestrictionsAnswer(
+                portal.device_id, portal.fingerprint, "failed", again, error=str(exc), failures=failures
+            )
 
         changed = 0
 
@@ -120,7 +142,10 @@ class DetailReads:
             nonlocal changed
             changed += self.restrictions.record(self.org.id, self.run_id, utcnow(), answers)
 
-        requests, failures = self._ask_each("door restrictions", due, ask, failed, record)
+        def weight(answer: RestrictionsAnswer) -> int:
+            return 1 + (len(answer.restrictions.entity_ids) if answer.restrictions else 0)
+
+        requests, failures = self._ask_each("door restrictions", due, ask, failed, record, weight)
         return Counter(restrictions=changed, restriction_requests=requests, restriction_failures=failures)
 
     @staticmethod
@@ -132,7 +157,8 @@ class DetailReads:
     # -- metadata definitions --------------------------------------------------------------------
 
     def _metadata_definitions(self) -> Counter[str]:
-        interval = timedelta(seconds=self.settings.metadata_definitions_interval)
+        seconds = self.settings.metadata_definitions_interval
+        interval = timedelta(seconds=seconds)
         due = self.definitions.due(self.org.id, utcnow(), self.inventory.integrations)
 
         def ask(item: DueIntegration) -> DefinitionAnswer:
@@ -140,13 +166,15 @@ class DetailReads:
             return DefinitionAnswer(item.integration_id, item.device_id, utcnow() + interval, definition=definition)
 
         def failed(item: DueIntegration, exc: SyncdError) -> DefinitionAnswer:
-            return DefinitionAnswer(item.integration_id, item.device_id, utcnow(), error=str(exc))
+            failures = item.failures + 1
+            again = retry_at(failures, seconds)
+            return DefinitionAnswer(item.integration_id, item.device_id, again, error=str(exc), failures=failures)
 
         def record(answers: list[DefinitionAnswer]) -> None:
             for integration_id in self.definitions.record(self.org.id, utcnow(), answers):
                 self.log.info("a provider's metadata schema changed", integration_id=integration_id)
 
-        requests, failures = self._ask_each("metadata definitions", due, ask, failed, record)
+        requests, failures = self._ask_each("metadata definitions", due, ask, failed, record, lambda _: 1)
         return Counter(definition_requests=requests, definition_failures=failures)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -158,10 +186,13 @@ class DetailReads:
         ask: Callable[[Item], Answer],
         failed: Callable[[Item, SyncdError], Answer],
         record: Callable[[list[Answer]], None],
+        weight: Callable[[Answer], int],
     ) -> tuple[int, int]:
-        """Ask about each item in turn (see the module's rules); returns ``(requests, failures)``."""
+        """Ask about each item in turn (see the module's rules); returns ``(requests, failures)``.
+        ``weight``: what an answer holds, for the batch bound."""
         answers: list[Answer] = []
-        requests = failures = in_a_row = 0
+        held = requests = failures = in_a_row = 0
+        refused = False
         first_error: SyncdError | None = None
         ended_early = ""
         for item in items:
@@ -172,25 +203,28 @@ class DetailReads:
                 break
             requests += 1
             try:
-                answers.append(ask(item))
+                answer = ask(item)
                 in_a_row = 0
             except StoppedError:
                 requests -= 1  # not answered, not failed: asked again next pass
                 break
             except SyncdError as exc:
-                answers.append(failed(item, exc))
+                answer = failed(item, exc)
+                refused = isinstance(exc, AuthError | ForbiddenError)
                 failures += 1
                 first_error = first_error or exc
                 in_a_row = in_a_row + 1 if isinstance(exc, TransientError) else 0
-                if isinstance(exc, AuthError | ForbiddenError):
-                    ended_early = "OpenApp refused the key"
-                    break
-                if in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    ended_early = f"{in_a_row} requests in a row failed"
-                    break
-            if len(answers) >= BATCH:
+            answers.append(answer)
+            held += weight(answer)
+            if refused:
+                ended_early = "OpenApp refused the key"
+                break
+            if in_a_row >= MAX_FAILURES_IN_A_ROW:
+                ended_early = f"{in_a_row} requests in a row failed"
+                break
+            if len(answers) >= BATCH or held >= BATCH_ENTITIES:
                 record(answers)
-                answers = []
+                answers, held = [], 0
         record(answers)
         if failures:
             self.log.warning(
@@ -200,6 +234,13 @@ class DetailReads:
         if ended_early:
             self.log.warning(f"{what}: stopped early, the rest are asked next pass", reason=ended_early)
         return requests, failures
+
+
+def retry_at(failures: int, interval: float) -> datetime:
+    """When an item that failed ``failures`` times in a row is due again: at the next pass after
+    the first failure, then :data:`RETRY_BASE` seconds, doubling, at most ``interval``."""
+    delay = 0.0 if failures <= 1 else backoff_ceiling(failures - 1, RETRY_BASE, interval)
+    return utcnow() + timedelta(seconds=delay)
 
 
 def spread(device_id: str) -> float:

@@ -222,12 +222,21 @@ class OrgPass:
         """Door restrictions and metadata definitions (:mod:`syncd.details`), after the scan and
         purge detection: what goes wrong there is logged and counted, never the pass's failure."""
         reads = DetailReads(
-            self.client, self.store, self.org, self.settings, run_id, self.inventory, self.deadline, self.stop, self.log
+            self.client,
+            self.store,
+            self.org,
+            self.settings,
+            run_id,
+            self.inventory,
+            self.seen,
+            self.deadline,
+            self.stop,
+            self.log,
         )
         try:
             counts = reads.run()
-        except SyncdError as exc:
-            self.log.warning("door restrictions or metadata definitions were not mirrored this pass", error=str(exc))
+        except Exception:  # a bug there must not fail a pass whose scan and purge detection are done
+            self.log.exception("door restrictions and metadata definitions failed; the pass's scan stands")
             return
         self.counts.update(counts)
         self.writes.count(run_id, counts)

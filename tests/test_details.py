@@ -9,18 +9,19 @@ from typing import Any
 import pytest
 from sqlalchemy import text, update
 
+from syncd import details as details_module
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
+from syncd.errors import StoreError
 from syncd.models import utcnow
 from syncd.simulator import Fault, Simulator, World
-from syncd.simulator.world import PROVIDER_SCHEMAS
+from syncd.simulator.world import PROVIDER_SCHEMAS, SimError
 from syncd.store import Store
-from syncd.store.details import MetadataDefinitions, PortalRestrictions
 from syncd.store.schema import metadata_definitions, portal_restrictions
 from syncd.sync import OrgPass
 
 from .conftest import API_KEY, Syncer, api_settings
-from .test_sync import assert_details_match, assert_mirror_matches
+from .test_sync import Details, assert_details_match, assert_mirror_matches
 
 PORTAL = "virtual_access_portal"
 E1, E2, E3 = "01HENT00000000000000000001", "01HENT00000000000000000002", "01HENT00000000000000000003"
@@ -123,7 +124,7 @@ def test_a_resync_inside_the_interval_asks_nothing_more(
 def test_first_refreshes_are_spread_over_an_interval(sync: Syncer, store: Store, world: World, org: str) -> None:
     started = utcnow()
     sync(org)
-    rows = PortalRestrictions(store)
+    rows = Details(store)
     offsets = sorted((rows.row(p)["next_fetch_at"] - started).total_seconds() for p in portals(world, org))
     hour = SyncSettings().door_restrictions_interval
     assert hour <= offsets[0] and offsets[-1] < 2 * hour + 60
@@ -159,7 +160,7 @@ def test_a_portal_that_is_no_longer_one_or_gone_does_not_fail_the_pass(
     assert outcome.status == "succeeded", outcome.error
     assert outcome.counts["restriction_requests"] == 2 and outcome.counts["restriction_failures"] == 0
     sim.clear_faults()
-    rows = PortalRestrictions(store)
+    rows = Details(store)
     assert rows.row(vanished)["status"] == "not_found" and rows.entities(vanished) == [E2]  # kept
 
     make_due(store, [turned])
@@ -184,13 +185,13 @@ def test_failed_fetches_keep_the_old_restrictions_and_are_asked_next_pass(
     outcome = sync(org)
     assert outcome.status == "succeeded", outcome.error
     assert outcome.counts["purged"] == 1
-    # Three failures in a row (each after the client's retries): OpenApp is failing, the rest wait.
-    assert outcome.counts["restriction_failures"] == outcome.counts["restriction_requests"] == 3
-    rows = PortalRestrictions(store)
+    # Five failures in a row (each after the client's retries): OpenApp is failing, the rest wait.
+    assert outcome.counts["restriction_failures"] == outcome.counts["restriction_requests"] == 5
+    rows = Details(store)
     assert rows.entities(portal_ids[0]) == [E1]  # kept
     assert rows.row(portal_ids[0])["status"] == "ok" and "HTTP 503" in rows.row(portal_ids[0])["last_error"]
     run = store.run(outcome.run_id)
-    assert (run["restriction_failures"], run["restriction_requests"], run["status"]) == (3, 3, "succeeded")
+    assert (run["restriction_failures"], run["restriction_requests"], run["status"]) == (5, 5, "succeeded")
 
     sim.clear_faults()
     outcome = sync(org)  # every portal is due still
@@ -247,7 +248,7 @@ def test_both_contract_variants_are_mirrored(store: Store, style: Any, key: Any)
     with Simulator(world, strict_query=True) as sim, OpenAppClient(api_settings(sim)) as client:
         assert Syncer(client, store)(org).status == "succeeded"
     assert_mirror_matches(store, world, org)
-    row = PortalRestrictions(store).row(portal)
+    row = Details(store).row(portal)
     assert row["body_key"] == key and row["raw"] == {key: [E3]}  # as received
     sample = next(r for r in store.devices_of(org) if r["has_credentials"])
     assert isinstance(sample["credentials_set"], list if style == "list" else bool)
@@ -257,8 +258,8 @@ def test_metadata_definitions_are_refreshed_daily_or_for_a_new_integration(
     sim: Simulator, sync: Syncer, store: Store, world: World, org: str
 ) -> None:
     sync(org)
-    definitions = MetadataDefinitions(store)
-    first = definitions.of(org)
+    definitions = Details(store)
+    first = definitions.definitions(org)
     assert set(first) == set(world.orgs[org].integrations)
     assert all(row["fingerprint"] and row["last_error"] is None for row in first.values())
     fresh = world.add_org("01HORG00000000000000000077")  # an integration the org did not have
@@ -268,7 +269,7 @@ def test_metadata_definitions_are_refreshed_daily_or_for_a_new_integration(
     world.create_device(org, {"org_id": org, "integration_id": new_integration, "name": "New kind of device"})
     outcome = sync(org)
     assert outcome.counts["definition_requests"] == 1  # only the new integration
-    assert set(definitions.of(org)) == set(first) | {new_integration}
+    assert set(definitions.definitions(org)) == set(first) | {new_integration}
 
     shelly = next(i for i, p in world.orgs[org].providers.items() if p == "shelly_cloud")
     PROVIDER_SCHEMAS["shelly_cloud"]["properties"]["relay"]["maximum"] = 7  # the provider's schema moves on
@@ -277,7 +278,7 @@ def test_metadata_definitions_are_refreshed_daily_or_for_a_new_integration(
             conn.execute(update(metadata_definitions).values(next_fetch_at=utcnow() - timedelta(hours=1)))
         outcome = sync(org)
         assert outcome.counts["definition_requests"] == len(world.orgs[org].integrations)
-        now = definitions.of(org)
+        now = definitions.definitions(org)
         assert now[shelly]["fingerprint"] != first[shelly]["fingerprint"]
         assert now[shelly]["changed_at"] > first[shelly]["changed_at"]
         assert now[shelly]["json_schema"]["properties"]["relay"]["maximum"] == 7
@@ -290,3 +291,107 @@ def test_details_can_be_switched_off(sim: Simulator, client: OpenAppClient, stor
     outcome = OrgPass(client, store, OrgSettings(org), settings).run()
     assert outcome.status == "succeeded"
     assert {r.operation for r in sim.requests()} == {"list_devices"}
+
+
+def test_an_integration_filter_asks_only_its_own_portals(
+    sim: Simulator, client: OpenAppClient, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    sync(org)  # the whole org first: its portals are mirrored
+    make_due(store)
+    shelly = next(i for i, p in world.orgs[org].providers.items() if p == "shelly_cloud")
+    before = len(sim.log)
+    outcome = OrgPass(client, store, OrgSettings(org, integration_id=shelly), SyncSettings()).run()
+    assert outcome.status == "succeeded"
+    assert "get_door_restrictions" not in {r.operation for r in sim.requests()[before:]}
+
+
+def test_portals_that_keep_failing_never_hold_up_the_others(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    broken = set(sorted(portals(world, org))[:3])  # the lowest ids: first in line by id
+    answer = world.door_restrictions
+
+    def failing(device_id: str) -> bytes:
+        if device_id in broken:
+            raise SimError(503, "this portal's controller is unreachable", "door_unreachable")
+        return answer(device_id)
+
+    world.door_restrictions = failing  # type: ignore[method-assign]
+    first = sync(org)  # three unreachable doors are not OpenApp failing: the others are asked too
+    assert first.counts["restriction_failures"] == 3
+    assert first.counts["restriction_requests"] == len(portals(world, org))
+    make_due(store, sorted(set(portals(world, org)) - broken))
+    before = len(sim.log)
+    second = sync(org)  # after one failure they are asked again, after all the others
+    assert second.counts["restriction_requests"] == len(portals(world, org))
+    asked = [r.device_id for r in sim.requests("get_door_restrictions")[before:]]
+    assert set(asked[-3 * 6 :]) == broken  # last (each tried six times by the client)
+    rows = Details(store)
+    for device_id in broken:
+        row = rows.row(device_id)
+        assert row["failures"] == 2 and row["status"] == "failed"
+        assert (row["next_fetch_at"] - utcnow()).total_seconds() > 50  # backing off: 60 s, 120 s ... 1 h
+    third = sync(org)
+    assert third.counts["restriction_requests"] == 0  # nothing due: the broken ones wait
+
+
+def test_a_list_after_a_404_or_a_400_is_history(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    portal = portals(world, org)[0]
+    world.set_door_restrictions(org, portal, {"apartment_entity_ids": []})  # not restricted
+    sync(org)
+    sim.inject(Fault(status=404, operation="get_door_restrictions", times=1))
+    make_due(store, [portal])
+    sync(org)
+    assert Details(store).row(portal)["status"] == "not_found"
+    world.set_door_restrictions(org, portal, {"apartment_entity_ids": [E1]})
+    make_due(store, [portal])
+    sync(org)
+    assert restriction_changes(store, org)[-1]["diff"] == {"door_restrictions": {"old": [], "new": [E1]}}
+    sim.inject(Fault(status=400, operation="get_door_restrictions", times=1))
+    make_due(store, [portal])
+    sync(org)
+    world.set_door_restrictions(org, portal, {"apartment_entity_ids": [E2]})
+    make_due(store, [portal])
+    sync(org)
+    assert [c["diff"]["door_restrictions"] for c in restriction_changes(store, org)][-2:] == [
+        {"old": [E1], "new": None},
+        {"old": None, "new": [E2]},
+    ]
+
+
+def test_answers_are_written_before_they_pile_up(
+    sync: Syncer, store: Store, world: World, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for device_id in portals(world, org)[:6]:
+        world.set_door_restrictions(org, device_id, {"apartment_entity_ids": [E1, E2, E3]})
+    monkeypatch.setattr(details_module, "BATCH_ENTITIES", 7)  # two portals of three entities, and a third
+    batches: list[int] = []
+    record = details_module.PortalRestrictions.record
+
+    def counted(self: Any, org_id: str, run_id: int, now: Any, answers: Any) -> int:
+        batches.append(len(answers))
+        return record(self, org_id, run_id, now, answers)
+
+    monkeypatch.setattr(details_module.PortalRestrictions, "record", counted)
+    assert sync(org).status == "succeeded"
+    assert max(batches) < details_module.BATCH and sum(batches) == len(portals(world, org))
+    assert_details_match(store, world, org)
+
+
+def test_a_fault_in_one_phase_spares_the_other_and_the_pass(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise StoreError("database error while writing door restrictions: disk full")
+
+    monkeypatch.setattr(details_module.PortalRestrictions, "record", broken)
+    outcome = sync(org)
+    assert outcome.status == "succeeded" and outcome.counts["definition_requests"] == len(world.orgs[org].integrations)
+
+    def bug(self: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(details_module.DetailReads, "run", bug)
+    assert sync(org).status == "succeeded"  # the scan and purge detection stand

@@ -185,16 +185,21 @@ def test_missing_query_booleans_take_their_defaults_unless_strict(world: World, 
 
 
 def test_create_does_what_the_request_says(http: httpx.Client, world: World, org: str) -> None:
-    integration, zone = world.orgs[org].integrations[1], world.orgs[org].zones[2]
+    integration = next(i for i, p in world.orgs[org].providers.items() if p == "shelly_cloud")
+    zone = world.orgs[org].zones[2]
     body = {"org_id": org, "integration_id": integration, "name": {"value": {"en": "Bare"}}}
     bare = http.post("/devices", json=body).json()
-    nothing_invented = (None, None, {}, [])
+    nothing_invented = (None, None, None, [])
     assert (bare["external_id"], bare["zone_id"], bare["device_metadata"], bare["credentials_set"]) == nothing_invented
     zoned = http.post("/devices", json={**body, "zone_id": zone, "external_id": "e-1"}).json()
     assert (zoned["zone_id"], zoned["external_id"]) == (zone, "e-1")
     rejected = [
         {**body, "integration_id": make_ulid(0, world.rng)},
         {**body, "device_metadata": "not an object"},
+        {**body, "device_metadata": {"kind": "gate"}},  # the provider's schema requires "provider"
+        {**body, "device_metadata": {"kind": "gate", "provider": "shelly_cloud", "relay": 9}},  # relay 0..3
+        {**body, "device_metadata": {"kind": "gate", "provider": "shelly_cloud", "colour": "red"}},  # unknown field
+        {**body, "device_metadata": {"kind": "gate", "provider": "akuvox"}},  # not this integration's provider
         {**body, "zone_id": make_ulid(0, world.rng)},
         {**body, "external_id": 7},
         {k: v for k, v in body.items() if k != "name"},

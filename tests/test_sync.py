@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from syncd import sync as sync_module
 from syncd.api import OpenAppClient
@@ -21,8 +21,7 @@ from syncd.models import LIFECYCLE_FIELDS, encode, normalise_name, parse_timesta
 from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS
 from syncd.store import Store
-from syncd.store.details import MetadataDefinitions, PortalRestrictions
-from syncd.store.schema import devices
+from syncd.store.schema import devices, door_restrictions, metadata_definitions, portal_restrictions
 from syncd.sync import OrgPass, PageWrites, PreparedPage
 
 from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
@@ -50,11 +49,33 @@ def assert_mirror_matches(store: Store, world: World, org: str) -> None:
     assert_details_match(store, world, org)
 
 
+class Details:
+    """Reads of the door restrictions and metadata definitions in the mirror, for assertions."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def entities(self, device_id: str) -> list[str]:
+        query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
+        with self.store.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def row(self, device_id: str) -> dict[str, Any]:
+        query = select(portal_restrictions).where(portal_restrictions.c.device_id == device_id)
+        with self.store.engine.connect() as conn:
+            return dict(conn.execute(query).mappings().one())
+
+    def definitions(self, org_id: str) -> dict[str, dict[str, Any]]:
+        query = select(metadata_definitions).where(metadata_definitions.c.org_id == org_id)
+        with self.store.engine.connect() as conn:
+            return {row["integration_id"]: dict(row) for row in conn.execute(query).mappings()}
+
+
 def assert_details_match(store: Store, world: World, org: str) -> None:
     """Every active portal's door restrictions, every device's credentials_set and every
     integration's metadata definition are mirrored as OpenApp has them."""
-    restrictions = PortalRestrictions(store)
-    definitions = MetadataDefinitions(store).of(org)
+    restrictions = Details(store)
+    definitions = restrictions.definitions(org)
     sim_org = world.orgs[org]
     for device_id, row in ((r["id"], r) for r in store.devices_of(org) if r["state"] == "active"):
         device = sim_org.devices[device_id]

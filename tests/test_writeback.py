@@ -70,19 +70,18 @@ def test_rename_zone_metadata_and_restore_reach_openapp_and_the_mirror(
     device = active(world, org)
     deleted = next(d["id"] for d in world.ground_truth(org) if d["deleted_at"])
     zone = world.orgs[org].zones[1]
+    metadata = {**world.device(org, active(world, org, 2))["device_metadata"], "kind": "gate"}
     ids = [
         queue_edit(store, device, "update", {"name": {"en": "Lobby door"}}, "alice@ops", ORGS),
         queue_edit(store, active(world, org, 1), "update", {"zone_id": zone}, "alice@ops", ORGS),
-        queue_edit(
-            store, active(world, org, 2), "update", {"device_metadata": {"kind": "gate", "x": 1}}, "bob@ops", ORGS
-        ),
+        queue_edit(store, active(world, org, 2), "update", {"device_metadata": metadata}, "bob@ops", ORGS),
         queue_edit(store, deleted, "restore", None, "bob@ops", ORGS),
     ]
     results = reconciler(wb_client, store).run_once()
     assert results == Counter(succeeded=4)
     assert world.device(org, device)["name"] == {"value": {"en": "Lobby door"}}
     assert world.device(org, active(world, org, 1))["zone_id"] == zone
-    assert world.device(org, active(world, org, 2))["device_metadata"] == {"kind": "gate", "x": 1}
+    assert world.device(org, active(world, org, 2))["device_metadata"] == metadata
     assert world.device(org, deleted)["deleted_at"] is None
     assert store.device(device)["name"] == {"en": "Lobby door"}
     assert store.device(active(world, org, 1))["zone_id"] == zone

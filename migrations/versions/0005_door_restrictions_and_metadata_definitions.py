@@ -126,6 +126,7 @@ def upgrade() -> None:
                   comment="asked again after this, or when the device changes"),
         sa.Column("device_fingerprint", sa.String(32), nullable=True, comment="devices.fingerprint when last asked"),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("failures", sa.Integer(), server_default="0", nullable=False, comment="failed attempts in a row"),
         sa.CheckConstraint("status IN ('ok', 'not_a_portal', 'not_found', 'failed')",
                            name=op.f("ck_portal_restrictions_status")),
         sa.ForeignKeyConstraint(["device_id"], ["devices.id"], name=op.f("fk_portal_restrictions_device_id_devices")),
@@ -160,6 +161,7 @@ def upgrade() -> None:
         sa.Column("attempted_at", Timestamp, nullable=False),
         sa.Column("next_fetch_at", Timestamp, nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("failures", sa.Integer(), server_default="0", nullable=False, comment="failed attempts in a row"),
         sa.PrimaryKeyConstraint("org_id", "integration_id", name=op.f("pk_metadata_definitions")),
     )
     op.create_index(op.f("ix_metadata_definitions_provider_type"), "metadata_definitions", ["provider_type"])

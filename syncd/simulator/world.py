@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class SimDevice:
     name: dict[str, str]
     external_id: str | None
     zone_id: str | None
-    device_metadata: dict[str, Any]  # what is returned: write-only credentials are kept apart
+    device_metadata: dict[str, Any] | None  # what is returned (None: none): write-only credentials kept apart
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
@@ -361,14 +362,15 @@ class World:
         if zone_id is not None and zone_id not in org.zones:
             raise SimError(422, f"Unknown zone {zone_id}", "unknown_zone")
         metadata = body.get("device_metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
-        visible, credentials = _split_credentials(metadata or {}, {}, org.providers[body["integration_id"]])
+        visible: dict[str, Any] | None = None
+        credentials: dict[str, str] = {}
+        if metadata is not None:
+            visible, credentials = _split_credentials(metadata, {}, org.providers[body["integration_id"]])
         return SimDevice(
             id=make_ulid(self._millis(now), self.rng),
             org_id=org.id,
             integration_id=body["integration_id"],
-            kind=str(visible.get("kind", "unknown")),
+            kind=str((visible or {}).get("kind", "unknown")),
             name=_localized(body["name"]),
             external_id=external_id,
             zone_id=zone_id,
@@ -403,12 +405,10 @@ class World:
                     raise SimError(422, f"Unknown zone {value}", "unknown_zone")
                 device.zone_id = value
             if "device_metadata" in changes:
-                if not isinstance(changes["device_metadata"], dict):
-                    raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
                 device.device_metadata, device.credentials = _split_credentials(
                     changes["device_metadata"], device.credentials, self.orgs[org_id].providers[device.integration_id]
                 )
-                device.kind = str(device.device_metadata.get("kind", device.kind))
+                device.kind = str(device.device_metadata.get("kind", device.kind))  # checked: it has one
             if (device.name, device.external_id, device.zone_id, device.device_metadata, device.credentials) != before:
                 self._changed(device)
             return self._bytes(device, True)
@@ -541,7 +541,7 @@ class World:
                 return False
         if filters.get("has_external_id") and not device.external_id:
             return False
-        return not (filters.get("has_go2rtc_channel") and not device.device_metadata.get("channel"))
+        return not (filters.get("has_go2rtc_channel") and not (device.device_metadata or {}).get("channel"))
 
     def _bytes(self, device: SimDevice, include_metadata: bool) -> bytes:
         if include_metadata:
@@ -605,11 +605,18 @@ def _localized(value: Any) -> dict[str, str]:
 
 
 def _split_credentials(
-    metadata: dict[str, Any], stored: dict[str, str], provider: str
+    metadata: object, stored: dict[str, str], provider: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(visible metadata, credentials)`` after a write: the provider's credential fields leave the
-    metadata; a string sets one, ``null`` clears it, and one left out keeps its stored value."""
+    """``(visible metadata, credentials)`` after a write, checked against the provider's schema
+    (422 naming the problem): the credential fields leave the metadata; a string sets one,
+    ``null`` clears it, and one left out keeps its stored value."""
+    if not isinstance(metadata, dict):
+        raise SimError(422, "device_metadata must be a JSON object", "invalid_field")
     fields = CREDENTIAL_FIELDS[provider]
+    given = {k: v for k, v in metadata.items() if not (k in fields and v is None)}  # null: clear it
+    problem = _schema_problem(PROVIDER_SCHEMAS[provider], given, "device_metadata")
+    if problem:
+        raise SimError(422, problem, "invalid_metadata")
     credentials = dict(stored)
     for name in fields:
         if name in metadata:
@@ -621,6 +628,45 @@ def _split_credentials(
             else:
                 raise SimError(422, f"device_metadata.{name} must be a string or null", "invalid_field")
     return {k: v for k, v in metadata.items() if k not in fields}, credentials
+
+
+def _schema_problem(schema: dict[str, Any], value: Any, where: str) -> str | None:
+    """What keeps ``value`` from the JSON Schema ``schema``, or None. The keywords the providers'
+    schemas use: type (object, string, integer), properties, required, additionalProperties
+    false, enum, const, minimum, maximum, maxLength, pattern."""
+    if "const" in schema and value != schema["const"]:
+        return f"{where} must be {schema['const']!r}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} must be one of {', '.join(map(str, schema['enum']))}"
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict):
+            return f"{where} must be an object"
+        missing = [k for k in schema.get("required", ()) if k not in value]
+        if missing:
+            return f"{where} lacks {', '.join(missing)}"
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            if key not in properties:
+                if schema.get("additionalProperties") is False:
+                    return f"{where}.{key} is not a field of this provider"
+                continue
+            problem = _schema_problem(properties[key], item, f"{where}.{key}")
+            if problem:
+                return problem
+    elif kind == "string":
+        if not isinstance(value, str):
+            return f"{where} must be a string"
+        if len(value) > schema.get("maxLength", len(value)):
+            return f"{where} is longer than {schema['maxLength']}"
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            return f"{where} must match {schema['pattern']}"
+    elif kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{where} must be an integer"
+        if not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+            return f"{where} must be within {schema.get('minimum')}..{schema.get('maximum')}"
+    return None
 
 
 def _ulid_millis(ulid: str) -> int:

@@ -1,14 +1,15 @@
 """What a pass reads beyond list_devices, as the mirror keeps it: door restrictions of portals
 (``portal_restrictions``, ``door_restrictions``) and metadata definitions (``metadata_definitions``).
 
-Which portals and integrations are due to be asked is decided here, in SQL, from the mirrored
-devices; what each answer changes (rows, and a ``restrictions`` history row when a portal's list
-changed) is written here, a batch of answers per transaction.
+Which portals and integrations are due to be asked is decided here, from what the pass's scan saw
+and this org's rows (never by scanning the org's devices again); what each answer changes (rows,
+and a ``restrictions`` history row when a portal's list changed) is written here, a batch of
+answers per transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,8 @@ from syncd.store.schema import (
 from syncd.store.store import Store
 from syncd.store.translate import translated
 
+ANSWERED = ("ok", "not_found", "not_a_portal")  # portal_restrictions.status after an answer
+
 
 @dataclass(frozen=True, slots=True)
 class DuePortal:
@@ -34,12 +37,14 @@ class DuePortal:
     device_id: str
     fingerprint: str  # the device's fingerprint now; stored with the answer
     answered: bool  # an earlier answer exists (else this is the portal's first)
+    failures: int = 0  # failed attempts in a row so far
 
 
 @dataclass(frozen=True, slots=True)
 class RestrictionsAnswer:
     """The outcome of asking one portal: ``ok`` with its restrictions, ``not_a_portal`` (400),
-    ``not_found`` (404), or ``failed`` (with ``error``; the previous restrictions stay)."""
+    ``not_found`` (404), or ``failed`` (with ``error`` and the failures in a row; the previous
+    restrictions stay)."""
 
     device_id: str
     fingerprint: str
@@ -47,6 +52,7 @@ class RestrictionsAnswer:
     next_fetch_at: datetime
     restrictions: DoorRestrictions | None = None
     error: str | None = None
+    failures: int = 0
 
 
 class PortalRestrictions:
@@ -55,50 +61,39 @@ class PortalRestrictions:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def due(self, org_id: str, now: datetime, portals: Mapping[str, str]) -> list[DuePortal]:
+    def due(self, org_id: str, now: datetime, portals: Mapping[str, str], seen: Collection[str]) -> list[DuePortal]:
         """Of ``portals`` (the active portals a pass saw, with their fingerprints): those never
-        answered, changed since the last answer, or whose ``next_fetch_at`` has come. Likewise
-        devices asked before that no longer say they are portals, until OpenApp answers that they
-        are not (400). New and changed ones first. Reads only this org's ``portal_restrictions``
-        rows and, for former portals, their devices: no scan of the org's devices."""
+        answered, changed since the last answer, or whose ``next_fetch_at`` has come. Likewise the
+        devices in ``seen`` (what the pass's scan saw) that were asked before but no longer say
+        they are portals, until OpenApp answers that they are not (400). New and changed ones
+        first, portals that failed last time after all others (oldest attempt first)."""
         p, d = portal_restrictions, devices
+        query = (
+            select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state)
+            .join(d, d.c.id == p.c.device_id)
+            .where(p.c.org_id == org_id)
+        )
         with translated("finding portals due for their door restrictions"), self.store.engine.connect() as conn:
-            rows = {
-                row.device_id: row
-                for row in conn.execute(
-                    select(p.c.device_id, p.c.status, p.c.device_fingerprint, p.c.next_fetch_at).where(
-                        p.c.org_id == org_id
-                    )
-                )
-            }
-            former = [i for i, row in rows.items() if i not in portals and row.status != "not_a_portal"]
-            candidates = dict(portals)
-            if former:
-                query = select(d.c.id, d.c.fingerprint).where(d.c.id.in_(former), d.c.state == "active")
-                candidates.update(conn.execute(query).all())
+            rows = {row.device_id: row for row in conn.execute(query)}
+        candidates = dict(portals)
+        for device_id, asked in rows.items():
+            former = device_id not in portals and asked.status != "not_a_portal"
+            if former and asked.state == "active" and device_id in seen:
+                candidates[device_id] = asked.now_fingerprint
         due = []
         for device_id, fingerprint in candidates.items():
             row = rows.get(device_id)
-            if row is None or row.device_fingerprint != fingerprint or row.next_fetch_at <= now:
-                answered = row is not None and row.status != "failed"
-                due.append(
-                    (row is not None and row.device_fingerprint == fingerprint, device_id, fingerprint, answered)
-                )
-        due.sort()  # new and changed first, then by id
-        return [DuePortal(device_id, fingerprint, answered) for _, device_id, fingerprint, answered in due]
-
-    def entities(self, device_id: str) -> list[str]:
-        """The entities a portal is restricted to, as mirrored (sorted)."""
-        query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
-        with translated("reading door restrictions"), self.store.engine.connect() as conn:
-            return sorted(conn.execute(query).scalars())
-
-    def row(self, device_id: str) -> dict[str, Any] | None:
-        """A portal's ``portal_restrictions`` row, or None."""
-        query = select(portal_restrictions).where(portal_restrictions.c.device_id == device_id)
-        with translated("reading door restrictions"), self.store.engine.connect() as conn:
-            found = conn.execute(query).mappings().one_or_none()
-            return dict(found) if found else None
+            if row is None:
+                due.append(((0, False, "", device_id), DuePortal(device_id, fingerprint, False)))
+                continue
+            same = row.device_fingerprint == fingerprint
+            failing = row.failures > 0
+            if (same or failing) and row.next_fetch_at > now:
+                continue  # a portal backing off after failures waits, changed or not (at most an interval)
+            order = (int(failing), same, str(row.attempted_at) if failing else "", device_id)
+            due.append((order, DuePortal(device_id, fingerprint, row.status in ANSWERED, row.failures)))
+        due.sort(key=lambda item: item[0])
+        return [portal for _, portal in due]
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per org: ``portals`` asked about, how many are ``restricted``, and ``entities`` (grants)."""
@@ -132,28 +127,19 @@ class PortalRestrictions:
             return 0
         ids = [a.device_id for a in answers]
         changes: list[dict[str, Any]] = []
+        new_rows: list[dict[str, Any]] = []
+        entity_rows: list[dict[str, Any]] = []
         p, r = portal_restrictions, door_restrictions
         with self.store.transaction("writing door restrictions") as conn:
-            previous = {
-                row.device_id: row.status
-                for row in conn.execute(
-                    select(portal_restrictions.c.device_id, portal_restrictions.c.status).where(
-                        portal_restrictions.c.device_id.in_(ids)
-                    )
-                )
-            }
+            previous = dict(conn.execute(select(p.c.device_id, p.c.status).where(p.c.device_id.in_(ids))).all())
             held: dict[str, set[str]] = {device_id: set() for device_id in ids}
-            query = select(door_restrictions.c.device_id, door_restrictions.c.entity_id).where(
-                door_restrictions.c.device_id.in_(ids)
-            )
-            for device_id, entity_id in conn.execute(query):
+            for device_id, entity_id in conn.execute(
+                select(r.c.device_id, r.c.entity_id).where(r.c.device_id.in_(ids))
+            ):
                 held[device_id].add(entity_id)
-            new_rows: list[dict[str, Any]] = []
-            entity_rows: list[dict[str, Any]] = []
             for answer in answers:
                 old_status = previous.get(answer.device_id)
-                held_now = held[answer.device_id]
-                values, gone, added, change = _plan(answer, now, old_status, held_now)
+                values, gone, added, change = _plan(answer, now, old_status, held[answer.device_id])
                 if old_status is None:
                     new_rows.append({**NEW_ROW, **values, "device_id": answer.device_id, "org_id": org_id})
                 else:
@@ -184,43 +170,50 @@ class PortalRestrictions:
 
 
 # A new portal_restrictions row: every column a plan does not set is NULL (one executemany for a batch).
-NEW_ROW = {c.name: None for c in portal_restrictions.columns}
+NEW_ROW: dict[str, Any] = {c.name: None for c in portal_restrictions.columns} | {"failures": 0}
 
 
 def _plan(
     answer: RestrictionsAnswer, now: datetime, old_status: str | None, held: set[str]
 ) -> tuple[dict[str, Any], set[str], list[str], dict[str, Any] | None]:
     """What one answer writes: the portal_restrictions values, the entities gone and added, and the
-    ``{"old": ..., "new": ...}`` of a changed list (else None). The first list of a portal has
-    nothing to compare with; a portal that is no longer one has none (new: null)."""
-    values: dict[str, Any] = {"attempted_at": now, "next_fetch_at": answer.next_fetch_at}
-    known_before = old_status == "ok" or bool(held)  # the mirror holds a list to compare with
-    new: list[str] | None = None
+    ``{"old": ..., "new": ...}`` of a changed list (else None). A list is null for a device that is
+    not a portal (400). A portal's first answer has nothing to compare with: no history row."""
+    values: dict[str, Any] = {
+        "attempted_at": now,
+        "next_fetch_at": answer.next_fetch_at,
+        "failures": answer.failures,
+    }
     if answer.status == "failed":
-        # The previous restrictions (and what the last answer said) stay; only the attempt is recorded.
+        # What the mirror holds (and what the last answer said) stays; only the attempt is recorded.
         values["last_error"] = one_line(answer.error or "failed", 2000)
         if old_status is None:
             values["status"] = "failed"
         return values, set(), [], None
     values.update(status=answer.status, fetched_at=now, device_fingerprint=answer.fingerprint, last_error=None)
+    if answer.status == "not_found":  # gone since the scan: what the mirror holds stays
+        return values, set(), [], None
+    new: list[str] | None = None
     if answer.status == "ok":
         assert answer.restrictions is not None
         new = list(answer.restrictions.entity_ids)
         values.update(
             restricted=bool(new), entity_count=len(new), body_key=answer.restrictions.key, raw=answer.restrictions.raw
         )
-        if not known_before:
-            values["changed_at"] = now  # first list: nothing to compare with, no history row
-    elif answer.status == "not_a_portal":
+    else:  # not_a_portal
         values.update(restricted=None, entity_count=None, raw=None, last_error=answer.error)
-    else:  # not_found: what the mirror holds stays
-        return values, set(), [], None
     wanted = set(new or ())
     gone, added = held - wanted, sorted(wanted - held)
-    if not (gone or added or (new is None and known_before)):
+    answered_before = old_status in ANSWERED
+    old = None if old_status == "not_a_portal" else sorted(held)
+    if not answered_before:
+        if new is not None:
+            values["changed_at"] = now  # the first list
+        return values, gone, added, None
+    if old == (None if new is None else sorted(new)):
         return values, gone, added, None
     values["changed_at"] = now
-    return values, gone, added, ({"old": sorted(held), "new": new} if known_before else None)
+    return values, gone, added, {"old": old, "new": new}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,17 +222,19 @@ class DueIntegration:
 
     integration_id: str
     device_id: str
+    failures: int = 0  # failed attempts in a row so far
 
 
 @dataclass(frozen=True, slots=True)
 class DefinitionAnswer:
-    """The outcome of asking one integration's device: a definition, or ``error``."""
+    """The outcome of asking one integration's device: a definition, or ``error`` (and the failures in a row)."""
 
     integration_id: str
     device_id: str
     next_fetch_at: datetime
     definition: MetadataDefinition | None = None
     error: str | None = None
+    failures: int = 0
 
 
 class MetadataDefinitions:
@@ -250,22 +245,18 @@ class MetadataDefinitions:
 
     def due(self, org_id: str, now: datetime, integrations: Mapping[str, str]) -> list[DueIntegration]:
         """Of ``integrations`` (integration id -> the device to ask, from a pass), those never asked
-        about or whose ``next_fetch_at`` has come."""
+        about or whose ``next_fetch_at`` has come; ones that failed last time after the others."""
         m = metadata_definitions
-        query = select(m.c.integration_id, m.c.next_fetch_at).where(m.c.org_id == org_id)
+        query = select(m.c.integration_id, m.c.next_fetch_at, m.c.failures).where(m.c.org_id == org_id)
         with translated("finding integrations due for their metadata definition"), self.store.engine.connect() as c:
-            next_fetch = dict(c.execute(query).all())
-        return [
-            DueIntegration(integration_id, device_id)
-            for integration_id, device_id in sorted(integrations.items())
-            if integration_id not in next_fetch or next_fetch[integration_id] <= now
-        ]
-
-    def of(self, org_id: str) -> dict[str, dict[str, Any]]:
-        """The org's ``metadata_definitions`` rows by integration id."""
-        query = select(metadata_definitions).where(metadata_definitions.c.org_id == org_id)
-        with translated("reading metadata definitions"), self.store.engine.connect() as conn:
-            return {row["integration_id"]: dict(row) for row in conn.execute(query).mappings()}
+            rows = {row.integration_id: row for row in c.execute(query)}
+        due = []
+        for integration_id, device_id in integrations.items():
+            row = rows.get(integration_id)
+            if row is None or row.next_fetch_at <= now:
+                failures = row.failures if row is not None else 0
+                due.append(DueIntegration(integration_id, device_id, failures))
+        return sorted(due, key=lambda item: (item.failures > 0, item.integration_id))
 
     def record(self, org_id: str, now: datetime, answers: Sequence[DefinitionAnswer]) -> list[str]:
         """Write the answers in one transaction; returns the integrations whose schema changed
@@ -280,6 +271,7 @@ class MetadataDefinitions:
                     "attempted_at": now,
                     "next_fetch_at": answer.next_fetch_at,
                     "device_id": answer.device_id,
+                    "failures": answer.failures,
                 }
                 definition = answer.definition
                 if definition is None:

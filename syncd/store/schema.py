@@ -241,6 +241,7 @@ portal_restrictions = Table(
     Column("next_fetch_at", UTCDateTime, nullable=False, comment="asked again after this, or when the device changes"),
     Column("device_fingerprint", String(32), comment="devices.fingerprint when last asked"),
     Column("last_error", Text),
+    Column("failures", Integer, nullable=False, server_default="0", comment="failed attempts in a row"),
     CheckConstraint(_one_of("status", RESTRICTION_STATUSES), name="status"),
     Index(None, "org_id", "next_fetch_at"),
 )
@@ -273,6 +274,7 @@ metadata_definitions = Table(
     Column("attempted_at", UTCDateTime, nullable=False),
     Column("next_fetch_at", UTCDateTime, nullable=False),
     Column("last_error", Text),
+    Column("failures", Integer, nullable=False, server_default="0", comment="failed attempts in a row"),
     Index(None, "provider_type"),
 )
 
