@@ -9,7 +9,8 @@ failures are retried later (exponential backoff with full jitter, honouring Retr
 ``writeback.max_attempts``; permanent ones fail at once; a 401 pauses the reconciler without
 burning attempts. An edit left ``in_flight`` by a crash is re-checked once its lease expires: if
 OpenApp already shows the change it succeeded, otherwise it is pushed again (PUT and restore are
-safe to repeat).
+safe to repeat). Every attempt first checks whether OpenApp already shows the edit's effect (after
+an attempt whose answer was lost, say): then it succeeds without a push, and is no conflict.
 """
 
 from __future__ import annotations
@@ -185,8 +186,11 @@ class Reconciler:
         base = row["base_updated_at"] or mirrored["updated_at"]
         try:
             remote = self._fetch(org_id, row["device_id"])
-            if row["recheck"] and edit_applied(remote, action, payload):
-                edit_log.info("edit found applied after an interrupted attempt")
+            if edit_applied(remote, action, payload):
+                # Also after an attempt whose answer was lost (the server applied it, the connection
+                # dropped): the edit's own effect is not a conflict, and pushing it again is not needed.
+                if row["attempts"] > 1 or row["recheck"]:
+                    edit_log.info("edit found applied after an attempt whose outcome was unknown")
                 return self._succeed(row, remote, mirrored, overwrote=base)
             if action == "restore":
                 return self._restore(row, org_id, remote, mirrored, edit_log)

@@ -581,3 +581,29 @@ def test_reconcile_once_stops_a_read_in_flight_on_sigterm(tmp_path: Path, world:
         out, err = proc.communicate(timeout=30)
     assert time.monotonic() - started < 5, err
     assert "1 stopped" in out and "1 pending" in out  # handed back untouched, for the next round
+
+
+@pytest.mark.parametrize("operation", ["update_device", "restore_device"])
+def test_lost_answers_are_not_conflicts(
+    sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str, operation: str
+) -> None:
+    """The server applies a write and the connection drops before its answer: the next attempt
+    finds the edit's effect in OpenApp, calls it done and pushes nothing more."""
+    if operation == "update_device":
+        devices = [active(world, mirrored, n) for n in range(10)]
+        ids = [
+            queue_edit(store, d, "update", {"name": {"en": f"Renamed {n}"}}, "ops", ORGS) for n, d in enumerate(devices)
+        ]
+    else:
+        devices = [d["id"] for d in world.ground_truth(mirrored) if d["deleted_at"]][:10]
+        ids = [queue_edit(store, d, "restore", None, "ops", ORGS) for d in devices]
+    sim.inject(Fault(kind="lost", operation=operation, times=None, rate=0.5))
+    rec = reconciler(wb_client, store)
+    deadline = time.monotonic() + 20
+    while any(edit(store, i)["status"] != "succeeded" for i in ids) and time.monotonic() < deadline:
+        assert rec.run_once()["conflict"] == 0
+        time.sleep(0.05)
+    assert [edit(store, i)["status"] for i in ids] == ["succeeded"] * 10
+    lost = [r for r in sim.requests(operation) if r.status == 0]
+    assert lost  # the fault fired
+    assert len(sim.requests(operation)) == 10 + 0  # each edit was pushed once: a lost one is not pushed again

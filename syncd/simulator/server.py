@@ -34,7 +34,8 @@ class Fault:
 
     ``kind``: ``status`` (answer ``status``, with ``retry_after`` if set), ``reset`` (drop the
     connection with a TCP reset), ``slow`` (wait ``delay`` seconds, then answer normally) or
-    ``slow_reply`` (do the work at once, then wait ``delay`` seconds before answering).
+    ``slow_reply`` (do the work at once, then wait ``delay`` seconds before answering) or ``lost``
+    (do the work, then drop the connection with a TCP reset: the client never hears that it was done).
     ``times`` bounds how often it fires (None: forever); ``skip`` lets that many matches pass first;
     ``rate`` fires it on that fraction of matches.
     """
@@ -248,6 +249,8 @@ class Simulator:
                 reply = Reply(200, {}, self._dispatch(operation, device_id, record.org_id, query, headers, body))
                 if fault is not None and fault.kind == "slow_reply":
                     time.sleep(min(fault.delay, 30.0))
+                if fault is not None and fault.kind == "lost":
+                    reply = Reply(0, {}, None)
         except SimError as exc:
             reply = Reply(exc.status, {}, orjson.dumps({"message": exc.message, "error_code": exc.error_code}))
         self.log.append(dataclasses.replace(record, finished=time.monotonic(), status=reply.status))
