@@ -321,8 +321,9 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
     from prometheus_client import REGISTRY
 
     from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret, SyncSettings, WritebackSettings
+    from syncd.edits import queue_edit
     from syncd.passes import writeback_client
-    from syncd.reconcile import Reconciler, queue_edit
+    from syncd.reconcile import Reconciler
     from syncd.store import Store
     from syncd.store.edits import EditQueue
     from syncd.sync import OrgPass

@@ -223,6 +223,11 @@ class WritebackSettings(Section):
     lease_timeout: float = setting(120.0, "duration", minimum=0)
     conflict_policy: str = setting("detect", "choice", choices=("detect", "force"))  # force: push anyway
     batch_size: int = setting(50, "int", minimum=1)
+    max_deletes_per_hour: int = setting(20, "int", minimum=1)  # more soft deletes wait: bad SQL is not a mass delete
+    # The door-restrictions body key to send: "auto" (the key OpenApp itself answered with), or one forced.
+    door_restrictions_key: str = setting(
+        "auto", "choice", choices=("auto", "apartment_entity_ids", "listing_entity_ids")
+    )
 
 
 @dataclass(frozen=True)

@@ -424,68 +424,6 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
-MAX_EDIT_BYTES = 1024 * 1024  # an UpdateDeviceRequest larger than this is a mistake, not a device
-
-
-def validate_edit(action: object, payload: object) -> str | None:
-    """What is wrong with a queued edit (one line), or None when it can be pushed as it is."""
-    if action == "restore":
-        if payload not in (None, {}):
-            return "a restore takes no payload"
-        return None
-    if action != "update":
-        return f"unknown action {action!r} (use 'update' or 'restore')"
-    if isinstance(payload, str):
-        return f"payload is not a JSON object: {preview(payload)}"
-    if not isinstance(payload, dict) or not payload:
-        return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
-    unknown = sorted(set(payload) - set(EDITABLE_FIELDS))
-    if unknown:
-        return f"unknown field(s) {', '.join(preview(f) for f in unknown)} (editable: {', '.join(EDITABLE_FIELDS)})"
-    try:
-        size = len(orjson.dumps(payload))
-    except orjson.JSONEncodeError:
-        return f"payload is nested more than {MAX_NESTING} levels deep"
-    if size > MAX_EDIT_BYTES:
-        return f"payload is {size} bytes of JSON, more than an edit may be ({MAX_EDIT_BYTES})"
-    where = nul_path(payload)
-    if where is not None:
-        return f"payload holds a NUL character (U+0000) at {where}, which the mirror cannot store"
-    if "name" in payload:
-        try:
-            if not normalise_name(payload["name"]):
-                return "name must not be empty"
-        except ValueError as exc:
-            return f"name {exc}"
-    for field in ("zone_id", "external_id"):
-        if field in payload and payload[field] is not None and not isinstance(payload[field], str):
-            return f"{field} must be a string or null, got {preview(payload[field])}"
-    if "device_metadata" in payload and not isinstance(payload["device_metadata"], dict):
-        return f"device_metadata must be a JSON object, got {preview(payload['device_metadata'])}"
-    return None
-
-
-def edit_applied(device: Device, action: str, payload: dict[str, Any] | None) -> bool:
-    """Whether ``device`` (as OpenApp has it now) already shows the edit."""
-    if action == "restore":
-        return device.deleted_at is None
-    for field, wanted in (payload or {}).items():
-        if field == "name":
-            if device.name != normalise_name(wanted):
-                return False
-        elif getattr(device, field) != wanted:
-            return False
-    return True
-
-
-def remote_values(device: Device, payload: dict[str, Any] | None) -> dict[str, Any]:
-    """OpenApp's current values of the fields an edit sets (shown next to the edit on a conflict)."""
-    values: dict[str, Any] = {field: getattr(device, field) for field in (payload or {})}
-    values["updated_at"] = device.updated_at.isoformat() if device.updated_at else None
-    return values
-
-
 def same_json(a: Any, b: Any) -> bool:
     """Whether two decoded JSON values are the same JSON value.
 

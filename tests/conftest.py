@@ -129,6 +129,20 @@ def org(world: World) -> str:
     return next(iter(world.orgs))
 
 
+@pytest.fixture
+def mirrored(sync: Syncer, org: str) -> str:
+    """The org, mirrored once."""
+    assert sync(org).status == "succeeded"
+    return org
+
+
+@pytest.fixture
+def wb_client(sim: Simulator) -> Iterator[OpenAppClient]:
+    """A write-back client for ``sim`` that tries each request once (the reconciler retries)."""
+    with OpenAppClient(api_settings(sim, retry=replace(FAST_RETRY, max_attempts=1))) as client:
+        yield client
+
+
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     """``main()`` configures logging for the process; undo it so later tests do not write to closed streams."""

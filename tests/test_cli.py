@@ -142,7 +142,7 @@ def test_db_upgrade_and_current(
     assert main(["db", "current", "--config", str(config)]) == 0
     assert "empty" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "empty -> 0005" in capsys.readouterr().out
+    assert "empty -> 0006" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at" in capsys.readouterr().out
 
@@ -437,8 +437,8 @@ def test_edit_refuses_metadata_that_is_not_an_object_and_edits_says_what_an_edit
     assert "device_metadata must be a JSON object" in capsys.readouterr().err
     assert main(["edit", device, "--external-id", "x-1", "--config", str(config)]) == 0
     assert main(["edits", "--config", str(config)]) == 0
-    assert re.search(r"1: queued\s+\{\"external_id\": \"x-1\"\}", capsys.readouterr().out)
+    assert re.search(r"1: queued\s+update external_id: \{\"external_id\": \"x-1\"\}", capsys.readouterr().out)
     assert main(["reconcile-once", "--config", str(config)]) == 0
     capsys.readouterr()
     assert main(["edits", "--config", str(config)]) == 0
-    assert re.search(r"1: applied\s+\{\"external_id\": \"x-1\"\}", capsys.readouterr().out)
+    assert re.search(r"1: applied\s+update external_id: \{\"external_id\": \"x-1\"\}", capsys.readouterr().out)

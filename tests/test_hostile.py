@@ -496,10 +496,10 @@ def test_write_back_against_a_hostile_server(tmp_path: Path, database_url: str) 
         store.close()
     assert code == 1 and seconds < SECONDS_LIMIT and rss < RSS_LIMIT_MB, out + err
     assert requests == [("GET", f"/api/v1/devices/{device}?include_deleted=true&include_metadata=true")]
-    assert [e["status"] for e in edits] == ["failed"] * len(rows)  # and nothing was pushed
-    assert "it was not believed" in edits[0]["last_error"]
-    assert "is not the device's org" in edits[1]["last_error"]
-    assert all("is not an OpenApp device id" in e["last_error"] for e in edits[2:])
+    assert [e.status for e in edits] == ["failed"] * len(rows)  # and nothing was pushed
+    assert "it was not believed" in (edits[0].last_error or "")
+    assert "is not the device's org" in (edits[1].last_error or "")
+    assert all("is not an OpenApp device id" in (e.last_error or "") for e in edits[2:])
     for text in (out, err, dump_database(database_url)):
         assert API_KEY not in text
 

@@ -43,6 +43,7 @@ FLOORS = {
     "syncd.sync": 7,
     "syncd.reconcile": 7,
     "syncd.details": 6,
+    "syncd.edits": 6,
     "syncd.api": 5,
     "syncd.store": 5,
     "syncd.health": 5,

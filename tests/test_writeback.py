@@ -21,9 +21,10 @@ from sqlalchemy.exc import DBAPIError
 from syncd.api import OpenAppClient
 from syncd.cli import main
 from syncd.config import WritebackSettings
+from syncd.edits import queue_edit
 from syncd.errors import ConfigError
 from syncd.health import AuthGate
-from syncd.reconcile import Reconciler, queue_edit
+from syncd.reconcile import Reconciler
 from syncd.simulator import Fault, SimError, Simulator, World
 from syncd.simulator.world import org_id_for
 from syncd.store import Store
@@ -34,19 +35,6 @@ from .test_cli import KEY_ENV, run_cli, write_config
 
 ORGS = frozenset(org_id_for(i) for i in range(2))  # the orgs of the `world` fixture
 FAST = WritebackSettings(interval=0.2, max_attempts=5, base_delay=0.05, max_delay=0.2, lease_timeout=60)
-
-
-@pytest.fixture
-def wb_client(sim: Simulator) -> Iterator[OpenAppClient]:
-    with OpenAppClient(api_settings(sim, retry=replace(FAST_RETRY, max_attempts=1))) as client:
-        yield client
-
-
-@pytest.fixture
-def mirrored(sync: Syncer, world: World, org: str) -> str:
-    """The org, mirrored once."""
-    assert sync(org).status == "succeeded"
-    return org
 
 
 def reconciler(client: OpenAppClient, store: Store, **settings: Any) -> Reconciler:
@@ -88,7 +76,7 @@ def test_rename_zone_metadata_and_restore_reach_openapp_and_the_mirror(
     assert store.device(deleted)["state"] == "active"
     for edit_id in ids:
         row = edit(store, edit_id)
-        assert row["status"] == "succeeded" and row["applied_at"] is not None and row["attempts"] == 1
+        assert row.status == "succeeded" and row.applied_at is not None and row.attempts == 1
     local = [c for c in store.changes(org) if c["source"] == "local_edit"]
     assert {(c["device_id"], c["change"]) for c in local} == {
         (device, "updated"),
@@ -110,12 +98,12 @@ def test_429_with_retry_after_then_success(
     rec = reconciler(wb_client, store)
     assert rec.run_once() == Counter(retrying=1)
     row = edit(store, edit_id)
-    assert row["status"] == "pending" and row["last_status_code"] == 429
-    assert 0.5 < (row["next_attempt_at"] - row["updated_at"]).total_seconds() <= 1.01
+    assert row.status == "pending" and row.last_status_code == 429
+    assert 0.5 < (row.next_attempt_at - row.updated_at).total_seconds() <= 1.01
     assert rec.run_once() == Counter()  # not due yet
     time.sleep(1.05)
     assert rec.run_once() == Counter(succeeded=1)
-    assert edit(store, edit_id)["attempts"] == 2
+    assert edit(store, edit_id).attempts == 2
     assert len(sim.requests("update_device")) == 2
 
 
@@ -126,11 +114,11 @@ def test_a_burst_of_503_then_success_after_backoff(
     sim.inject(Fault(status=503, operation="update_device", times=3))
     rec = reconciler(wb_client, store)
     deadline = time.monotonic() + 10
-    while edit(store, edit_id)["status"] != "succeeded" and time.monotonic() < deadline:
+    while edit(store, edit_id).status != "succeeded" and time.monotonic() < deadline:
         rec.run_once()
         time.sleep(0.02)
     row = edit(store, edit_id)
-    assert row["status"] == "succeeded" and row["attempts"] == 4
+    assert row.status == "succeeded" and row.attempts == 4
     assert [r.status for r in sim.requests("update_device")] == [503, 503, 503, 200]
 
 
@@ -140,11 +128,11 @@ def test_attempts_run_out(sim: Simulator, wb_client: OpenAppClient, store: Store
     rec = reconciler(wb_client, store, max_attempts=2, base_delay=0.01, max_delay=0.01)
     for _ in range(20):
         rec.run_once()
-        if edit(store, edit_id)["status"] == "failed":
+        if edit(store, edit_id).status == "failed":
             break
         time.sleep(0.02)
     row = edit(store, edit_id)
-    assert row["status"] == "failed" and "gave up after 2 attempts" in row["last_error"]
+    assert row.status == "failed" and "gave up after 2 attempts" in row.last_error
 
 
 @pytest.mark.parametrize(("status", "message"), [(422, "Device has entities"), (400, "Bad zone id")])
@@ -156,8 +144,8 @@ def test_permanent_errors_fail_at_once_with_the_message_kept(
     sim.inject(Fault(status=status, operation="update_device", times=None, body=body))
     assert reconciler(wb_client, store).run_once() == Counter(failed=1)
     row = edit(store, edit_id)
-    assert row["status"] == "failed" and row["last_status_code"] == status and row["attempts"] == 1
-    assert message in row["last_error"] and "nope" in row["last_error"]
+    assert row.status == "failed" and row.last_status_code == status and row.attempts == 1
+    assert message in row.last_error and "nope" in row.last_error
 
 
 def test_a_concurrent_remote_change_is_a_conflict_and_nothing_is_pushed(
@@ -177,7 +165,8 @@ def test_a_concurrent_remote_change_is_a_conflict_and_nothing_is_pushed(
     assert reconciler(wb_client, store).run_once() == Counter(conflict=1)
     assert sim.requests("update_device") == []
     row = edit(store, edit_id)
-    assert row["status"] == "conflict" and row["remote"]["name"] == {"en": "Theirs"}
+    assert row.status == "conflict"
+    assert row.remote["name"] == {"base": {"en": "Side portal 0"}, "remote": {"en": "Theirs"}, "queued": {"en": "Ours"}}
     assert store.device(device)["name"] == {"en": "Theirs"}  # the mirror learnt the remote change
     monkeypatch.setenv(KEY_ENV, API_KEY)
     config = write_config(tmp_path, sim, database_url, [mirrored])
@@ -209,7 +198,7 @@ def test_two_edits_to_one_device_apply_in_order(
     puts = [r.device_id for r in sim.requests("update_device")]
     assert puts == [device, device, active(world, mirrored, 1)]
     assert world.device(mirrored, device)["name"] == {"value": {"en": "Second"}}
-    assert [edit(store, i)["status"] for i in (first, second, third)] == ["succeeded"] * 3
+    assert [edit(store, i).status for i in (first, second, third)] == ["succeeded"] * 3
 
 
 def test_restore_of_an_already_active_device_succeeds(
@@ -220,7 +209,7 @@ def test_restore_of_an_already_active_device_succeeds(
     world.restore_device(mirrored, deleted)  # somebody else was quicker
     assert reconciler(wb_client, store).run_once() == Counter(succeeded=1)
     assert sim.requests("restore_device") == []
-    assert edit(store, edit_id)["status"] == "succeeded"
+    assert edit(store, edit_id).status == "succeeded"
     assert store.device(deleted)["state"] == "active"
 
 
@@ -246,7 +235,7 @@ def test_restore_answered_422_is_confirmed_with_a_get(
         "restore_device",
         "get_device",
     ]
-    assert edit(store, edit_id)["status"] == "succeeded"
+    assert edit(store, edit_id).status == "succeeded"
 
 
 def test_purged_device_fails_the_edit(wb_client: OpenAppClient, store: Store, world: World, mirrored: str) -> None:
@@ -255,7 +244,7 @@ def test_purged_device_fails_the_edit(wb_client: OpenAppClient, store: Store, wo
     world.purge_device(mirrored, device)
     assert reconciler(wb_client, store).run_once() == Counter(failed=1)
     row = edit(store, edit_id)
-    assert "purged" in row["last_error"] and row["last_status_code"] == 404
+    assert "purged" in row.last_error and row.last_status_code == 404
 
 
 def test_a_401_pauses_without_burning_attempts(
@@ -269,7 +258,7 @@ def test_a_401_pauses_without_burning_attempts(
     rec = Reconciler(wb_client, store, FAST, "test:1", ORGS, auth=AuthGate(clock=lambda: now[0]))
     assert rec.run_once() == Counter(paused=1)
     assert rec.run_once() == Counter()  # paused: nothing is tried
-    assert all(edit(store, i)["status"] == "pending" and edit(store, i)["attempts"] == 0 for i in ids)
+    assert all(edit(store, i).status == "pending" and edit(store, i).attempts == 0 for i in ids)
     world.add_key(API_KEY)
     assert rec.run_once() == Counter()  # still paused until the pause runs out
     now[0] += 30.0
@@ -297,18 +286,16 @@ def test_sql_inserted_edits_work_and_a_malformed_one_fails_alone(
                 {"d": device_id, "a": action, "p": payload},
             )
     results = reconciler(wb_client, store).run_once()
-    edits = {r["id"]: r for r in EditQueue(store).find()}
+    edits = {r.id: r for r in EditQueue(store).find()}
     by_order = [edits[i] for i in sorted(edits)]
-    assert by_order[0]["status"] == "succeeded" and world.device(mirrored, good)["name"] == {
-        "value": {"en": "From SQL"}
-    }
-    assert by_order[0]["org_id"] is None and by_order[0]["created_at"] is not None  # defaults filled the rest
-    assert by_order[1]["status"] == "failed" and "unknown field(s) 'colour'" in by_order[1]["last_error"]
-    assert by_order[2]["status"] == "failed" and "unknown device" in by_order[2]["last_error"]
-    assert by_order[3]["status"] == "failed" and "zone_id must be a string" in by_order[3]["last_error"]
-    assert by_order[4]["status"] == "succeeded"
+    assert by_order[0].status == "succeeded" and world.device(mirrored, good)["name"] == {"value": {"en": "From SQL"}}
+    assert by_order[0].org_id is None and by_order[0].created_at is not None  # defaults filled the rest
+    assert by_order[1].status == "failed" and "unknown field(s) 'colour'" in by_order[1].last_error
+    assert by_order[2].status == "failed" and "unknown device" in by_order[2].last_error
+    assert by_order[3].status == "failed" and "zone_id must be a string" in by_order[3].last_error
+    assert by_order[4].status == "succeeded"
     if store.dialect == "sqlite":
-        assert by_order[5]["status"] == "failed" and "not a JSON object" in by_order[5]["last_error"]
+        assert by_order[5].status == "failed" and "not a JSON object" in by_order[5].last_error
     assert results["succeeded"] == 2
 
 
@@ -334,7 +321,7 @@ def test_a_reconciler_killed_between_push_and_bookkeeping(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-    assert edit(store, edit_id)["status"] == "in_flight"
+    assert edit(store, edit_id).status == "in_flight"
     sim.clear_faults()
     rec = reconciler(wb_client, store, lease_timeout=0.3)
     assert rec.run_once() == Counter()  # the lease has not expired yet
@@ -345,7 +332,7 @@ def test_a_reconciler_killed_between_push_and_bookkeeping(
         time.sleep(0.05)
     assert len(sim.requests("update_device")) == 1  # pushed exactly once
     row = edit(store, edit_id)
-    assert row["status"] == "succeeded" and row["attempts"] == 2
+    assert row.status == "succeeded" and row.attempts == 2
     assert len([c for c in store.changes(mirrored) if c["edit_id"] == edit_id]) == 1
     assert store.device(device)["name"] == {"en": "Exactly once"}
 
@@ -378,7 +365,7 @@ def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
             for _ in range(200):
                 got = rec.run_once()
                 total.update(got)
-                if not got and not any(r["status"] in ("pending", "in_flight") for r in EditQueue(store).find()):
+                if not got and not any(r.status in ("pending", "in_flight") for r in EditQueue(store).find()):
                     break
             results.append(total)
 
@@ -389,7 +376,7 @@ def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
         t.join(timeout=120)
     pushes = Counter(r.device_id for r in sim.requests("update_device"))
     assert pushes == expected
-    assert all(r["status"] == "succeeded" for r in EditQueue(stores[0]).find())
+    assert all(r.status == "succeeded" for r in EditQueue(stores[0]).find())
     assert all(results) and sum(r["succeeded"] for r in results) == sum(expected.values())
     assert all(world.device(org, d)["external_id"] == f"{d[-4:]}-{expected[d] - 1}" for d in devices)
     for s in stores:
@@ -414,8 +401,8 @@ def test_cli_edit_restore_and_queue_management(
     assert main(["edit", device, "--name", "fr=Porte", "--clear-zone", "--config", config]) == 0
     assert re.search(r"queued edit \d+: update", capsys.readouterr().out)
     queued = EditQueue(store).find(device_id=device)[0]
-    assert queued["payload"] == {"name": {**before, "fr": "Porte"}, "zone_id": None}
-    assert queued["requested_by"] and "@" in queued["requested_by"]
+    assert queued.payload == {"name": {**before, "fr": "Porte"}, "zone_id": None}
+    assert queued.requested_by and "@" in queued.requested_by
     assert main(["restore", deleted, "--config", config]) == 0
     for args, message in [
         (["edit", "01HK153X0000000000000NX1ST", "--external-id", "x"], "not in the mirror"),
@@ -431,7 +418,7 @@ def test_cli_edit_restore_and_queue_management(
     assert main(["reconcile-once", "--config", config]) == 0
     assert "2 succeeded" in capsys.readouterr().out
     assert world.device(mirrored, device)["zone_id"] is None
-    assert main(["edits", "cancel", str(queued["id"]), "--config", config]) == 2  # succeeded edits stay
+    assert main(["edits", "cancel", str(queued.id), "--config", config]) == 2  # succeeded edits stay
     assert "succeeded; cancel works on pending, failed, conflict" in capsys.readouterr().err
     assert main(["edits", "--config", config, "--device", device]) == 0
     assert "succeeded" in capsys.readouterr().out
@@ -482,7 +469,7 @@ def test_the_daemon_pushes_queued_edits(tmp_path: Path, sim: Simulator, world: W
         daemon.request_stop()
         thread.join(timeout=30)
     with _store(db) as store:
-        assert edit(store, edit_id)["status"] == "succeeded"
+        assert edit(store, edit_id).status == "succeeded"
 
 
 def test_sql_queued_edits_never_choose_their_org_or_path(
@@ -509,7 +496,7 @@ def test_sql_queued_edits_never_choose_their_org_or_path(
     results = reconciler(wb_client, store).run_once()
     assert results == Counter(failed=len(rows))
     assert sim.requests()[before:] == []  # nothing was sent
-    errors = [r["last_error"] for r in EditQueue(store).find()]
+    errors = [r.last_error for r in EditQueue(store).find()]
     assert f"is not the device's org ('{mirrored}' in the mirror); nothing was sent" in errors[0]
     assert "not the device's org" in errors[1]
     assert "is not an OpenApp device id" in errors[2] and "is not an OpenApp device id" in errors[3]
@@ -526,7 +513,7 @@ def test_an_edit_of_an_org_no_longer_configured_fails_unsent(
     others = frozenset(ORGS - {mirrored})
     results = Reconciler(wb_client, store, FAST, "test:1", others).run_once()
     assert results == Counter(failed=1)
-    assert "is not configured in this syncd; nothing was sent" in edit(store, edit_id)["last_error"]
+    assert "is not configured in this syncd; nothing was sent" in edit(store, edit_id).last_error
     assert sim.requests("get_device") == [] and sim.requests("update_device") == []
     with pytest.raises(ConfigError, match="which is not configured"):
         queue_edit(store, active(world, mirrored), "update", {"external_id": "x"}, "ops", others)
@@ -552,11 +539,11 @@ def test_a_time_the_database_cannot_read_fails_its_edit_alone(
     results = reconciler(wb_client, store).run_once()
     edits = EditQueue(store).find()
     if store.dialect == "postgresql":
-        assert [e["status"] for e in edits] == ["succeeded"]
+        assert [e.status for e in edits] == ["succeeded"]
         return
-    assert [e["status"] for e in edits] == ["failed", "failed", "succeeded"]  # SQLite takes anything: syncd checks
-    assert "base_updated_at 'not a time' is not a timestamp" in edits[0]["last_error"]
-    assert "next_attempt_at 'not a time' is not a timestamp" in edits[1]["last_error"]
+    assert [e.status for e in edits] == ["failed", "failed", "succeeded"]  # SQLite takes anything: syncd checks
+    assert "base_updated_at 'not a time' is not a timestamp" in edits[0].last_error
+    assert "next_attempt_at 'not a time' is not a timestamp" in edits[1].last_error
     assert results == Counter(failed=2, succeeded=1)
 
 
@@ -572,7 +559,7 @@ def test_reconcile_once_stops_a_read_in_flight_on_sigterm(tmp_path: Path, world:
         proc = run_cli("reconcile-once", "--config", str(config), env={KEY_ENV: API_KEY})
         store = Store(f"sqlite:///{tmp_path}/m.db")
         wait_until = time.monotonic() + 30  # claimed: its GET goes out next, and is answered 30 s later
-        while time.monotonic() < wait_until and EditQueue(store).find()[0]["status"] != "in_flight":
+        while time.monotonic() < wait_until and EditQueue(store).find()[0].status != "in_flight":
             time.sleep(0.05)
         store.close()
         time.sleep(0.5)
@@ -600,10 +587,10 @@ def test_lost_answers_are_not_conflicts(
     sim.inject(Fault(kind="lost", operation=operation, times=None, rate=0.5))
     rec = reconciler(wb_client, store)
     deadline = time.monotonic() + 20
-    while any(edit(store, i)["status"] != "succeeded" for i in ids) and time.monotonic() < deadline:
+    while any(edit(store, i).status != "succeeded" for i in ids) and time.monotonic() < deadline:
         assert rec.run_once()["conflict"] == 0
         time.sleep(0.05)
-    assert [edit(store, i)["status"] for i in ids] == ["succeeded"] * 10
+    assert [edit(store, i).status for i in ids] == ["succeeded"] * 10
     lost = [r for r in sim.requests(operation) if r.status == 0]
     assert lost  # the fault fired
     assert len(sim.requests(operation)) == 10 + 0  # each edit was pushed once: a lost one is not pushed again

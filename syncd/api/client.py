@@ -275,6 +275,13 @@ class OpenAppClient:
         body = self._send("delete_device", "DELETE", path, org_id, _write_params())
         return _device(body, "delete_device", org_id, device_id)
 
+    def set_door_restrictions(self, org_id: str, device_id: str, key: str, entity_ids: list[str]) -> DoorRestrictions:
+        """PUT door-restrictions (the official SDK's set_door_restrictions; not in the public spec):
+        the whole list, under ``key`` (``apartment_entity_ids`` or ``listing_entity_ids``). Safe to repeat."""
+        path = _device_path("set_door_restrictions", device_id, "door-restrictions")
+        body = self._send("set_door_restrictions", "PUT", path, org_id, {}, body={key: entity_ids})
+        return _answer(body, "set_door_restrictions", parse_door_restrictions)
+
     def get_door_restrictions(self, org_id: str, device_id: str, *, deadline: float | None = None) -> DoorRestrictions:
         """get_door_restrictions: the entities a virtual_access_portal lets through (either body key).
         RejectedError (400) for a device that is not a portal, NotFoundError (404) for one that is gone."""
@@ -306,8 +313,8 @@ class OpenAppClient:
         """One logical call, returning the body of its successful answer: retries transient failures
         with backoff until attempts, ``api.retry.deadline`` or ``deadline`` (monotonic) run out.
 
-        Every Devices call syncd makes is safe to repeat (GET, PUT, soft delete, restore), so
-        transport errors and 408/425/429/5xx are retried for all of them.
+        Every Devices call syncd makes is safe to repeat (GET, PUT, soft delete, restore, PUT
+        door-restrictions), so transport errors and 408/425/429/5xx are retried for all of them.
         """
         policy = self.settings.retry
         started = time.monotonic()

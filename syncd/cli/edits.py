@@ -1,4 +1,6 @@
-"""Write-back from the command line: ``edit``, ``restore``, ``edits`` (``retry``, ``cancel``), ``reconcile-once``."""
+"""Write-back from the command line: ``edit``, ``restore``, ``delete``, ``door-restrictions``,
+``edits`` (``retry``, ``cancel``), ``reconcile-once``. It parses and prints; the edits' rules are in
+:mod:`syncd.edits`."""
 
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from syncd.cli.args import (
 )
 from syncd.cli.output import print_edits
 from syncd.cli.signals import stop_on_signals
+from syncd.edits import KINDS, mirrored_credentials, queue_edit, redacted
 from syncd.errors import ConfigError
 from syncd.passes import instance_name, writeback_client
-from syncd.reconcile import Reconciler, queue_edit, requester
-from syncd.store.edits import EditQueue
-from syncd.store.schema import EDIT_STATUSES
+from syncd.reconcile import Reconciler, requester
+from syncd.store.edits import EditQueue, EditStatus
 
 
 def add_commands(commands: Commands) -> None:
@@ -43,7 +45,17 @@ def add_commands(commands: Commands) -> None:
     zone.add_argument("--zone-id", metavar="ZONE", help="move the device to this zone")
     zone.add_argument("--clear-zone", action="store_true", help="take the device out of its zone")
     p.add_argument("--external-id", metavar="ID", help="set the external id")
-    p.add_argument("--metadata-json", metavar="JSON", help="replace device_metadata with this JSON object")
+    p.add_argument(
+        "--metadata-json",
+        metavar="JSON",
+        help="replace device_metadata with this JSON object (credential fields left out keep their values)",
+    )
+    p.add_argument(
+        "--clear-credential",
+        action="append",
+        metavar="FIELD",
+        help="clear this stored write-only credential field of device_metadata (repeatable)",
+    )
     p.set_defaults(handler=cmd_edit)
 
     p = commands.add_parser("restore", help="queue the restore of a soft-deleted device")
@@ -51,9 +63,25 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.set_defaults(handler=cmd_restore)
 
+    p = commands.add_parser("delete", help="queue the soft delete of a device (asks first on a terminal)")
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(handler=cmd_delete)
+
+    p = commands.add_parser(
+        "door-restrictions", help="queue a change of which entities a virtual_access_portal lets through"
+    )
+    config_option(p)
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--set", nargs="*", metavar="ENTITY_ID", help="the whole list (none: the portal is not restricted)")
+    p.add_argument("--add", nargs="+", metavar="ENTITY_ID", help="let these through too (against OpenApp's list)")
+    p.add_argument("--remove", nargs="+", metavar="ENTITY_ID", help="no longer let these through")
+    p.set_defaults(handler=cmd_door_restrictions)
+
     p = commands.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
     config_option(p)
-    p.add_argument("--status", choices=EDIT_STATUSES, help="only edits with this status")
+    p.add_argument("--status", choices=[s.value for s in EditStatus], help="only edits with this status")
     p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
     p.set_defaults(handler=cmd_edits)
     actions = p.add_subparsers(metavar="ACTION")
@@ -88,12 +116,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 payload["device_metadata"] = json.loads(args.metadata_json)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--metadata-json is not valid JSON: {exc}") from None
+        if args.clear_credential:
+            payload["clear_credentials"] = list(args.clear_credential)
         if not payload:
             raise ConfigError(
-                "nothing to change: give --name, --zone-id/--clear-zone, --external-id or --metadata-json"
+                "nothing to change: give --name, --zone-id/--clear-zone, --external-id, --metadata-json "
+                "or --clear-credential"
             )
         queued = queue_edit(store, args.device_id, "update", payload, requester(), org_ids(config))
-    print(f"queued edit {queued}: update {args.device_id} {json.dumps(payload, ensure_ascii=False)}")
+        shown = redacted(payload, mirrored_credentials(store, args.device_id))
+    print(f"queued edit {queued}: update {args.device_id} {json.dumps(shown, ensure_ascii=False)}")
     return EXIT_OK
 
 
@@ -106,12 +138,51 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Queue a soft delete, after a yes on a terminal (or --yes)."""
+    config = load(args, with_key=False)
+    with prepared_store(config) as store:
+        device = store.device(args.device_id)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ConfigError("delete asks for confirmation on a terminal; not on one, confirm with --yes")
+            name = json.dumps((device or {}).get("name") or {}, ensure_ascii=False)
+            answer = input(f"Soft-delete device {args.device_id} {name} in OpenApp? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing was queued")
+                return EXIT_FAILED
+        queued = queue_edit(store, args.device_id, "delete", None, requester(), org_ids(config))
+    print(f"queued edit {queued}: soft delete {args.device_id}")
+    return EXIT_OK
+
+
+def cmd_door_restrictions(args: argparse.Namespace) -> int:
+    """Queue a change of a portal's door restrictions."""
+    config = load(args, with_key=False)
+    if args.set is not None:
+        if args.add or args.remove:
+            raise ConfigError("--set gives the whole list: not with --add or --remove")
+        payload: dict[str, Any] = {"entity_ids": list(dict.fromkeys(args.set))}
+    elif args.add or args.remove:
+        payload = {"add": list(dict.fromkeys(args.add or [])), "remove": list(dict.fromkeys(args.remove or []))}
+    else:
+        raise ConfigError("give --set ENTITY_ID ... (the whole list), or --add / --remove ENTITY_ID ...")
+    with prepared_store(config) as store:
+        queued = queue_edit(store, args.device_id, "door_restrictions", payload, requester(), org_ids(config))
+    print(f"queued edit {queued}: {KINDS['door_restrictions'].describe(payload)} on {args.device_id}")
+    return EXIT_OK
+
+
 def cmd_edits(args: argparse.Namespace) -> int:
     """List the queue."""
     config = load(args, with_key=False)
     with prepared_store(config) as store:
-        rows = EditQueue(store).find(args.status, args.device)
-    print_edits(rows, sys.stdout)
+        edits = EditQueue(store).find(args.status, args.device)
+        credentials = {e.device_id: mirrored_credentials(store, e.device_id) for e in edits if e.action == "update"}
+    shown = [
+        (e, redacted(e.payload, credentials.get(e.device_id, ())), KINDS[e.action].describe(e.payload)) for e in edits
+    ]
+    print_edits(shown, sys.stdout)
     return EXIT_OK
 
 
@@ -142,6 +213,8 @@ def cmd_reconcile_once(args: argparse.Namespace) -> int:
     print(f"reconcile: {done}; queue now: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"))
     if results["paused"]:
         print("reconcile: OpenApp rejected the API key; the edits not attempted stay pending", file=sys.stderr)
+    if results["held"]:
+        print("reconcile: soft deletes beyond writeback.max_deletes_per_hour wait (see `syncd edits`)", file=sys.stderr)
     return EXIT_FAILED if results["failed"] or results["conflict"] or results["paused"] else EXIT_OK
 
 

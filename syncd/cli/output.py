@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from syncd.models import DEVICE_STATES
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
+from syncd.store.edits import Edit
 from syncd.store.schema import RUN_COUNTERS
 from syncd.sync import PassOutcome
 
@@ -92,32 +93,44 @@ def print_status(report: list[dict[str, Any]], out: TextIO) -> None:
             print(f"{r['org_id']}: last error: {r['last_error']}", file=out)
 
 
-def print_edits(rows: list[dict[str, Any]], out: TextIO) -> None:
-    """The queue as a table, with what each edit sets and, on a conflict, what OpenApp has."""
+def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
+    """The queue as a table: per edit what it does and sets (credentials masked), and for a
+    conflict the base, remote and queued value of each conflicting field."""
     lines = [
         (
-            str(r["id"]),
-            r["device_id"],
-            r["action"],
-            r["status"],
-            str(r["attempts"]),
-            iso(r["next_attempt_at"]) or "-",
-            str(r["last_status_code"] or "-"),
-            iso(r["created_at"]) or "-",
-            r["requested_by"] or "-",
+            str(e.id),
+            e.device_id,
+            e.action,
+            e.status.value,
+            str(e.attempts),
+            iso(e.next_attempt_at) or "-",
+            str(e.last_status_code or "-"),
+            iso(e.created_at) or "-",
+            e.requested_by or "-",
         )
-        for r in rows
+        for e, _, _ in edits
     ]
     headers = ("id", "device", "action", "status", "attempts", "next attempt", "last code", "created", "by")
     table(headers, lines, out, text_columns=4)
-    for r in rows:
-        if r["payload"]:
-            verb = PAYLOAD_VERBS.get(r["status"], "wanted")
-            print(f"  {r['id']}: {verb:<8}{json.dumps(r['payload'], ensure_ascii=False)}", file=out)
-        if r["remote"]:
-            print(f"  {r['id']}: remote  {json.dumps(r['remote'], ensure_ascii=False, default=str)}", file=out)
-        if r["last_error"] and r["status"] != "succeeded":
-            print(f"  {r['id']}: error   {r['last_error']}", file=out)
+    for e, payload, what in edits:
+        if payload:
+            verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
+            print(f"  {e.id}: {verb:<8}{what}: {json.dumps(payload, ensure_ascii=False)}", file=out)
+        elif e.action != "update":
+            print(f"  {e.id}: {PAYLOAD_VERBS.get(e.status.value, 'wanted'):<8}{what}", file=out)
+        if e.status.value == "conflict" and isinstance(e.remote, dict):
+            for name, values in sorted(e.remote.items()):
+                if isinstance(values, dict):
+                    print(f"  {e.id}: {name}:", file=out)
+                    for label in ("base", "remote", "queued"):
+                        shown = json.dumps(values.get(label), ensure_ascii=False, default=str)
+                        print(f"  {e.id}:   {label:<7}{shown}", file=out)
+        if e.last_error and e.status.value != "succeeded":
+            print(
+                f"  {e.id}: {'held' if e.status.value == 'pending' and 'held:' in e.last_error else 'error':<8}"
+                f"{e.last_error}",
+                file=out,
+            )
 
 
 def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:

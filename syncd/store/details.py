@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from syncd.models import DoorRestrictions, MetadataDefinition, one_line
 from syncd.store.schema import (
@@ -95,6 +95,12 @@ class PortalRestrictions:
         due.sort(key=lambda item: item[0])
         return [portal for _, portal in due]
 
+    def entities(self, device_id: str) -> list[str]:
+        """The entities a portal is restricted to, as mirrored (sorted)."""
+        query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
+        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
     def summary(self) -> dict[str, dict[str, int]]:
         """Per org: ``portals`` asked about, how many are ``restricted``, and ``entities`` (grants)."""
         p, r = portal_restrictions, door_restrictions
@@ -125,48 +131,60 @@ class PortalRestrictions:
         (each also gets a ``restrictions`` row in device_changes, with the old and new lists)."""
         if not answers:
             return 0
-        ids = [a.device_id for a in answers]
-        changes: list[dict[str, Any]] = []
-        new_rows: list[dict[str, Any]] = []
-        entity_rows: list[dict[str, Any]] = []
-        p, r = portal_restrictions, door_restrictions
         with self.store.transaction("writing door restrictions") as conn:
-            previous = dict(conn.execute(select(p.c.device_id, p.c.status).where(p.c.device_id.in_(ids))).all())
-            held: dict[str, set[str]] = {device_id: set() for device_id in ids}
-            for device_id, entity_id in conn.execute(
-                select(r.c.device_id, r.c.entity_id).where(r.c.device_id.in_(ids))
-            ):
-                held[device_id].add(entity_id)
-            for answer in answers:
-                old_status = previous.get(answer.device_id)
-                values, gone, added, change = _plan(answer, now, old_status, held[answer.device_id])
-                if old_status is None:
-                    new_rows.append({**NEW_ROW, **values, "device_id": answer.device_id, "org_id": org_id})
-                else:
-                    conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values))
-                if gone:
-                    conn.execute(delete(r).where(r.c.device_id == answer.device_id, r.c.entity_id.in_(gone)))
-                entity_rows += (
-                    {"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now} for e in added
-                )
-                if change is not None:
-                    changes.append(
-                        {
-                            "device_id": answer.device_id,
-                            "org_id": org_id,
-                            "run_id": run_id,
-                            "observed_at": now,
-                            "change": "restrictions",
-                            "diff": {"door_restrictions": change},
-                        }
-                    )
-            if new_rows:
-                conn.execute(insert(p), new_rows)
-            if entity_rows:
-                conn.execute(insert(r), entity_rows)
-            if changes:
-                conn.execute(insert(device_changes), changes)
-        return len(changes)
+            return write_answers(conn, org_id, now, answers, run_id=run_id)
+
+
+def write_answers(
+    conn: Connection,
+    org_id: str,
+    now: datetime,
+    answers: Sequence[RestrictionsAnswer],
+    *,
+    run_id: int | None = None,
+    edit_id: int | None = None,
+) -> int:
+    """Write answers inside the caller's transaction: of a pass (``run_id``) or of a local edit
+    that set them (``edit_id``; its history row is marked ``local_edit``). Returns how many lists changed."""
+    ids = [a.device_id for a in answers]
+    changes: list[dict[str, Any]] = []
+    new_rows: list[dict[str, Any]] = []
+    entity_rows: list[dict[str, Any]] = []
+    p, r = portal_restrictions, door_restrictions
+    previous = dict(conn.execute(select(p.c.device_id, p.c.status).where(p.c.device_id.in_(ids))).all())
+    held: dict[str, set[str]] = {device_id: set() for device_id in ids}
+    for device_id, entity_id in conn.execute(select(r.c.device_id, r.c.entity_id).where(r.c.device_id.in_(ids))):
+        held[device_id].add(entity_id)
+    for answer in answers:
+        old_status = previous.get(answer.device_id)
+        values, gone, added, change = _plan(answer, now, old_status, held[answer.device_id])
+        if old_status is None:
+            new_rows.append({**NEW_ROW, **values, "device_id": answer.device_id, "org_id": org_id})
+        else:
+            conn.execute(update(p).where(p.c.device_id == answer.device_id).values(values))
+        if gone:
+            conn.execute(delete(r).where(r.c.device_id == answer.device_id, r.c.entity_id.in_(gone)))
+        entity_rows += ({"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now} for e in added)
+        if change is not None:
+            changes.append(
+                {
+                    "device_id": answer.device_id,
+                    "org_id": org_id,
+                    "run_id": run_id,
+                    "observed_at": now,
+                    "change": "restrictions",
+                    "diff": {"door_restrictions": change},
+                    "source": "sync" if edit_id is None else "local_edit",
+                    "edit_id": edit_id,
+                }
+            )
+    if new_rows:
+        conn.execute(insert(p), new_rows)
+    if entity_rows:
+        conn.execute(insert(r), entity_rows)
+    if changes:
+        conn.execute(insert(device_changes), changes)
+    return len(changes)
 
 
 # A new portal_restrictions row: every column a plan does not set is NULL (one executemany for a batch).
@@ -257,6 +275,14 @@ class MetadataDefinitions:
                 failures = row.failures if row is not None else 0
                 due.append(DueIntegration(integration_id, device_id, failures))
         return sorted(due, key=lambda item: (item.failures > 0, item.integration_id))
+
+    def for_integration(self, org_id: str, integration_id: str) -> dict[str, Any] | None:
+        """The mirrored definition of an integration's provider, or None."""
+        m = metadata_definitions
+        query = select(m).where(m.c.org_id == org_id, m.c.integration_id == integration_id)
+        with translated("reading metadata definitions"), self.store.engine.connect() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+            return dict(row) if row else None
 
     def record(self, org_id: str, now: datetime, answers: Sequence[DefinitionAnswer]) -> list[str]:
         """Write the answers in one transaction; returns the integrations whose schema changed

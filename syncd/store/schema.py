@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -77,7 +77,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
 RUN_TRIGGERS = ("scheduled", "run-once")
 CHANGE_SOURCES = ("sync", "local_edit")
-EDIT_ACTIONS = ("update", "restore")
+EDIT_ACTIONS = ("update", "restore", "delete", "door_restrictions")
 EDIT_STATUSES = ("pending", "in_flight", "succeeded", "failed", "conflict", "cancelled")
 
 
@@ -199,8 +199,9 @@ device_edits = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("device_id", String(64), nullable=False),
     Column("org_id", String(64), comment="taken from the mirror when omitted"),
-    Column("action", String(16), nullable=False, server_default="update"),
+    Column("action", String(32), nullable=False, server_default="update"),
     Column("payload", JSONDoc, comment="UpdateDeviceRequest fields: name, zone_id, external_id, device_metadata"),
+    Column("base", JSONDoc, comment="the mirror's values of the fields the edit sets, when it was queued"),
     Column("base_updated_at", UTCDateTime, comment="the mirror's updated_at when queued"),
     Column("status", String(16), nullable=False, server_default="pending"),
     Column("attempts", Integer, nullable=False, server_default="0"),

@@ -383,6 +383,11 @@ class PageWriter(PageReader):
         """Run one Core statement in this transaction."""
         self._conn.execute(statement)
 
+    @property
+    def connection(self) -> Connection:
+        """The transaction's connection, for the store's own modules."""
+        return self._conn
+
     def insert_devices(self, new: Sequence[Device], now: datetime) -> None:
         """Add devices seen for the first time."""
         if new:
