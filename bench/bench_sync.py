@@ -14,8 +14,10 @@ also mirrors door restrictions and metadata definitions, as by default. A separa
 door restrictions add: 1 org x 100,000 devices (about 2,000 portals), synced with
 `sync.door_restrictions` off and on in alternation, on fresh databases: the extra requests and seconds
 of a first sync and of a no-change re-sync (which, inside the refresh interval, must ask nothing).
-Then it pushes 1,000 queued edits through the write-back reconciler (in this process), without and
-with 10% of requests answered 429 (Retry-After: 1): edits pushed per second and requests per edit.
+Then it pushes 1,000 queued edits of each kind (rename, soft delete, restore, door restrictions
+add) through the write-back reconciler (in this process): without faults, with 10% of requests
+answered 429 (Retry-After: 1) and with the answers of 20% of the writes lost (applied, then the
+connection reset): edits per second, requests per edit, conflicts (none is expected).
 
     .venv/bin/python bench/bench_sync.py [--postgres-url postgresql://postgres@127.0.0.1/test] [--scaling]
         [--repeat N] [--quick]
@@ -36,6 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -315,11 +318,41 @@ def scenario(
     }
 
 
-def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, float]:
-    """Queue ``count`` renames and time the reconciler until every one succeeded."""
+# Write-back: what each kind needs of the simulator, which mirrored devices it edits, and its payload.
+EDIT_KINDS: dict[str, tuple[list[str], str, Any]] = {
+    "update": ([], "active", lambda device_id: {"name": {"en": f"Bench {device_id[-6:]}"}}),
+    "delete": ([], "active", lambda device_id: None),
+    "restore": (["--deleted-fraction", "0.6"], "deleted", lambda device_id: None),
+    "door_restrictions": (
+        ["--portal-fraction", "0.8"],
+        "portal",
+        lambda device_id: {"add": [f"01HBENCHENTITY{device_id[-12:]}"]},
+    ),
+}
+EDIT_CONDITIONS = {
+    "no faults": [],
+    "10% answered 429": ["--rate-limit-rate", "0.1", "--retry-after", "1"],
+    "20% of writes' answers lost": ["--lost-rate", "0.2"],
+}
 
+
+def http_requests() -> float:
+    """Every HTTP request this process has made (all operations, all outcomes)."""
     from prometheus_client import REGISTRY
 
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "syncd_http_requests"
+        for sample in metric.samples
+        if sample.name == "syncd_http_requests_total"
+    )
+
+
+def edits_scenario(workdir: Path, action: str, condition: str, count: int) -> dict[str, float]:
+    """Mirror a simulated org, queue ``count`` edits of one kind and time the reconciler (in this
+    process) until none is left to do; requests per edit counts every request of the reconciler."""
+    from syncd.api import OpenAppClient
     from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret, SyncSettings, WritebackSettings
     from syncd.edits import queue_edit
     from syncd.passes import writeback_client
@@ -328,11 +361,14 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
     from syncd.store.edits import EditQueue
     from syncd.sync import OrgPass
 
-    args = ["--rate-limit-rate", str(rate_limited), "--retry-after", "1"] if rate_limited else []
+    simulator_args, wanted, payload = EDIT_KINDS[action]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "syncd", "simulate", "--port", "0", "--orgs", "1", "--devices", str(count * 2), *args],
+        [sys.executable, "-m", "syncd", "simulate", "--port", "0", "--orgs", "1", "--devices", str(count * 2)]
+        + simulator_args
+        + EDIT_CONDITIONS[condition],
         env={**os.environ, "SYNCD_API_KEY": KEY},
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     assert proc.stdout is not None
@@ -347,23 +383,24 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
     store = Store(config.database.url)
     try:
         store.upgrade()
-        from syncd.api import OpenAppClient
-
+        # The mirror, before the clock starts (the devices only: with 429s, asking 1,600 portals for
+        # their restrictions one Retry-After at a time would take minutes; the edits read them anyway).
         with OpenAppClient(config.api) as client:
-            OrgPass(client, store, OrgSettings(org), SyncSettings()).run()
-        devices = [d["id"] for d in store.devices_of(org) if d["state"] == "active"][:count]
+            OrgPass(client, store, OrgSettings(org), SyncSettings(door_restrictions=False)).run()
+
+        def chosen(device: dict[str, Any]) -> bool:
+            if wanted == "portal":
+                metadata = device["device_metadata"] or {}
+                return device["state"] == "active" and metadata.get("kind") == "virtual_access_portal"
+            return bool(device["state"] == wanted)
+
+        devices = [d["id"] for d in store.devices_of(org) if chosen(d)][:count]
+        if len(devices) < count:
+            raise SystemExit(f"the simulator holds only {len(devices)} devices to {action}, not {count}")
         for device_id in devices:
-            queue_edit(store, device_id, "update", {"name": {"en": f"Bench {device_id[-6:]}"}}, "bench", {org})
-
-        def requests() -> float:
-            return sum(
-                REGISTRY.get_sample_value("syncd_http_requests_total", {"operation": op, "status": st}) or 0
-                for op in ("get_device", "update_device")
-                for st in ("200", "429")
-            )
-
-        before = requests()
-        settings = replace(WritebackSettings(), max_attempts=20, batch_size=100)
+            queue_edit(store, device_id, action, payload(device_id), "bench", {org})
+        settings = replace(WritebackSettings(), max_attempts=20, batch_size=100, max_deletes_per_hour=count)
+        before = http_requests()
         with writeback_client(config) as client:
             reconciler = Reconciler(client, store, settings, "bench", {org})
             started = time.perf_counter()
@@ -374,12 +411,46 @@ def edits_scenario(workdir: Path, rate_limited: float, count: int) -> dict[str, 
                     break
                 time.sleep(0.05)
             seconds = time.perf_counter() - started
-        done = EditQueue(store).counts().get("succeeded", 0)
-        return {"edits": done, "seconds": seconds, "rate": done / seconds, "per_edit": (requests() - before) / done}
+        counts = EditQueue(store).counts()
+        done = counts.get("succeeded", 0)
+        return {
+            "edits": done,
+            "seconds": seconds,
+            "rate": done / seconds,
+            "per_edit": (http_requests() - before) / max(done, 1),
+            "conflicts": counts.get("conflict", 0),
+            "failed": counts.get("failed", 0),
+        }
     finally:
         store.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def edits_block(workdir: Path, count: int) -> None:
+    """Every kind under every condition; a table, then the targets for lost answers."""
+    print(f"\nwrite-back, {count:,} edits per kind and condition (reconciler in this process, SQLite)")
+    print(
+        f"{'kind':<18} {'condition':<28} {'edits/s':>8} {'seconds':>8} {'requests/edit':>13} "
+        f"{'conflicts':>9} {'failed':>6}"
+    )
+    worst_lost, lost_conflicts = 0.0, 0
+    for action in EDIT_KINDS:
+        for condition in EDIT_CONDITIONS:
+            r = edits_scenario(workdir, action, condition, count)
+            print(
+                f"{action:<18} {condition:<28} {r['rate']:>8,.0f} {r['seconds']:>8.2f} {r['per_edit']:>13.2f} "
+                f"{r['conflicts']:>9.0f} {r['failed']:>6.0f}",
+                flush=True,
+            )
+            if "lost" in condition:
+                worst_lost = max(worst_lost, r["per_edit"])
+                lost_conflicts += int(r["conflicts"])
+    print(
+        f"lost answers: at most {worst_lost:.2f} requests per edit (target <= 2.5), "
+        f"{lost_conflicts} conflicts (target 0)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -407,14 +478,7 @@ def main() -> None:
                 restrictions_scenario(kind, Path(tmp), args.postgres_url, args.repeat, 100_000 // scale)
         if args.only_restrictions:
             return
-        for rate in (0.0, 0.1):
-            edits = 1000 // scale
-            r = edits_scenario(Path(tmp), rate, edits)
-            print(
-                f"write-back {edits} edits, {rate:.0%} answered 429: {r['rate']:,.0f} edits/s "
-                f"({r['seconds']:.2f} s), {r['per_edit']:.2f} requests per edit",
-                flush=True,
-            )
+        edits_block(Path(tmp), 1000 // scale)
         if args.only_edits:
             return
         for kind in kinds:

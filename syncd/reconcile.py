@@ -135,7 +135,8 @@ class Reconciler:
         reading = Reading(self.client, self.store, org_id, edit.device_id, self.settings.door_restrictions_key)
         remote: Remote | None = None
         try:
-            remote = kind.read(payload, Remote(self._fetch(org_id, edit.device_id)), reading)
+            device = self._fetch(org_id, edit.device_id) if kind.reads_device else parse_device(mirrored["raw"])
+            remote = kind.read(payload, Remote(device), reading)
             if kind.applied(payload, remote):
                 if edit.attempts > 1 or edit.recheck:
                     edit_log.info("edit found applied in OpenApp after an attempt whose outcome was unknown")

@@ -179,7 +179,15 @@ def test_door_restrictions_only_for_portals(
     before = len(sim.log)
     assert reconciler(wb_client, store).run_once() == Counter(failed=1)
     assert "nothing was sent" in (edit(store, edit_id).last_error or "")
-    assert [r.operation for r in sim.requests()[before:]] == ["get_device"]
+    assert sim.requests()[before:] == []  # the mirror knows it is a gate
+    # The mirror says portal, OpenApp no longer does: its 400 answer fails the edit, nothing is put.
+    portal = portals(world, mirrored)[0]
+    world.orgs[mirrored].devices[portal].kind = "gate"
+    edit_id = insert_edit(store, portal, "door_restrictions", {"add": [E1]})
+    before = len(sim.log)
+    assert reconciler(wb_client, store).run_once() == Counter(failed=1)
+    assert "virtual_access_portal" in (edit(store, edit_id).last_error or "")
+    assert [r.operation for r in sim.requests()[before:]] == ["get_door_restrictions"]
     for bad, problem in [
         ({"entity_ids": [E1], "add": [E2]}, "not both"),
         ({"add": [E1], "remove": [E1]}, "both added and removed"),

@@ -337,9 +337,13 @@ def test_a_reconciler_killed_between_push_and_bookkeeping(
     assert store.device(device)["name"] == {"en": "Exactly once"}
 
 
+OTHER_WRITES = ("delete_device", "restore_device", "set_door_restrictions")
+
+
 def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
     postgres_database: str, sim: Simulator, world: World, org: str
 ) -> None:
+    """Every kind of edit, claimed by two reconcilers at once: each is pushed once, in order per device."""
     import psycopg
 
     with psycopg.connect(postgres_database, autocommit=True) as conn:
@@ -349,12 +353,29 @@ def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
     stores[0].upgrade()
     with OpenAppClient(api_settings(sim)) as client:
         Syncer(client, stores[0])(org)
-    devices = [d["id"] for d in world.ground_truth(org) if not d["deleted_at"]][:30]
+    truth = world.ground_truth(org)
+    live = [d for d in truth if not d["deleted_at"]]
+    portals = [d["id"] for d in live if d["device_metadata"]["kind"] == "virtual_access_portal"]
+    others = [d["id"] for d in live if d["id"] not in portals]
+    devices, doomed = others[:30], others[30:35]
+    revived = [d["id"] for d in truth if d["deleted_at"]][:5]
+    assert len(portals) >= 3 and len(revived) == 5
     expected: Counter[str] = Counter()
     for n, device in enumerate(devices):
         for k in range(1 + n % 3):  # one to three edits per device
             queue_edit(stores[0], device, "update", {"external_id": f"{device[-4:]}-{k}"}, "ops", ORGS)
             expected[device] += 1
+    writes: Counter[tuple[str, str]] = Counter()
+    for device in doomed:
+        queue_edit(stores[0], device, "delete", None, "ops", ORGS)
+        writes["delete_device", device] += 1
+    for device in revived:
+        queue_edit(stores[0], device, "restore", None, "ops", ORGS)
+        writes["restore_device", device] += 1
+    for device in portals[:3]:
+        for entity in ("01HENTITYA", "01HENTITYB"):
+            queue_edit(stores[0], device, "door_restrictions", {"add": [entity]}, "ops", ORGS)
+            writes["set_door_restrictions", device] += 1
     sim.inject(Fault(kind="slow", delay=0.01, operation="update_device", times=None))
     results: list[Counter[str]] = []
 
@@ -376,8 +397,14 @@ def test_two_reconcilers_on_postgresql_push_every_edit_exactly_once(
         t.join(timeout=120)
     pushes = Counter(r.device_id for r in sim.requests("update_device"))
     assert pushes == expected
+    others_pushed = Counter((r.operation, r.device_id) for r in sim.log if r.operation in OTHER_WRITES)
+    assert others_pushed == writes
     assert all(r.status == "succeeded" for r in EditQueue(stores[0]).find())
-    assert all(results) and sum(r["succeeded"] for r in results) == sum(expected.values())
+    total = sum(expected.values()) + sum(writes.values())
+    assert all(results) and sum(r["succeeded"] for r in results) == total
+    assert all(world.device(org, d)["deleted_at"] for d in doomed)
+    assert not any(world.device(org, d)["deleted_at"] for d in revived)
+    assert all({"01HENTITYA", "01HENTITYB"} <= set(world.orgs[org].devices[p].restrictions) for p in portals[:3])
     assert all(world.device(org, d)["external_id"] == f"{d[-4:]}-{expected[d] - 1}" for d in devices)
     for s in stores:
         s.close()

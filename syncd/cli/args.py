@@ -61,7 +61,7 @@ def _ranged(kind: Callable[[str], Any], low: float, high: float | None, what: st
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < low or (high is not None and value > high):
+        if not value >= low or (high is not None and not value <= high):  # NaN is neither
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
@@ -72,6 +72,7 @@ port = _ranged(int, 0, 65535, "a port number (0-65535)")
 count = _ranged(int, 1, None, "a whole number of at least 1")
 fraction = _ranged(float, 0.0, 1.0, "a fraction between 0 and 1")
 seconds = _ranged(float, 0.0, None, "a number of seconds (0 or more)")
+latency = _ranged(float, 0.0, 30_000.0, "a latency in milliseconds (0-30000)")
 
 
 def duration(text: str) -> float:

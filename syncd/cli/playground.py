@@ -13,7 +13,7 @@ from typing import Any
 
 from syncd import logs
 from syncd.api import OpenAppClient
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, port, prepared_store
+from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, latency, port, prepared_store
 from syncd.cli.output import print_door_restrictions, print_state_counts, print_summary
 from syncd.cli.run import run_passes
 from syncd.cli.signals import stop_on_signals
@@ -73,7 +73,13 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--rate-limit-rate", type=fraction, default=0.0, help="fraction of requests answered 429")
     p.add_argument("--retry-after", default="1", help="Retry-After sent with injected 429s (default 1)")
     p.add_argument("--reset-rate", type=fraction, default=0.0, help="fraction of connections reset")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="added latency per request in milliseconds")
+    p.add_argument(
+        "--lost-rate",
+        type=fraction,
+        default=0.0,
+        help="fraction of writes (update, delete, restore, door restrictions) done but their answer lost (reset)",
+    )
+    p.add_argument("--latency-ms", type=latency, default=0.0, help="added latency per request in milliseconds")
     p.set_defaults(handler=cmd_simulate)
 
     p = commands.add_parser(
@@ -89,7 +95,7 @@ def add_commands(commands: Commands) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Serve the simulator until SIGTERM/SIGINT."""
     from syncd.simulator import Fault, Simulator, World
-    from syncd.simulator.server import LOOPBACK
+    from syncd.simulator.server import LOOPBACK, WRITE_OPERATIONS
 
     key = os.environ.get(args.api_key_env, "").strip()
     if not key:
@@ -112,14 +118,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror}); "
             "another program may use it: pick another port, or 0 for a free one"
         ) from None
-    if args.latency_ms:
-        sim.inject(Fault(kind="slow", delay=args.latency_ms / 1000, times=None))
+    sim.latency = args.latency_ms / 1000
     if args.error_rate:
         sim.inject(Fault(status=503, rate=args.error_rate, times=None))
     if args.rate_limit_rate:
         sim.inject(Fault(status=429, retry_after=args.retry_after, rate=args.rate_limit_rate, times=None))
     if args.reset_rate:
         sim.inject(Fault(kind="reset", rate=args.reset_rate, times=None))
+    for operation in WRITE_OPERATIONS if args.lost_rate else ():
+        sim.inject(Fault(kind="lost", operation=operation, rate=args.lost_rate, times=None))
     print(f"OpenApp simulator serving {sim.url}", flush=True)
     print(
         f"  {args.orgs} org(s) x {args.devices} devices: {', '.join(org_ids[:5])}"

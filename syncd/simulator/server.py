@@ -26,6 +26,8 @@ from syncd.simulator.world import SimError, World
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# The writes a mirroring client makes (``syncd simulate --lost-rate`` loses their answers).
+WRITE_OPERATIONS = ("update_device", "delete_device", "restore_device", "set_door_restrictions")
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Simulator:
         self.base_path = base_path.rstrip("/")
         self.auth_header = auth_header  # "x-api-key", "bearer" or "any"
         self.faults: list[Fault] = []
+        self.latency = 0.0  # seconds added to every request before it is answered, faults or not
         self.log: deque[RequestRecord] = deque(maxlen=log_size)
         self.rng = random.Random(seed)
         self._routes = Routes.for_base(self.base_path)
@@ -232,6 +235,8 @@ class Simulator:
         try:
             operation, device_id = self._routes.match(method, split.path)
             record = dataclasses.replace(record, operation=operation, device_id=device_id)
+            if self.latency > 0:
+                time.sleep(min(self.latency, 30.0))
             fault = self._fault_for(operation, record.org_id)
             if fault is not None and fault.kind == "reset":
                 pass
