@@ -26,6 +26,7 @@ connection reset): edits per second, requests per edit, conflicts (none is expec
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import resource
@@ -44,6 +45,7 @@ import httpx
 import psycopg
 
 KEY = "bench-" + uuid.uuid4().hex
+SIMULATE = [sys.executable, "-m", "syncd", "simulate", "--port", "0"]
 PAGE = 200
 
 
@@ -65,9 +67,9 @@ class Measure:
         return self.devices / self.seconds
 
 
-def start_simulator(orgs: int, devices: int) -> tuple[subprocess.Popen[str], str]:
+def start_simulator(orgs: int, devices: int, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "syncd", "simulate", "--port", "0", "--orgs", str(orgs), "--devices", str(devices)],
+        [*SIMULATE, "--orgs", str(orgs), "--devices", str(devices), *extra],
         env={**os.environ, "SYNCD_API_KEY": KEY},
         stdout=subprocess.PIPE,
         text=True,
@@ -318,6 +320,150 @@ def scenario(
     }
 
 
+DEVICES_ONLY = "door_restrictions = false\nmetadata_definitions = false\n"
+
+
+def latency_block(workdir: Path, devices: int, repeat: int) -> None:
+    """1 org x ``devices`` on SQLite with 0 and 50 ms added to every request: first sync and
+    no-change re-sync (medians of ``repeat``), and the bare reference loop at 0 ms beside them."""
+    print(f"\nlatency: 1 org x {devices:,} devices, SQLite, medians of {repeat} (whole processes, start-up included)")
+    first_at: dict[int, float] = {}
+    for latency in (0, 50):
+        sim, url = start_simulator(1, devices, "--latency-ms", str(latency))
+        try:
+            if latency == 0:
+                serve_rate(url, 1)  # warm the simulator's rendering up (see scenario)
+            firsts, resyncs, references, devices_only = [], [], [], []
+            for _ in range(repeat):
+                db = fresh_database("sqlite", workdir, None)
+                try:
+                    config = workdir / "latency.toml"
+                    write_config(config, url, db, 1)
+                    firsts.append(run_once(config)[0])
+                    resyncs.append(run_once(config)[0])
+                finally:
+                    drop_database(db, None)
+                if latency == 0:
+                    references.append(reference_loop(url, workdir))
+                    db = fresh_database("sqlite", workdir, None)
+                    try:  # the devices alone, as the reference loop mirrors them
+                        write_config(config, url, db, 1, DEVICES_ONLY)
+                        devices_only.append(run_once(config)[0])
+                    finally:
+                        drop_database(db, None)
+        finally:
+            sim.terminate()
+            sim.wait(timeout=30)
+        first, resync = statistics.median(firsts), statistics.median(resyncs)
+        first_at[latency] = first
+        print(f"  {latency:>2} ms per request: first sync {first:.2f} s, no-change re-sync {resync:.2f} s", flush=True)
+        if latency == 0:
+            reference, alone = statistics.median(references), statistics.median(devices_only)
+            print(
+                f"  bare reference loop (fetch, parse, upsert; one page at a time): {reference:.2f} s; "
+                f"syncd's first sync of the devices alone (no door restrictions, no metadata definitions) "
+                f"{alone:.2f} s: {alone / reference:.2f}x that (target <= 2); with them {first / reference:.2f}x",
+                flush=True,
+            )
+        else:
+            print(f"  first sync at 50 ms / at 0 ms: {first / first_at[0]:.2f}x (target <= 2)", flush=True)
+
+
+def daemons_block(workdir: Path, pg_url: str, interval: float = 4.0, steady: float = 24.0) -> None:
+    """Three `syncd run` daemons on one PostgreSQL, 30 orgs x 250 devices: complete scans per org
+    per interval (from the simulator's request log), overlapping passes of an org, and how soon the
+    orgs a killed daemon had scanned are scanned again."""
+    from syncd.simulator import Simulator, World
+
+    world = World(seed=30)
+    orgs = world.seed(30, 250)
+    world.add_key(KEY)
+    db = fresh_database("postgresql", workdir, pg_url)
+    print(f"\nthree daemons, one PostgreSQL, 30 orgs x 250 devices, sync.interval {interval:.0f}s", flush=True)
+    try:
+        with Simulator(world, log_size=1_000_000) as sim:
+            config = workdir / "daemons.toml"
+            config.write_text(
+                f'[api]\nbase_url = "{sim.url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
+                f'[sync]\ninterval = "{interval:.0f}s"\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
+                + "".join(f'[[orgs]]\nid = "{o}"\n' for o in orgs)
+            )
+            env = {**os.environ, "SYNCD_API_KEY": KEY}
+            daemons = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "syncd", "run", "--config", str(config)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for _ in range(3)
+            ]
+            try:
+                time.sleep(2 * interval)  # every org's first pass, and the daemons' timers settled
+                steady_from = time.monotonic()
+                time.sleep(steady)
+                steady_to = time.monotonic()
+                daemons[0].kill()
+                daemons[0].wait(timeout=30)
+                killed_at = time.monotonic()
+                time.sleep(3 * interval)
+            finally:
+                for proc in daemons[1:]:
+                    proc.terminate()
+                for proc in daemons[1:]:
+                    proc.wait(timeout=60)
+            log = sim.requests("list_devices")
+    finally:
+        drop_database(db, pg_url)
+    killed = f":{daemons[0].pid})"
+    scans = overlaps = 0
+    takeover: list[float] = []
+    for org in orgs:
+        # A pass: one instance's pages of the org (asked several at once, so not always offset 0 first).
+        passes: list[tuple[float, float, str]] = []
+        offsets: set[int | None] = set()
+        for r in sorted((r for r in log if r.org_id == org), key=lambda r: r.started):
+            if not passes or passes[-1][2] != r.user_agent or r.offset in offsets:
+                passes.append((r.started, r.finished, r.user_agent))
+                offsets = set()
+            else:
+                passes[-1] = (passes[-1][0], max(passes[-1][1], r.finished), r.user_agent)
+            offsets.add(r.offset)
+        scans += sum(1 for start, _, _ in passes if steady_from <= start < steady_to)
+        overlaps += sum(1 for a, b in itertools.pairwise(passes) if a[1] > b[0] and killed not in a[2])
+        before_kill = [p for p in passes if p[0] < killed_at]
+        if before_kill and killed in before_kill[-1][2]:  # the killed daemon had this org last
+            after = [p[0] for p in passes if p[0] >= killed_at]
+            takeover.append((after[0] - before_kill[-1][0]) if after else float("inf"))
+    per_interval = scans / len(orgs) / ((steady_to - steady_from) / interval)
+    print(
+        f"  complete scans per org per interval: {per_interval:.2f} (target <= 1.2; one daemon alone makes 1), "
+        f"overlapping passes of one org: {overlaps}",
+        flush=True,
+    )
+    if takeover:
+        print(
+            f"  the killed daemon's {len(takeover)} orgs were scanned again {max(takeover):.1f} s at most after "
+            f"their last pass (interval {interval:.0f} s; target: within one interval of the kill)",
+            flush=True,
+        )
+
+
+def reference_loop(url: str, workdir: Path) -> float:
+    """Wall seconds of bench/reference_loop.py (a process, as syncd's run-once is) on a fresh file."""
+    path = workdir / f"reference-{uuid.uuid4().hex[:6]}.db"
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("reference_loop.py")), url, org_ids(1)[0], str(path)],
+        env={**os.environ, "SYNCD_API_KEY": KEY},
+        check=True,
+        capture_output=True,
+    )
+    seconds = time.perf_counter() - started
+    path.unlink(missing_ok=True)
+    return seconds
+
+
 # Write-back: what each kind needs of the simulator, which mirrored devices it edits, and its payload.
 EDIT_KINDS: dict[str, tuple[list[str], str, Any]] = {
     "update": ([], "active", lambda device_id: {"name": {"en": f"Bench {device_id[-6:]}"}}),
@@ -461,6 +607,12 @@ def main() -> None:
     parser.add_argument("--only-edits", action="store_true", help="run only the write-back part")
     parser.add_argument("--only-restrictions", action="store_true", help="run only the door-restrictions comparison")
     parser.add_argument(
+        "--only-latency", action="store_true", help="run only the latency block (0 and 50 ms, reference loop)"
+    )
+    parser.add_argument(
+        "--only-daemons", action="store_true", help="run only the three-daemons block (needs --postgres-url)"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=3, help="runs per sync figure; the median run is reported (default 3)"
     )
     args = parser.parse_args()
@@ -473,6 +625,14 @@ def main() -> None:
     kinds = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.postgres_url and not (args.only_edits or args.only_restrictions or args.only_latency):
+            daemons_block(Path(tmp), args.postgres_url)
+        if args.only_daemons:
+            return
+        if not (args.only_edits or args.only_restrictions):
+            latency_block(Path(tmp), 100_000 // scale, args.repeat)
+        if args.only_latency:
+            return
         if not args.only_edits:
             for kind in kinds:
                 restrictions_scenario(kind, Path(tmp), args.postgres_url, args.repeat, 100_000 // scale)

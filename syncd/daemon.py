@@ -1,8 +1,12 @@
 """``syncd run``: passes on a schedule, for months, without babysitting.
 
 One APScheduler interval job per org (jittered, coalesced, one instance at a time) runs a pass under
-the org's lock, so several daemons sharing a PostgreSQL mirror split the orgs between them. The main
-thread only waits: for signals (stop, reload), and to feed systemd's watchdog.
+the org's lock. Several daemons sharing a PostgreSQL mirror split the orgs between them and share
+the schedule: under the lock, a daemon whose timer fires runs the pass only if no daemon started one
+of that org within the interval (``org_schedule``, on the database's clock); otherwise it skips
+and sets its timer to when the org is due, so whichever daemon comes first then runs it, and the
+orgs of a daemon that died are taken over within about one interval. The main thread only waits:
+for signals (stop, reload), and to feed systemd's watchdog.
 
 Failure handling, whose rules live in :mod:`syncd.health` (this module wires them in):
 - an org whose passes fail backs off exponentially (up to ``sync.failure_backoff_max``): the Board;
@@ -32,7 +36,7 @@ from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.health import AuthGate
 from syncd.metrics import EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_MAX_AGE, MetricsServer, forget_org, track_org
 from syncd.notify import Notifier
-from syncd.passes import instance_name, locked_pass, make_pass, passes_at_once, writeback_client
+from syncd.passes import instance_name, locked_pass, make_pass, writeback_client
 from syncd.reconcile import Reconciler
 from syncd.store import Store
 from syncd.store.schema import EDIT_STATUSES
@@ -218,12 +222,11 @@ class Daemon:
                 org,
                 self.client,
                 self.store,
-                side_by_side=passes_at_once(self.config, self.config.orgs),
                 trigger="scheduled",
                 instance=self.instance,
                 stop=self.stop,
             )
-            self._after(org, locked_pass(org_pass))
+            self._after(org, locked_pass(org_pass, spacing=self.config.interval(org)))
         finally:
             self.auth.done(org_id)
             with self._lock:
@@ -240,6 +243,12 @@ class Daemon:
                 retry_in_seconds=round(interval),
                 error=outcome.error,
             )
+            return
+        if outcome.due_in is not None:  # another daemon's recent pass: be ready when the org is due
+            job = self.scheduler.get_job(_job_id(org.id))
+            if job is not None:
+                delay = outcome.due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
+                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
             return
         if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
@@ -309,7 +318,7 @@ class Daemon:
 
     def _new_reconciler(self, config: Config) -> Reconciler:
         orgs = frozenset(org.id for org in config.orgs)
-        client = writeback_client(config, self.stop)
+        client = writeback_client(config, self.stop, budget=self.client.budget)  # one budget per process
         return Reconciler(client, self.store, config.writeback, self.instance, orgs, self.stop, auth=self.auth)
 
     def status_line(self) -> str:

@@ -4,7 +4,8 @@ definitions").
 
 Rules:
 - it runs after the scan and purge detection, so it can never make them fail or skip;
-- OpenApp has no bulk endpoint: one request per portal, asked when the portal is new or its device
+- OpenApp has no bulk endpoint: one request per portal (as many in flight as ``api.max_concurrency``
+  allows, the answers taken in order on the pass's thread), asked when the portal is new or its device
   changed, else once per ``sync.door_restrictions_interval`` (a portal's first answer is followed
   by a refresh 1-2 intervals later, at a point fixed by its id, so that portals first asked
   together are then asked spread over the passes of an interval); one request per integration
@@ -23,6 +24,8 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 import zlib
@@ -32,6 +35,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from syncd.api import OpenAppClient
+from syncd.api.ahead import in_order
 from syncd.backoff import backoff_ceiling
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import (
@@ -195,36 +199,40 @@ class DetailReads:
         refused = False
         first_error: SyncdError | None = None
         ended_early = ""
-        for item in items:
-            if self.stop.is_set():
-                break
-            if time.monotonic() >= self.deadline:
-                ended_early = "the pass reached sync.pass_timeout"
-                break
-            requests += 1
-            try:
-                answer = ask(item)
-                in_a_row = 0
-            except StoppedError:
-                requests -= 1  # not answered, not failed: asked again next pass
-                break
-            except SyncdError as exc:
-                answer = failed(item, exc)
-                refused = isinstance(exc, AuthError | ForbiddenError)
-                failures += 1
-                first_error = first_error or exc
-                in_a_row = in_a_row + 1 if isinstance(exc, TransientError) else 0
-            answers.append(answer)
-            held += weight(answer)
-            if refused:
-                ended_early = "OpenApp refused the key"
-                break
-            if in_a_row >= MAX_FAILURES_IN_A_ROW:
-                ended_early = f"{in_a_row} requests in a row failed"
-                break
-            if len(answers) >= BATCH or held >= BATCH_ENTITIES:
-                record(answers)
-                answers, held = [], 0
+        todo = list(items)
+        # As many at once as the request budget allows (for the waiting), answers taken in order here.
+        asked = in_order((functools.partial(ask, item) for item in todo), self.client.budget.max_concurrency, what)
+        with contextlib.closing(asked):
+            for item, asking in zip(todo, asked, strict=False):
+                if self.stop.is_set():
+                    break
+                if time.monotonic() >= self.deadline:
+                    ended_early = "the pass reached sync.pass_timeout"
+                    break
+                requests += 1
+                try:
+                    answer = asking.result()
+                    in_a_row = 0
+                except StoppedError:
+                    requests -= 1  # not answered, not failed: asked again next pass
+                    break
+                except SyncdError as exc:
+                    answer = failed(item, exc)
+                    refused = isinstance(exc, AuthError | ForbiddenError)
+                    failures += 1
+                    first_error = first_error or exc
+                    in_a_row = in_a_row + 1 if isinstance(exc, TransientError) else 0
+                answers.append(answer)
+                held += weight(answer)
+                if refused:
+                    ended_early = "OpenApp refused the key"
+                    break
+                if in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    ended_early = f"{in_a_row} requests in a row failed"
+                    break
+                if len(answers) >= BATCH or held >= BATCH_ENTITIES:
+                    record(answers)
+                    answers, held = [], 0
         record(answers)
         if failures:
             self.log.warning(

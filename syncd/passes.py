@@ -9,13 +9,13 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import structlog
 
-from syncd.api import OpenAppClient
+from syncd.api import OpenAppClient, RequestBudget
 from syncd.config import Config, OrgSettings
 from syncd.errors import ConfigError, SyncdError
 from syncd.models import utcnow
@@ -30,10 +30,13 @@ def instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def writeback_client(config: Config, stop: threading.Event | None = None) -> OpenAppClient:
-    """A client for write-back: one HTTP attempt per call, since the edit queue schedules the retries."""
+def writeback_client(
+    config: Config, stop: threading.Event | None = None, budget: RequestBudget | None = None
+) -> OpenAppClient:
+    """A client for write-back: one HTTP attempt per call, since the edit queue schedules the retries.
+    ``budget``: the process's request budget, when another client already holds it."""
     settings = replace(config.api, retry=replace(config.api.retry, max_attempts=1))
-    return OpenAppClient(settings, stop=stop, instance=instance_name())
+    return OpenAppClient(settings, stop=stop, instance=instance_name(), budget=budget)
 
 
 def select_orgs(config: Config, names: Iterable[str] | None) -> list[OrgSettings]:
@@ -56,10 +59,11 @@ def tune_for_bulk_work(passes: int) -> None:
     """Interpreter settings for passes over large orgs (measured with bench/bench_sync.py).
 
     - How often a thread that waits for the GIL takes it from a busy one. A single pass has two
-      threads (its own and the page prefetcher) and goes fastest when the prefetcher gets its turn
-      within 0.5 ms. With several passes at once, hand-overs between their threads cost more than
-      they overlap, and Python's default 5 ms was the faster (1 org x 100,000: 3.7 s against 4.2 s
-      with 5 ms; 10 orgs x 10,000, 4 at once: 4.9 s against 5.4 s with 0.5 ms).
+      threads busy at a time (its own, and the page fetcher whose answer it waits for) and goes
+      fastest when the fetcher gets its turn within 0.5 ms. With several passes at once, hand-overs
+      between their threads cost more than they overlap, and Python's default 5 ms was the faster
+      (1 org x 100,000: 3.7 s against 4.2 s with 5 ms; 10 orgs x 10,000, 4 at once: 4.9 s against
+      5.4 s with 0.5 ms).
     - Freeze what start-up allocated, so the collector's full passes over a busy heap skip it.
       (Raising the collection thresholds was faster still but cost 60 MB of peak RSS.)
     """
@@ -73,7 +77,6 @@ def make_pass(
     client: OpenAppClient,
     store: Store,
     *,
-    side_by_side: int,
     trigger: str,
     instance: str,
     stop: threading.Event,
@@ -81,8 +84,7 @@ def make_pass(
     max_pages: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> OrgPass:
-    """The pass of one org, as every caller builds it. ``side_by_side``: how many passes run at once;
-    only a pass that runs alone fetches ahead on a thread of its own (see :class:`OrgPass`)."""
+    """The pass of one org, as every caller builds it."""
     return OrgPass(
         client,
         store,
@@ -94,7 +96,6 @@ def make_pass(
         max_pages=max_pages,
         stop=stop,
         on_progress=on_progress,
-        fetch_ahead=side_by_side == 1,
     )
 
 
@@ -108,11 +109,14 @@ def run_once(
     max_pages: int | None = None,
     stop: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
+    on_done: Callable[[PassOutcome], None] | None = None,
     lock_wait: float = 0.0,
 ) -> list[PassOutcome]:
     """One pass per org, up to ``sync.concurrency`` at a time; outcomes in the order of ``orgs``.
 
     An org that another syncd is syncing is waited for up to ``lock_wait`` seconds, then skipped.
+    ``on_progress``: called as each pass begins (0 pages) and after each page; ``on_done``: with
+    each outcome as its pass ends.
     """
     stop = stop or threading.Event()
     instance = instance_name()
@@ -124,7 +128,6 @@ def run_once(
             org,
             client,
             store,
-            side_by_side=workers,
             trigger="run-once",
             instance=instance,
             stop=stop,
@@ -132,7 +135,12 @@ def run_once(
             max_pages=max_pages,
             on_progress=on_progress,
         )
-        return locked_pass(org_pass, wait=lock_wait)
+        if on_progress:
+            on_progress(org.id, 0, 0)
+        outcome = locked_pass(org_pass, wait=lock_wait)
+        if on_done:
+            on_done(outcome)
+        return outcome
 
     if not orgs:
         return []
@@ -140,20 +148,38 @@ def run_once(
         return list(pool.map(one, orgs))
 
 
-def locked_pass(org_pass: OrgPass, wait: float = 0.0) -> PassOutcome:
+def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = None) -> PassOutcome:
     """Run the pass under the org's lock; a ``skipped`` outcome if another pass holds it.
 
-    Never raises for what syncd reports: a lock that cannot be taken (the database is down) is a
-    ``failed`` outcome, a stop before the pass began an ``aborted`` one without a run row.
+    ``spacing`` (scheduled passes): on PostgreSQL, also skipped when any daemon started a scheduled
+    pass of the org less than that many seconds ago, by the database's clock (the outcome's
+    ``due_in`` says when the org is due). Never raises for what syncd reports: a lock that cannot be
+    taken (the database is down) is a ``failed`` outcome, a stop before the pass began an
+    ``aborted`` one without a run row.
     """
     org_id = org_pass.org.id
+    store = org_pass.store
     now = utcnow()
     if org_pass.stop.is_set():
         return PassOutcome(org_id, None, "aborted", now, now, error="stopped before the pass began")
     try:
-        with org_pass.store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
+        with store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
             if acquired:
-                return org_pass.run()
+                due_in = store.claim_scheduled_pass(org_id, spacing, org_pass.instance) if spacing else 0.0
+                if spacing and due_in > 0:
+                    return PassOutcome(
+                        org_id,
+                        None,
+                        "skipped",
+                        now,
+                        utcnow(),
+                        error=f"another syncd started a pass of this org {spacing - due_in:.0f}s ago",
+                        due_in=due_in,
+                    )
+                outcome = org_pass.run()
+                if spacing and outcome.status == "aborted":
+                    store.release_scheduled_pass(org_id, org_pass.instance)  # the next daemon's timer runs one
+                return outcome
     except SyncdError as exc:
         log.error("pass could not start", org_id=org_id, error=str(exc))
         return PassOutcome(org_id, None, "failed", now, utcnow(), error=f"could not start: {exc}", exception=exc)

@@ -14,18 +14,17 @@ Safety rules (README, "How a pass works"):
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
-from syncd.api import DevicePage, OpenAppClient
+from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.details import DetailReads
 from syncd.errors import (
@@ -59,7 +58,6 @@ from syncd.store import Session, Store
 
 log = structlog.get_logger(__name__)
 
-PREFETCH_PAGES = 2
 MAX_LOGGED_PROBLEMS = 10
 # A list may run this far past the org's size at its last successful pass before a pass calls it
 # endless: 10x the pages, plus 1,000. (Before a first success only sync.max_pages bounds it.)
@@ -80,6 +78,7 @@ class PassOutcome:
     counts: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     exception: SyncdError | None = None  # what ended a failed pass, for callers that act on its kind
+    due_in: float | None = None  # skipped because another daemon's pass is recent: seconds until the org is due
 
     @property
     def seconds(self) -> float:
@@ -109,13 +108,11 @@ class OrgPass:
         max_pages: int | None = None,
         stop: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
-        fetch_ahead: bool = True,
     ) -> None:
         """``max_pages``: an operator's limit for this pass, instead of the one derived from the org's
         size and ``sync.max_pages`` (``run-once --max-pages``, to confirm that an org really grew).
-        ``fetch_ahead``: fetch the next page on a thread while this one is compared and written.
-        Worth it for a pass that runs alone; passes that run side by side already fill each other's
-        waits, and a thread more each costs them GIL hand-overs (bench/bench_sync.py, 10 orgs)."""
+        The client asks ``api.page_concurrency`` pages ahead while this pass compares and writes
+        one after the other."""
         self.client = client
         self.store = store
         self.org = org
@@ -126,7 +123,6 @@ class OrgPass:
         self.page_limit_override = max_pages
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
-        self.fetch_ahead = fetch_ahead
         self.counts: Counter[str] = Counter()
         self.seen: set[str] = set()
         self.inventory = Inventory()  # what the reads after the scan ask about
@@ -292,7 +288,7 @@ class OrgPass:
             device_kind=self.org.device_kind,
             deadline=self.deadline,
         )
-        for page in prefetch(pages, self.stop) if self.fetch_ahead else pages:
+        for page in pages:
             if self.stop.is_set():
                 return False
             self._check_deadline()
@@ -435,12 +431,12 @@ class OrgPass:
                     "(to confirm, rerun with --allow-mass-purge)"
                 )
         self.log.debug("confirming devices missing from the scan", count=len(missing))
-        for device_id in missing:
+        for device_id, answer in self.client.get_devices(self.org.id, missing, deadline=self.deadline):
             if self.stop.is_set():
                 return False
             self._check_deadline()
             try:
-                raw = self.client.get_device(self.org.id, device_id, deadline=self.deadline)
+                raw = answer.result()
             except NotFoundError:
                 self._mark_purged(run_id, device_id)
             except InvalidResponseError as exc:  # an answer not to be believed costs only this device
@@ -530,49 +526,6 @@ class PageWrites:
         self._held.clear()
         self._held_run = None
         self._counted_at = time.monotonic()
-
-
-def prefetch(pages: Iterator[DevicePage], stop: threading.Event) -> Iterator[DevicePage]:
-    """Fetch upcoming pages in a background thread while the caller writes the current one."""
-    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=PREFETCH_PAGES)
-    done = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not (done.is_set() or stop.is_set()):
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for page in pages:
-                if not put(("page", page)):
-                    return
-            put(("end", None))
-        except BaseException as exc:
-            put(("error", exc))
-
-    worker = threading.Thread(target=produce, name="page-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            try:
-                kind, value = slots.get(timeout=0.1)
-            except queue.Empty:
-                if (stop.is_set() or not worker.is_alive()) and slots.empty():
-                    return
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        done.set()
-        worker.join(timeout=60)
 
 
 def _change(

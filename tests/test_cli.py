@@ -142,7 +142,7 @@ def test_db_upgrade_and_current(
     assert main(["db", "current", "--config", str(config)]) == 0
     assert "empty" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "empty -> 0006" in capsys.readouterr().out
+    assert "empty -> 0007" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at" in capsys.readouterr().out
 
@@ -442,3 +442,28 @@ def test_edit_refuses_metadata_that_is_not_an_object_and_edits_says_what_an_edit
     capsys.readouterr()
     assert main(["edits", "--config", str(config)]) == 0
     assert re.search(r"1: applied\s+update external_id: \{\"external_id\": \"x-1\"\}", capsys.readouterr().out)
+
+
+def test_progress_lines_come_every_second_while_a_page_is_slow_and_end_with_the_final_counts() -> None:
+    import io
+    from collections import Counter
+    from datetime import UTC, datetime, timedelta
+
+    from syncd.cli.output import Progress
+    from syncd.sync import PassOutcome
+
+    out = io.StringIO()
+    with Progress(out, every=0.2) as progress:
+        progress.update("org-a", 0, 0)
+        progress.update("org-a", 1, 200)  # within the period: not printed at once
+        time.sleep(0.5)  # a slow page: the line comes anyway, with what is known
+        started = datetime.now(UTC)
+        outcome = PassOutcome(
+            "org-a", 1, "succeeded", started, started + timedelta(seconds=2), Counter(pages=11, devices_seen=2000)
+        )
+        progress.done(outcome)
+        time.sleep(0.3)  # nothing more once it is done
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("  org-a: 0 pages, 0 devices")
+    assert any(line.startswith("  org-a: 1 pages, 200 devices") for line in lines[1:-1])
+    assert lines[-1] == "  org-a: succeeded: 11 pages, 2,000 devices in 2.0s"

@@ -221,9 +221,14 @@ def test_update_restore_delete_round_trip(sim: Simulator, client: OpenAppClient,
 
 
 def fake_list(bodies: list[bytes]) -> httpx.MockTransport:
-    """A transport answering list requests with canned bodies, for shapes the simulator never sends."""
-    answers = iter(bodies)
-    return httpx.MockTransport(lambda request: httpx.Response(200, stream=httpx.ByteStream(next(answers))))
+    """A transport answering list requests with canned bodies, for shapes the simulator never sends:
+    the n-th body for the n-th page (by offset, as pages are asked several at once), then ``[]``."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["offset"]) // int(request.url.params["limit"])
+        return httpx.Response(200, stream=httpx.ByteStream(bodies[page] if page < len(bodies) else b"[]"))
+
+    return httpx.MockTransport(answer)
 
 
 def device(i: int) -> dict[str, Any]:
@@ -460,3 +465,52 @@ def test_an_html_error_page_is_kept_as_its_title() -> None:
     assert read_problem(502, b"upstream connect error\nor disconnect/reset before headers").message == (
         "upstream connect error"
     )
+
+
+def max_in_flight(records: list[Any]) -> int:
+    """The most requests the simulator was answering at one time."""
+    events = sorted([(r.started, 1) for r in records] + [(r.finished, -1) for r in records])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def test_pages_are_asked_ahead_and_handed_over_in_order(sim: Simulator, world: World, org: str) -> None:
+    sim.latency = 0.05
+    with OpenAppClient(api_settings(sim, page_size=50, page_concurrency=4)) as client:
+        pages = list(client.list_device_pages(org))
+    assert [p.offset for p in pages] == list(range(0, 500, 50))  # 450 devices: 9 full pages and an empty one
+    assert [d["id"] for p in pages for d in p.items] == world.ids(org)
+    log = sim.requests("list_devices")
+    assert max_in_flight(log) == 4
+    assert len(log) <= 10 + 3  # past the end, at most the offsets already asked with the short page
+    with OpenAppClient(api_settings(sim, page_size=50, page_concurrency=1)) as client:
+        before = len(sim.log)
+        assert [p.offset for p in client.list_device_pages(org)] == list(range(0, 500, 50))
+    assert max_in_flight(sim.requests("list_devices")[before:]) == 1
+
+
+def test_a_failed_page_ends_the_list_in_order(sim: Simulator) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        offset = int(request.url.params["offset"])
+        if offset == 4:
+            return httpx.Response(400, stream=httpx.ByteStream(b'{"message": "bad offset"}'))
+        body = orjson.dumps([device(offset + i) for i in range(2)])  # a list that never ends by itself
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    with OpenAppClient(api_settings(sim, page_size=2, page_concurrency=4), transport=httpx.MockTransport(answer)) as c:
+        pages = c.list_device_pages("O")
+        assert [next(pages).offset, next(pages).offset] == [0, 2]  # those before the failed one, in order
+        with pytest.raises(RejectedError, match="bad offset"):
+            next(pages)
+
+
+def test_many_devices_are_confirmed_at_once(sim: Simulator, world: World, org: str) -> None:
+    sim.latency = 0.05
+    ids = world.ids(org)[:12]
+    with OpenAppClient(api_settings(sim, max_concurrency=4)) as client:  # as many as the budget allows
+        answers = [(device_id, answer.result()["id"]) for device_id, answer in client.get_devices(org, ids)]
+    assert answers == [(i, i) for i in ids]
+    assert max_in_flight(sim.requests("get_device")) == 4

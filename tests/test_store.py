@@ -253,3 +253,20 @@ def test_the_fast_path_follows_the_schema(database_url: str) -> None:
             assert row[column] == expected, column
     finally:
         store.close()
+
+
+def test_a_scheduled_pass_is_claimed_once_per_interval_on_postgresql(store: Store) -> None:
+    org = "01HORG00000000000000000000"
+    assert store.claim_scheduled_pass(org, 60, "a:1") == 0.0
+    again = store.claim_scheduled_pass(org, 60, "b:2")
+    if store.dialect == "sqlite":  # one daemon per file: nothing to share
+        assert again == 0.0
+        return
+    assert 59 < again <= 60  # another daemon: due in about a minute, by the database's clock
+    assert store.claim_scheduled_pass("01HORG00000000000000000001", 60, "b:2") == 0.0  # per org
+    store.release_scheduled_pass(org, "b:2")  # not b's claim: nothing changes
+    assert store.claim_scheduled_pass(org, 60, "b:2") > 0
+    store.release_scheduled_pass(org, "a:1")  # a's pass was stopped: it does not count
+    assert store.claim_scheduled_pass(org, 60, "b:2") == 0.0
+    time.sleep(0.05)
+    assert store.claim_scheduled_pass(org, 0.01, "a:1") == 0.0  # its interval has passed

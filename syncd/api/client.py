@@ -12,12 +12,15 @@ total deadline; no error message carries a header value.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -27,7 +30,9 @@ import orjson
 import structlog
 
 from syncd import __version__
+from syncd.api.ahead import in_order
 from syncd.api.body import ACCEPT_ENCODING, read_body
+from syncd.api.budget import RequestBudget
 from syncd.api.pages import read_page
 from syncd.api.retry import parse_retry_after
 from syncd.api.transport import InFlight, guarded_transport
@@ -64,6 +69,7 @@ from syncd.models import (
 log = structlog.get_logger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+THROTTLING_STATUSES = frozenset({429, 503})  # OpenApp asks for less: the request budget halves its concurrency
 MAX_OFFSET = 2**31 - 1  # PaginationQuery.offset is int32
 T = TypeVar("T")
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer only the ApiErrorResponse fields (or a snippet) are kept
@@ -143,10 +149,12 @@ class OpenAppClient:
         stop: threading.Event | None = None,
         rng: random.Random | None = None,
         instance: str | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         """``stop``: once set, waits between retries end, reads in flight are interrupted and no new
-        read starts (writes in flight finish, within their deadline). ``instance``: named in the
-        User-Agent, so server logs tell syncd instances apart."""
+        request starts (writes in flight finish, within their deadline). ``instance``: named in the
+        User-Agent, so server logs tell syncd instances apart. ``budget``: the process's request
+        budget, shared with its other clients (by default one of this client's own, from ``settings``)."""
         if settings.api_key is None:
             raise ConfigError("no API key is configured (api.api_key_env, api_key_file or api_key_credential)")
         self.settings = settings
@@ -154,7 +162,9 @@ class OpenAppClient:
         self._key = key  # only to scrub it from error messages, should a library ever quote it
         auth = {"Authorization": f"Bearer {key}"} if settings.auth_header == "bearer" else {"X-API-Key": key}
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        self.budget = budget or RequestBudget(settings.max_concurrency, settings.max_requests_per_second)
+        pool = max(32, self.budget.max_concurrency)
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         # A plain-HTTP base URL never does TLS (redirects are not followed), so it gets an empty
         # verifying context instead of loading the CA bundle (40 ms at every start).
         plain = settings.base_url.startswith("http://")
@@ -218,13 +228,18 @@ class OpenAppClient:
         device_kind: str | None = None,
         page_size: int | None = None,
         deadline: float | None = None,
+        concurrency: int | None = None,
     ) -> Iterator[DevicePage]:
-        """Every page of list_devices for an org, soft-deleted devices included.
+        """Every page of list_devices for an org, soft-deleted devices included, in order.
 
-        Pages by ``offset`` until a page is shorter than ``limit`` (or empty). Items are returned
-        raw (an :class:`~syncd.models.UnreadableItem` for one that cannot be read alone); the caller
-        parses them so that one bad device does not cost the page. ``deadline``: a
-        ``time.monotonic()`` value no request may outlast (the pass's own deadline).
+        Pages by ``offset`` until a page is shorter than ``limit`` (or empty, or the answer's total is
+        reached). The first page is asked alone (an org of one page, or a rejected key, costs one
+        request); after a full one, up to ``concurrency`` pages (default ``api.page_concurrency``)
+        are asked at once, at the offsets after the last page handed over; once a short page is
+        seen no new offset is asked. Items are returned raw (an :class:`~syncd.models.UnreadableItem`
+        for one that cannot be read alone); the caller parses them so that one bad device does not
+        cost the page.
+        ``deadline``: a ``time.monotonic()`` value no request may outlast (the pass's own deadline).
         """
         limit = page_size or self.settings.page_size
         params: dict[str, Any] = {"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"}
@@ -232,23 +247,55 @@ class OpenAppClient:
             params["integration_id"] = integration_id
         if device_kind:
             params["device_kind"] = device_kind
+        known_end: list[int] = []  # the total an answer gave: no offset at or past it is asked
+
+        def fetch(offset: int) -> tuple[list[Any], int | None]:
+            page_params = {**params, "limit": limit, "offset": offset}
+            return read_page(self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline))
+
+        def offsets() -> Iterator[Callable[[], tuple[list[Any], int | None]]]:
+            offset = 0
+            while offset <= MAX_OFFSET and not (known_end and offset >= known_end[0]):
+                yield functools.partial(fetch, offset)
+                offset += limit
+
         offset = 0
         previous_first: object = None
-        while True:
-            page_params = {**params, "limit": limit, "offset": offset}
-            body = self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline)
-            items, total = read_page(body)
-            if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
-                raise InvalidResponseError(
-                    f"list_devices: the page at offset {offset} repeats the previous one; the server ignores 'offset'"
-                )
-            yield DevicePage(offset, items)
-            offset += limit
-            if len(items) < limit or (total is not None and offset >= total):
-                return
-            if offset > MAX_OFFSET:
-                raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
-            previous_first = _item_id(items[0])
+        width = concurrency or self.settings.page_concurrency
+        with contextlib.closing(in_order(offsets(), width, "page")) as pages:
+            for answer in pages:
+                items, total = answer.result()
+                if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
+                    raise InvalidResponseError(
+                        f"list_devices: the page at offset {offset} repeats the previous one; "
+                        "the server ignores 'offset'"
+                    )
+                yield DevicePage(offset, items)
+                offset += limit
+                if len(items) < limit or (total is not None and offset >= total):
+                    return
+                if total is not None:
+                    known_end[:] = [total]
+                if offset > MAX_OFFSET:
+                    break
+                previous_first = _item_id(items[0])
+        raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
+
+    def get_devices(
+        self, org_id: str, device_ids: Iterable[str], *, deadline: float | None = None, concurrency: int | None = None
+    ) -> Iterator[tuple[str, Future[dict[str, Any]]]]:
+        """:meth:`get_device` of many devices, up to ``concurrency`` at once (default: as many as the
+        request budget allows); each id with its finished answer (``.result()`` raises what
+        get_device raised), in order."""
+        ids = list(device_ids)
+
+        def calls() -> Iterator[Callable[[], dict[str, Any]]]:
+            for device_id in ids:
+                yield functools.partial(self.get_device, org_id, device_id, deadline=deadline)
+
+        width = concurrency or self.budget.max_concurrency
+        with contextlib.closing(in_order(calls(), width, "get-device")) as answers:
+            yield from zip(ids, answers, strict=False)
 
     def get_device(self, org_id: str, device_id: str, *, deadline: float | None = None) -> dict[str, Any]:
         """get_device with soft-deleted devices visible; NotFoundError when it does not exist."""
@@ -325,14 +372,26 @@ class OpenAppClient:
         if content is not None:
             headers["Content-Type"] = "application/json"
         interruptible = method == "GET"  # a stop must not leave a write's outcome unknown
+        waited_until = 0.0  # the end of a Retry-After pause this call already waits out itself
         while True:
             attempt_number += 1
             if interruptible and self._stop is not None and self._stop.is_set():
                 raise StoppedError(f"{operation}: not sent, syncd is stopping")
+            self._wait_out_pause(operation, give_up_at, waited_until)
+            turn = self.budget.acquire(give_up_at, self._stop, operation)  # nothing is sent before a turn
             try:
-                return self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
+                answer = self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
             except TransientError as exc:
+                throttled = exc.status in THROTTLING_STATUSES
+                # This request waits out its own Retry-After below; the others wait at the budget.
+                waited_until = self.budget.release(turn, throttled=throttled, retry_after=exc.retry_after)
                 error = exc
+            except BaseException:
+                self.budget.release(turn)
+                raise
+            else:
+                self.budget.release(turn, ok=True)
+                return answer
             delay = (
                 error.retry_after
                 if error.retry_after is not None
@@ -358,6 +417,20 @@ class OpenAppClient:
             self._sleep(delay)
             if self._stop is not None and self._stop.is_set():
                 raise StoppedError(f"{operation}: stopped while waiting to retry after: {error}")
+
+    def _wait_out_pause(self, operation: str, give_up_at: float, waited_until: float) -> None:
+        """Wait while a Retry-After that another request of this process got still holds."""
+        pause = self.budget.paused_for(waited_until)
+        if pause <= 0:
+            return
+        if time.monotonic() + pause > give_up_at:
+            raise RequestTimeoutError(
+                f"{operation}: OpenApp asked for a pause of {pause:.1f}s more (Retry-After), past the deadline"
+            )
+        RETRY_AFTER_WAIT.labels(operation).inc(pause)
+        self._sleep(pause)
+        if self._stop is not None and self._stop.is_set():
+            raise StoppedError(f"{operation}: not sent, syncd is stopping")
 
     def _attempt(
         self,

@@ -23,22 +23,57 @@ PAYLOAD_VERBS = {"pending": "queued", "in_flight": "pushing", "succeeded": "appl
 
 
 class Progress:
-    """Per-org progress lines on a terminal, at most one per org every two seconds."""
+    """Per-org progress lines on a terminal: while an org's pass runs, its pages and devices at least
+    every ``every`` seconds (also while it waits for a slow page), and a final line when it ends."""
 
-    def __init__(self, stream: TextIO, every: float = 2.0) -> None:
+    def __init__(self, stream: TextIO, every: float = 1.0) -> None:
         self.stream = stream
         self.every = every
-        self._last: dict[str, float] = {}
+        self._running: dict[str, list[float]] = {}  # org -> [pages, devices, started, printed]
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._ticker.join(timeout=5)
 
     def update(self, org_id: str, pages: int, devices: int) -> None:
         """A pass of ``org_id`` has read ``pages`` pages, ``devices`` devices."""
         now = time.monotonic()
         with self._lock:
-            if now - self._last.get(org_id, 0.0) < self.every:
-                return
-            self._last[org_id] = now
-        print(f"  {org_id}: {pages} pages, {devices} devices", file=self.stream, flush=True)
+            state = self._running.setdefault(org_id, [0, 0, now, 0.0])
+            state[0], state[1] = pages, devices
+            if now - state[3] >= self.every:
+                self._print(org_id, state, now)
+
+    def done(self, outcome: PassOutcome) -> None:
+        """The org's pass ended: its final line."""
+        with self._lock:
+            self._running.pop(outcome.org_id, None)
+            print(
+                f"  {outcome.org_id}: {outcome.status}: {outcome.counts['pages']:,} pages, "
+                f"{outcome.counts['devices_seen']:,} devices in {outcome.seconds:.1f}s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def _tick(self) -> None:
+        while not self._closed.wait(self.every / 4):
+            now = time.monotonic()
+            with self._lock:
+                for org_id, state in self._running.items():
+                    if now - state[3] >= self.every:
+                        self._print(org_id, state, now)
+
+    def _print(self, org_id: str, state: list[float], now: float) -> None:
+        state[3] = now
+        pages, devices, started = int(state[0]), int(state[1]), state[2]
+        print(f"  {org_id}: {pages:,} pages, {devices:,} devices ({now - started:.0f}s)", file=self.stream, flush=True)
 
 
 def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:

@@ -98,15 +98,27 @@ def run_passes(
     max_pages: int | None = None,
 ) -> list[PassOutcome]:
     """The passes of ``orgs``, with progress lines when stderr is a terminal."""
-    progress = Progress(sys.stderr) if sys.stderr.isatty() else None
-    return run_once(
-        config,
-        orgs,
-        store=store,
-        client=client,
-        allow_mass_purge=allow_mass_purge,
-        max_pages=max_pages,
-        lock_wait=lock_wait,
-        stop=stop,
-        on_progress=progress.update if progress else None,
-    )
+    if not sys.stderr.isatty():
+        return run_once(
+            config,
+            orgs,
+            store=store,
+            client=client,
+            allow_mass_purge=allow_mass_purge,
+            max_pages=max_pages,
+            lock_wait=lock_wait,
+            stop=stop,
+        )
+    with Progress(sys.stderr) as progress:
+        return run_once(
+            config,
+            orgs,
+            store=store,
+            client=client,
+            allow_mass_purge=allow_mass_purge,
+            max_pages=max_pages,
+            lock_wait=lock_wait,
+            stop=stop,
+            on_progress=progress.update,
+            on_done=progress.done,
+        )

@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -173,6 +173,19 @@ sync_runs = Table(
     CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
     Index(None, "org_id", "started_at"),
     Index(None, "status"),
+)
+
+org_schedule = Table(
+    "org_schedule",
+    metadata,
+    Column("org_id", String(64), primary_key=True),
+    Column(
+        "pass_started_at",
+        UTCDateTime,
+        comment="start of the org's last scheduled pass, on the database's clock (NULL: none counts)",
+    ),
+    Column("instance", String(255), comment="host:pid of the syncd that started it"),
+    comment="PostgreSQL: which daemon last started a scheduled pass of each org, and when",
 )
 
 device_changes = Table(

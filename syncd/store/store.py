@@ -204,6 +204,45 @@ class Store:
                     raise
                 time.sleep(delay)
 
+    # -- the shared schedule (PostgreSQL) -------------------------------------------------------
+
+    def claim_scheduled_pass(self, org_id: str, interval: float, instance: str) -> float:
+        """Call under the org's lock. 0.0: no scheduled pass of the org started within ``interval``
+        seconds, by the database's clock, and this one is now recorded as started; otherwise the
+        seconds until the org is due. Several daemons sharing a PostgreSQL mirror thus run one pass
+        per org per interval between them. SQLite has one daemon per file: always 0.0."""
+        if self.dialect != "postgresql":
+            return 0.0
+        with translated("claiming a scheduled pass"), self.engine.begin() as conn:
+            elapsed = conn.execute(
+                text(
+                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at) FROM org_schedule "
+                    "WHERE org_id = :org_id"
+                ),
+                {"org_id": org_id},
+            ).scalar()
+            if elapsed is not None and float(elapsed) < interval:
+                return interval - max(0.0, float(elapsed))
+            conn.execute(
+                text(
+                    "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
+                    "VALUES (:org_id, clock_timestamp(), :instance) ON CONFLICT (org_id) DO UPDATE "
+                    "SET pass_started_at = EXCLUDED.pass_started_at, instance = EXCLUDED.instance"
+                ),
+                {"org_id": org_id, "instance": instance},
+            )
+        return 0.0
+
+    def release_scheduled_pass(self, org_id: str, instance: str) -> None:
+        """A scheduled pass that was stopped does not count: the next daemon whose timer fires runs one."""
+        if self.dialect != "postgresql":
+            return
+        with translated("releasing a scheduled pass"), self.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE org_schedule SET pass_started_at = NULL WHERE org_id = :org_id AND instance = :instance"),
+                {"org_id": org_id, "instance": instance},
+            )
+
     def has_succeeded(self, org_id: str) -> bool:
         """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
         query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")

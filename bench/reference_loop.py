@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""The bare minimum a mirror does, for bench_sync.py to measure syncd against: fetch every page of
+one org's list_devices, parse it, upsert each device into SQLite. No history, no change detection,
+no checks of any kind, one transaction per page, one page at a time.
+
+    SYNCD_API_KEY=... python bench/reference_loop.py BASE_URL ORG_ID SQLITE_PATH
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+
+import httpx
+import orjson
+
+PAGE = 200
+
+
+def main() -> None:
+    base_url, org_id, path = sys.argv[1:4]
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, org_id TEXT, name TEXT, raw TEXT)")
+    upsert = (
+        "INSERT INTO devices (id, org_id, name, raw) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET org_id = excluded.org_id, name = excluded.name, raw = excluded.raw"
+    )
+    params = {"include_deleted": "true", "only_deleted": "false", "include_metadata": "true", "limit": PAGE}
+    seen = 0
+    with httpx.Client(base_url=base_url, headers={"X-API-Key": os.environ["SYNCD_API_KEY"], "X-Org": org_id}) as client:
+        offset = 0
+        while True:
+            items = orjson.loads(client.get("/devices", params={**params, "offset": offset}).content)
+            with db:
+                db.executemany(
+                    upsert, [(d["id"], d["org_id"], orjson.dumps(d["name"]), orjson.dumps(d)) for d in items]
+                )
+            seen += len(items)
+            offset += PAGE
+            if len(items) < PAGE:
+                break
+    print(seen)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""One request budget per process: every request to OpenApp waits here for its turn.
+
+The budget bounds how many requests are in flight (``api.max_concurrency``) and, when set, how many
+start per second (``api.max_requests_per_second``, a token bucket with one second of burst). It
+adapts to OpenApp's load signals like TCP's congestion window (AIMD):
+
+- a 429 or 503 halves the concurrency (never below 1), once per round: answers to requests that
+  were sent before the last decrease do not decrease it again, so a burst of 429s from requests
+  already in flight costs one halving, not one per answer;
+- a ``Retry-After`` pauses every caller until it runs out, not just the request that got it
+  (:meth:`RequestBudget.paused_for`: callers wait it out with their own, interruptible, sleep);
+- after as many successes in a row as the current concurrency (one round), and at most once per
+  second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds.
+
+Waits are bounded by the caller's deadline and end early on a stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from syncd.errors import RequestTimeoutError, StoppedError
+from syncd.metrics import BUDGET_CONCURRENCY, BUDGET_IN_FLIGHT, BUDGET_THROTTLED, BUDGET_WAIT
+
+POLL = 0.1  # seconds between looks at the stop event while waiting for a turn
+GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A request's place in the budget, handed back with its outcome."""
+
+    round: int  # the budget's round when the request was sent
+
+
+class RequestBudget:
+    """Shared by every thread of a process that calls OpenApp; thread-safe."""
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_rate: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``max_rate``: requests started per second at most (0: no limit)."""
+        self.max_concurrency = max(1, max_concurrency)
+        self.max_rate = max_rate
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._limit = self.max_concurrency
+        self._in_flight = 0
+        self._round = 0
+        self._successes = 0
+        self._changed_at = clock()
+        self._paused_until = 0.0
+        self._tokens = max(1.0, max_rate)
+        self._refilled = clock()
+        BUDGET_CONCURRENCY.set(self._limit)
+
+    @property
+    def limit(self) -> int:
+        """The concurrency allowed right now."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a turn right now."""
+        return self._in_flight
+
+    def paused_for(self, waited_until: float = 0.0) -> float:
+        """Seconds until a Retry-After pause ends (0: none, or none beyond ``waited_until``: the end
+        of a pause the caller already waited out, as :meth:`release` returned it)."""
+        with self._cond:
+            if self._paused_until <= waited_until:
+                return 0.0
+            return max(0.0, self._paused_until - self._clock())
+
+    def acquire(self, deadline: float, stop: threading.Event | None = None, what: str = "request") -> Turn:
+        """Wait for a turn; RequestTimeoutError at ``deadline`` (monotonic), StoppedError on ``stop``."""
+        started = self._clock()
+        with self._cond:
+            while True:
+                now = self._clock()
+                wait = self._wait_needed(now)
+                if wait <= 0:
+                    self._in_flight += 1
+                    if self.max_rate > 0:
+                        self._tokens -= 1.0
+                    BUDGET_IN_FLIGHT.set(self._in_flight)
+                    if now > started:
+                        BUDGET_WAIT.inc(now - started)
+                    return Turn(self._round)
+                if stop is not None and stop.is_set():
+                    BUDGET_WAIT.inc(now - started)
+                    raise StoppedError(f"{what}: not sent, syncd is stopping")
+                if now >= deadline:
+                    BUDGET_WAIT.inc(now - started)
+                    raise RequestTimeoutError(
+                        f"{what}: no turn in the request budget before the deadline "
+                        f"({self._in_flight} in flight, concurrency {self._limit})"
+                    )
+                self._cond.wait(min(wait, deadline - now, POLL))
+
+    def release(
+        self, turn: Turn, *, throttled: bool = False, retry_after: float | None = None, ok: bool = False
+    ) -> float:
+        """Hand a turn back. ``throttled``: OpenApp answered 429 or 503 (``retry_after``: its hint in
+        seconds); ``ok``: a successful answer. Anything else (other errors) leaves the limit alone.
+        Returns when the pause ends (on the budget's clock; in the past when there is none)."""
+        with self._cond:
+            self._in_flight -= 1
+            now = self._clock()
+            if throttled:
+                if turn.round == self._round:  # one halving per round
+                    self._round += 1
+                    self._limit = max(1, self._limit // 2)
+                    self._successes = 0
+                    self._changed_at = now
+                    BUDGET_CONCURRENCY.set(self._limit)
+                    BUDGET_THROTTLED.inc()
+                if retry_after:
+                    self._paused_until = max(self._paused_until, now + retry_after)
+            elif ok and self._limit < self.max_concurrency:
+                self._successes += 1
+                if self._successes >= self._limit and now - self._changed_at >= GROWTH_PERIOD:
+                    self._round += 1
+                    self._limit += 1
+                    self._successes = 0
+                    self._changed_at = now
+                    BUDGET_CONCURRENCY.set(self._limit)
+            BUDGET_IN_FLIGHT.set(self._in_flight)
+            self._cond.notify_all()
+            return self._paused_until
+
+    def _wait_needed(self, now: float) -> float:
+        """Seconds to wait before a request may start (0: now). Called with the lock held."""
+        if self._in_flight >= self._limit:
+            return POLL  # woken by a release
+        if self.max_rate > 0:
+            self._tokens = min(max(1.0, self.max_rate), self._tokens + (now - self._refilled) * self.max_rate)
+            self._refilled = now
+            if self._tokens < 1.0:
+                return (1.0 - self._tokens) / self.max_rate
+        return 0.0

@@ -1,0 +1,146 @@
+"""The process's request budget: concurrency that halves on 429/503 and grows back, a rate limit,
+and a Retry-After that holds every caller."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.api import OpenAppClient, RequestBudget
+from syncd.errors import RequestTimeoutError, StoppedError, SyncdError
+from syncd.simulator import Fault, Simulator, World
+
+from .conftest import API_KEY, api_settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_throttled_round_halves_the_concurrency_once_then_it_grows_back() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    turns = [budget.acquire(deadline=1e9) for _ in range(8)]
+    assert budget.in_flight == 8
+    for turn in turns:  # a burst of 429s from requests sent in the same round: one halving
+        budget.release(turn, throttled=True)
+    assert budget.limit == 4
+    turn = budget.acquire(deadline=1e9)  # sent after the decrease: its 429 halves again
+    budget.release(turn, throttled=True)
+    assert budget.limit == 2
+    for _ in range(10):  # successes alone do not grow it within a second of the last change
+        budget.release(budget.acquire(deadline=1e9), ok=True)
+    assert budget.limit == 2
+    for expected in (3, 4, 5):  # one more after a round (as many successes as the limit), a second apart
+        clock.now += 1.0
+        for _ in range(budget.limit):
+            budget.release(budget.acquire(deadline=1e9), ok=True)
+        assert budget.limit == expected
+    budget.release(budget.acquire(deadline=1e9))  # another error leaves it alone
+    assert budget.limit == 5
+
+
+def test_the_limit_never_falls_below_one_nor_grows_past_the_maximum() -> None:
+    clock = Clock()
+    budget = RequestBudget(3, clock=clock)
+    for _ in range(5):
+        budget.release(budget.acquire(deadline=1e9), throttled=True)
+    assert budget.limit == 1
+    for _ in range(50):
+        clock.now += 0.5
+        budget.release(budget.acquire(deadline=1e9), ok=True)
+    assert budget.limit == 3
+
+
+def test_a_full_budget_waits_until_a_turn_is_handed_back_or_the_deadline() -> None:
+    budget = RequestBudget(1)
+    turn = budget.acquire(deadline=time.monotonic() + 1)
+    with pytest.raises(RequestTimeoutError, match="no turn in the request budget"):
+        budget.acquire(deadline=time.monotonic() + 0.2)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StoppedError):
+        budget.acquire(deadline=time.monotonic() + 5, stop=stop)
+    threading.Timer(0.1, budget.release, args=[turn]).start()
+    budget.acquire(deadline=time.monotonic() + 5)  # handed over
+
+
+def test_retry_after_pauses_every_caller_but_not_twice_the_one_that_got_it() -> None:
+    clock = Clock()
+    budget = RequestBudget(4, clock=clock)
+    pause_ends = budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=2.0)
+    assert budget.paused_for() == pytest.approx(2.0)
+    assert budget.paused_for(pause_ends) == 0.0  # the request that got it waits it out itself
+    clock.now += 2.5
+    assert budget.paused_for() == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["ok", "throttled", "error", "a second later"]), max_size=200), st.integers(1, 32))
+def test_the_limit_stays_within_its_bounds(outcomes: list[str], maximum: int) -> None:
+    clock = Clock()
+    budget = RequestBudget(maximum, clock=clock)
+    for outcome in outcomes:
+        if outcome == "a second later":
+            clock.now += 1.0
+            continue
+        turn = budget.acquire(deadline=1e9)
+        budget.release(turn, ok=outcome == "ok", throttled=outcome == "throttled")
+        assert 1 <= budget.limit <= maximum
+    assert budget.in_flight == 0
+
+
+def test_the_rate_limit_spaces_requests() -> None:
+    budget = RequestBudget(8, max_rate=20.0)
+    started = time.monotonic()
+    for _ in range(30):  # a burst of 20 (one second's worth), then 20 per second
+        budget.release(budget.acquire(deadline=started + 10), ok=True)
+    assert time.monotonic() - started >= 0.4
+
+
+def test_a_burst_of_429s_is_followed_by_fewer_requests_per_second_not_more() -> None:
+    """Eight threads call OpenApp as fast as they can through one client; a burst of 429s with
+    Retry-After 1 pauses all of them and halves the concurrency, so the second after the burst sees
+    fewer requests than the second before."""
+    world = World(seed=5)
+    (org,) = world.seed(1, 50)
+    world.add_key(API_KEY)
+    with Simulator(world) as sim:
+        sim.latency = 0.02
+        device = world.ids(org)[0]
+        with OpenAppClient(api_settings(sim, max_concurrency=8)) as client:
+            stop = threading.Event()
+
+            def call() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(SyncdError):  # the burst's retries may run out: call again
+                        client.get_device(org, device)
+
+            threads = [threading.Thread(target=call) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1.2)
+            limit_before = client.budget.limit
+            burst_at = time.monotonic()
+            sim.inject(Fault(status=429, retry_after="1", times=8))
+            time.sleep(1.2)
+            limit_after = client.budget.limit
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+        log = sim.requests("get_device")
+    per_second = Counter(math.floor(r.started - burst_at) for r in log if r.started >= burst_at - 1)
+    assert limit_before == 8 and limit_after < 8
+    assert per_second[0] < per_second[-1], per_second
+    assert sum(1 for r in log if r.status == 429) == 8
