@@ -323,15 +323,16 @@ def scenario(
 DEVICES_ONLY = "door_restrictions = false\nmetadata_definitions = false\n"
 
 
-def latency_block(workdir: Path, devices: int, repeat: int) -> None:
-    """1 org x ``devices`` on SQLite with 0 and 50 ms added to every request: first sync and
+def latency_block(workdir: Path, devices: int, repeat: int, latency_ms: float) -> None:
+    """1 org x ``devices`` on SQLite with 0 and ``latency_ms`` added to every request: first sync and
     no-change re-sync (medians of ``repeat``), and the bare reference loop at 0 ms beside them."""
     print(f"\nlatency: 1 org x {devices:,} devices, SQLite, medians of {repeat} (whole processes, start-up included)")
-    first_at: dict[int, float] = {}
-    for latency in (0, 50):
-        sim, url = start_simulator(1, devices, "--latency-ms", str(latency))
+    first_at: dict[float, float] = {}
+    resync_at: dict[float, float] = {}
+    for latency in (0, latency_ms):
+        sim, url = start_simulator(1, devices, "--latency-ms", f"{latency:g}")
         try:
-            if latency == 0:
+            if not latency:
                 serve_rate(url, 1)  # warm the simulator's rendering up (see scenario)
             firsts, resyncs, references, devices_only = [], [], [], []
             for _ in range(repeat):
@@ -343,7 +344,7 @@ def latency_block(workdir: Path, devices: int, repeat: int) -> None:
                     resyncs.append(run_once(config)[0])
                 finally:
                     drop_database(db, None)
-                if latency == 0:
+                if not latency:
                     references.append(reference_loop(url, workdir))
                     db = fresh_database("sqlite", workdir, None)
                     try:  # the devices alone, as the reference loop mirrors them
@@ -355,9 +356,9 @@ def latency_block(workdir: Path, devices: int, repeat: int) -> None:
             sim.terminate()
             sim.wait(timeout=30)
         first, resync = statistics.median(firsts), statistics.median(resyncs)
-        first_at[latency] = first
-        print(f"  {latency:>2} ms per request: first sync {first:.2f} s, no-change re-sync {resync:.2f} s", flush=True)
-        if latency == 0:
+        first_at[latency], resync_at[latency] = first, resync
+        print(f"  {latency:>3g} ms per request: first sync {first:.2f} s, no-change re-sync {resync:.2f} s", flush=True)
+        if not latency:
             reference, alone = statistics.median(references), statistics.median(devices_only)
             print(
                 f"  bare reference loop (fetch, parse, upsert; one page at a time): {reference:.2f} s; "
@@ -366,7 +367,11 @@ def latency_block(workdir: Path, devices: int, repeat: int) -> None:
                 flush=True,
             )
         else:
-            print(f"  first sync at 50 ms / at 0 ms: {first / first_at[0]:.2f}x (target <= 2)", flush=True)
+            print(
+                f"  at {latency:g} ms / at 0 ms: first sync {first / first_at[0]:.2f}x, no-change re-sync "
+                f"{resync / resync_at[0]:.2f}x (target <= 2)",
+                flush=True,
+            )
 
 
 def daemons_block(workdir: Path, pg_url: str, interval: float = 4.0, steady: float = 24.0) -> None:
@@ -445,6 +450,46 @@ def daemons_block(workdir: Path, pg_url: str, interval: float = 4.0, steady: flo
         print(
             f"  the killed daemon's {len(takeover)} orgs were scanned again {max(takeover):.1f} s at most after "
             f"their last pass (interval {interval:.0f} s; target: within one interval of the kill)",
+            flush=True,
+        )
+
+
+def throttled_block(workdir: Path, devices: int = 5_000) -> None:
+    """1 org on SQLite, `syncd run-once` with and without 20% of requests answered 429 (Retry-After:
+    1): requests per second, and whether the mirror is exact at the end."""
+    from syncd.simulator import Fault, Simulator, World
+    from syncd.store import Store
+
+    print(f"\n20% of requests answered 429 (Retry-After 1 s), 1 org x {devices:,} devices, SQLite", flush=True)
+    for label, rate in (("no 429s", 0.0), ("20% 429s", 0.2)):
+        world = World(seed=12)
+        (org,) = world.seed(1, devices, portal_fraction=0.02)  # as `syncd simulate` does
+        world.add_key(KEY)
+        db = fresh_database("sqlite", workdir, None)
+        try:
+            with Simulator(world, log_size=1_000_000) as sim:
+                if rate:
+                    sim.inject(Fault(status=429, retry_after="1", rate=rate, times=None))
+                config = workdir / "throttled.toml"
+                config.write_text(
+                    f'[api]\nbase_url = "{sim.url}"\napi_key_env = "SYNCD_API_KEY"\n'
+                    f'[api.retry]\nmax_attempts = 20\ndeadline = 600\n[database]\nurl = "{db}"\n'
+                    f'[logging]\nlevel = "warning"\n[[orgs]]\nid = "{org}"\n'
+                )
+                seconds = run_once(config)[0]
+                log = list(sim.log)
+            store = Store(db)
+            try:
+                mirrored = {d["id"]: d["raw"] for d in store.devices_of(org) if d["state"] != "purged"}
+            finally:
+                store.close()
+            exact = mirrored == {d["id"]: d for d in world.ground_truth(org)}
+        finally:
+            drop_database(db, None)
+        throttled = sum(1 for r in log if r.status == 429)
+        print(
+            f"  {label}: {len(log) / seconds:,.0f} requests/s ({len(log):,} requests, {throttled} answered 429, "
+            f"{seconds:.1f} s); mirror exact: {'yes' if exact else 'NO'}",
             flush=True,
         )
 
@@ -607,7 +652,13 @@ def main() -> None:
     parser.add_argument("--only-edits", action="store_true", help="run only the write-back part")
     parser.add_argument("--only-restrictions", action="store_true", help="run only the door-restrictions comparison")
     parser.add_argument(
-        "--only-latency", action="store_true", help="run only the latency block (0 and 50 ms, reference loop)"
+        "--only-latency", action="store_true", help="run only the latency and 429 blocks (and the reference loop)"
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=50.0,
+        help="latency the simulator adds to every request in the latency block, against 0 (default 50)",
     )
     parser.add_argument(
         "--only-daemons", action="store_true", help="run only the three-daemons block (needs --postgres-url)"
@@ -630,7 +681,8 @@ def main() -> None:
         if args.only_daemons:
             return
         if not (args.only_edits or args.only_restrictions):
-            latency_block(Path(tmp), 100_000 // scale, args.repeat)
+            latency_block(Path(tmp), 100_000 // scale, args.repeat, args.latency_ms)
+            throttled_block(Path(tmp))
         if args.only_latency:
             return
         if not args.only_edits:

@@ -249,6 +249,12 @@ class Daemon:
             if job is not None:
                 delay = outcome.due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
                 job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+            try:  # that pass's success counts here too (STATUS=, the last-success gauge)
+                last = self.store.last_success(org.id)
+            except SyncdError:
+                return
+            if last is not None:
+                self.board.seed({org.id: last})
             return
         if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")

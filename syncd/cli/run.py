@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 
@@ -98,7 +99,8 @@ def run_passes(
     max_pages: int | None = None,
 ) -> list[PassOutcome]:
     """The passes of ``orgs``, with progress lines when stderr is a terminal."""
-    if not sys.stderr.isatty():
+    progress = Progress(sys.stderr) if sys.stderr.isatty() else None
+    with progress or contextlib.nullcontext():
         return run_once(
             config,
             orgs,
@@ -108,17 +110,6 @@ def run_passes(
             max_pages=max_pages,
             lock_wait=lock_wait,
             stop=stop,
-        )
-    with Progress(sys.stderr) as progress:
-        return run_once(
-            config,
-            orgs,
-            store=store,
-            client=client,
-            allow_mass_purge=allow_mass_purge,
-            max_pages=max_pages,
-            lock_wait=lock_wait,
-            stop=stop,
-            on_progress=progress.update,
-            on_done=progress.done,
+            on_progress=progress.update if progress else None,
+            on_done=progress.done if progress else None,
         )

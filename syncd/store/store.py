@@ -316,6 +316,14 @@ class Store:
                 counts.setdefault(org, {})[state] = int(count)
         return counts
 
+    def last_success(self, org_id: str) -> datetime | None:
+        """When the org's newest successful pass finished (None: none has)."""
+        query = select(func.max(sync_runs.c.finished_at, type_=UTCDateTime())).where(
+            sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded"
+        )
+        with translated("reading runs"), self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
     def last_successes(self) -> dict[str, datetime]:
         """When each org's newest successful pass finished."""
         query = (
