@@ -24,11 +24,14 @@ from .test_sync import assert_mirror_matches
 KEY_ENV = "SYNCD_TEST_API_KEY"
 
 
-def write_config(tmp_path: Path, sim: Simulator, database_url: str, orgs: list[str], extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, sim: Simulator, database_url: str, orgs: list[str], extra: str = "", api: str = ""
+) -> Path:
+    """``extra``: tables after ``[database]``; ``api``: more keys of ``[api]``."""
     org_tables = "".join(f'[[orgs]]\nid = "{o}"\n' for o in orgs)
     path = tmp_path / "syncd.toml"
     path.write_text(
-        f'[api]\nbase_url = "{sim.url}"\napi_key_env = "{KEY_ENV}"\n\n'
+        f'[api]\nbase_url = "{sim.url}"\napi_key_env = "{KEY_ENV}"\n{api}\n'
         "[api.retry]\nbase_delay = 0.01\nmax_delay = 0.05\n\n"
         f'[database]\nurl = "{database_url}"\n\n{extra}\n{org_tables}'
     )

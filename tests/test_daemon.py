@@ -116,7 +116,10 @@ def test_daemon_lifecycle_sigterm_mid_pass_and_restart(tmp_path: Path, database_
     world.add_key(API_KEY)
     with Simulator(world) as sim:
         sim.inject(Fault(kind="slow", delay=0.08, operation="list_devices", times=None))
-        config = write_config(tmp_path, sim, database_url, orgs, extra='[sync]\ninterval = "2s"\n')
+        # One page at a time: a pass lasts long enough (7 x 80 ms) to be caught in the middle.
+        config = write_config(
+            tmp_path, sim, database_url, orgs, extra='[sync]\ninterval = "2s"\n', api="page_concurrency = 1\n"
+        )
         store = Store(database_url)
         store.upgrade()
         proc = run_cli("run", "--config", str(config), env=daemon_env(systemd))
