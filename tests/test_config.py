@@ -107,6 +107,35 @@ def test_bad_configs_name_the_problem(tmp_path: Path, text: str, message: str) -
         load_config(write(tmp_path, text), {"K": "key"})
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("page_concurrency = 0", "api.page_concurrency must be at least 1"),
+        ("page_concurrency = 65", "api.page_concurrency must be at most 64"),
+        ('page_concurrency = "4"', "api.page_concurrency must be"),
+        ("max_concurrency = 0", "api.max_concurrency must be at least 1"),
+        ("max_concurrency = 1000", "api.max_concurrency must be at most 256"),
+        ("max_requests_per_second = -1", "api.max_requests_per_second must be at least 0"),
+        ("max_requests_per_second = nan", "api.max_requests_per_second"),
+        ("max_requests_per_second = true", "api.max_requests_per_second must be"),
+    ],
+)
+def test_request_budget_settings_are_checked(tmp_path: Path, line: str, message: str) -> None:
+    text = f'[api]\nbase_url = "http://x"\napi_key_env = "K"\n{line}\n[[orgs]]\nid = "o"\n'
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, text), {"K": "key"})
+    assert "\n" not in str(caught.value)
+
+
+def test_request_budget_settings_are_read(tmp_path: Path) -> None:
+    text = (
+        '[api]\nbase_url = "http://x"\napi_key_env = "K"\npage_concurrency = 2\nmax_concurrency = 5\n'
+        'max_requests_per_second = 2.5\n[[orgs]]\nid = "o"\n'
+    )
+    api = load_config(write(tmp_path, text), {"K": "key"}).api
+    assert (api.page_concurrency, api.max_concurrency, api.max_requests_per_second) == (2, 5, 2.5)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
