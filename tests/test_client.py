@@ -244,6 +244,34 @@ def test_items_total_envelope_is_accepted(sim: Simulator) -> None:
         assert [len(p.items) for p in client.list_device_pages("O")] == [2, 1]
 
 
+def test_devices_added_during_the_scan_are_paged_past_the_first_total(sim: Simulator) -> None:
+    # The first answer says 4 devices; two more are added while the later pages are asked.
+    bodies = [
+        orjson.dumps({"items": [device(0), device(1)], "total": 4}),
+        orjson.dumps({"items": [device(2), device(3)], "total": 6}),
+        orjson.dumps({"items": [device(4), device(5)], "total": 6}),
+    ]
+    with OpenAppClient(api_settings(sim, page_size=2), transport=fake_list(bodies)) as client:
+        pages = list(client.list_device_pages("O", concurrency=4))
+    assert [page.offset for page in pages] == [0, 2, 4]
+    assert [item["id"] for page in pages for item in page.items] == [device(i)["id"] for i in range(6)]
+
+
+def test_no_offset_past_the_total_is_asked(sim: Simulator) -> None:
+    bodies = [orjson.dumps({"items": [device(2 * p), device(2 * p + 1)], "total": 6}) for p in range(3)]
+    asked: list[int] = []
+    inner = fake_list(bodies)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(int(request.url.params["offset"]))
+        return inner.handle_request(request)
+
+    transport = httpx.MockTransport(answer)
+    with OpenAppClient(api_settings(sim, page_size=2), transport=transport) as client:
+        assert len(list(client.list_device_pages("O", concurrency=8))) == 3
+    assert sorted(asked) == [0, 2, 4]
+
+
 @pytest.mark.parametrize("body", [b"not json", b'{"data": []}', b'"a string"'])
 def test_unreadable_list_bodies_are_invalid_responses(sim: Simulator, body: bytes) -> None:
     with OpenAppClient(api_settings(sim), transport=fake_list([body])) as client:

@@ -247,14 +247,14 @@ class OpenAppClient:
             params["integration_id"] = integration_id
         if device_kind:
             params["device_kind"] = device_kind
-        known_end: list[int] = []  # the total an answer gave: no offset at or past it is asked
+        known_end: list[int] = []  # the latest answer's total: no offset at or past it is asked
 
         def fetch(offset: int) -> tuple[list[Any], int | None]:
             page_params = {**params, "limit": limit, "offset": offset}
             return read_page(self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline))
 
-        def offsets() -> Iterator[Callable[[], tuple[list[Any], int | None]]]:
-            offset = 0
+        def offsets(start: int) -> Iterator[Callable[[], tuple[list[Any], int | None]]]:
+            offset = start
             while offset <= MAX_OFFSET and not (known_end and offset >= known_end[0]):
                 yield functools.partial(fetch, offset)
                 offset += limit
@@ -262,23 +262,23 @@ class OpenAppClient:
         offset = 0
         previous_first: object = None
         width = concurrency or self.settings.page_concurrency
-        with contextlib.closing(in_order(offsets(), width, "page")) as pages:
-            for answer in pages:
-                items, total = answer.result()
-                if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
-                    raise InvalidResponseError(
-                        f"list_devices: the page at offset {offset} repeats the previous one; "
-                        "the server ignores 'offset'"
-                    )
-                yield DevicePage(offset, items)
-                offset += limit
-                if len(items) < limit or (total is not None and offset >= total):
-                    return
-                if total is not None:
-                    known_end[:] = [total]
-                if offset > MAX_OFFSET:
-                    break
-                previous_first = _item_id(items[0])
+        while offset <= MAX_OFFSET:
+            # One round asks the offsets up to the total known when it started; when devices are
+            # added during the scan, a later answer's total is larger and the next round goes on.
+            with contextlib.closing(in_order(offsets(offset), width, "page")) as pages:
+                for answer in pages:
+                    items, total = answer.result()
+                    if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
+                        raise InvalidResponseError(
+                            f"list_devices: the page at offset {offset} repeats the previous one; "
+                            "the server ignores 'offset'"
+                        )
+                    yield DevicePage(offset, items)
+                    offset += limit
+                    if len(items) < limit or (total is not None and offset >= total):
+                        return
+                    known_end[:] = [] if total is None else [total]
+                    previous_first = _item_id(items[0])
         raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
 
     def get_devices(
