@@ -288,21 +288,24 @@ class OrgPass:
             device_kind=self.org.device_kind,
             deadline=self.deadline,
         )
-        for page in pages:
-            if self.stop.is_set():
-                return False
-            self._check_deadline()
-            if self.counts["pages"] >= self.max_pages:
-                raise PassRefusedError(
-                    f"list_devices kept sending full pages: stopped after {self.counts['pages']} pages "
-                    f"({len(self.seen)} devices) and purged nothing; a list this long is taken for a server fault "
-                    f"(the limit: sync.max_pages, and {PAGE_GROWTH_FACTOR}x the pages of the last successful pass "
-                    f"plus {PAGE_GROWTH_MARGIN}). If the org really has that many devices, confirm with "
-                    f"`syncd run-once --org {self.org.id} --max-pages N`"
-                )
-            self._apply(run_id, page.items, page.offset)
-            if self.on_progress:
-                self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
+        # Closed here, not by the garbage collector: pages asked ahead are waited for (and no new
+        # ones asked) before the pass ends, whether it ends by a stop, an error or the last page.
+        with contextlib.closing(pages):
+            for page in pages:
+                if self.stop.is_set():
+                    return False
+                self._check_deadline()
+                if self.counts["pages"] >= self.max_pages:
+                    raise PassRefusedError(
+                        f"list_devices kept sending full pages: stopped after {self.counts['pages']} pages "
+                        f"({len(self.seen)} devices) and purged nothing; a list this long is taken for a server fault "
+                        f"(the limit: sync.max_pages, and {PAGE_GROWTH_FACTOR}x the pages of the last successful pass "
+                        f"plus {PAGE_GROWTH_MARGIN}). If the org really has that many devices, confirm with "
+                        f"`syncd run-once --org {self.org.id} --max-pages N`"
+                    )
+                self._apply(run_id, page.items, page.offset)
+                if self.on_progress:
+                    self.on_progress(self.org.id, self.counts["pages"], len(self.seen))
         return not self.stop.is_set()
 
     def _apply(self, run_id: int, items: list[Any], offset: int | None) -> None:

@@ -19,7 +19,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -229,7 +229,7 @@ class OpenAppClient:
         page_size: int | None = None,
         deadline: float | None = None,
         concurrency: int | None = None,
-    ) -> Iterator[DevicePage]:
+    ) -> Generator[DevicePage, None, None]:
         """Every page of list_devices for an org, soft-deleted devices included, in order.
 
         Pages by ``offset`` until a page is shorter than ``limit`` (or empty, or the answer's total is
