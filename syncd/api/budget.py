@@ -8,7 +8,8 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
   were sent before the last decrease do not decrease it again, so a burst of 429s from requests
   already in flight costs one halving, not one per answer;
 - a ``Retry-After`` pauses every caller until it runs out, not just the request that got it
-  (:meth:`RequestBudget.paused_for`: callers wait it out with their own, interruptible, sleep);
+  (:meth:`RequestBudget.paused_for`: callers wait it out with their own, interruptible, sleep; a
+  caller already waiting for a turn when the pause begins waits it out here);
 - after as many successes in a row as the current concurrency (one round), and at most once per
   second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds.
 
@@ -33,7 +34,7 @@ GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency
 class Turn:
     """A request's place in the budget, handed back with its outcome."""
 
-    round: int  # the budget's round when the request was sent
+    generation: int  # how many decreases the budget had made when the request was sent
 
 
 class RequestBudget:
@@ -52,7 +53,7 @@ class RequestBudget:
         self._cond = threading.Condition()
         self._limit = self.max_concurrency
         self._in_flight = 0
-        self._round = 0
+        self._decreases = 0
         self._successes = 0
         self._changed_at = clock()
         self._paused_until = 0.0
@@ -78,13 +79,26 @@ class RequestBudget:
                 return 0.0
             return max(0.0, self._paused_until - self._clock())
 
-    def acquire(self, deadline: float, stop: threading.Event | None = None, what: str = "request") -> Turn:
-        """Wait for a turn; RequestTimeoutError at ``deadline`` (monotonic), StoppedError on ``stop``."""
+    def acquire(
+        self,
+        deadline: float,
+        stop: threading.Event | None = None,
+        what: str = "request",
+        waited_until: float = 0.0,
+    ) -> Turn:
+        """Wait for a turn; RequestTimeoutError at ``deadline`` (monotonic), StoppedError on ``stop``.
+        ``waited_until``: the end of a Retry-After pause the caller waited out itself (see :meth:`release`)."""
         started = self._clock()
         with self._cond:
             while True:
                 now = self._clock()
-                wait = self._wait_needed(now)
+                if self._paused_until > max(now, waited_until) and self._paused_until > deadline:
+                    BUDGET_WAIT.inc(now - started)
+                    raise RequestTimeoutError(
+                        f"{what}: OpenApp asked for a pause of {self._paused_until - now:.1f}s more "
+                        "(Retry-After), past the deadline"
+                    )
+                wait = self._wait_needed(now, waited_until)
                 if wait <= 0:
                     self._in_flight += 1
                     if self.max_rate > 0:
@@ -92,7 +106,7 @@ class RequestBudget:
                     BUDGET_IN_FLIGHT.set(self._in_flight)
                     if now > started:
                         BUDGET_WAIT.inc(now - started)
-                    return Turn(self._round)
+                    return Turn(self._decreases)
                 if stop is not None and stop.is_set():
                     BUDGET_WAIT.inc(now - started)
                     raise StoppedError(f"{what}: not sent, syncd is stopping")
@@ -114,8 +128,8 @@ class RequestBudget:
             self._in_flight -= 1
             now = self._clock()
             if throttled:
-                if turn.round == self._round:  # one halving per round
-                    self._round += 1
+                if turn.generation == self._decreases:  # one halving per round of requests
+                    self._decreases += 1
                     self._limit = max(1, self._limit // 2)
                     self._successes = 0
                     self._changed_at = now
@@ -126,7 +140,6 @@ class RequestBudget:
             elif ok and self._limit < self.max_concurrency:
                 self._successes += 1
                 if self._successes >= self._limit and now - self._changed_at >= GROWTH_PERIOD:
-                    self._round += 1
                     self._limit += 1
                     self._successes = 0
                     self._changed_at = now
@@ -135,8 +148,10 @@ class RequestBudget:
             self._cond.notify_all()
             return self._paused_until
 
-    def _wait_needed(self, now: float) -> float:
+    def _wait_needed(self, now: float, waited_until: float) -> float:
         """Seconds to wait before a request may start (0: now). Called with the lock held."""
+        if self._paused_until > max(now, waited_until):
+            return self._paused_until - now
         if self._in_flight >= self._limit:
             return POLL  # woken by a release
         if self.max_rate > 0:

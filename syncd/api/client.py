@@ -378,7 +378,7 @@ class OpenAppClient:
             if interruptible and self._stop is not None and self._stop.is_set():
                 raise StoppedError(f"{operation}: not sent, syncd is stopping")
             self._wait_out_pause(operation, give_up_at, waited_until)
-            turn = self.budget.acquire(give_up_at, self._stop, operation)  # nothing is sent before a turn
+            turn = self.budget.acquire(give_up_at, self._stop, operation, waited_until)  # nothing sent before
             try:
                 answer = self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
             except TransientError as exc:
