@@ -263,6 +263,8 @@ def test_a_scheduled_pass_is_claimed_once_per_interval_on_postgresql(store: Stor
         assert again == 0.0
         return
     assert 59 < again <= 60  # another daemon: due in about a minute, by the database's clock
+    assert store.claim_scheduled_pass(org, 60, "a:1") == 0.0  # its own timer spaces a daemon's passes
+    assert store.claim_scheduled_pass(org, 60, "b:2") > 59  # and that pass is the last one now
     assert store.claim_scheduled_pass("01HORG00000000000000000001", 60, "b:2") == 0.0  # per org
     store.release_scheduled_pass(org, "b:2")  # not b's claim: nothing changes
     assert store.claim_scheduled_pass(org, 60, "b:2") > 0

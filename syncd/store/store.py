@@ -207,22 +207,24 @@ class Store:
     # -- the shared schedule (PostgreSQL) -------------------------------------------------------
 
     def claim_scheduled_pass(self, org_id: str, interval: float, instance: str) -> float:
-        """Call under the org's lock. 0.0: no scheduled pass of the org started within ``interval``
-        seconds, by the database's clock, and this one is now recorded as started; otherwise the
-        seconds until the org is due. Several daemons sharing a PostgreSQL mirror thus run one pass
-        per org per interval between them. SQLite has one daemon per file: always 0.0."""
+        """Call under the org's lock. 0.0: no other daemon started a scheduled pass of the org within
+        ``interval`` seconds, by the database's clock, and this one is now recorded as started;
+        otherwise the seconds until the org is due. Several daemons sharing a PostgreSQL mirror thus
+        run one pass per org per interval between them. A daemon's own last pass does not hold it
+        back: its timer already spaces its passes, and the claim is stamped a little after the timer
+        fired. SQLite has one daemon per file: always 0.0."""
         if self.dialect != "postgresql":
             return 0.0
         with translated("claiming a scheduled pass"), self.engine.begin() as conn:
-            elapsed = conn.execute(
+            last = conn.execute(
                 text(
-                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at) FROM org_schedule "
+                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at), instance FROM org_schedule "
                     "WHERE org_id = :org_id"
                 ),
                 {"org_id": org_id},
-            ).scalar()
-            if elapsed is not None and float(elapsed) < interval:
-                return interval - max(0.0, float(elapsed))
+            ).first()
+            if last is not None and last[0] is not None and last[1] != instance and float(last[0]) < interval:
+                return interval - max(0.0, float(last[0]))
             conn.execute(
                 text(
                     "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
