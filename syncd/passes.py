@@ -177,8 +177,8 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
                         due_in=due_in,
                     )
                 outcome = org_pass.run()
-                if spacing and outcome.status == "aborted":
-                    store.release_scheduled_pass(org_id, org_pass.instance)  # the next daemon's timer runs one
+                if spacing and (outcome.status == "aborted" or outcome.run_id is None):
+                    _release_claim(store, org_id, org_pass.instance)
                 return outcome
     except SyncdError as exc:
         log.error("pass could not start", org_id=org_id, error=str(exc))
@@ -186,3 +186,11 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
     now = utcnow()
     log.warning("org skipped: another syncd pass holds it", org_id=org_id, waited=wait)
     return PassOutcome(org_id, None, "skipped", now, now, error="another syncd pass of this org is running")
+
+
+def _release_claim(store: Store, org_id: str, instance: str) -> None:
+    """A scheduled pass that was stopped, or never began, does not count: the next daemon's timer runs one."""
+    try:
+        store.release_scheduled_pass(org_id, instance)
+    except SyncdError as exc:  # the claim then holds the org for one interval, as a finished pass would
+        log.warning("could not release the org's scheduled pass", org_id=org_id, error=str(exc))

@@ -18,11 +18,12 @@ from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
 from syncd.models import LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
+from syncd.passes import locked_pass
 from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS
 from syncd.store import Store
 from syncd.store.schema import devices, door_restrictions, metadata_definitions, portal_restrictions
-from syncd.sync import OrgPass, PageWrites, PreparedPage
+from syncd.sync import OrgPass, PageWrites, PassOutcome, PreparedPage
 
 from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
 
@@ -491,3 +492,34 @@ def test_an_unbelievable_purge_check_costs_only_its_device(
     states = {d: store.device(d)["state"] for d in (gone, also_gone)}  # type: ignore[index]
     assert sorted(states.values()) == ["active", "purged"]  # the other check still counted
     assert store.device(world.ids(org)[0])["raw"] == world.ground_truth(org)[0]  # type: ignore[index]
+
+
+def test_only_a_scheduled_pass_that_ran_holds_its_org_for_the_interval(
+    client: Any, store: Store, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a scheduled pass claims its org for the interval; one that was stopped or never
+    began gives the claim back, so the next daemon's timer runs one. (SQLite: nothing is shared.)"""
+
+    def scheduled(org: str, instance: str) -> PassOutcome:
+        org_pass = OrgPass(client, store, OrgSettings(org), SyncSettings(), instance=instance, stop=threading.Event())
+        return locked_pass(org_pass, spacing=60)
+
+    stopped_org, unstarted_org = list(world.orgs)[:2]
+    with monkeypatch.context() as patch:
+        patch.setattr(OrgPass, "_scan", lambda self, run_id: False)  # stopped during its scan
+        assert scheduled(stopped_org, "a:1").status == "aborted"
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "start_run", failing_start_run)
+        unstarted = scheduled(unstarted_org, "a:1")
+    assert unstarted.status == "failed" and unstarted.run_id is None and "database is down" in (unstarted.error or "")
+    for org in (stopped_org, unstarted_org):
+        assert scheduled(org, "b:2").status == "succeeded", org  # neither was held
+        held = scheduled(org, "a:1")
+        if store.dialect == "postgresql":
+            assert held.status == "skipped" and held.due_in is not None and 59 < held.due_in <= 60
+        else:
+            assert held.status == "succeeded"
+
+
+def failing_start_run(*args: Any) -> Any:
+    raise StoreError("starting a run: the database is down")
