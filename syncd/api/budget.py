@@ -7,9 +7,8 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
 - a 429 or 503 halves the concurrency (never below 1), once per round: answers to requests that
   were sent before the last decrease do not decrease it again, so a burst of 429s from requests
   already in flight costs one halving, not one per answer;
-- a ``Retry-After`` pauses every caller until it runs out, not just the request that got it
-  (:meth:`RequestBudget.paused_for`: callers wait it out with their own, interruptible, sleep; a
-  caller already waiting for a turn when the pause begins waits it out here);
+- a ``Retry-After`` pauses every caller until it runs out, not just the request that got it: each
+  waits it out in :meth:`RequestBudget.acquire` (the one that got it waits with its own retry delay);
 - after as many successes in a row as the current concurrency (one round), and at most once per
   second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds.
 
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from syncd.errors import RequestTimeoutError, StoppedError
-from syncd.metrics import BUDGET_CONCURRENCY, BUDGET_IN_FLIGHT, BUDGET_THROTTLED, BUDGET_WAIT
+from syncd.metrics import BUDGET_CONCURRENCY, BUDGET_IN_FLIGHT, BUDGET_THROTTLED, BUDGET_WAIT, RETRY_AFTER_WAIT
 
 POLL = 0.1  # seconds between looks at the stop event while waiting for a turn
 GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency
@@ -71,14 +70,6 @@ class RequestBudget:
         """Requests holding a turn right now."""
         return self._in_flight
 
-    def paused_for(self, waited_until: float = 0.0) -> float:
-        """Seconds until a Retry-After pause ends (0: none, or none beyond ``waited_until``: the end
-        of a pause the caller already waited out, as :meth:`release` returned it)."""
-        with self._cond:
-            if self._paused_until <= waited_until:
-                return 0.0
-            return max(0.0, self._paused_until - self._clock())
-
     def acquire(
         self,
         deadline: float,
@@ -86,37 +77,44 @@ class RequestBudget:
         what: str = "request",
         waited_until: float = 0.0,
     ) -> Turn:
-        """Wait for a turn; RequestTimeoutError at ``deadline`` (monotonic), StoppedError on ``stop``.
-        ``waited_until``: the end of a Retry-After pause the caller waited out itself (see :meth:`release`)."""
+        """Wait for a turn: for a Retry-After pause to end, for room under the concurrency limit, for
+        the rate limit. RequestTimeoutError at ``deadline`` (monotonic; at once when a pause outlasts
+        it), StoppedError on ``stop``. ``waited_until``: the end of a pause the caller waited out
+        itself, as :meth:`release` returned it (the request that got the Retry-After)."""
         started = self._clock()
+        paused = 0.0  # seconds of the wait that were a Retry-After pause
         with self._cond:
-            while True:
-                now = self._clock()
-                if self._paused_until > max(now, waited_until) and self._paused_until > deadline:
-                    BUDGET_WAIT.inc(now - started)
-                    raise RequestTimeoutError(
-                        f"{what}: OpenApp asked for a pause of {self._paused_until - now:.1f}s more "
-                        "(Retry-After), past the deadline"
-                    )
-                wait = self._wait_needed(now, waited_until)
-                if wait <= 0:
-                    self._in_flight += 1
-                    if self.max_rate > 0:
-                        self._tokens -= 1.0
-                    BUDGET_IN_FLIGHT.set(self._in_flight)
-                    if now > started:
-                        BUDGET_WAIT.inc(now - started)
-                    return Turn(self._decreases)
-                if stop is not None and stop.is_set():
-                    BUDGET_WAIT.inc(now - started)
-                    raise StoppedError(f"{what}: not sent, syncd is stopping")
-                if now >= deadline:
-                    BUDGET_WAIT.inc(now - started)
-                    raise RequestTimeoutError(
-                        f"{what}: no turn in the request budget before the deadline "
-                        f"({self._in_flight} in flight, concurrency {self._limit})"
-                    )
-                self._cond.wait(min(wait, deadline - now, POLL))
+            try:
+                while True:
+                    now = self._clock()
+                    pause = self._paused_until - now if self._paused_until > max(now, waited_until) else 0.0
+                    if pause and now + pause > deadline:
+                        raise RequestTimeoutError(
+                            f"{what}: OpenApp asked for a pause of {pause:.1f}s more (Retry-After), past the deadline"
+                        )
+                    wait = pause or self._wait_needed(now)
+                    if wait <= 0:
+                        self._in_flight += 1
+                        if self.max_rate > 0:
+                            self._tokens -= 1.0
+                        BUDGET_IN_FLIGHT.set(self._in_flight)
+                        return Turn(self._decreases)
+                    if stop is not None and stop.is_set():
+                        raise StoppedError(f"{what}: not sent, syncd is stopping")
+                    if now >= deadline:
+                        raise RequestTimeoutError(
+                            f"{what}: no turn in the request budget before the deadline "
+                            f"({self._in_flight} in flight, concurrency {self._limit})"
+                        )
+                    self._cond.wait(min(wait, deadline - now, POLL))
+                    if pause:
+                        paused += self._clock() - now
+            finally:
+                waited = self._clock() - started
+                if waited > 0:
+                    BUDGET_WAIT.inc(waited)
+                if paused > 0:
+                    RETRY_AFTER_WAIT.labels(what).inc(paused)
 
     def release(
         self, turn: Turn, *, throttled: bool = False, retry_after: float | None = None, ok: bool = False
@@ -148,10 +146,8 @@ class RequestBudget:
             self._cond.notify_all()
             return self._paused_until
 
-    def _wait_needed(self, now: float, waited_until: float) -> float:
-        """Seconds to wait before a request may start (0: now). Called with the lock held."""
-        if self._paused_until > max(now, waited_until):
-            return self._paused_until - now
+    def _wait_needed(self, now: float) -> float:
+        """Seconds to wait for room under the limits (0: none). Called with the lock held."""
         if self._in_flight >= self._limit:
             return POLL  # woken by a release
         if self.max_rate > 0:

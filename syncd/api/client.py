@@ -377,7 +377,6 @@ class OpenAppClient:
             attempt_number += 1
             if interruptible and self._stop is not None and self._stop.is_set():
                 raise StoppedError(f"{operation}: not sent, syncd is stopping")
-            self._wait_out_pause(operation, give_up_at, waited_until)
             turn = self.budget.acquire(give_up_at, self._stop, operation, waited_until)  # nothing sent before
             try:
                 answer = self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
@@ -417,20 +416,6 @@ class OpenAppClient:
             self._sleep(delay)
             if self._stop is not None and self._stop.is_set():
                 raise StoppedError(f"{operation}: stopped while waiting to retry after: {error}")
-
-    def _wait_out_pause(self, operation: str, give_up_at: float, waited_until: float) -> None:
-        """Wait while a Retry-After that another request of this process got still holds."""
-        pause = self.budget.paused_for(waited_until)
-        if pause <= 0:
-            return
-        if time.monotonic() + pause > give_up_at:
-            raise RequestTimeoutError(
-                f"{operation}: OpenApp asked for a pause of {pause:.1f}s more (Retry-After), past the deadline"
-            )
-        RETRY_AFTER_WAIT.labels(operation).inc(pause)
-        self._sleep(pause)
-        if self._stop is not None and self._stop.is_set():
-            raise StoppedError(f"{operation}: not sent, syncd is stopping")
 
     def _attempt(
         self,
