@@ -88,6 +88,41 @@ def test_retry_after_pauses_every_caller_but_not_twice_the_one_that_got_it() -> 
     assert time.monotonic() - started < 0.6
 
 
+def test_a_429_of_a_request_sent_before_a_growth_still_halves() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    budget.release(budget.acquire(deadline=1e9), throttled=True)
+    assert budget.limit == 4
+    in_flight = budget.acquire(deadline=1e9)  # sent after the decrease, answered after the growth
+    clock.now += 1.0
+    for _ in range(4):
+        budget.release(budget.acquire(deadline=1e9), ok=True)
+    assert budget.limit == 5
+    budget.release(in_flight, throttled=True)
+    assert budget.limit == 2
+
+
+def test_a_caller_already_waiting_for_a_turn_waits_out_a_pause_that_begins_meanwhile() -> None:
+    budget = RequestBudget(1)
+    holder = budget.acquire(deadline=time.monotonic() + 5)
+    got_turn_at: list[float] = []
+
+    def wait_for_a_turn() -> None:
+        budget.release(budget.acquire(deadline=time.monotonic() + 5))
+        got_turn_at.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait_for_a_turn)
+    waiter.start()
+    time.sleep(0.05)  # the waiter is queued behind the holder
+    paused_at = time.monotonic()
+    budget.release(holder, throttled=True, retry_after=0.5)
+    waiter.join(timeout=5)
+    assert got_turn_at and got_turn_at[0] - paused_at >= 0.45
+    budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=30.0)
+    with pytest.raises(RequestTimeoutError, match="Retry-After"):  # a pause past the deadline ends the wait at once
+        budget.acquire(deadline=time.monotonic() + 1)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["ok", "throttled", "error", "a second later"]), max_size=200), st.integers(1, 32))
 def test_the_limit_stays_within_its_bounds(outcomes: list[str], maximum: int) -> None:
