@@ -88,6 +88,17 @@ def test_retry_after_pauses_every_caller_but_not_twice_the_one_that_got_it() -> 
     assert time.monotonic() - started < 0.6
 
 
+def test_a_request_with_a_shorter_retry_after_still_waits_out_the_longer_pause() -> None:
+    budget = RequestBudget(4)
+    started = time.monotonic()
+    first, second = budget.acquire(deadline=started + 5), budget.acquire(deadline=started + 5)
+    budget.release(first, throttled=True, retry_after=0.4)
+    own_pause_ends = budget.release(second, throttled=True, retry_after=0.05)
+    time.sleep(0.05)  # it waits out its own hint itself, as the client does
+    budget.release(budget.acquire(deadline=started + 5, waited_until=own_pause_ends))
+    assert time.monotonic() - started >= 0.35  # and the other's longer one at the budget
+
+
 def test_a_429_of_a_request_sent_before_a_growth_still_halves() -> None:
     clock = Clock()
     budget = RequestBudget(8, clock=clock)

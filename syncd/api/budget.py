@@ -121,7 +121,8 @@ class RequestBudget:
     ) -> float:
         """Hand a turn back. ``throttled``: OpenApp answered 429 or 503 (``retry_after``: its hint in
         seconds); ``ok``: a successful answer. Anything else (other errors) leaves the limit alone.
-        Returns when the pause ends (on the budget's clock; in the past when there is none)."""
+        Returns when the pause this answer asked for ends (on the budget's clock; now when it asked
+        for none): the caller waits that out itself, and any longer pause at :meth:`acquire`."""
         with self._cond:
             self._in_flight -= 1
             now = self._clock()
@@ -144,7 +145,7 @@ class RequestBudget:
                     BUDGET_CONCURRENCY.set(self._limit)
             BUDGET_IN_FLIGHT.set(self._in_flight)
             self._cond.notify_all()
-            return self._paused_until
+            return now + retry_after if throttled and retry_after else now
 
     def _wait_needed(self, now: float) -> float:
         """Seconds to wait for room under the limits (0: none). Called with the lock held."""
