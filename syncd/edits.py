@@ -19,34 +19,45 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 
 from syncd.api import OpenAppClient
 from syncd.errors import ConfigError, InvalidResponseError, RejectedError
 from syncd.models import (
     ID_LENGTH,
     MAX_NESTING,
-    MAX_RESTRICTED_ENTITIES,
     PORTAL_KIND,
+    REDACTED,
     Device,
     DoorRestrictions,
     check_device_id,
+    entity_id_problem,
+    masked,
     normalise_name,
     nul_path,
+    one_line,
     parse_device,
     preview,
     same_json,
     utcnow,
 )
+from syncd.schemas import (
+    SchemaIndex,
+    SchemaUnusable,
+    escape,
+    index_of,
+    pointer_parts,
+    schema_problem,
+    validate,
+)
 from syncd.store import Store
 from syncd.store.details import DefinitionAnswer, MetadataDefinitions, PortalRestrictions
-from syncd.store.edits import EditQueue
+from syncd.store.edits import Edit, EditQueue
 
 EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
 MAX_EDIT_BYTES = 1024 * 1024  # an edit larger than this is a mistake, not a device
-REDACTED = "********"  # what a credential value becomes in device_edits once pushed, and in any output
+# Entities one door-restrictions edit may name, and a portal's list syncd may PUT: 20,000 ULIDs are
+# about 600 KB of JSON, inside MAX_EDIT_BYTES. (syncd mirrors up to 100,000 per portal.)
+MAX_EDIT_ENTITIES = 20_000
 DEFINITION_MAX_AGE = timedelta(days=1)  # an older mirrored schema is asked again before a metadata edit
 
 
@@ -57,7 +68,9 @@ class Remote:
     device: Device
     restrictions: DoorRestrictions | None = None  # door_restrictions edits
     schema: dict[str, Any] | bool | None = None  # update edits that set device_metadata
-    credentials: frozenset[str] = frozenset()  # JSON Pointers of the schema's write-only fields
+    # JSON Pointers of the edit's credential values: found by the schema, recorded when queued,
+    # named by OpenApp's credentials_set, or named in clear_credentials (the union is masked).
+    credentials: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Reading:
     org_id: str
     device_id: str
     restrictions_key: str = "auto"
+    recorded: frozenset[str] = frozenset()  # credential pointers recorded with the edit
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,15 +104,29 @@ class EditKind:
     action: ClassVar[str]
     usage: ClassVar[str]  # the payload, for messages
     reads_device: ClassVar[bool] = True  # False: the kind's own read says whether the device exists
+    # The writeback setting that caps how many edits of this kind are sent per hour (every one sent
+    # counts, answered or not), and what they are called in messages; None: no cap.
+    cap_setting: ClassVar[str | None] = None
+    capped: ClassVar[str] = "edits"
+
+    def check(self, payload: Any) -> str | None:
+        """What is wrong with the payload (one line), or None: the rules every kind shares (at most
+        :data:`MAX_EDIT_BYTES` of JSON, no NUL), then the kind's own. Checked when an edit is
+        queued and again when the reconciler claims it."""
+        if payload is not None and not isinstance(payload, str):
+            problem = _size_problem(payload)
+            if problem:
+                return problem
+        return self.validate(payload)
 
     def validate(self, payload: Any) -> str | None:
-        """What is wrong with the payload (one line), or None."""
+        """What is wrong with the payload by this kind's rules (one line), or None."""
         if payload not in (None, {}):
             return f"a {self.action} takes no payload"
         return None
 
-    def mirror_problem(self, device: Mapping[str, Any]) -> str | None:
-        """Why the mirrored device cannot take this edit (checked when queued and before a push)."""
+    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
+        """Why the mirrored device cannot take this edit (checked when it is queued)."""
         return None
 
     def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
@@ -116,6 +144,11 @@ class EditKind:
     def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         """Per field that OpenApp changed away from both the base and the edit: base, remote, queued."""
         return {}
+
+    def unsendable(self, payload: Any, remote: Remote) -> str | None:
+        """Why the edit, not yet applied and not in conflict, must not be sent now that OpenApp's
+        state is known (it fails unsent), or None."""
+        return None
 
     def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
         """Send the edit; OpenApp's answer."""
@@ -136,8 +169,9 @@ class EditKind:
 
 class Update(EditKind):
     """update_device: any of name, zone_id, external_id, device_metadata. ``device_metadata`` is
-    checked against the provider's JSON Schema first; its write-only credential fields are kept
-    when left out, and cleared only when named in ``clear_credentials``."""
+    checked against the provider's JSON Schema first (see :mod:`syncd.schemas`: never fetched from,
+    bounded in time); its write-only credential fields are kept when left out, and cleared only
+    when named in ``clear_credentials``."""
 
     action = "update"
     usage = "any of name, zone_id, external_id, device_metadata (and clear_credentials)"
@@ -154,9 +188,6 @@ class Update(EditKind):
                 return f"unknown field(s) {names} (editable: {', '.join(EDITABLE_FIELDS)})"
         if not isinstance(payload, dict) or not payload:
             return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
-        problem = _size_problem(payload)
-        if problem:
-            return problem
         if "name" in payload:
             try:
                 if not normalise_name(payload["name"]):
@@ -179,24 +210,40 @@ class Update(EditKind):
         return {name: device.get(name) for name in EDITABLE_FIELDS if name in payload}
 
     def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
-        if "device_metadata" not in payload and not payload.get("clear_credentials"):
+        cleared = _cleared(payload)
+        metadata = payload.get("device_metadata")
+        set_now = _credentials_set(remote.device)
+        remote.credentials = frozenset(reading.recorded | set_now | cleared)
+        if metadata is None and not cleared:
             return remote
         schema = _schema(remote.device, reading)
         remote.schema = schema
-        remote.credentials = frozenset(credential_pointers(schema))
-        cleared = {_pointer(c) for c in payload.get("clear_credentials", [])}
-        unknown = sorted(cleared - remote.credentials)
+        index = _usable(schema)
+        try:
+            found = index.credentials_in(metadata) if metadata is not None else set()
+            unknown = sorted(p for p in cleared if p not in set_now and not index.is_credential(p))
+        except SchemaUnusable as exc:
+            raise EditProblem(f"the provider's metadata schema cannot be used: {exc}") from None
         if unknown:
-            raise EditProblem(f"clear_credentials names {', '.join(unknown)}, not a credential field of this provider")
-        metadata = payload.get("device_metadata")
+            raise EditProblem(
+                f"clear_credentials names {', '.join(map(preview, unknown))}, not a credential field of this provider"
+            )
+        remote.credentials |= found
+        target = metadata if metadata is not None else remote.device.device_metadata
+        for pointer in sorted(cleared):
+            if not _settable_at(target, pointer):
+                raise EditProblem(
+                    f"clear_credentials names {preview(pointer)}, but device_metadata has no object there "
+                    "to clear it in"
+                )
         if metadata is not None:
             for pointer in sorted(remote.credentials):
-                if _get(metadata, pointer) is None and _has(metadata, pointer) and pointer not in cleared:
+                if _has(metadata, pointer) and _get(metadata, pointer) is None and pointer not in cleared:
                     raise EditProblem(
                         f"device_metadata{pointer} is null, which would clear a stored credential; "
                         "name it in clear_credentials (syncd edit --clear-credential) to mean it"
                     )
-            problem = schema_problem(schema, _without(metadata, cleared), remote, cleared)
+            problem = metadata_problem(schema, _without(metadata, cleared), remote, cleared)
             if problem:
                 raise EditProblem(problem)
         return remote
@@ -207,15 +254,13 @@ class Update(EditKind):
             if name == "device_metadata":
                 if not same_json(device.device_metadata, _visible(wanted, remote.credentials)):
                     return False
-                set_now = set(device.credentials_set) if isinstance(device.credentials_set, list) else set()
+                set_now = _credentials_set(device)
                 given = {p for p in remote.credentials if _has(wanted, p) and _get(wanted, p) is not None}
                 if not given <= set_now:
                     return False  # a credential value cannot be read back: only "set" can be seen
             elif not same_json(_field(device, name), _normal(name, wanted)):
                 return False
-        cleared = {_pointer(c) for c in payload.get("clear_credentials", [])}
-        still_set = set(device.credentials_set) if isinstance(device.credentials_set, list) else set()
-        return not cleared & still_set
+        return not _cleared(payload) & _credentials_set(device)
 
     def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
@@ -230,13 +275,14 @@ class Update(EditKind):
 
     def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
         body = {name: value for name, value in payload.items() if name in EDITABLE_FIELDS}
-        cleared = [_pointer(c) for c in payload.get("clear_credentials", [])]
+        cleared = sorted(_cleared(payload))
         if cleared:
             metadata = copy.deepcopy(body.get("device_metadata", remote.device.device_metadata or {}))
             for pointer in cleared:
                 _put(metadata, pointer, None)
             body["device_metadata"] = metadata
-        answer = reading.client.update_device(reading.org_id, reading.device_id, body)
+        secrets = credential_values(payload.get("device_metadata"), remote.credentials)
+        answer = reading.client.update_device(reading.org_id, reading.device_id, body, secrets=secrets)
         return Outcome(parse_device(answer))
 
     def rebase(self, payload: Any, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
@@ -258,16 +304,13 @@ class Update(EditKind):
         present = sorted(p for p in remote.credentials if _has(metadata, p) and _get(metadata, p) is not None)
         if not present:
             return None
-        kept = copy.deepcopy(metadata)
-        for pointer in present:
-            _put(kept, pointer, REDACTED)
-        return {**payload, "device_metadata": kept, "credentials_redacted": present}
+        return {**redacted(payload, present), "credentials_redacted": present}
 
     def describe(self, payload: Any) -> str:
         if not isinstance(payload, dict):
             return "update"
         parts = [name for name in EDITABLE_FIELDS if name in payload]
-        if payload.get("clear_credentials"):
+        if isinstance(payload.get("clear_credentials"), list) and payload["clear_credentials"]:
             parts.append("clear " + ", ".join(map(str, payload["clear_credentials"])))
         return "update " + ", ".join(parts)
 
@@ -278,7 +321,7 @@ class Restore(EditKind):
     action = "restore"
     usage = "no payload"
 
-    def mirror_problem(self, device: Mapping[str, Any]) -> str | None:
+    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
         if device["state"] != "deleted":
             return f"it is not soft-deleted (state {device['state']}); nothing to restore"
         return None
@@ -301,12 +344,15 @@ class Restore(EditKind):
 
 class Delete(EditKind):
     """delete_device: a soft delete (OpenApp can restore it). Already soft-deleted counts as done;
-    the reconciler holds deletes beyond ``writeback.max_deletes_per_hour``."""
+    the reconciler holds deletes beyond ``writeback.max_deletes_per_hour`` (every DELETE sent
+    counts, answered or not)."""
 
     action = "delete"
     usage = "no payload"
+    cap_setting = "max_deletes_per_hour"
+    capped = "soft deletes"
 
-    def mirror_problem(self, device: Mapping[str, Any]) -> str | None:
+    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
         if device["state"] == "deleted":
             return "it is already soft-deleted"
         return None
@@ -321,7 +367,13 @@ class Delete(EditKind):
 class DoorRestrictionsEdit(EditKind):
     """PUT door-restrictions of a virtual_access_portal: the whole list (``entity_ids``), or
     ``add`` / ``remove``, computed against OpenApp's own list at push time. Sent under the body key
-    OpenApp answered with, unless ``writeback.door_restrictions_key`` forces one."""
+    OpenApp answered with, unless ``writeback.door_restrictions_key`` forces one.
+
+    An empty list means "not restricted": anyone may open the door. So ``add`` / ``remove`` never
+    change whether a portal is restricted: removing its last entities, or adding entities to a
+    portal that is not restricted (which would lock everyone else out), fails unsent, whether the
+    mirror's list or OpenApp's live one says so. Only a whole list does that (``entity_ids: []``,
+    ``syncd door-restrictions ID --unrestrict``; ``--set E1 ...``)."""
 
     action = "door_restrictions"
     usage = '{"entity_ids": [...]} or {"add": [...], "remove": [...]}'
@@ -337,26 +389,34 @@ class DoorRestrictionsEdit(EditKind):
             return f"unknown field(s) {', '.join(preview(f) for f in unknown)} (use {self.usage})"
         if "entity_ids" in payload and ("add" in payload or "remove" in payload):
             return "give either entity_ids (the whole list) or add / remove, not both"
+        named = 0
         for name in ("entity_ids", "add", "remove"):
             ids = payload.get(name, [])
             if not isinstance(ids, list):
                 return f"{name} must be a list of entity ids"
-            if len(ids) > MAX_RESTRICTED_ENTITIES:
-                return f"{name} lists {len(ids)} entities, more than a portal may have ({MAX_RESTRICTED_ENTITIES})"
+            named += len(ids)
+            if named > MAX_EDIT_ENTITIES:
+                return f"it names more than {MAX_EDIT_ENTITIES} entities, more than one edit may"
             for entity_id in ids:
-                if not (isinstance(entity_id, str) and 0 < len(entity_id) <= ID_LENGTH and entity_id.isprintable()):
-                    return f"{name} holds {preview(entity_id)}, which is not an entity id"
+                problem = entity_id_problem(entity_id)
+                if problem:
+                    return f"{name} holds {problem}"
+        if "entity_ids" not in payload and not payload.get("add") and not payload.get("remove"):
+            return "add / remove name no entity"
         if set(payload.get("add", [])) & set(payload.get("remove", [])):
             return "an entity id is both added and removed"
         return None
 
-    def mirror_problem(self, device: Mapping[str, Any]) -> str | None:
+    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
         metadata = device.get("device_metadata")
         kind = metadata.get("kind") if isinstance(metadata, dict) else None
         if kind != PORTAL_KIND:
             return f"door restrictions exist only for {PORTAL_KIND} devices; this one is {preview(kind)}"
         if device["state"] != "active":
             return f"the portal is {device['state']}"
+        mirrored = PortalRestrictions(store).mirrored_list(str(device["id"]))
+        if mirrored is not None and "entity_ids" not in payload:
+            return _meaning_problem(payload, mirrored, "the mirror")
         return None
 
     def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
@@ -389,6 +449,17 @@ class DoorRestrictionsEdit(EditKind):
             return {"entity_ids": {"base": before, "remote": now, "queued": queued}}
         return {}
 
+    def unsendable(self, payload: Any, remote: Remote) -> str | None:
+        assert remote.restrictions is not None
+        if "entity_ids" not in payload:
+            problem = _meaning_problem(payload, list(remote.restrictions.entity_ids), "OpenApp")
+            if problem:
+                return problem
+        target = self.target(payload, remote)
+        if len(target) > MAX_EDIT_ENTITIES:
+            return f"the portal would list {len(target)} entities, more than one edit sends ({MAX_EDIT_ENTITIES})"
+        return None
+
     def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
         assert remote.restrictions is not None
         target = self.target(payload, remote)
@@ -412,15 +483,45 @@ class DoorRestrictionsEdit(EditKind):
         if "entity_ids" in payload:
             return sorted(set(payload["entity_ids"]))
         assert remote.restrictions is not None
-        current = set(remote.restrictions.entity_ids)
-        return sorted((current | set(payload.get("add", []))) - set(payload.get("remove", [])))
+        return _added_and_removed(payload, remote.restrictions.entity_ids)
 
     def describe(self, payload: Any) -> str:
         if not isinstance(payload, dict):
             return "door_restrictions"
         if "entity_ids" in payload:
+            if not payload["entity_ids"]:
+                return "door_restrictions unrestrict (anyone may pass)"
             return f"door_restrictions set {len(payload['entity_ids'])} entities"
         return f"door_restrictions +{len(payload.get('add', []))} -{len(payload.get('remove', []))}"
+
+
+def _added_and_removed(payload: Mapping[str, Any], current: Collection[str]) -> list[str]:
+    return sorted((set(current) | set(payload.get("add", []))) - set(payload.get("remove", [])))
+
+
+def _meaning_problem(payload: Mapping[str, Any], current: list[str], whose: str) -> str | None:
+    """Why an add / remove edit may not go against ``current`` (``whose`` list it is): it would
+    make a restricted portal unrestricted, or the reverse. None when it may."""
+    target = _added_and_removed(payload, current)
+    if current and not target:
+        return (
+            f"removing {_entities(len(payload.get('remove', [])))} would leave the portal with none, which OpenApp "
+            f"reads as not restricted: anyone could open it ({whose} lists {len(current)}). An add / remove edit "
+            "never does that; to let everyone through on purpose, queue the whole list: "
+            "`syncd door-restrictions ID --unrestrict` (entity_ids: [])"
+        )
+    if not current and target:
+        return (
+            f"the portal is not restricted ({whose} lists no entity): anyone may open it. Adding "
+            f"{_entities(len(target))} would let only them through and lock everyone else out. An add / remove "
+            "edit never does that; to restrict the door on purpose, queue the whole list: "
+            "`syncd door-restrictions ID --set ENTITY_ID ...` (entity_ids: [...])"
+        )
+    return None
+
+
+def _entities(n: int) -> str:
+    return f"{n} entity" if n == 1 else f"{n} entities"
 
 
 KINDS: dict[str, EditKind] = {k.action: k for k in (Update(), Restore(), Delete(), DoorRestrictionsEdit())}
@@ -434,9 +535,10 @@ def queue_edit(
     requested_by: str,
     orgs: Collection[str],
 ) -> int:
-    """Check an edit against the mirror and the configured ``orgs`` and queue it, with its base;
-    ConfigError names what is wrong. A metadata edit is checked against the mirrored schema of the
-    device's provider when there is one (the reconciler checks it again, against a fresh one)."""
+    """Check an edit against the mirror and the configured ``orgs`` and queue it, with its base
+    and where its credentials are; ConfigError names what is wrong. A metadata edit is checked
+    against the mirrored schema of the device's provider when there is one (the reconciler checks
+    it again, against a fresh one)."""
     try:
         check_device_id(device_id)
     except ValueError as exc:
@@ -444,7 +546,7 @@ def queue_edit(
     kind = KINDS.get(action)
     if kind is None:
         raise ConfigError(f"unknown action {action!r} (use {', '.join(KINDS)})")
-    problem = kind.validate(payload)
+    problem = kind.check(payload)
     if problem:
         raise ConfigError(f"{action} of {device_id}: {problem}")
     device = store.device(device_id)
@@ -454,11 +556,12 @@ def queue_edit(
         raise ConfigError(f"device {device_id} belongs to org {preview(device['org_id'])}, which is not configured")
     if device["state"] == "purged":
         raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited")
-    problem = kind.mirror_problem(device)
+    problem = kind.mirror_problem(device, payload or {}, store)
     if problem:
         raise ConfigError(f"{action} of {device_id}: {problem}")
+    credentials: list[str] = []
     if isinstance(payload, dict) and isinstance(payload.get("device_metadata"), dict):
-        _check_against_mirrored_schema(store, device, payload)
+        credentials = _check_against_mirrored_schema(store, device, payload)
     return EditQueue(store).add(
         {
             "device_id": device_id,
@@ -468,52 +571,32 @@ def queue_edit(
             "base": kind.base(payload, device, store),
             "base_updated_at": device["updated_at"],
             "requested_by": requested_by,
+            "credential_pointers": credentials or None,
         }
     )
 
 
-def credential_pointers(schema: Any, prefix: str = "") -> list[str]:
-    """JSON Pointers of the write-only credential fields of a schema (``format: password`` or
-    ``writeOnly``), nested objects included."""
-    found: list[str] = []
-    if not isinstance(schema, dict):
-        return found
-    properties = schema.get("properties")
-    if not isinstance(properties, dict):
-        return found
-    for name, sub in properties.items():
-        if not isinstance(sub, dict):
-            continue
-        pointer = f"{prefix}/{_escape(str(name))}"
-        if sub.get("format") == "password" or sub.get("writeOnly") is True:
-            found.append(pointer)
-        else:
-            found += credential_pointers(sub, pointer)
-    return found
-
-
-def schema_problem(schema: Any, metadata: Any, remote: Remote, cleared: Collection[str] = ()) -> str | None:
+def metadata_problem(schema: Any, metadata: Any, remote: Remote, cleared: Collection[str] = ()) -> str | None:
     """What keeps ``metadata`` from the provider's schema (one line, the first problem by path),
-    or None. The schema's ``$schema`` picks the dialect (2020-12 when it names none). A credential
-    OpenApp holds may be left out even where the schema requires it (it is kept); a credential's
-    value never appears in the message."""
+    or None. The check runs in a worker process with a deadline (:func:`syncd.schemas.validate`).
+    A credential OpenApp holds may be left out even where the schema requires it (it is kept). No
+    message quotes a credential, nor a value that holds one."""
     try:
-        cls = validator_for(schema, default=Draft202012Validator)
-        cls.check_schema(schema)
-    except SchemaError as exc:
-        return f"the provider's metadata schema is not a valid JSON Schema ({exc.message[:100]}); nothing was sent"
-    set_now = set(remote.device.credentials_set) if isinstance(remote.device.credentials_set, list) else set()
-    kept = set_now - set(cleared)
-    for error in sorted(cls(schema).iter_errors(metadata), key=lambda e: [str(p) for p in e.absolute_path]):
-        pointer = "".join(f"/{_escape(str(p))}" for p in error.absolute_path)
-        if error.validator == "required" and isinstance(error.instance, dict):
-            required: Any = error.validator_value
-            missing = [f"{pointer}/{_escape(str(name))}" for name in required if name not in error.instance]
+        errors = validate(schema, metadata)
+    except SchemaUnusable as exc:
+        return f"the provider's metadata schema cannot be used: {exc}"
+    kept = _credentials_set(remote.device) - set(cleared)
+    present = {p for p in remote.credentials if _has(metadata, p)}
+    secrets = credential_values(metadata, remote.credentials)
+    for error in errors:
+        pointer = error.pointer
+        if error.validator == "required":
+            missing = [f"{pointer}/{escape(name)}" for name in error.missing]
             if missing and set(missing) <= kept:
                 continue  # a stored credential left out: OpenApp keeps it
-        if pointer in remote.credentials:
-            return f"device_metadata{pointer}: a credential value that does not fit the schema ({error.validator})"
-        return f"device_metadata{pointer or ''}: {error.message[:200]}"
+        if any(_around(pointer, p) for p in present):
+            return f"device_metadata{pointer}: does not satisfy the schema's {preview(error.validator)} rule"
+        return one_line(masked(f"device_metadata{pointer}: {error.message}", secrets), 300)
     return None
 
 
@@ -529,21 +612,56 @@ def redacted(payload: Any, pointers: Collection[str]) -> Any:
 
 
 def credential_values(metadata: Any, pointers: Collection[str]) -> list[str]:
-    """The credential values (strings) an edit's ``device_metadata`` carries."""
-    values = [_get(metadata, p) for p in pointers if _has(metadata, p)]
-    return [v for v in values if isinstance(v, str) and v]
+    """The credential values an edit's ``device_metadata`` carries under ``pointers``, as text:
+    what no message may quote (every string and number within a credential's value)."""
+    values: list[str] = []
+    for pointer in pointers:
+        if not _has(metadata, pointer):
+            continue
+        pending = [_get(metadata, pointer)]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, dict):
+                pending.extend(value.values())
+            elif isinstance(value, list):
+                pending.extend(value)
+            elif isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
+                values.append(str(value))
+    return values
 
 
-def mirrored_credentials(store: Store, device_id: str) -> list[str]:
-    """The credential pointers of a device's provider, from the mirrored schema (for output)."""
-    device = store.device(device_id)
-    if device is None or not device.get("integration_id"):
-        return []
-    row = MetadataDefinitions(store).for_integration(device["org_id"], device["integration_id"])
-    return credential_pointers(row["json_schema"]) if row else []
+def edit_credentials(store: Store, edit: Edit) -> list[str]:
+    """Where an edit's credential values are, for output: the pointers recorded with it, those
+    the mirrored schema of its provider marks in its metadata, and those the mirrored device says
+    are set. When the schema is too complex to search, all of its metadata counts."""
+    pointers = set(edit.credential_pointers)
+    payload = edit.payload
+    metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
+    if not isinstance(metadata, dict):
+        return sorted(pointers)
+    device = store.device(edit.device_id)
+    if device is None:
+        return sorted(pointers)
+    raw = device.get("credentials_set")
+    pointers.update(p for p in (raw if isinstance(raw, list) else ()) if isinstance(p, str) and p.startswith("/"))
+    schema = _mirrored_schema(store, device)
+    if schema is not None:
+        try:
+            pointers |= index_of(schema).credentials_in(metadata)
+        except SchemaUnusable:
+            pointers.update(f"/{escape(str(name))}" for name in metadata)
+    return sorted(pointers)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def _usable(schema: Any) -> SchemaIndex:
+    """The index of a schema that may be used, or EditProblem saying why it may not."""
+    problem = schema_problem(schema)
+    if problem:
+        raise EditProblem(f"the provider's metadata schema cannot be used: {problem}")
+    return index_of(schema)
 
 
 def _schema(device: Device, reading: Reading) -> dict[str, Any] | bool:
@@ -558,33 +676,49 @@ def _schema(device: Device, reading: Reading) -> dict[str, Any] | bool:
     definition = reading.client.get_metadata_definition(reading.org_id, reading.device_id)
     if device.integration_id:
         later = utcnow() + DEFINITION_MAX_AGE
-        definitions.record(
-            device.org_id, utcnow(), [DefinitionAnswer(device.integration_id, device.id, later, definition)]
+        answer = DefinitionAnswer(
+            device.integration_id, device.id, later, definition, schema_problem=schema_problem(definition.schema)
         )
+        definitions.record(device.org_id, utcnow(), [answer])
     return definition.schema
 
 
-def _check_against_mirrored_schema(store: Store, device: Mapping[str, Any], payload: dict[str, Any]) -> None:
+def _mirrored_schema(store: Store, device: Mapping[str, Any]) -> Any:
     if not device.get("integration_id"):
-        return
+        return None
     row = MetadataDefinitions(store).for_integration(device["org_id"], device["integration_id"])
-    if not row or row["json_schema"] is None:
-        return
-    schema = row["json_schema"]
-    pointers = frozenset(credential_pointers(schema))
+    return row["json_schema"] if row else None
+
+
+def _check_against_mirrored_schema(store: Store, device: Mapping[str, Any], payload: dict[str, Any]) -> list[str]:
+    """Check a metadata edit against the mirrored schema (ConfigError naming the problem); the
+    pointers of its credentials, to record with it."""
+    cleared = _cleared(payload)
+    raw = device.get("credentials_set")
+    pointers = {p for p in (raw if isinstance(raw, list) else ()) if isinstance(p, str) and p.startswith("/")}
+    pointers |= cleared
+    schema = _mirrored_schema(store, device)
+    if schema is None:
+        return sorted(pointers)
     parsed = parse_device(device["raw"])
-    cleared = {_pointer(c) for c in payload.get("clear_credentials", [])}
-    problem = schema_problem(
-        schema, _without(payload["device_metadata"], cleared), Remote(parsed, credentials=pointers), cleared
-    )
+    try:
+        index = _usable(schema)
+        pointers |= index.credentials_in(payload["device_metadata"])
+    except SchemaUnusable as exc:
+        raise ConfigError(f"update of {device['id']}: the provider's metadata schema cannot be used: {exc}") from None
+    except EditProblem as exc:
+        raise ConfigError(f"update of {device['id']}: {exc}") from None
+    remote = Remote(parsed, credentials=frozenset(pointers))
+    problem = metadata_problem(schema, _without(payload["device_metadata"], cleared), remote, cleared)
     if problem:
         raise ConfigError(f"update of {device['id']}: {problem}")
+    return sorted(pointers)
 
 
 def _size_problem(payload: Any) -> str | None:
     try:
         size = len(orjson.dumps(payload))
-    except orjson.JSONEncodeError:
+    except (orjson.JSONEncodeError, TypeError):
         return f"payload is nested more than {MAX_NESTING} levels deep"
     if size > MAX_EDIT_BYTES:
         return f"payload is {size} bytes of JSON, more than an edit may be ({MAX_EDIT_BYTES})"
@@ -592,6 +726,22 @@ def _size_problem(payload: Any) -> str | None:
     if where is not None:
         return f"payload holds a NUL character (U+0000) at {where}, which the mirror cannot store"
     return None
+
+
+def _cleared(payload: Any) -> set[str]:
+    clear = payload.get("clear_credentials", []) if isinstance(payload, dict) else []
+    return {_pointer(c) for c in clear if isinstance(c, str) and c} if isinstance(clear, list) else set()
+
+
+def _credentials_set(device: Device) -> set[str]:
+    """The pointers OpenApp's ``credentials_set`` names (its list form; a boolean names none)."""
+    found = device.credentials_set
+    return {p for p in found if p.startswith("/")} if isinstance(found, list) else set()
+
+
+def _around(pointer: str, credential: str) -> bool:
+    """Whether the value at ``pointer`` holds, or lies within, the credential at ``credential``."""
+    return pointer == credential or credential.startswith(pointer + "/") or pointer.startswith(credential + "/")
 
 
 def _settable(payload: Any) -> dict[str, Any]:
@@ -616,43 +766,70 @@ def _without(metadata: Any, pointers: Collection[str]) -> Any:
         return metadata
     kept = copy.deepcopy(metadata)
     for pointer in pointers:
-        parts = _parts(pointer)
+        parts = pointer_parts(pointer)
+        if not parts:
+            continue
         parent: Any = kept
         for part in parts[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
+            parent = _step(parent, part)
         if isinstance(parent, dict):
             parent.pop(parts[-1], None)
+        elif isinstance(parent, list) and parts[-1].isdigit() and int(parts[-1]) < len(parent):
+            parent[int(parts[-1])] = None  # an item cannot go without moving the others: it is blanked
     return kept
 
 
 def _pointer(name: str) -> str:
-    return name if name.startswith("/") else "/" + _escape(name)
+    return name if name.startswith("/") else "/" + escape(name)
 
 
-def _escape(name: str) -> str:
-    return name.replace("~", "~0").replace("/", "~1")
-
-
-def _parts(pointer: str) -> list[str]:
-    return [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+def _step(doc: Any, part: str) -> Any:
+    if isinstance(doc, dict):
+        return doc.get(part)
+    if isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+        return doc[int(part)]
+    return None
 
 
 def _has(doc: Any, pointer: str) -> bool:
-    for part in _parts(pointer):
-        if not isinstance(doc, dict) or part not in doc:
+    for part in pointer_parts(pointer):
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
             return False
-        doc = doc[part]
     return True
 
 
 def _get(doc: Any, pointer: str) -> Any:
-    for part in _parts(pointer):
-        doc = doc.get(part) if isinstance(doc, dict) else None
+    for part in pointer_parts(pointer):
+        doc = _step(doc, part)
     return doc
 
 
-def _put(doc: dict[str, Any], pointer: str, value: Any) -> None:
-    parts = _parts(pointer)
+def _settable_at(doc: Any, pointer: str) -> bool:
+    """Whether :func:`_put` can write at ``pointer`` of ``doc``: every step an object (or missing)."""
+    parts = pointer_parts(pointer)
+    if not parts or not isinstance(doc, dict):
+        return False
     for part in parts[:-1]:
-        doc = doc.setdefault(part, {})
-    doc[parts[-1]] = value
+        doc = doc.get(part, {})
+        if not isinstance(doc, dict):
+            return False
+    return True
+
+
+def _put(doc: Any, pointer: str, value: Any) -> None:
+    """Write ``value`` at ``pointer``, making the objects on the way; a step through anything but
+    an object or an existing list item is not taken (nothing is written)."""
+    parts = pointer_parts(pointer)
+    if not parts:
+        return
+    for part in parts[:-1]:
+        doc = doc.setdefault(part, {}) if isinstance(doc, dict) else _step(doc, part)
+    last = parts[-1]
+    if isinstance(doc, dict):
+        doc[last] = value
+    elif isinstance(doc, list) and last.isdigit() and int(last) < len(doc):
+        doc[int(last)] = value

@@ -8,11 +8,14 @@ inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, get_args
+from urllib.parse import quote, quote_plus
 
 import orjson
 from xxhash import xxh3_128_hexdigest
@@ -99,6 +102,20 @@ def encode(raw: dict[str, Any]) -> tuple[bytes, str]:
     except orjson.JSONEncodeError:
         raise ValueError(f"its JSON is nested more than {MAX_NESTING} levels deep, deeper than syncd stores") from None
     return encoded, xxh3_128_hexdigest(content)
+
+
+def is_entity_id(value: object) -> bool:
+    """Whether ``value`` is an entity id (an apartment or listing a portal may let through). Entity
+    ids follow the rule of device ids: OpenApp issues every id as a ULID, so anything else, in an
+    answer or in an edit, is not an entity of OpenApp's."""
+    return isinstance(value, str) and DEVICE_ID.fullmatch(value) is not None
+
+
+def entity_id_problem(value: object) -> str | None:
+    """Why ``value`` is not an entity id (one line, the value escaped and shortened), or None."""
+    if is_entity_id(value):
+        return None
+    return f"{preview(value)} is not an entity id (a ULID: 26 characters of Crockford base32, upper case)"
 
 
 def is_device_id(value: object) -> bool:
@@ -269,8 +286,9 @@ def parse_door_restrictions(body: object) -> DoorRestrictions:
         if len(ids) > MAX_RESTRICTED_ENTITIES:
             raise ValueError(f"{key} lists {len(ids)} entities, more than syncd believes ({MAX_RESTRICTED_ENTITIES})")
         for entity_id in ids:
-            if not (isinstance(entity_id, str) and 0 < len(entity_id) <= ID_LENGTH and entity_id.isprintable()):
-                raise ValueError(f"{key} holds {preview(entity_id)}, which is not an entity id")
+            problem = entity_id_problem(entity_id)
+            if problem:
+                raise ValueError(f"{key} holds {problem}")
     if len(present) == 2 and set(lists[0]) != set(lists[1]):
         raise ValueError(f"{' and '.join(RESTRICTION_KEYS)} disagree")
     _check_storable(body)
@@ -422,6 +440,40 @@ def one_line(text: str, limit: int = 300) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+REDACTED = "********"  # what a credential value becomes wherever syncd shows or keeps it
+
+
+def masked(text: str, secrets: Collection[str]) -> str:
+    """``text`` with every secret replaced by :data:`REDACTED`, in each form a message may quote it
+    (as it is, JSON- or ASCII-escaped, as ``repr`` or :func:`one_line` escapes it, percent-encoded),
+    and a secret's beginning where a shortened text was cut before its end (followed by ``...``).
+    Mask first, then shorten; this also catches text shortened before it got here."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        forms.update(
+            {
+                secret,
+                orjson.dumps(secret).decode()[1:-1],
+                json.dumps(secret)[1:-1],
+                repr(secret)[1:-1],
+                secret.encode("unicode_escape").decode("ascii"),
+                quote(secret, safe=""),
+                quote_plus(secret, safe=""),
+            }
+        )
+    for form in sorted(forms, key=len, reverse=True):
+        if form in text:
+            text = text.replace(form, REDACTED)
+        shortest = min(len(form), max(4, min(8, len(form) // 2)))
+        for end in range(len(form) - 1, shortest - 1, -1):
+            cut = form[:end] + "..."
+            if cut in text:
+                text = text.replace(cut, REDACTED + "...")
+    return text
 
 
 def same_json(a: Any, b: Any) -> bool:

@@ -18,9 +18,11 @@ its lease expires (every push is safe to repeat).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import socket
 import threading
+import traceback
 from collections import Counter
 from collections.abc import Collection
 from datetime import timedelta
@@ -31,25 +33,26 @@ import structlog
 from syncd.api import OpenAppClient
 from syncd.backoff import backoff_delay
 from syncd.config import WritebackSettings
-from syncd.edits import KINDS, REDACTED, EditKind, EditProblem, Outcome, Reading, Remote, credential_values
+from syncd.edits import KINDS, EditKind, EditProblem, Outcome, Reading, Remote, credential_values
 from syncd.errors import (
     AuthError,
     InvalidResponseError,
     NotFoundError,
     StoppedError,
+    StoreError,
     SyncdError,
     TransientError,
 )
 from syncd.health import AuthGate
 from syncd.metrics import EDIT_RESULTS
-from syncd.models import change_kind, check_device_id, describe_change, parse_device, preview, utcnow
+from syncd.models import change_kind, check_device_id, describe_change, masked, parse_device, preview, utcnow
 from syncd.store import Store
 from syncd.store.details import RestrictionsAnswer
-from syncd.store.edits import Edit, EditQueue
+from syncd.store.edits import Edit, EditQueue, Held, SendCap
 
 log = structlog.get_logger(__name__)
 WRITEBACK = "write-back"  # who asks the AuthGate
-DELETE_WINDOW = timedelta(hours=1)
+CAP_WINDOW = timedelta(hours=1)  # the window of an edit kind's cap on sends
 
 
 def requester() -> str:
@@ -85,6 +88,7 @@ class Reconciler:
         self.instance = instance
         self.stop = stop or threading.Event()
         self.auth = auth or AuthGate()
+        self._bugs: set[tuple[str, str, int]] = set()  # kinds of bug already logged with a traceback
 
     def run_once(self) -> Counter[str]:
         """Process every edit due now (each at most once); returns how many ended how."""
@@ -112,7 +116,12 @@ class Reconciler:
                 if self.stop.is_set():
                     self.queue.release([e.id for e in fresh[index:]], utcnow())
                     return
-                result = self._process(edit)
+                try:
+                    result = self._process(edit)
+                except BaseException:  # the database failed (or Ctrl-C): the rest go back, untouched
+                    with contextlib.suppress(SyncdError):
+                        self.queue.release([e.id for e in fresh[index + 1 :]], utcnow())
+                    raise
                 results[result] += 1
                 EDIT_RESULTS.labels(result).inc()
                 if result in ("paused", "stopped"):
@@ -122,7 +131,20 @@ class Reconciler:
     # -- one edit ----------------------------------------------------------------------------------
 
     def _process(self, edit: Edit) -> str:
+        """Decide and push one edit. Whatever goes wrong with it costs this edit only: a bug
+        (any exception syncd did not foresee) fails it, or retries it when its write may have gone
+        out, logged once with its traceback; only a database failure ends the round (the edit's
+        lease brings it back)."""
         edit_log = log.bind(edit_id=edit.id, device_id=preview(edit.device_id), action=edit.action)
+        attempt = _Attempt(edit)
+        try:
+            return self._decide(edit, attempt, edit_log)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return self._bug(edit, exc, attempt, edit_log)
+
+    def _decide(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> str:
         kind = KINDS[edit.action]
         mirrored = self.store.device(edit.device_id) if _is_device_id(edit.device_id) else None
         problem = self._problem(edit, kind, mirrored)
@@ -132,11 +154,18 @@ class Reconciler:
         org_id = mirrored["org_id"]
         payload = edit.payload or {}
         base = edit.base if edit.base is not None else kind.base(payload, mirrored, self.store)
-        reading = Reading(self.client, self.store, org_id, edit.device_id, self.settings.door_restrictions_key)
-        remote: Remote | None = None
+        reading = Reading(
+            self.client,
+            self.store,
+            org_id,
+            edit.device_id,
+            self.settings.door_restrictions_key,
+            recorded=frozenset(edit.credential_pointers),
+        )
         try:
             device = self._fetch(org_id, edit.device_id) if kind.reads_device else parse_device(mirrored["raw"])
-            remote = kind.read(payload, Remote(device), reading)
+            attempt.remote = remote = Remote(device)
+            kind.read(payload, remote, reading)
             if kind.applied(payload, remote):
                 if edit.attempts > 1 or edit.recheck:
                     edit_log.info("edit found applied in OpenApp after an attempt whose outcome was unknown")
@@ -145,14 +174,17 @@ class Reconciler:
                 fields = kind.conflicts(payload, base, remote)
                 if fields:
                     return self._conflict(edit, fields, remote, edit_log)
-            if edit.action == "delete":
-                held = self._over_delete_cap(edit, edit_log)
-                if held:
-                    return held
+            problem = kind.unsendable(payload, remote)
+            if problem:
+                return self._fail(edit, f"{problem}; nothing was sent", edit_log, secrets=attempt.secrets())
+            held = self.queue.sending(edit, self._cap(kind), remote.credentials)
+            if held is not None:
+                return self._hold(edit, held, edit_log)
+            attempt.sent = True
             outcome = kind.push(payload, remote, reading)
             return self._succeed(edit, kind, payload, base, remote, outcome)
         except EditProblem as exc:
-            return self._fail(edit, f"{exc}; nothing was sent", edit_log)
+            return self._fail(edit, f"{exc}; nothing was sent", edit_log, secrets=attempt.secrets())
         except AuthError as exc:
             return self._pause(edit, exc)
         except StoppedError:  # only reads are interrupted: nothing was pushed
@@ -161,9 +193,11 @@ class Reconciler:
         except NotFoundError as exc:
             return self._fail(edit, "the device no longer exists in OpenApp (purged)", edit_log, exc)
         except TransientError as exc:
-            return self._retry_later(edit, exc, edit_log, _secrets(payload, remote))
+            return self._retry_later(edit, exc, edit_log, attempt.secrets())
+        except StoreError:
+            raise
         except SyncdError as exc:  # permanent API errors, unreadable answers
-            return self._fail(edit, str(exc), edit_log, exc, _secrets(payload, remote))
+            return self._fail(edit, str(exc), edit_log, exc, attempt.secrets())
 
     def _problem(self, edit: Edit, kind: EditKind, mirrored: dict[str, Any] | None) -> str | None:
         """Why the edit may not be sent at all, or None. The org is the mirror's org of the device;
@@ -172,7 +206,7 @@ class Reconciler:
             check_device_id(edit.device_id)
         except ValueError as exc:
             return f"{exc}; nothing was sent"
-        problem = "; ".join(edit.unreadable) or kind.validate(edit.payload)
+        problem = "; ".join(edit.unreadable) or kind.check(edit.payload)
         if problem:
             return problem
         if mirrored is None:
@@ -194,21 +228,26 @@ class Reconciler:
         except InvalidResponseError as exc:
             raise InvalidResponseError(f"get_device: {exc}") from exc
 
-    def _over_delete_cap(self, edit: Edit, edit_log: Any) -> str | None:
-        """Hold a soft delete while ``writeback.max_deletes_per_hour`` were pushed in the last hour."""
-        now = utcnow()
-        count, first = self.queue.deletes_applied_since(now - DELETE_WINDOW)
-        cap = self.settings.max_deletes_per_hour
-        if count < cap:
+    def _cap(self, kind: EditKind) -> SendCap | None:
+        """The kind's cap on sends (a soft delete's ``writeback.max_deletes_per_hour``), if it has one."""
+        if kind.cap_setting is None:
             return None
-        until = (first or now) + DELETE_WINDOW
+        return SendCap(kind.action, int(getattr(self.settings, kind.cap_setting)), CAP_WINDOW)
+
+    def _hold(self, edit: Edit, held: Held, edit_log: Any) -> str:
+        """The cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
+        now = utcnow()
+        kind = KINDS[edit.action]
+        until = now + held.wait
+        cap = self._cap(kind)
+        assert cap is not None and kind.cap_setting is not None
         reason = (
-            f"held: {count} soft deletes in the last hour reach writeback.max_deletes_per_hour ({cap}); "
-            f"it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push sooner, "
-            "or `syncd edits cancel ID`)"
+            f"held: {held.count} {kind.capped} sent in the last hour reach writeback.{kind.cap_setting} "
+            f"({cap.limit}); it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push "
+            "sooner, or `syncd edits cancel ID`)"
         )
         self.queue.hold(edit, now, until, reason)
-        edit_log.warning("soft delete held by the hourly cap", deletes_last_hour=count, cap=cap)
+        edit_log.warning(f"{kind.capped} held by the hourly cap", sent_last_hour=held.count, cap=cap.limit)
         return "held"
 
     # -- outcomes ----------------------------------------------------------------------------------
@@ -257,7 +296,7 @@ class Reconciler:
         exc: SyncdError | None = None,
         secrets: Collection[str] = (),
     ) -> str:
-        reason = _scrubbed(reason, secrets)
+        reason = masked(reason, secrets)
         self.queue.fail(edit, utcnow(), reason, exc.status if exc else None)
         edit_log.warning("edit failed", error=reason)
         return "failed"
@@ -271,7 +310,7 @@ class Reconciler:
             else backoff_delay(edit.attempts, self.settings.base_delay, self.settings.max_delay)
         )
         now = utcnow()
-        error = _scrubbed(str(exc), secrets)
+        error = masked(str(exc), secrets)
         self.queue.retry_later(edit, now, now + timedelta(seconds=delay), error, exc.status)
         edit_log.debug("edit will be retried", attempt=edit.attempts, delay=round(delay, 2), error=error)
         return "retrying"
@@ -282,6 +321,25 @@ class Reconciler:
             log.error("OpenApp rejected the API key: write-back is paused (no attempts are used up)", error=str(exc))
         return "paused"
 
+    def _bug(self, edit: Edit, exc: Exception, attempt: _Attempt, edit_log: Any) -> str:
+        """An exception syncd did not foresee: the edit fails (nothing was sent), or is retried
+        later when its write may have gone out (the next attempt first looks whether it applied),
+        up to ``writeback.max_attempts``. Its traceback is logged once per kind of bug."""
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        signature = (type(exc).__name__, where.filename if where else "", (where.lineno or 0) if where else 0)
+        error = masked(f"internal error: {type(exc).__name__}: {exc}", attempt.secrets())
+        if signature not in self._bugs:
+            self._bugs.add(signature)
+            edit_log.error("internal error while processing an edit (please report it)", exc_info=exc)
+        if attempt.sent and edit.attempts < self.settings.max_attempts:
+            now = utcnow()
+            delay = backoff_delay(edit.attempts, self.settings.base_delay, self.settings.max_delay)
+            later = now + timedelta(seconds=delay)
+            self.queue.retry_later(edit, now, later, f"{error}; its write may have gone out", None)
+            return "retrying"
+        suffix = "; nothing was sent" if not attempt.sent else ""
+        return self._fail(edit, error + suffix, edit_log)
+
 
 def _is_device_id(value: str) -> bool:
     try:
@@ -291,16 +349,20 @@ def _is_device_id(value: str) -> bool:
     return True
 
 
-def _secrets(payload: Any, remote: Remote | None) -> list[str]:
-    """The credential values an edit carries (so that no message can quote one)."""
-    metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
-    if not isinstance(metadata, dict) or remote is None:
-        return []  # nothing was sent yet: no answer can quote what the edit carries
-    return credential_values(metadata, remote.credentials)
+class _Attempt:
+    """One edit's attempt, as far as its errors need it: what was read, whether a write went out."""
 
+    def __init__(self, edit: Edit) -> None:
+        self.edit = edit
+        self.remote: Remote | None = None
+        self.sent = False
 
-def _scrubbed(text: str, secrets: Collection[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
+    def secrets(self) -> list[str]:
+        """The credential values the edit carries (no message may quote one): under the pointers
+        recorded with it and those found while reading."""
+        payload = self.edit.payload
+        metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
+        pointers = set(self.edit.credential_pointers)
+        if self.remote is not None:
+            pointers |= self.remote.credentials
+        return credential_values(metadata, pointers) if isinstance(metadata, dict) else []

@@ -145,7 +145,7 @@ def test_db_upgrade_and_current(
     assert main(["db", "current", "--config", str(config)]) == 0
     assert "empty" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "empty -> 0007" in capsys.readouterr().out
+    assert "empty -> 0008" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at" in capsys.readouterr().out
 

@@ -116,7 +116,7 @@ def test_deletes_beyond_the_hourly_cap_wait(
     monkeypatch.setenv(KEY_ENV, API_KEY)
     config = write_config(tmp_path, sim, database_url, [mirrored])
     assert main(["edits", "--config", str(config), "--status", "pending"]) == 0
-    assert "held    held: 2 soft deletes in the last hour" in capsys.readouterr().out
+    assert "held    held: 2 soft deletes sent in the last hour" in capsys.readouterr().out
 
 
 def test_the_cli_asks_before_a_delete(
@@ -363,7 +363,7 @@ def test_credentials_are_kept_cleared_only_when_said_and_never_echoed(
 
 
 def test_a_401_pauses_every_kind(wb_client: OpenAppClient, store: Store, world: World, mirrored: str) -> None:
-    portal = portals(world, mirrored)[0]
+    portal = next(p for p in portals(world, mirrored) if world.orgs[mirrored].devices[p].restrictions)
     ids = [
         queue_edit(store, active(world, mirrored, 5), "delete", None, "ops", ORGS),
         queue_edit(store, portal, "door_restrictions", {"add": [E1]}, "ops", ORGS),

@@ -139,12 +139,15 @@ def test_fingerprint_ignores_cache_annotations_and_keeps_the_payload_as_received
     assert list(orjson.loads(encode(reordered)[0])) == list(reordered)
 
 
+A, B = "01HENT0000000000000000000A", "01HENT0000000000000000000B"  # entity ids are ULIDs, as device ids
+
+
 @pytest.mark.parametrize(
     ("body", "entities", "key"),
     [
-        ({"apartment_entity_ids": ["B", "A", "B"]}, ("A", "B"), "apartment_entity_ids"),  # the public spec
-        ({"listing_entity_ids": ["A"]}, ("A",), "listing_entity_ids"),  # the SDK's newer models
-        ({"apartment_entity_ids": ["A"], "listing_entity_ids": ["A"]}, ("A",), "apartment_entity_ids"),
+        ({"apartment_entity_ids": [B, A, B]}, (A, B), "apartment_entity_ids"),  # the public spec
+        ({"listing_entity_ids": [A]}, (A,), "listing_entity_ids"),  # the SDK's newer models
+        ({"apartment_entity_ids": [A], "listing_entity_ids": [A]}, (A,), "apartment_entity_ids"),
         ({"apartment_entity_ids": [], "extra": 1}, (), "apartment_entity_ids"),  # empty: not restricted
     ],
 )
@@ -163,9 +166,12 @@ def test_door_restrictions_under_either_key(body: dict[str, object], entities: t
         ({"listing_entity_ids": [""]}, "is not an entity id"),
         ({"listing_entity_ids": ["x" * 65]}, "is not an entity id"),
         ({"listing_entity_ids": ["a\u001b[31m"]}, "is not an entity id"),
-        ({"apartment_entity_ids": ["A"], "listing_entity_ids": ["B"]}, "disagree"),
-        ({"apartment_entity_ids": ["A"], "note": "nul\u0000"}, "NUL character"),
-        ({"apartment_entity_ids": [str(i) for i in range(100_001)]}, "more than syncd believes"),
+        ({"listing_entity_ids": ["A"]}, "is not an entity id"),  # not a ULID
+        ({"listing_entity_ids": [A.lower()]}, "is not an entity id"),  # not in canonical form
+        ({"listing_entity_ids": ["../../x?y=1"]}, "is not an entity id"),
+        ({"apartment_entity_ids": [A], "listing_entity_ids": [B]}, "disagree"),
+        ({"apartment_entity_ids": [A], "note": "nul\u0000"}, "NUL character"),
+        ({"apartment_entity_ids": [A] * 100_001}, "more than syncd believes"),
     ],
 )
 def test_door_restrictions_that_are_not_believed(body: object, problem: str) -> None:

@@ -48,6 +48,7 @@ FLOORS = {
     "syncd.store": 5,
     "syncd.health": 5,
     "syncd.metrics": 4,
+    "syncd.schemas": 4,
     "syncd.migrations": 4,  # migrations/, installed as syncd.migrations (Alembic scripts)
     "syncd.models": 3,
     "syncd.config": 3,

@@ -19,7 +19,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,6 +60,7 @@ from syncd.models import (
     DoorRestrictions,
     MetadataDefinition,
     check_device_id,
+    masked,
     one_line,
     parse_door_restrictions,
     parse_metadata_definition,
@@ -100,8 +101,9 @@ def error_for_status(status: int, problem: ApiProblem, operation: str, retry_aft
     return RejectedError(message, problem=problem)
 
 
-def read_problem(status: int, body: bytes) -> ApiProblem:
-    """Parse an ApiErrorResponse body; tolerate bodies that are not JSON at all."""
+def read_problem(status: int, body: bytes, secrets: Collection[str] = ()) -> ApiProblem:
+    """Parse an ApiErrorResponse body; tolerate bodies that are not JSON at all. ``secrets`` (the
+    credential values a write carried) are masked in every text kept, before it is shortened."""
     try:
         data = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
@@ -112,7 +114,7 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
             for key in keys:
                 value = data.get(key)
                 if isinstance(value, str) and value:
-                    return one_line(value, 200)
+                    return one_line(masked(value, secrets), 200)
             return None
 
         return ApiProblem(
@@ -121,10 +123,10 @@ def read_problem(status: int, body: bytes) -> ApiProblem:
             error_code=text("error_code", "errorCode", "code"),
             correlation_id=text("correlationId", "correlation_id"),
         )
-    return ApiProblem(status, message=_snippet(body) or None)
+    return ApiProblem(status, message=_snippet(body, secrets) or None)
 
 
-def _snippet(body: bytes) -> str:
+def _snippet(body: bytes, secrets: Collection[str] = ()) -> str:
     """One line of a body that is not an ApiErrorResponse: an HTML page's title, else its first line
     of text, not the whole page."""
     text = body[:4096].decode("utf-8", "replace")
@@ -133,7 +135,7 @@ def _snippet(body: bytes) -> str:
         text = " ".join(title.group(1).split())  # a title may span lines
     elif text.lstrip().startswith("<"):
         text = re.sub(r"<[^>]*>", "\n", text)  # the page's text, a line per element
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = next((line.strip() for line in masked(text, secrets).splitlines() if line.strip()), "")
     return one_line(" ".join(line.split()), 200)
 
 
@@ -304,10 +306,13 @@ class OpenAppClient:
         body = self._send("get_device", "GET", path, org_id, params, deadline=deadline)
         return _device(body, "get_device", org_id, device_id)
 
-    def update_device(self, org_id: str, device_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """update_device (PUT, safe to repeat) with an UpdateDeviceRequest body."""
+    def update_device(
+        self, org_id: str, device_id: str, changes: dict[str, Any], *, secrets: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """update_device (PUT, safe to repeat) with an UpdateDeviceRequest body. ``secrets``: the
+        credential values it carries, masked in any error message OpenApp's answer leads to."""
         path = _device_path("update_device", device_id)
-        body = self._send("update_device", "PUT", path, org_id, _write_params(), body=changes)
+        body = self._send("update_device", "PUT", path, org_id, _write_params(), body=changes, secrets=secrets)
         return _device(body, "update_device", org_id, device_id)
 
     def restore_device(self, org_id: str, device_id: str) -> dict[str, Any]:
@@ -356,6 +361,7 @@ class OpenAppClient:
         body: dict[str, Any] | None = None,
         *,
         deadline: float | None = None,
+        secrets: Collection[str] = (),
     ) -> bytes:
         """One logical call, returning the body of its successful answer: retries transient failures
         with backoff until attempts, ``api.retry.deadline`` or ``deadline`` (monotonic) run out.
@@ -379,7 +385,9 @@ class OpenAppClient:
                 raise StoppedError(f"{operation}: not sent, syncd is stopping")
             turn = self.budget.acquire(give_up_at, self._stop, operation, waited_until)  # nothing sent before
             try:
-                answer = self._attempt(operation, method, path, params, headers, content, give_up_at, interruptible)
+                answer = self._attempt(
+                    operation, method, path, params, headers, content, give_up_at, interruptible, secrets
+                )
             except TransientError as exc:
                 throttled = exc.status in THROTTLING_STATUSES
                 # This request waits out its own Retry-After below; the others wait at the budget.
@@ -427,6 +435,7 @@ class OpenAppClient:
         content: bytes | None,
         give_up_at: float,
         interruptible: bool,
+        secrets: Collection[str] = (),
     ) -> bytes:
         """One HTTP request: the body of a successful answer, else the error it comes to."""
         started = time.monotonic()
@@ -477,7 +486,7 @@ class OpenAppClient:
                 f"{operation}: the request could not be built (an API key, org id or URL that HTTP cannot carry; "
                 "run `syncd check-config`)"
             )
-        problem = read_problem(response.status_code, error_body)
+        problem = read_problem(response.status_code, error_body, secrets)
         hint = parse_retry_after(response.headers.get("Retry-After"), self.settings.retry.max_retry_after)
         raise error_for_status(response.status_code, problem, operation, hint)
 

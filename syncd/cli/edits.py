@@ -23,7 +23,7 @@ from syncd.cli.args import (
 )
 from syncd.cli.output import print_edits
 from syncd.cli.signals import stop_on_signals
-from syncd.edits import KINDS, mirrored_credentials, queue_edit, redacted
+from syncd.edits import KINDS, edit_credentials, queue_edit, redacted
 from syncd.errors import ConfigError
 from syncd.passes import instance_name, writeback_client
 from syncd.reconcile import Reconciler, requester
@@ -124,7 +124,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "or --clear-credential"
             )
         queued = queue_edit(store, args.device_id, "update", payload, requester(), org_ids(config))
-        shown = redacted(payload, mirrored_credentials(store, args.device_id))
+        edit = EditQueue(store).get(queued)
+        shown = redacted(payload, edit_credentials(store, edit) if edit else ())
     print(f"queued edit {queued}: update {args.device_id} {json.dumps(shown, ensure_ascii=False)}")
     return EXIT_OK
 
@@ -178,10 +179,8 @@ def cmd_edits(args: argparse.Namespace) -> int:
     config = load(args, with_key=False)
     with prepared_store(config) as store:
         edits = EditQueue(store).find(args.status, args.device)
-        credentials = {e.device_id: mirrored_credentials(store, e.device_id) for e in edits if e.action == "update"}
-    shown = [
-        (e, redacted(e.payload, credentials.get(e.device_id, ())), KINDS[e.action].describe(e.payload)) for e in edits
-    ]
+        credentials = {e.id: edit_credentials(store, e) for e in edits if e.action == "update"}
+    shown = [(e, redacted(e.payload, credentials.get(e.id, ())), KINDS[e.action].describe(e.payload)) for e in edits]
     print_edits(shown, sys.stdout)
     return EXIT_OK
 

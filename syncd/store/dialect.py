@@ -14,6 +14,7 @@ Timestamps arrive as syncd's canonical UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -99,6 +100,14 @@ class Dialect:
     def lock_for_claim(self, query: Select[Any], table: Table) -> Select[Any]:
         """The write-back queue's claim, as this database keeps concurrent claimers apart."""
         return query
+
+    def serialise(self, conn: Connection, name: str) -> None:
+        """Let one transaction at a time, of every syncd sharing the database, past this point until
+        it ends (SQLite: its write transactions already are one at a time, across processes)."""
+
+    def database_now(self, conn: Connection) -> datetime:
+        """Now, on the database's clock (SQLite: this machine's, where the file is)."""
+        return datetime.now(UTC)
 
     @contextlib.contextmanager
     def page_transaction(self, conn: Connection, durable: bool) -> Any:
@@ -353,6 +362,16 @@ class PostgresDialect(Dialect):
     def lock_for_claim(self, query: Select[Any], table: Table) -> Select[Any]:
         """``FOR UPDATE SKIP LOCKED``: several daemons never claim the same edit."""
         return query.with_for_update(skip_locked=True, of=table)
+
+    def serialise(self, conn: Connection, name: str) -> None:
+        """A transaction-level advisory lock: held until the transaction ends, whatever ends it."""
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (key,))
+
+    def database_now(self, conn: Connection) -> datetime:
+        """``clock_timestamp()``: one clock for every host sharing the database."""
+        moment: datetime = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
+        return moment.astimezone(UTC)
 
     def lifecycle(self, device: Device) -> tuple[Any, ...]:
         return tuple(None if t is None else t + "+00:00" for t in device.lifecycle)  # the same UTC text, marked

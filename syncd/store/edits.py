@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Select, Text, and_, cast, func, insert, literal, or_, select, update
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, StoreError
 from syncd.models import Device, one_line, parse_timestamp, preview, same_json
 from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
@@ -80,8 +80,28 @@ class Edit:
     updated_at: datetime | None
     applied_at: datetime | None
     requested_by: str | None
+    sent_at: datetime | None = None
+    credential_pointers: tuple[str, ...] = ()  # JSON Pointers (anything else a row holds is dropped)
     recheck: bool = False  # claimed again after its claimer's lease ran out
     unreadable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SendCap:
+    """At most ``limit`` edits of ``action`` sent within ``window`` (a write whose outcome is not
+    known counts: it may have applied)."""
+
+    action: str
+    limit: int
+    window: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A send the cap refused: ``count`` sent within the window, the next slot in ``wait``."""
+
+    count: int
+    wait: timedelta
 
 
 class UnreadablePayload(str):
@@ -282,6 +302,35 @@ class EditQueue:
         with translated("holding an edit"), self._engine.begin() as conn:
             _move(conn, edit.id, "hold", now, values)
 
+    def sending(self, edit: Edit, cap: SendCap | None = None, credentials: Iterable[str] = ()) -> Held | None:
+        """Record, before the request goes out, that the edit's write is being sent (``sent_at``, on
+        the database's clock), with the ``credentials`` pointers it carries; or, when ``cap`` counts
+        ``cap.limit`` other edits of its action sent within ``cap.window``, record nothing and say how
+        long to wait. Count and record are one step for every syncd sharing the database (PostgreSQL:
+        a lock for the transaction; SQLite: its one writer), so two reconcilers never both take the
+        last slot. StoreError when the edit is no longer this claimer's to send."""
+        e = device_edits
+        with self.store.transaction("recording a write about to be sent") as conn:
+            self._dialect.serialise(conn, "syncd:sends")
+            now = self._dialect.database_now(conn)
+            if cap is not None:
+                count, first = conn.execute(
+                    select(func.count(), func.min(e.c.sent_at, type_=UTCDateTime())).where(
+                        e.c.action == cap.action, e.c.sent_at > now - cap.window, e.c.id != edit.id
+                    )
+                ).one()
+                if count >= cap.limit:
+                    return Held(int(count), max(timedelta(0), (first or now) + cap.window - now))
+            recorded = sorted({*edit.credential_pointers, *credentials})
+            sent = conn.execute(
+                update(e)
+                .where(e.c.id == edit.id, e.c.status == S.IN_FLIGHT.value, e.c.claimed_by == edit.claimed_by)
+                .values(sent_at=now, credential_pointers=recorded or None)
+            ).rowcount
+            if not sent:
+                raise StoreError(f"edit {edit.id} is no longer claimed by this reconciler; it was not sent")
+        return None
+
 
 def _move(conn: Connection, edit_id: int, event: str, now: datetime, values: Mapping[str, Any]) -> bool:
     """Apply one transition of :data:`TRANSITIONS` to an edit in its allowed statuses; False when
@@ -339,7 +388,7 @@ def _mirror_device(
         )
 
 
-_JSON = ("payload", "base", "remote")
+_JSON = ("payload", "base", "remote", "credential_pointers")
 _AS_TEXT = (*_JSON, *(c.name for c in device_edits.c if isinstance(c.type, UTCDateTime)))
 
 
@@ -370,4 +419,8 @@ def _edit(row: Mapping[Any, Any], recheck: bool = False) -> Edit:
             values[column] = None
             unreadable.append(f"{column} {preview(text)} is not a timestamp")
     values["status"] = EditStatus(values["status"])
+    pointers = values["credential_pointers"]
+    values["credential_pointers"] = tuple(
+        p for p in (pointers if isinstance(pointers, list) else ()) if isinstance(p, str) and p.startswith("/")
+    )
     return Edit(**values, recheck=recheck, unreadable=tuple(unreadable))

@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -228,10 +228,23 @@ device_edits = Table(
     Column("updated_at", UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
     Column("applied_at", UTCDateTime),
     Column("requested_by", String(255)),
+    Column(
+        "sent_at",
+        UTCDateTime,
+        comment="when syncd last sent the edit's write to OpenApp, on the database's clock, recorded before "
+        "the request went out (outcome known or not); the delete cap counts these",
+    ),
+    Column(
+        "credential_pointers",
+        JSONDoc,
+        comment="JSON Pointers of credential values in payload.device_metadata (found when queued and when "
+        "pushed): masked in output, and replaced by ******** once pushed",
+    ),
     CheckConstraint(_one_of("action", EDIT_ACTIONS), name="action"),
     CheckConstraint(_one_of("status", EDIT_STATUSES), name="status"),
     Index(None, "status", "next_attempt_at"),
     Index(None, "device_id", "id"),
+    Index(None, "action", "sent_at"),
 )
 
 # Door restrictions: one row per portal syncd has asked (portal_restrictions), one per portal and
@@ -289,6 +302,12 @@ metadata_definitions = Table(
     Column("next_fetch_at", UTCDateTime, nullable=False),
     Column("last_error", Text),
     Column("failures", Integer, nullable=False, server_default="0", comment="failed attempts in a row"),
+    Column(
+        "schema_problem",
+        Text,
+        comment="why syncd will not check metadata edits against json_schema (NULL: it is usable); "
+        "metadata edits of this integration fail unsent while it is set",
+    ),
     Index(None, "provider_type"),
 )
 
