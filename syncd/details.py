@@ -19,7 +19,8 @@ Rules:
   pass's deadline and on a stop;
 - answers are written :data:`BATCH` at a time, each batch in one transaction, sooner when they
   hold :data:`BATCH_ENTITIES` entity ids (memory stays bounded whatever the answers hold);
-- one phase failing (the database, say) does not keep the other from running.
+- one phase failing (the database, say) does not keep the other from running; but once the pass
+  has lost its org's lock (:class:`~syncd.errors.LockLostError`) the reads end and the pass fails.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import (
     AuthError,
     ForbiddenError,
+    LockLostError,
     NotFoundError,
     RejectedError,
     StoppedError,
@@ -48,7 +50,7 @@ from syncd.errors import (
     TransientError,
 )
 from syncd.models import PORTAL_KIND, Inventory, utcnow
-from syncd.store import Store
+from syncd.store import Session, Store
 from syncd.store.details import (
     DefinitionAnswer,
     DueIntegration,
@@ -81,7 +83,10 @@ class DetailReads:
         deadline: float,
         stop: threading.Event,
         log: Any,
+        session: Session | None = None,
     ) -> None:
+        """``session``: the pass's, which the answers are written through (on PostgreSQL the
+        connection holding the org's lock: once that is lost, nothing more is written)."""
         self.client = client
         self.org = org
         self.settings = settings
@@ -91,8 +96,8 @@ class DetailReads:
         self.deadline = deadline
         self.stop = stop
         self.log = log  # the pass's, its context bound
-        self.restrictions = PortalRestrictions(store)
-        self.definitions = MetadataDefinitions(store)
+        self.restrictions = PortalRestrictions(store, session)
+        self.definitions = MetadataDefinitions(store, session)
 
     def run(self) -> Counter[str]:
         """Ask what is due; counters ``restrictions`` (portals whose list changed),
@@ -107,6 +112,8 @@ class DetailReads:
                 continue
             try:
                 counts += phase()
+            except LockLostError:
+                raise  # the pass stops: nothing more of it may be written
             except SyncdError as exc:
                 self.log.warning(f"{what} were not mirrored this pass", error=str(exc))
         return counts

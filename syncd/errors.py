@@ -19,7 +19,8 @@
     │       ├── InvalidDeviceError  one device in a list cannot be read (carries its position and id)
     │       └── ResponseTooLargeError  the answer is larger than api.max_response_size
     ├── StoreError                  the database failed; the transaction was rolled back
-    │   └── SchemaOutdatedError     the database schema is behind: run `syncd db upgrade`
+    │   ├── SchemaOutdatedError     the database schema is behind: run `syncd db upgrade`
+    │   └── LockLostError           the session holding an org's lock ended mid-pass: the pass stopped
     ├── PassRefusedError            a safety guard stopped a pass; an operator must confirm
     │   └── MassPurgeRefusedError   a pass would purge too much; rerun with --allow-mass-purge
     └── StoppedError                stopped on request (SIGTERM, SIGINT, shutdown): nothing to fix
@@ -159,6 +160,11 @@ class StoreError(SyncdError):
 
 class SchemaOutdatedError(StoreError):
     """The database schema is not at the version this syncd needs."""
+
+
+class LockLostError(StoreError):
+    """The database session holding an org's lock ended (terminated, an idle timeout, a proxy, a
+    failover) while a pass ran: the pass stopped, and nothing more of it was written."""
 
 
 class PassRefusedError(SyncdError):

@@ -155,7 +155,8 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
     pass of the org less than that many seconds ago, by the database's clock (the outcome's
     ``due_in`` says when the org is due). Never raises for what syncd reports: a lock that cannot be
     taken (the database is down) is a ``failed`` outcome, a stop before the pass began an
-    ``aborted`` one without a run row.
+    ``aborted`` one without a run row. The pass writes under the lease (see :meth:`OrgPass.run`): one
+    whose lock's database session ended is ``failed``.
     """
     org_id = org_pass.org.id
     store = org_pass.store
@@ -163,8 +164,8 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
     if org_pass.stop.is_set():
         return PassOutcome(org_id, None, "aborted", now, now, error="stopped before the pass began")
     try:
-        with store.locks.org(org_id, wait=wait, stop=org_pass.stop) as acquired:
-            if acquired:
+        with store.locks.org(org_id, wait=wait, stop=org_pass.stop) as lease:
+            if lease:
                 due_in = store.claim_scheduled_pass(org_id, spacing, org_pass.instance) if spacing else 0.0
                 if spacing and due_in > 0:
                     return PassOutcome(
@@ -176,7 +177,7 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
                         error=f"another syncd started a pass of this org {spacing - due_in:.0f}s ago",
                         due_in=due_in,
                     )
-                outcome = org_pass.run()
+                outcome = org_pass.run(lease)
                 if spacing and (outcome.status == "aborted" or outcome.run_id is None):
                     _release_claim(store, org_id, org_pass.instance)
                 return outcome

@@ -30,6 +30,7 @@ from syncd.details import DetailReads
 from syncd.errors import (
     InvalidDeviceError,
     InvalidResponseError,
+    LockLostError,
     MassPurgeRefusedError,
     NotFoundError,
     PassRefusedError,
@@ -55,6 +56,7 @@ from syncd.models import (
     utcnow,
 )
 from syncd.store import Session, Store
+from syncd.store.locks import OrgLease
 
 log = structlog.get_logger(__name__)
 
@@ -130,8 +132,13 @@ class OrgPass:
         self._touch_after = timedelta(seconds=settings.last_seen_resolution)
         self.log = log.bind(org_id=org.id)
 
-    def run(self) -> PassOutcome:
-        """Run the pass; errors end up in the outcome and the sync_runs row, not as exceptions."""
+    def run(self, lease: OrgLease | None = None) -> PassOutcome:
+        """Run the pass; errors end up in the outcome and the sync_runs row, not as exceptions.
+
+        ``lease``: the org's lock, held by the caller. On PostgreSQL the pass writes through the
+        lock's connection; if the lock's session ends, the pass fails at its next statement and
+        writes nothing more (LockLostError).
+        """
         started = utcnow()
         try:
             run_id, stale = self.store.start_run(self.org.id, self.trigger, self.instance, started)
@@ -155,7 +162,7 @@ class OrgPass:
             # pass has succeeded, the baseline is not complete: an interrupted first pass leaves a part.
             self.baseline = not self.store.has_succeeded(self.org.id)
             self.max_pages = self._page_limit()
-            self.session = held.enter_context(self.store.session())
+            self.session = held.enter_context(self.store.session(lease))
             self.writes = writes = PageWrites(self.session)
             if not self._scan(run_id):
                 status, error = "aborted", "stopped before the scan finished"
@@ -228,9 +235,12 @@ class OrgPass:
             self.deadline,
             self.stop,
             self.log,
+            self.session,
         )
         try:
             counts = reads.run()
+        except LockLostError:
+            raise  # the pass fails: it may write nothing more
         except Exception:  # a bug there must not fail a pass whose scan and purge detection are done
             self.log.exception("door restrictions and metadata definitions failed; the pass's scan stands")
             return

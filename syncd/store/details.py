@@ -24,7 +24,7 @@ from syncd.store.schema import (
     metadata_definitions,
     portal_restrictions,
 )
-from syncd.store.store import Store
+from syncd.store.store import Session, Store
 from syncd.store.translate import translated
 
 ANSWERED = ("ok", "not_found", "not_a_portal")  # portal_restrictions.status after an answer
@@ -58,8 +58,10 @@ class RestrictionsAnswer:
 class PortalRestrictions:
     """``portal_restrictions`` and ``door_restrictions``, for the pass that asks about portals."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, session: Session | None = None) -> None:
+        """``session``: a pass's, so that its writes go through the connection holding the org's lock."""
         self.store = store
+        self.session = session
 
     def due(self, org_id: str, now: datetime, portals: Mapping[str, str], seen: Collection[str]) -> list[DuePortal]:
         """Of ``portals`` (the active portals a pass saw, with their fingerprints): those never
@@ -131,7 +133,7 @@ class PortalRestrictions:
         (each also gets a ``restrictions`` row in device_changes, with the old and new lists)."""
         if not answers:
             return 0
-        with self.store.transaction("writing door restrictions") as conn:
+        with (self.session or self.store).transaction("writing door restrictions") as conn:
             return write_answers(conn, org_id, now, answers, run_id=run_id)
 
 
@@ -258,8 +260,10 @@ class DefinitionAnswer:
 class MetadataDefinitions:
     """``metadata_definitions``: each integration's provider's JSON Schema of device_metadata."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, session: Session | None = None) -> None:
+        """``session``: a pass's, so that its writes go through the connection holding the org's lock."""
         self.store = store
+        self.session = session
 
     def due(self, org_id: str, now: datetime, integrations: Mapping[str, str]) -> list[DueIntegration]:
         """Of ``integrations`` (integration id -> the device to ask, from a pass), those never asked
@@ -289,7 +293,7 @@ class MetadataDefinitions:
         (from an earlier, different one)."""
         m = metadata_definitions
         changed: list[str] = []
-        with self.store.transaction("writing metadata definitions") as conn:
+        with (self.session or self.store).transaction("writing metadata definitions") as conn:
             for answer in answers:
                 key = (m.c.org_id == org_id) & (m.c.integration_id == answer.integration_id)
                 old = conn.execute(select(m.c.fingerprint).where(key)).one_or_none()

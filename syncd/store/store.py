@@ -20,7 +20,7 @@ from sqlalchemy.sql import Executable
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import Device, one_line
 from syncd.store.dialect import Dialect, KnownDevice, dialect_for
-from syncd.store.locks import OrgLocks
+from syncd.store.locks import OrgLease, OrgLocks
 from syncd.store.schema import SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
 from syncd.store.translate import translated
 
@@ -212,7 +212,8 @@ class Store:
         otherwise the seconds until the org is due. Several daemons sharing a PostgreSQL mirror thus
         run one pass per org per interval between them. A daemon's own last pass does not hold it
         back: its timer already spaces its passes, and the claim is stamped a little after the timer
-        fired. SQLite has one daemon per file: always 0.0."""
+        fired. A start later than the database's clock now is taken over like one an interval old.
+        SQLite has one daemon per file: always 0.0."""
         if self.dialect != "postgresql":
             return 0.0
         with translated("claiming a scheduled pass"), self.engine.begin() as conn:
@@ -223,8 +224,9 @@ class Store:
                 ),
                 {"org_id": org_id},
             ).first()
-            if last is not None and last[0] is not None and last[1] != instance and float(last[0]) < interval:
-                return interval - max(0.0, float(last[0]))
+            # A start in the future (a clock set back, a hand edit) is stale, not recent: taken over.
+            if last is not None and last[0] is not None and last[1] != instance and 0 <= float(last[0]) < interval:
+                return interval - float(last[0])
             conn.execute(
                 text(
                     "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
@@ -272,9 +274,18 @@ class Store:
     # -- devices ---------------------------------------------------------------------------
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, lease: OrgLease | None = None) -> Iterator[Session]:
         """One connection for a series of transactions (a pass's pages): checked out, and on
-        PostgreSQL pinged, once rather than for every page."""
+        PostgreSQL pinged, once rather than for every page.
+
+        ``lease`` (a pass under its org's lock): on PostgreSQL the session is the lock's own
+        connection, so each transaction commits only while the lock is held; once the lock's
+        session has ended, every transaction is LockLostError (nothing more is written).
+        """
+        if lease is not None and lease.connection is not None:
+            lease.check()
+            yield Session(lease.connection, self._write_turn, self._dialect, lease)  # the lease closes it
+            return
         with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
             yield Session(conn, self._write_turn, self._dialect)
 
@@ -376,17 +387,29 @@ class Store:
 class Session:
     """Transactions on one held connection; see :meth:`Store.session`."""
 
-    def __init__(self, conn: Connection, write_turn: contextlib.AbstractContextManager[Any], dialect: Dialect) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        write_turn: contextlib.AbstractContextManager[Any],
+        dialect: Dialect,
+        lease: OrgLease | None = None,
+    ) -> None:
         self._conn = conn
         self._write_turn = write_turn
         self._dialect = dialect
+        self._lease = lease  # set when ``conn`` is the connection holding the org's lock
+
+    def _guarded(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """Database errors become StoreError naming ``action``; on the lock's connection, one that
+        ended the lock's session (and every later use) becomes LockLostError."""
+        return self._lease.guarded(action) if self._lease is not None else translated(action)
 
     @contextmanager
     def reader(self) -> Iterator[PageReader]:
         """A read-only transaction (on SQLite it does not wait for writers)."""
         self._conn.execution_options(syncd_read_only=True)
         try:
-            with translated("reading devices"), self._conn.begin():
+            with self._guarded("reading devices"), self._conn.begin():
                 yield PageReader(self._conn, self._dialect)
         finally:
             self._conn.execution_options(syncd_read_only=False)
@@ -401,11 +424,18 @@ class Session:
         """
         with (
             self._write_turn,
-            translated("writing devices"),
+            self._guarded("writing devices"),
             self._conn.begin(),
             self._dialect.page_transaction(self._conn, durable),
         ):
             yield PageWriter(self._conn, self._dialect)
+
+    @contextmanager
+    def transaction(self, action: str) -> Iterator[Connection]:
+        """A write transaction on this session's connection for the store's own modules (what a
+        pass writes besides its pages), as :meth:`Store.transaction` does on a connection of its own."""
+        with self._write_turn, self._guarded(action), self._conn.begin():
+            yield self._conn
 
 
 class PageReader:
