@@ -50,6 +50,7 @@ from syncd.errors import (
     TransientError,
 )
 from syncd.models import PORTAL_KIND, Inventory, utcnow
+from syncd.schemas import schema_problem
 from syncd.store import Session, Store
 from syncd.store.details import (
     DefinitionAnswer,
@@ -174,7 +175,10 @@ class DetailReads:
 
         def ask(item: DueIntegration) -> DefinitionAnswer:
             definition = self.client.get_metadata_definition(self.org.id, item.device_id, deadline=self.deadline)
-            return DefinitionAnswer(item.integration_id, item.device_id, utcnow() + interval, definition=definition)
+            unusable = schema_problem(definition.schema)  # checked once per new answer, never fetched from
+            return DefinitionAnswer(
+                item.integration_id, item.device_id, utcnow() + interval, definition=definition, schema_problem=unusable
+            )
 
         def failed(item: DueIntegration, exc: SyncdError) -> DefinitionAnswer:
             failures = item.failures + 1

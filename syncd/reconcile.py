@@ -173,31 +173,31 @@ class Reconciler:
             if self.settings.conflict_policy == "detect":
                 fields = kind.conflicts(payload, base, remote)
                 if fields:
-                    return self._conflict(edit, fields, remote, edit_log)
+                    return self._conflict(edit, fields, remote, edit_log, attempt)
             problem = kind.unsendable(payload, remote)
             if problem:
-                return self._fail(edit, f"{problem}; nothing was sent", edit_log, secrets=attempt.secrets())
+                return self._fail(edit, f"{problem}; nothing was sent", edit_log, attempt=attempt)
             held = self.queue.sending(edit, self._cap(kind), remote.credentials)
             if held is not None:
-                return self._hold(edit, held, edit_log)
+                return self._hold(edit, held, edit_log, attempt)
             attempt.sent = True
             outcome = kind.push(payload, remote, reading)
             return self._succeed(edit, kind, payload, base, remote, outcome)
         except EditProblem as exc:
-            return self._fail(edit, f"{exc}; nothing was sent", edit_log, secrets=attempt.secrets())
+            return self._fail(edit, f"{exc}; nothing was sent", edit_log, attempt=attempt)
         except AuthError as exc:
             return self._pause(edit, exc)
         except StoppedError:  # only reads are interrupted: nothing was pushed
             self.queue.release([edit.id], utcnow())
             return "stopped"
         except NotFoundError as exc:
-            return self._fail(edit, "the device no longer exists in OpenApp (purged)", edit_log, exc)
+            return self._fail(edit, "the device no longer exists in OpenApp (purged)", edit_log, exc, attempt)
         except TransientError as exc:
-            return self._retry_later(edit, exc, edit_log, attempt.secrets())
+            return self._retry_later(edit, exc, edit_log, attempt)
         except StoreError:
             raise
         except SyncdError as exc:  # permanent API errors, unreadable answers
-            return self._fail(edit, str(exc), edit_log, exc, attempt.secrets())
+            return self._fail(edit, str(exc), edit_log, exc, attempt)
 
     def _problem(self, edit: Edit, kind: EditKind, mirrored: dict[str, Any] | None) -> str | None:
         """Why the edit may not be sent at all, or None. The org is the mirror's org of the device;
@@ -234,7 +234,7 @@ class Reconciler:
             return None
         return SendCap(kind.action, int(getattr(self.settings, kind.cap_setting)), CAP_WINDOW)
 
-    def _hold(self, edit: Edit, held: Held, edit_log: Any) -> str:
+    def _hold(self, edit: Edit, held: Held, edit_log: Any, attempt: _Attempt) -> str:
         """The cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
         now = utcnow()
         kind = KINDS[edit.action]
@@ -246,7 +246,7 @@ class Reconciler:
             f"({cap.limit}); it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push "
             "sooner, or `syncd edits cancel ID`)"
         )
-        self.queue.hold(edit, now, until, reason)
+        self.queue.hold(edit, now, until, reason, attempt.credentials())
         edit_log.warning(f"{kind.capped} held by the hourly cap", sent_last_hour=held.count, cap=cap.limit)
         return "held"
 
@@ -277,14 +277,16 @@ class Reconciler:
             log.info("OpenApp accepted the API key again: write-back resumed")
         return "succeeded"
 
-    def _conflict(self, edit: Edit, fields: dict[str, dict[str, Any]], remote: Remote, edit_log: Any) -> str:
+    def _conflict(
+        self, edit: Edit, fields: dict[str, dict[str, Any]], remote: Remote, edit_log: Any, attempt: _Attempt
+    ) -> str:
         when = remote.device.updated_at.isoformat() if remote.device.updated_at else "?"
         message = (
             f"OpenApp changed {', '.join(fields)} since the edit was queued (device updated at {when}); "
             "nothing was pushed. `syncd edits` shows the base, remote and queued values; "
             "`syncd edits retry ID` pushes it anyway, `syncd edits cancel ID` drops it"
         )
-        self.queue.conflict(edit, utcnow(), message, fields, remote.device)
+        self.queue.conflict(edit, utcnow(), message, fields, remote.device, attempt.credentials())
         edit_log.warning("edit conflicts with a remote change", fields=sorted(fields))
         return "conflict"
 
@@ -294,24 +296,31 @@ class Reconciler:
         reason: str,
         edit_log: Any,
         exc: SyncdError | None = None,
-        secrets: Collection[str] = (),
+        attempt: _Attempt | None = None,
     ) -> str:
-        reason = masked(reason, secrets)
-        self.queue.fail(edit, utcnow(), reason, exc.status if exc else None)
+        """The edit failed. Its credential pointers are recorded, and once its write went out
+        (refused, say) its credential values are redacted as after a success."""
+        kept = None
+        if attempt is not None and attempt.sent and attempt.remote is not None:
+            kept = KINDS[edit.action].stored(edit.payload or {}, attempt.remote)
+        reason = masked(reason, attempt.secrets() if attempt else ())
+        credentials = attempt.credentials() if attempt else ()
+        self.queue.fail(edit, utcnow(), reason, exc.status if exc else None, credentials=credentials, payload=kept)
         edit_log.warning("edit failed", error=reason)
         return "failed"
 
-    def _retry_later(self, edit: Edit, exc: TransientError, edit_log: Any, secrets: Collection[str]) -> str:
+    def _retry_later(self, edit: Edit, exc: TransientError, edit_log: Any, attempt: _Attempt) -> str:
         if edit.attempts >= self.settings.max_attempts:
-            return self._fail(edit, f"gave up after {edit.attempts} attempts: {exc}", edit_log, exc, secrets)
+            return self._fail(edit, f"gave up after {edit.attempts} attempts: {exc}", edit_log, exc, attempt)
         delay = (
             exc.retry_after
             if exc.retry_after is not None
             else backoff_delay(edit.attempts, self.settings.base_delay, self.settings.max_delay)
         )
         now = utcnow()
-        error = masked(str(exc), secrets)
-        self.queue.retry_later(edit, now, now + timedelta(seconds=delay), error, exc.status)
+        error = masked(str(exc), attempt.secrets())
+        later = now + timedelta(seconds=delay)
+        self.queue.retry_later(edit, now, later, error, exc.status, attempt.credentials())
         edit_log.debug("edit will be retried", attempt=edit.attempts, delay=round(delay, 2), error=error)
         return "retrying"
 
@@ -335,10 +344,12 @@ class Reconciler:
             now = utcnow()
             delay = backoff_delay(edit.attempts, self.settings.base_delay, self.settings.max_delay)
             later = now + timedelta(seconds=delay)
-            self.queue.retry_later(edit, now, later, f"{error}; its write may have gone out", None)
+            self.queue.retry_later(
+                edit, now, later, f"{error}; its write may have gone out", None, attempt.credentials()
+            )
             return "retrying"
         suffix = "; nothing was sent" if not attempt.sent else ""
-        return self._fail(edit, error + suffix, edit_log)
+        return self._fail(edit, error + suffix, edit_log, attempt=attempt)
 
 
 def _is_device_id(value: str) -> bool:
@@ -357,12 +368,14 @@ class _Attempt:
         self.remote: Remote | None = None
         self.sent = False
 
+    def credentials(self) -> frozenset[str]:
+        """Where the edit's credential values are: the pointers recorded with it and those found
+        while reading."""
+        found = self.remote.credentials if self.remote is not None else frozenset()
+        return frozenset(self.edit.credential_pointers) | found
+
     def secrets(self) -> list[str]:
-        """The credential values the edit carries (no message may quote one): under the pointers
-        recorded with it and those found while reading."""
+        """The credential values the edit carries (no message may quote one)."""
         payload = self.edit.payload
         metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
-        pointers = set(self.edit.credential_pointers)
-        if self.remote is not None:
-            pointers |= self.remote.credentials
-        return credential_values(metadata, pointers) if isinstance(metadata, dict) else []
+        return credential_values(metadata, self.credentials()) if isinstance(metadata, dict) else []

@@ -75,8 +75,21 @@ def add_commands(commands: Commands) -> None:
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument("--set", nargs="*", metavar="ENTITY_ID", help="the whole list (none: the portal is not restricted)")
-    p.add_argument("--add", nargs="+", metavar="ENTITY_ID", help="let these through too (against OpenApp's list)")
-    p.add_argument("--remove", nargs="+", metavar="ENTITY_ID", help="no longer let these through")
+    p.add_argument(
+        "--unrestrict", action="store_true", help="let everyone through: the whole list, empty (same as --set alone)"
+    )
+    p.add_argument(
+        "--add",
+        nargs="+",
+        metavar="ENTITY_ID",
+        help="let these through too, against OpenApp's list; never on a portal that is not restricted",
+    )
+    p.add_argument(
+        "--remove",
+        nargs="+",
+        metavar="ENTITY_ID",
+        help="no longer let these through; never the portal's last ones (that would let everyone through)",
+    )
     p.set_defaults(handler=cmd_door_restrictions)
 
     p = commands.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
@@ -160,14 +173,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_door_restrictions(args: argparse.Namespace) -> int:
     """Queue a change of a portal's door restrictions."""
     config = load(args, with_key=False)
-    if args.set is not None:
-        if args.add or args.remove:
-            raise ConfigError("--set gives the whole list: not with --add or --remove")
-        payload: dict[str, Any] = {"entity_ids": list(dict.fromkeys(args.set))}
+    whole = [name for name, given in (("--set", args.set is not None), ("--unrestrict", args.unrestrict)) if given]
+    if len(whole) > 1 or (whole and (args.add or args.remove)):
+        raise ConfigError(f"{whole[0]} gives the whole list: not with {', '.join(whole[1:]) or '--add or --remove'}")
+    if args.unrestrict or (args.set is not None and not args.set):
+        payload: dict[str, Any] = {"entity_ids": []}
+    elif args.set is not None:
+        payload = {"entity_ids": list(dict.fromkeys(args.set))}
     elif args.add or args.remove:
         payload = {"add": list(dict.fromkeys(args.add or [])), "remove": list(dict.fromkeys(args.remove or []))}
     else:
-        raise ConfigError("give --set ENTITY_ID ... (the whole list), or --add / --remove ENTITY_ID ...")
+        raise ConfigError(
+            "give --set ENTITY_ID ... (the whole list), --unrestrict (let everyone through), "
+            "or --add / --remove ENTITY_ID ..."
+        )
     with prepared_store(config) as store:
         queued = queue_edit(store, args.device_id, "door_restrictions", payload, requester(), org_ids(config))
     print(f"queued edit {queued}: {KINDS['door_restrictions'].describe(payload)} on {args.device_id}")

@@ -97,6 +97,15 @@ class PortalRestrictions:
         due.sort(key=lambda item: item[0])
         return [portal for _, portal in due]
 
+    def mirrored_list(self, device_id: str) -> list[str] | None:
+        """The entities a portal is restricted to by OpenApp's last answer (sorted; empty: not
+        restricted), or None when the mirror holds no answer of it."""
+        p = portal_restrictions
+        query = select(p.c.status).where(p.c.device_id == device_id)
+        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+            status = conn.execute(query).scalar()
+        return self.entities(device_id) if status == "ok" else None
+
     def entities(self, device_id: str) -> list[str]:
         """The entities a portal is restricted to, as mirrored (sorted)."""
         query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
@@ -255,6 +264,7 @@ class DefinitionAnswer:
     definition: MetadataDefinition | None = None
     error: str | None = None
     failures: int = 0
+    schema_problem: str | None = None  # why the definition's schema cannot be used (None: it can)
 
 
 class MetadataDefinitions:
@@ -314,6 +324,7 @@ class MetadataDefinitions:
                         raw=definition.raw,
                         fetched_at=now,
                         last_error=None,
+                        schema_problem=None if answer.schema_problem is None else one_line(answer.schema_problem, 2000),
                     )
                     if old is None or old.fingerprint != definition.fingerprint:
                         values["changed_at"] = now

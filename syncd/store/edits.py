@@ -272,33 +272,67 @@ class EditQueue:
             if restrictions is not None and device is not None:
                 write_answers(writer.connection, device.org_id, now, [restrictions], edit_id=edit.id)
 
-    def conflict(self, edit: Edit, now: datetime, message: str, fields: dict[str, Any], device: Device) -> None:
+    def conflict(
+        self,
+        edit: Edit,
+        now: datetime,
+        message: str,
+        fields: dict[str, Any],
+        device: Device,
+        credentials: Iterable[str] = (),
+    ) -> None:
         """OpenApp changed what the edit sets since it was queued: nothing was pushed. ``fields``:
-        per conflicting field its ``base``, ``remote`` and ``queued`` values. The mirror takes the device."""
+        per conflicting field its ``base``, ``remote`` and ``queued`` values. The mirror takes the device.
+        ``credentials`` (here and in the other transitions): credential pointers found in its
+        payload, recorded with the edit so that output masks them whatever the schema says later."""
         values = {"last_error": one_line(message, 2000), "remote": fields, "base_updated_at": device.updated_at}
+        _note_credentials(values, edit, credentials)
         with self.store.writer() as writer:
             _move(writer.connection, edit.id, "conflict", now, values)
             _mirror_device(writer, edit.id, device, None, now)
 
-    def fail(self, edit: Edit, now: datetime, reason: str, status_code: int | None = None) -> None:
-        """The edit cannot be done (``reason``: one line, and it may quote a server)."""
-        values = {"last_error": one_line(reason, 2000), "last_status_code": status_code}
+    def fail(
+        self,
+        edit: Edit,
+        now: datetime,
+        reason: str,
+        status_code: int | None = None,
+        *,
+        credentials: Iterable[str] = (),
+        payload: Any = None,
+    ) -> None:
+        """The edit cannot be done (``reason``: one line, and it may quote a server). ``payload``:
+        what to keep instead of the payload (its credential values redacted, once it was sent)."""
+        values: dict[str, Any] = {"last_error": one_line(reason, 2000), "last_status_code": status_code}
+        _note_credentials(values, edit, credentials)
+        if payload is not None:
+            values["payload"] = payload
         with translated("failing an edit"), self._engine.begin() as conn:
             _move(conn, edit.id, "fail", now, values)
 
-    def retry_later(self, edit: Edit, now: datetime, at: datetime, error: str, status_code: int | None) -> None:
+    def retry_later(
+        self,
+        edit: Edit,
+        now: datetime,
+        at: datetime,
+        error: str,
+        status_code: int | None,
+        credentials: Iterable[str] = (),
+    ) -> None:
         """A transient failure: the edit is due again at ``at``."""
         values = {"next_attempt_at": at, "last_error": one_line(error, 2000), "last_status_code": status_code}
+        _note_credentials(values, edit, credentials)
         with translated("rescheduling an edit"), self._engine.begin() as conn:
             _move(conn, edit.id, "retry_later", now, values)
 
-    def hold(self, edit: Edit, now: datetime, until: datetime, reason: str) -> None:
+    def hold(self, edit: Edit, now: datetime, until: datetime, reason: str, credentials: Iterable[str] = ()) -> None:
         """Not pushed now (``reason``, e.g. a cap), due again at ``until``; the attempt is not counted."""
         values = {
             "next_attempt_at": until,
             "last_error": one_line(reason, 2000),
             "attempts": device_edits.c.attempts - 1,
         }
+        _note_credentials(values, edit, credentials)
         with translated("holding an edit"), self._engine.begin() as conn:
             _move(conn, edit.id, "hold", now, values)
 
@@ -321,15 +355,23 @@ class EditQueue:
                 ).one()
                 if count >= cap.limit:
                     return Held(int(count), max(timedelta(0), (first or now) + cap.window - now))
-            recorded = sorted({*edit.credential_pointers, *credentials})
+            values: dict[str, Any] = {"sent_at": now}
+            _note_credentials(values, edit, credentials)
             sent = conn.execute(
                 update(e)
                 .where(e.c.id == edit.id, e.c.status == S.IN_FLIGHT.value, e.c.claimed_by == edit.claimed_by)
-                .values(sent_at=now, credential_pointers=recorded or None)
+                .values(values)
             ).rowcount
             if not sent:
                 raise StoreError(f"edit {edit.id} is no longer claimed by this reconciler; it was not sent")
         return None
+
+
+def _note_credentials(values: dict[str, Any], edit: Edit, credentials: Iterable[str]) -> None:
+    """Add the pointers of ``credentials`` the edit does not record yet to the ``values`` written."""
+    found = set(credentials) - set(edit.credential_pointers)
+    if found:
+        values["credential_pointers"] = sorted({*edit.credential_pointers, *found})
 
 
 def _move(conn: Connection, edit_id: int, event: str, now: datetime, values: Mapping[str, Any]) -> bool:
