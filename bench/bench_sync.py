@@ -517,7 +517,9 @@ EDIT_KINDS: dict[str, tuple[list[str], str, Any]] = {
     "door_restrictions": (
         ["--portal-fraction", "0.8"],
         "portal",
-        lambda device_id: {"add": [f"01HBENCHENTITY{device_id[-12:]}"]},
+        # A whole list: add / remove never turn an unrestricted portal (a third of the simulator's) into a
+        # restricted one. The mirror holds no lists here, so no base: no conflict either.
+        lambda device_id: {"entity_ids": [f"01HBENCH{device_id[-18:]}"]},
     ),
 }
 EDIT_CONDITIONS = {

@@ -422,7 +422,8 @@ class DoorRestrictionsEdit(EditKind):
     def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
         if "entity_ids" not in payload:
             return None  # add / remove are computed against OpenApp's list when pushed
-        return {"entity_ids": PortalRestrictions(store).entities(str(device["id"]))}
+        mirrored = PortalRestrictions(store).mirrored_list(str(device["id"]))
+        return None if mirrored is None else {"entity_ids": mirrored}  # unknown is not "unrestricted"
 
     def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
         metadata = remote.device.device_metadata
