@@ -46,6 +46,7 @@ from syncd.schemas import (
     escape,
     index_of,
     pointer_parts,
+    resolve_pointer,
     schema_problem,
     validate,
 )
@@ -793,13 +794,10 @@ def _step(doc: Any, part: str) -> Any:
 
 
 def _has(doc: Any, pointer: str) -> bool:
-    for part in pointer_parts(pointer):
-        if isinstance(doc, dict) and part in doc:
-            doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return False
+    try:
+        resolve_pointer(doc, pointer)
+    except LookupError:
+        return False
     return True
 
 

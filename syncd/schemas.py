@@ -219,13 +219,13 @@ class SchemaIndex:
         if fragment == "" or fragment.startswith("/"):
             location = resource + fragment
             try:
-                _resolve_pointer(self.schema, location)
+                resolve_pointer(self.schema, location)
             except LookupError:
                 raise SchemaUnusable(
                     f"the $ref {_short(reference)} at {where or '/'} points to nothing in the schema"
                 ) from None
             if location not in self.nodes:
-                self._collect(_resolve_pointer(self.schema, location), location, resource)
+                self._collect(resolve_pointer(self.schema, location), location, resource)
             return location
         found = self.anchors.get((resource, fragment))
         if found is None:
@@ -427,7 +427,8 @@ def _children(node: dict[str, Any], where: str) -> Iterator[tuple[Any, str]]:
                     yield sub, f"{where}/{keyword}/{escape(str(name))}"
 
 
-def _resolve_pointer(document: Any, pointer: str) -> Any:
+def resolve_pointer(document: Any, pointer: str) -> Any:
+    """The value at a JSON Pointer of ``document``; LookupError when there is none."""
     value = document
     for part in pointer_parts(pointer):
         if isinstance(value, dict) and part in value:

@@ -14,13 +14,12 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,6 +34,7 @@ from syncd.store.edits import EditQueue
 from syncd.store.schema import device_edits, devices, door_restrictions, metadata_definitions, portal_restrictions
 
 from .conftest import API_KEY
+from .loopback import JsonHandler, LoopbackServer
 from .test_secrets import dump_database
 
 ORG = "01HORG00000000000000000000"
@@ -223,33 +223,16 @@ CASES = [
 ]
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """A loopback HTTP server playing OpenApp with a crafted ``case``; records every request."""
 
     def __init__(self, case: Case) -> None:
         self.case = case
         self.requests: list[tuple[str, str]] = []
         self.lies = 0
-        self.stopping = threading.Event()
         self.listed = self._list_items(case)
         self.bomb = self._bomb() if case.behaviour == "gzip_bomb" else b""
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/api/v1"
-
-    def __enter__(self) -> HostileServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(self._handler())
 
     @staticmethod
     def _list_items(case: Case) -> list[bytes]:
@@ -275,21 +258,7 @@ class HostileServer:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 server.requests.append(("GET", self.path))
                 split = urlsplit(self.path)

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +39,7 @@ from syncd.store.edits import Edit, EditQueue
 from syncd.store.schema import device_edits, metadata_definitions
 
 from .conftest import API_KEY
+from .loopback import JsonHandler, LoopbackServer
 from .test_secrets import dump_database
 
 ORG = "01HORG00000000000000000000"
@@ -120,7 +121,7 @@ class StubDevice:
         }
 
 
-class WriteStub:
+class WriteStub(LoopbackServer):
     """OpenApp's write side, played by an attacker: a stateful loopback server whose answers a test
     sets (live door lists, schemas, lost or slow answers, errors that quote what was sent)."""
 
@@ -136,18 +137,7 @@ class WriteStub:
         self.update_errors: dict[str, bytes] = {}  # device id -> a 422 body for update_device
         self.busy: dict[str, str] = {}  # device id or "list" -> a Retry-After sent once with a 503
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.origin}/api/v1"
+        super().__init__(self._handler())
 
     def add(self, integration: str, metadata: Any, **fields: Any) -> str:
         device_id = make_ulid(1_700_000_000_000 + len(self.devices), self.rng)
@@ -157,35 +147,10 @@ class WriteStub:
     def writes(self, method: str) -> list[str]:
         return [path for m, path in self.requests if m == method]
 
-    def __enter__(self) -> WriteStub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                data = body if isinstance(body, bytes) else orjson.dumps(body)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def body(self) -> Any:
                 return orjson.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
 
