@@ -67,6 +67,7 @@ class Daemon:
         self._retired_clients: list[OpenAppClient] = []
         self.auth = AuthGate()  # one 401 pauses passes and write-back alike
         self.reconciler = self._new_reconciler(config)
+        self._reconcile_bug_logged = False  # a write-back round's own bug is logged with its traceback once
         self.board = health.Board()
         self.running: set[str] = set()
         self._metrics: MetricsServer | None = None
@@ -206,6 +207,12 @@ class Daemon:
             EDIT_QUEUE_OLDEST.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
         except SyncdError as exc:
             log.error("write-back round failed", error=str(exc))
+        except Exception as exc:  # a bug outside any one edit: its traceback once, then one line a round
+            if not self._reconcile_bug_logged:
+                self._reconcile_bug_logged = True
+                log.exception("write-back round failed: internal error (please report it)")
+            else:
+                log.error("write-back round failed: internal error", error=f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self.running.discard(RECONCILE_JOB)

@@ -341,3 +341,30 @@ def test_a_unusable_schema_is_recorded_on_its_definition(store: Store) -> None:
     row = MetadataDefinitions(store).for_integration("01HORG00000000000000000000", "01HINT0000000000000000000A")
     assert row is not None and "syncd never fetches a schema reference" in (row["schema_problem"] or "")
     assert re.search(r"outside the schema", row["schema_problem"] or "")
+
+
+def test_a_bug_in_a_write_back_round_is_logged_with_its_traceback_once(
+    tmp_path: Any, sim: Any, world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from syncd.config import Config, DatabaseSettings, OrgSettings
+    from syncd.daemon import Daemon
+    from syncd.notify import Notifier
+
+    from .conftest import api_settings
+
+    config = Config(
+        api=api_settings(sim),
+        database=DatabaseSettings(url=f"sqlite:///{tmp_path}/d.db"),
+        orgs=tuple(OrgSettings(org) for org in sorted(ORGS)),
+    )
+    daemon = Daemon(config, notifier=Notifier({}))
+
+    def broken() -> Counter[str]:
+        raise RuntimeError("a bug in the round")
+
+    monkeypatch.setattr(daemon.reconciler, "run_once", broken)
+    for _ in range(3):
+        daemon._reconcile_job()
+    logged = capsys.readouterr().out
+    assert logged.count("write-back round failed: internal error") == 3
+    assert logged.count("Traceback") == 1
