@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import orjson
 
 from syncd.api import OpenAppClient
-from syncd.errors import ConfigError, InvalidResponseError, RejectedError
+from syncd.errors import ConfigError, InvalidResponseError, RejectedError, TransientError
 from syncd.models import (
     ID_LENGTH,
     MAX_NESTING,
@@ -41,6 +41,7 @@ from syncd.models import (
     utcnow,
 )
 from syncd.schemas import (
+    CheckFailed,
     SchemaIndex,
     SchemaUnusable,
     escape,
@@ -213,7 +214,7 @@ class Update(EditKind):
     def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
         cleared = _cleared(payload)
         metadata = payload.get("device_metadata")
-        set_now = _credentials_set(remote.device)
+        set_now = credentials_named(remote.device)
         remote.credentials = frozenset(reading.recorded | set_now | cleared)
         if metadata is None and not cleared:
             return remote
@@ -255,13 +256,13 @@ class Update(EditKind):
             if name == "device_metadata":
                 if not same_json(device.device_metadata, _visible(wanted, remote.credentials)):
                     return False
-                set_now = _credentials_set(device)
+                set_now = credentials_named(device)
                 given = {p for p in remote.credentials if _has(wanted, p) and _get(wanted, p) is not None}
                 if not given <= set_now:
                     return False  # a credential value cannot be read back: only "set" can be seen
             elif not same_json(_field(device, name), _normal(name, wanted)):
                 return False
-        return not _cleared(payload) & _credentials_set(device)
+        return not _cleared(payload) & credentials_named(device)
 
     def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
@@ -436,7 +437,10 @@ class DoorRestrictionsEdit(EditKind):
 
     def applied(self, payload: Any, remote: Remote) -> bool:
         assert remote.restrictions is not None
-        return list(remote.restrictions.entity_ids) == self.target(payload, remote)
+        current = list(remote.restrictions.entity_ids)
+        if "entity_ids" not in payload and _meaning_problem(payload, current, "OpenApp"):
+            return False  # e.g. a remove on a door anyone may open: not done, whatever the arithmetic says
+        return current == self.target(payload, remote)
 
     def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         if "entity_ids" not in payload or not isinstance(base, dict) or "entity_ids" not in base:
@@ -512,6 +516,12 @@ def _meaning_problem(payload: Mapping[str, Any], current: list[str], whose: str)
             "never does that; to let everyone through on purpose, queue the whole list: "
             "`syncd door-restrictions ID --unrestrict` (entity_ids: [])"
         )
+    if not current and not target and payload.get("remove"):
+        return (
+            f"the portal is not restricted ({whose} lists no entity): anyone may open it, the "
+            f"{_entities(len(payload['remove']))} to remove included. Removing cannot shut them out; to "
+            "restrict the door on purpose, queue the whole list: `syncd door-restrictions ID --set ENTITY_ID ...`"
+        )
     if not current and target:
         return (
             f"the portal is not restricted ({whose} lists no entity): anyone may open it. Adding "
@@ -578,16 +588,32 @@ def queue_edit(
     )
 
 
+def cancel_edit(store: Store, edit_id: int, now: datetime) -> str:
+    """Drop an edit (:meth:`EditQueue.cancel`); returns the status it had. An edit whose write
+    went out keeps no credential value once cancelled: they are redacted as after a push."""
+    queue = EditQueue(store)
+    edit = queue.get(edit_id)
+    kept = None
+    if edit is not None and edit.sent_at is not None and isinstance(edit.payload, dict):
+        present = [p for p in edit_credentials(store, edit) if _has(edit.payload.get("device_metadata"), p)]
+        if present:
+            kept = {**redacted(edit.payload, present), "credentials_redacted": sorted(present)}
+    return queue.cancel(edit_id, now, kept)
+
+
 def metadata_problem(schema: Any, metadata: Any, remote: Remote, cleared: Collection[str] = ()) -> str | None:
     """What keeps ``metadata`` from the provider's schema (one line, the first problem by path),
     or None. The check runs in a worker process with a deadline (:func:`syncd.schemas.validate`).
     A credential OpenApp holds may be left out even where the schema requires it (it is kept). No
-    message quotes a credential, nor a value that holds one."""
+    message quotes a credential, nor a value that holds one. TransientError when the check could
+    not run at all (not the schema's fault: tried again later)."""
     try:
         errors = validate(schema, metadata)
     except SchemaUnusable as exc:
         return f"the provider's metadata schema cannot be used: {exc}"
-    kept = _credentials_set(remote.device) - set(cleared)
+    except CheckFailed as exc:
+        raise TransientError(str(exc)) from None
+    kept = credentials_named(remote.device) - set(cleared)
     present = {p for p in remote.credentials if _has(metadata, p)}
     secrets = credential_values(metadata, remote.credentials)
     for error in errors:
@@ -720,8 +746,10 @@ def _check_against_mirrored_schema(store: Store, device: Mapping[str, Any], payl
 def _size_problem(payload: Any) -> str | None:
     try:
         size = len(orjson.dumps(payload))
-    except (orjson.JSONEncodeError, TypeError):
-        return f"payload is nested more than {MAX_NESTING} levels deep"
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        if "recursion" in str(exc).lower():
+            return f"payload is nested more than {MAX_NESTING} levels deep"
+        return f"payload is not storable JSON ({one_line(str(exc), 80)})"
     if size > MAX_EDIT_BYTES:
         return f"payload is {size} bytes of JSON, more than an edit may be ({MAX_EDIT_BYTES})"
     where = nul_path(payload)
@@ -735,7 +763,7 @@ def _cleared(payload: Any) -> set[str]:
     return {_pointer(c) for c in clear if isinstance(c, str) and c} if isinstance(clear, list) else set()
 
 
-def _credentials_set(device: Device) -> set[str]:
+def credentials_named(device: Device) -> set[str]:
     """The pointers OpenApp's ``credentials_set`` names (its list form; a boolean names none)."""
     found = device.credentials_set
     return {p for p in found if p.startswith("/")} if isinstance(found, list) else set()

@@ -20,7 +20,8 @@
     │       └── ResponseTooLargeError  the answer is larger than api.max_response_size
     ├── StoreError                  the database failed; the transaction was rolled back
     │   ├── SchemaOutdatedError     the database schema is behind: run `syncd db upgrade`
-    │   └── LockLostError           the session holding an org's lock ended mid-pass: the pass stopped
+    │   ├── LockLostError           the session holding an org's lock ended mid-pass: the pass stopped
+    │   └── ClaimLostError          an edit is no longer this reconciler's (its lease ran out): leave it
     ├── PassRefusedError            a safety guard stopped a pass; an operator must confirm
     │   └── MassPurgeRefusedError   a pass would purge too much; rerun with --allow-mass-purge
     └── StoppedError                stopped on request (SIGTERM, SIGINT, shutdown): nothing to fix
@@ -165,6 +166,11 @@ class SchemaOutdatedError(StoreError):
 class LockLostError(StoreError):
     """The database session holding an org's lock ended (terminated, an idle timeout, a proxy, a
     failover) while a pass ran: the pass stopped, and nothing more of it was written."""
+
+
+class ClaimLostError(StoreError):
+    """An edit this reconciler claimed is no longer its own (its lease ran out and another took it,
+    or an operator moved it): nothing was sent; it is left to its new owner."""
 
 
 class PassRefusedError(SyncdError):

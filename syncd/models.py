@@ -8,6 +8,7 @@ inside the ``metadata`` string map, or both. Unknown fields are kept in ``raw``.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 from collections.abc import Collection
@@ -447,9 +448,10 @@ REDACTED = "********"  # what a credential value becomes wherever syncd shows or
 
 def masked(text: str, secrets: Collection[str]) -> str:
     """``text`` with every secret replaced by :data:`REDACTED`, in each form a message may quote it
-    (as it is, JSON- or ASCII-escaped, as ``repr`` or :func:`one_line` escapes it, percent-encoded),
-    and a secret's beginning where a shortened text was cut before its end (followed by ``...``).
-    Mask first, then shorten; this also catches text shortened before it got here."""
+    (as it is, JSON- or ASCII-escaped, as ``repr`` or :func:`one_line` escapes it, HTML-escaped,
+    percent-encoded), and a secret's beginning where a shortened text was cut before its end
+    (followed by ``...``). Mask first, then shorten; this also catches text shortened before it got
+    here. Linear in the text and the secrets' lengths."""
     forms: set[str] = set()
     for secret in secrets:
         if not secret:
@@ -461,19 +463,47 @@ def masked(text: str, secrets: Collection[str]) -> str:
                 json.dumps(secret)[1:-1],
                 repr(secret)[1:-1],
                 secret.encode("unicode_escape").decode("ascii"),
+                html.escape(secret, quote=False),
+                html.escape(secret),
                 quote(secret, safe=""),
                 quote_plus(secret, safe=""),
             }
         )
-    for form in sorted(forms, key=len, reverse=True):
+    ordered = sorted(forms, key=len, reverse=True)
+    for form in ordered:
         if form in text:
             text = text.replace(form, REDACTED)
-        shortest = min(len(form), max(4, min(8, len(form) // 2)))
-        for end in range(len(form) - 1, shortest - 1, -1):
-            cut = form[:end] + "..."
-            if cut in text:
-                text = text.replace(cut, REDACTED + "...")
-    return text
+    if "..." not in text:
+        return text
+    # A cut: the end of the text before each "..." may be a secret's beginning.
+    pieces = text.split("...")
+    for n in range(len(pieces) - 1):
+        for form in ordered:
+            shortest = min(len(form), max(4, min(8, len(form) // 2)))
+            end = _overlap(pieces[n][-len(form) :], form)
+            if end >= shortest:
+                pieces[n] = pieces[n][:-end] + REDACTED
+    return "...".join(pieces)
+
+
+def _overlap(tail: str, form: str) -> int:
+    """The length of the longest beginning of ``form`` that ``tail`` ends with (Knuth-Morris-Pratt:
+    linear, however long and repetitive the secret)."""
+    fallback = [0] * len(form)
+    k = 0
+    for i in range(1, len(form)):
+        while k and form[i] != form[k]:
+            k = fallback[k - 1]
+        if form[i] == form[k]:
+            k += 1
+        fallback[i] = k
+    matched = 0
+    for char in tail:
+        while matched and (matched == len(form) or char != form[matched]):
+            matched = fallback[matched - 1]
+        if char == form[matched]:
+            matched += 1
+    return matched
 
 
 def same_json(a: Any, b: Any) -> bool:

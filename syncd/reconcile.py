@@ -33,9 +33,19 @@ import structlog
 from syncd.api import OpenAppClient
 from syncd.backoff import backoff_delay
 from syncd.config import WritebackSettings
-from syncd.edits import KINDS, EditKind, EditProblem, Outcome, Reading, Remote, credential_values
+from syncd.edits import (
+    KINDS,
+    EditKind,
+    EditProblem,
+    Outcome,
+    Reading,
+    Remote,
+    credential_values,
+    credentials_named,
+)
 from syncd.errors import (
     AuthError,
+    ClaimLostError,
     InvalidResponseError,
     NotFoundError,
     StoppedError,
@@ -105,8 +115,8 @@ class Reconciler:
         started = utcnow()
         seen: set[int] = set()
         while not self.stop.is_set():
-            lease_cutoff = utcnow() - timedelta(seconds=self.settings.lease_timeout)
-            claimed = self.queue.claim(started, lease_cutoff, self.settings.batch_size, self.instance)
+            lease = timedelta(seconds=self.settings.lease_timeout)
+            claimed = self.queue.claim(started, lease, self.settings.batch_size, self.instance)
             fresh = [e for e in claimed if e.id not in seen]
             self.queue.release([e.id for e in claimed if e.id in seen], utcnow())
             if not fresh:
@@ -194,6 +204,9 @@ class Reconciler:
             return self._fail(edit, "the device no longer exists in OpenApp (purged)", edit_log, exc, attempt)
         except TransientError as exc:
             return self._retry_later(edit, exc, edit_log, attempt)
+        except ClaimLostError as exc:  # its lease ran out and another reconciler has it now
+            edit_log.warning("edit left to the reconciler that claimed it since", error=str(exc))
+            return "lost"
         except StoreError:
             raise
         except SyncdError as exc:  # permanent API errors, unreadable answers
@@ -255,6 +268,7 @@ class Reconciler:
     def _succeed(self, edit: Edit, kind: EditKind, payload: Any, base: Any, remote: Remote, outcome: Outcome) -> str:
         now = utcnow()
         device = outcome.device
+        remote.credentials |= credentials_named(device)  # what OpenApp now says it holds is masked too
         mirrored = self.store.device(device.id)
         change = None
         if mirrored is not None:
@@ -271,6 +285,7 @@ class Reconciler:
             restrictions=restrictions,
             rebase=kind.rebase(payload, base, remote),
             payload=kind.stored(payload, remote),
+            credentials=remote.credentials,
         )
         log.info("edit applied", edit_id=edit.id, device_id=edit.device_id, what=kind.describe(payload))
         if self.auth.accepted():
@@ -339,7 +354,8 @@ class Reconciler:
         error = masked(f"internal error: {type(exc).__name__}: {exc}", attempt.secrets())
         if signature not in self._bugs:
             self._bugs.add(signature)
-            edit_log.error("internal error while processing an edit (please report it)", exc_info=exc)
+            trace = masked("".join(traceback.format_exception(exc)), attempt.secrets())
+            edit_log.error("internal error while processing an edit (please report it)", traceback=trace)
         if attempt.sent and edit.attempts < self.settings.max_attempts:
             now = utcnow()
             delay = backoff_delay(edit.attempts, self.settings.base_delay, self.settings.max_delay)

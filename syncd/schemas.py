@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from xxhash import xxh3_128_hexdigest
@@ -45,6 +46,8 @@ MAX_WALK = 200_000  # steps of a search for credentials in one instance
 VALIDATION_SECONDS = 3.0  # a check still running after this is killed: the edit fails unsent
 WORKER_MEMORY = 512 * 1024 * 1024  # address space of the checking process
 MAX_ERRORS = 20  # errors reported by one validation (the first by path is the one shown)
+# What the checking process keeps of syncd's environment (never the API key's variable).
+WORKER_ENVIRONMENT = frozenset({"PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "TMPDIR"})
 
 # Keywords whose value is a schema, a list of schemas, or a map of schemas; and which of them apply
 # at the same place of the instance ("in place") rather than to its members.
@@ -76,7 +79,11 @@ _DIALECTS = {
 
 
 class SchemaUnusable(Exception):
-    """A schema syncd will not use, or could not finish checking (the message says why, one line)."""
+    """A schema syncd will not use, or whose check ran over its deadline (the message says why, one line)."""
+
+
+class CheckFailed(Exception):
+    """The check could not run (the checking process could not start or ended): not the schema's fault."""
 
 
 def fingerprint(schema: Any) -> str:
@@ -110,7 +117,10 @@ def schema_problem(schema: Any) -> str | None:
 
 @functools.lru_cache(maxsize=32)
 def _cached_problem(encoded: bytes) -> str | None:
-    return _problem_of(orjson.loads(encoded))
+    try:
+        return _problem_of(orjson.loads(encoded))
+    except Exception as exc:  # whatever a schema does to this analysis makes it unusable, never a crash
+        return f"syncd could not analyse it ({type(exc).__name__})"
 
 
 def _problem_of(schema: Any) -> str | None:
@@ -191,6 +201,8 @@ class SchemaIndex:
             if not isinstance(node, dict):
                 continue
             own_id = node.get("$id" if self._draft >= 6 else "id")
+            if self._draft <= 7 and "$ref" in node:
+                own_id = None  # up to draft 7 a $ref's siblings are ignored, its $id included (as jsonschema does)
             if isinstance(own_id, str) and own_id:
                 if own_id.startswith("#"):
                     self.anchors[(resource, own_id[1:])] = where
@@ -209,6 +221,7 @@ class SchemaIndex:
         outside the schema or at nothing in it."""
         resource = self.base.get(where, "")
         target, _, fragment = reference.partition("#")
+        fragment = unquote(fragment)  # a URI fragment: "#/$defs/a%20b" names "a b"
         if target:
             if target not in self.resources:
                 raise SchemaUnusable(
@@ -259,28 +272,48 @@ class SchemaIndex:
         that apply at one place."""
         sizes: dict[str, int] = {}
         for where in list(self.nodes):
-            self._expansion(where, sizes, set())
+            self._expansion(where, sizes)
 
-    def _expansion(self, where: str, sizes: dict[str, int], path: set[str]) -> int:
-        if where in sizes:
-            return sizes[where]
-        if where in path:
-            raise SchemaUnusable(
-                f"its references at {where or '/'} form a cycle that never reaches into the metadata; "
-                "checking it would never end"
-            )
-        path.add(where)
-        total = 1
-        for child in self.in_place(where):
-            total += self._expansion(child, sizes, path)
-            if total > MAX_EXPANSION:
+    def _expansion(self, start: str, sizes: dict[str, int]) -> int:
+        """How many subschemas apply where ``start`` does, counted as a validator would visit them
+        (no memory between branches); without recursion, so a long chain of references costs time,
+        not the interpreter's stack."""
+        if start in sizes:
+            return sizes[start]
+        on_path = {start}
+        stack: list[tuple[str, Iterator[str], int]] = [(start, self.in_place(start), 1)]
+        while stack:
+            where, children, total = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(where)
+                sizes[where] = total
+                if stack:
+                    parent, rest, subtotal = stack[-1]
+                    stack[-1] = (parent, rest, subtotal + total)
+                    if subtotal + total > MAX_EXPANSION:
+                        raise SchemaUnusable(
+                            f"more than {MAX_EXPANSION} of its subschemas apply at {parent or '/'} once its "
+                            "references are followed; it is too complex to check"
+                        )
+                continue
+            if child in sizes:
+                stack[-1] = (where, children, total + sizes[child])
+                if total + sizes[child] > MAX_EXPANSION:
+                    raise SchemaUnusable(
+                        f"more than {MAX_EXPANSION} of its subschemas apply at {where or '/'} once its "
+                        "references are followed; it is too complex to check"
+                    )
+                continue
+            if child in on_path:
                 raise SchemaUnusable(
-                    f"more than {MAX_EXPANSION} of its subschemas apply at {where or '/'} once its references "
-                    "are followed; it is too complex to check"
+                    f"its references at {child or '/'} form a cycle that never reaches into the metadata; "
+                    "checking it would never end"
                 )
-        path.discard(where)
-        sizes[where] = total
-        return total
+            on_path.add(child)
+            stack.append((child, self.in_place(child), 1))
+        return sizes[start]
 
     # -- credentials ------------------------------------------------------------------------------
 
@@ -385,31 +418,6 @@ class SchemaIndex:
                 return False
         return self.is_secret(locations)
 
-    def named_credentials(self) -> set[str]:
-        """Pointers of the credentials the schema names through ``properties`` alone (no instance
-        needed): what an edit may name in ``clear_credentials`` and what output masks by name."""
-        budget = [MAX_WALK]
-        found: set[str] = set()
-        if not self.has_secrets:
-            return found
-        pending: list[tuple[set[str], str, int]] = [({""}, "", 0)]
-        while pending:
-            locations, pointer, depth = pending.pop()
-            applying = self.closure(locations, budget)
-            if self.is_secret(applying):
-                found.add(pointer)
-                continue
-            if depth >= MAX_SCHEMA_DEPTH:
-                continue
-            names: set[str] = set()
-            for where in applying:
-                node = self.nodes.get(where)
-                if isinstance(node, dict) and isinstance(node.get("properties"), dict):
-                    names.update(str(n) for n in node["properties"])
-            for name in names:
-                pending.append((self.members(applying, name), f"{pointer}/{escape(name)}", depth + 1))
-        return found
-
 
 def _children(node: dict[str, Any], where: str) -> Iterator[tuple[Any, str]]:
     """The subschemas written directly inside a schema object, with their locations."""
@@ -489,27 +497,38 @@ class _Worker:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._served = 0
+        self._asked = 0
 
     def ask(self, schema: Any, instance: Any, seconds: float) -> list[SchemaError]:
-        request = orjson.dumps({"schema": schema, "instance": instance, "fingerprint": fingerprint(schema)})
         with self._lock:
-            proc = self._ready()
-            deadline = time.monotonic() + seconds
+            self._asked += 1
+            request = orjson.dumps(
+                {"id": self._asked, "schema": schema, "instance": instance, "fingerprint": fingerprint(schema)}
+            )
             try:
+                proc = self._ready()
                 assert proc.stdin is not None and proc.stdout is not None
+                deadline = time.monotonic() + seconds
                 proc.stdin.write(struct.pack(">I", len(request)) + request)
                 proc.stdin.flush()
                 (size,) = struct.unpack(">I", _read(proc.stdout.fileno(), 4, deadline))
                 answer = orjson.loads(_read(proc.stdout.fileno(), size, deadline))
+                if not isinstance(answer, dict) or answer.get("id") != self._asked:
+                    raise EOFError("an answer to another request")
             except TimeoutError:
                 self._kill()
                 raise SchemaUnusable(
                     f"checking the metadata against it took longer than {seconds:g}s (a pattern or a schema "
                     "that would run for ever); the check was stopped"
                 ) from None
-            except (OSError, EOFError, struct.error, orjson.JSONDecodeError) as exc:
+            except (OSError, EOFError, ValueError, struct.error) as exc:
+                code = self._proc.poll() if self._proc is not None else None
                 self._kill()
-                raise SchemaUnusable(f"its check failed ({type(exc).__name__}; out of memory?)") from None
+                ended = f", the checking process ended with {code}" if code is not None else ""
+                raise CheckFailed(f"the metadata check could not run ({type(exc).__name__}{ended})") from None
+            except BaseException:  # a Ctrl-C between question and answer: never read an old answer later
+                self._kill()
+                raise
             self._served += 1
             if self._served >= 500:  # a fresh process now and then: nothing a schema left behind stays
                 self._kill()
@@ -524,11 +543,12 @@ class _Worker:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "syncd.schemas"],
+            # -I: nothing from the working directory or the user's site shadows syncd's own modules
+            [sys.executable, "-I", "-m", "syncd.schemas"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "PATH", "VIRTUAL_ENV", "LANG"))},
+            env={k: v for k, v in os.environ.items() if k in WORKER_ENVIRONMENT},
             close_fds=True,
         )
         self._served = 0
@@ -555,9 +575,11 @@ class _Worker:
 
 def _read(fd: int, size: int, deadline: float) -> bytes:
     chunks, left = [], size
+    poller = select.poll()  # not select(): it cannot wait on a descriptor numbered 1024 or more
+    poller.register(fd, select.POLLIN)
     while left:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not poller.poll(remaining * 1000):
             raise TimeoutError
         chunk = os.read(fd, min(left, 1 << 20))
         if not chunk:
@@ -600,7 +622,7 @@ def _serve() -> None:
             answer = {"unusable": "checking the metadata against it needed more memory than syncd allows"}
         except Exception as exc:  # a schema that breaks the validator is unusable, nothing more
             answer = {"unusable": f"checking the metadata against it failed: {type(exc).__name__}: {_short(str(exc))}"}
-        body = orjson.dumps(answer)
+        body = orjson.dumps({**answer, "id": request.get("id")})
         stdout.write(struct.pack(">I", len(body)) + body)
         stdout.flush()
 

@@ -158,7 +158,10 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     remote = Remote(DEVICE, restrictions=DoorRestrictions(tuple(sorted(current)), "apartment_entity_ids", {}))
     target = sorted((current | add) - remove)
     problem = kind.unsendable(payload, remote)
-    assert (problem is None) == (bool(current) == bool(target)), (current, payload, problem)
+    changes_meaning = bool(current) != bool(target) or (not current and bool(remove))
+    assert (problem is None) == (not changes_meaning), (current, payload, problem)
+    if changes_meaning:
+        assert not kind.applied(payload, remote)  # never "succeeded" on a door it left open to anyone
     if problem is None:
         assert kind.target(payload, remote) == target
     # A whole list says what it means: it may change either way.
@@ -270,6 +273,22 @@ def test_a_schema_check_that_would_run_for_ever_is_stopped() -> None:
         ({"description": "x" * 300_000}, "more than syncd checks metadata against"),
         ({"not": {"not": {"not": {}}}} | {"properties": {"a": {"items": [{}] * 2}}}, None),
         ({"properties": {"child": {"$ref": "#"}}}, None),  # recursion through the instance ends
+        ({"$defs": {"a b": {"type": "object"}}, "$ref": "#/$defs/a%20b"}, None),  # a URI fragment, decoded
+        (  # a chain of 1,200 references: long, not too complex, and no recursion in syncd's own stack
+            {
+                "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(1200)} | {"d1200": {}},
+                "$ref": "#/$defs/d0",
+            },
+            None,
+        ),
+        (  # up to draft 7 an $id beside a $ref is ignored (as jsonschema does): no new base to resolve against
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "properties": {"a": {"$id": "http://example.com/x.json", "$ref": "#/definitions/c"}},
+                "definitions": {"c": {}},
+            },
+            None,
+        ),
     ],
 )
 def test_unusable_schemas_say_why(schema: Any, problem: str | None) -> None:
@@ -368,3 +387,115 @@ def test_a_bug_in_a_write_back_round_is_logged_with_its_traceback_once(
     logged = capsys.readouterr().out
     assert logged.count("write-back round failed: internal error") == 3
     assert logged.count("Traceback") == 1
+
+
+def test_the_checking_process_itself_never_fetches_a_reference() -> None:
+    """Behind the static check, the worker's own resolver refuses every retrieval."""
+    from syncd import schemas
+
+    from .loopback import JsonHandler, LoopbackServer
+
+    asked: list[str] = []
+
+    class Handler(JsonHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send(200, {"type": "string"})
+
+    with LoopbackServer(Handler) as server:
+        schema = {"properties": {"x": {"$ref": f"{server.origin}/evil.json"}}}
+        assert schema_problem(schema) is not None  # the static check already refuses it
+        with pytest.raises(SchemaUnusable, match=r"Unresolvable|NoSuchResource|Unretrievable"):
+            schemas._worker.ask(schema, {"x": 1}, 5.0)  # and the worker, asked directly, fetches nothing
+    assert asked == []
+
+
+def test_the_delete_cap_is_counted_and_taken_in_one_step(database_url: str, store: Store) -> None:
+    """Two reconcilers reach the last slot at once: the second waits until the first has recorded
+    its send, then finds the cap reached (deterministic: the first holds its step open)."""
+    import threading
+    from datetime import timedelta
+
+    from syncd.store.dialect import dialect_for
+    from syncd.store.edits import EditQueue, SendCap
+
+    with store.engine.begin() as conn:
+        for n in range(2):
+            conn.exec_driver_sql(
+                f"INSERT INTO device_edits (device_id, action) VALUES ('01HK153X0038NZ3ZA2MABNBN6{n}', 'delete')"
+            )
+    stores = [Store(database_url), Store(database_url)]  # two processes' worth of connections and locks
+    first, second = (
+        EditQueue(s).claim(datetime.now(UTC), timedelta(minutes=2), 1, f"r{i}")[0] for i, s in enumerate(stores)
+    )
+    dialect = dialect_for(store.dialect)
+    real_now = dialect.database_now
+    counting = threading.Event()
+
+    def slow_now(conn: Any) -> datetime:
+        if threading.current_thread().name == "first":
+            counting.set()
+            threading.Event().wait(1.0)  # inside the step: counted nothing yet, recorded nothing yet
+        return real_now(conn)
+
+    cap = SendCap("delete", 1, timedelta(hours=1))
+    results: dict[str, Any] = {}
+
+    def send(name: str, queue: EditQueue, edit: Any) -> None:
+        results[name] = queue.sending(edit, cap)
+
+    try:
+        dialect.database_now = slow_now  # type: ignore[method-assign]
+        thread = threading.Thread(target=send, args=("first", EditQueue(stores[0]), first), name="first")
+        thread.start()
+        assert counting.wait(10)
+        send("second", EditQueue(stores[1]), second)
+        thread.join(10)
+    finally:
+        dialect.database_now = real_now  # type: ignore[method-assign]
+        for s in stores:
+            s.close()
+    assert results["first"] is None  # it sends
+    assert results["second"] is not None and results["second"].count == 1  # it waits: no second delete
+
+
+def test_leases_are_judged_on_the_databases_clock_and_a_lost_claim_sends_nothing(store: Store) -> None:
+    from datetime import timedelta
+
+    from syncd.errors import ClaimLostError
+    from syncd.store.edits import EditQueue
+
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO device_edits (device_id, action) VALUES ('01HK153X0038NZ3ZA2MABNBN61', 'delete')"
+        )
+    queue = EditQueue(store)
+    now = datetime.now(UTC)
+    (mine,) = queue.claim(now, timedelta(minutes=2), 1, "a")
+    ahead = now + timedelta(hours=2)  # a host whose clock runs two hours ahead
+    assert queue.claim(ahead, timedelta(minutes=2), 1, "b") == []  # the lease still holds
+    (theirs,) = queue.claim(now, timedelta(0), 1, "b")  # a lease that has run out is taken over
+    assert theirs.recheck
+    with pytest.raises(ClaimLostError):
+        queue.sending(mine)  # no longer a's: nothing is sent
+    assert queue.sending(theirs) is None
+
+
+def test_an_edit_cancelled_after_its_write_went_out_keeps_no_credential(
+    sim: Any, wb_client: OpenAppClient, store: Store, world: World, mirrored: str
+) -> None:
+    from syncd.edits import cancel_edit
+    from syncd.simulator import Fault
+
+    from .test_edit_kinds import SECRET, of_provider
+
+    device = of_provider(world, mirrored, "akuvox")
+    visible = world.device(mirrored, device)["device_metadata"]
+    edit_id = queue_edit(store, device, "update", {"device_metadata": {**visible, "sip_password": SECRET}}, "ops", ORGS)
+    sim.inject(Fault(status=503, operation="update_device", times=1))
+    assert reconciler(wb_client, store).run_once() == Counter(retrying=1)  # sent; its outcome: 503
+    assert SECRET in orjson.dumps(edit(store, edit_id).payload).decode()  # kept: it will be pushed again
+    assert cancel_edit(store, edit_id, datetime.now(UTC)) == "pending"
+    cancelled = edit(store, edit_id)
+    assert cancelled.status == "cancelled" and SECRET not in orjson.dumps(cancelled.payload).decode()
+    assert cancelled.payload["credentials_redacted"] == ["/sip_password"]

@@ -326,8 +326,8 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     tmp_path: Path, database_url: str, stub: WriteStub
 ) -> None:
     portal = {"kind": "virtual_access_portal"}
-    shrinking, opened, closed, explicit = (stub.add("01HINT0000000000000000000P", portal) for _ in range(4))
-    stub.restrictions.update({shrinking: [E1, E2], opened: [E1], closed: [], explicit: [E1]})
+    shrinking, opened, closed, explicit, emptied = (stub.add("01HINT0000000000000000000P", portal) for _ in range(5))
+    stub.restrictions.update({shrinking: [E1, E2], opened: [E1], closed: [], explicit: [E1], emptied: [E1, E2]})
     config = write_config(tmp_path, stub, database_url)
     mirror(config)
 
@@ -338,11 +338,13 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
         syncd(config, "door-restrictions", shrinking, "--add", "not a ulid"),
         syncd(config, "door-restrictions", shrinking, "--add", "../../x?y=1"),
         syncd(config, "door-restrictions", shrinking, "--add", E1.lower()),
+        syncd(config, "door-restrictions", shrinking, "--set"),  # an empty $ENTITIES: not "let everyone in"
     ]
     assert [r.returncode for r in refused] == [2] * len(refused), [r.stderr for r in refused]
     assert "anyone could open it" in refused[0].stderr and "--unrestrict" in refused[0].stderr
     assert "lock everyone else out" in refused[1].stderr and "--set" in refused[1].stderr
-    assert all("is not an entity id" in r.stderr for r in refused[2:])
+    assert all("is not an entity id" in r.stderr for r in refused[2:5])
+    assert "--unrestrict" in refused[5].stderr
     assert edits(database_url) == {}
 
     # Queued while the mirror allowed them; meanwhile OpenApp's live list changed their meaning.
@@ -350,10 +352,12 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
         syncd(config, "door-restrictions", shrinking, "--remove", E2),
         syncd(config, "door-restrictions", opened, "--add", E3),
         syncd(config, "door-restrictions", explicit, "--unrestrict"),
+        syncd(config, "door-restrictions", emptied, "--remove", E2),
     ]
-    assert [r.returncode for r in ok] == [0, 0, 0], [r.stderr for r in ok]
+    assert [r.returncode for r in ok] == [0, 0, 0, 0], [r.stderr for r in ok]
     stub.restrictions[shrinking] = [E2]  # removing E2 now leaves nobody: anyone could open it
     stub.restrictions[opened] = []  # adding E3 now locks everyone but E3 out
+    stub.restrictions[emptied] = []  # anyone may open it, E2 included: removing E2 is not "done"
     by_sql = queue_sql(
         database_url,
         [
@@ -371,11 +375,12 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     no_traceback(result)
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     final = edits(database_url)
-    remove, add, unrestrict = (final[i] for i in sorted(final)[:3])
+    remove, add, unrestrict, not_done = (final[i] for i in sorted(final)[:4])
     assert remove.status == "failed" and "anyone could open it" in (remove.last_error or "")
     assert "nothing was sent" in (remove.last_error or "") and "OpenApp lists 1" in (remove.last_error or "")
     assert add.status == "failed" and "lock everyone else out" in (add.last_error or "")
     assert unrestrict.status == "succeeded" and stub.restrictions[explicit] == []  # said explicitly: done
+    assert not_done.status == "failed" and "Removing cannot shut them out" in (not_done.last_error or "")
     assert [final[i].status for i in by_sql] == ["failed"] * 4
     assert "is not an entity id" in (final[by_sql[0]].last_error or "")
     assert "is not an entity id" in (final[by_sql[1]].last_error or "")
@@ -424,8 +429,16 @@ def test_two_reconcilers_at_once_never_overshoot_the_cap(tmp_path: Path, databas
 CLOCK_AHEAD = """
 import datetime as _dt
 import syncd.models as _models
+import syncd.store.dialect as _dialect
 _real = _models.utcnow
 _models.utcnow = lambda: _real() + _dt.timedelta(hours=2)
+
+class _Ahead(_dt.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return _dt.datetime.now(tz) + _dt.timedelta(hours=2)
+
+_dialect.datetime = _Ahead
 """
 
 
@@ -512,6 +525,7 @@ def test_credentials_are_found_wherever_the_schema_puts_them_and_never_quoted(
     integration = "01HINT0000000000000000CRED"
     stub.schemas[integration] = CREDENTIAL_SCHEMA
     everywhere, dropped, quoted, boxed = (stub.add(integration, {"kind": "door"}) for _ in range(4))
+    unmarked = stub.add("01HINT000000000000000PLAIN", {"kind": "door"})  # its schema marks no credential
     config = write_config(tmp_path, stub, database_url)
     mirror(config)
     sip, relay, extra, key, pin, box = SECRETS
@@ -540,7 +554,11 @@ def test_credentials_are_found_wherever_the_schema_puts_them_and_never_quoted(
             (boxed, "update", {"device_metadata": box_metadata}),
         ],
     )
-    outputs += [syncd(config, "edits"), syncd(config, "reconcile-once")]
+    outputs.append(syncd(config, "edits"))
+    # OpenApp's answer names a credential the schema never marked (nothing could say it was one
+    # before): masked once pushed all the same.
+    queue_sql(database_url, [(unmarked, "update", {"device_metadata": {"sip": {"password": sip}}})])
+    outputs.append(syncd(config, "reconcile-once"))
 
     # Queued while the schema marks sip/password; then the mirrored schema stops saying so.
     outputs.append(
@@ -574,6 +592,9 @@ def test_credentials_are_found_wherever_the_schema_puts_them_and_never_quoted(
     }
     assert set(final[everywhere].payload["credentials_redacted"]) == stub.devices[everywhere].credentials
     assert final[dropped].payload["device_metadata"]["sip"]["password"] == "********"  # the union is masked
+    assert final[unmarked].status == "succeeded" and stub.devices[unmarked].credentials == {"/sip/password"}
+    assert final[unmarked].payload["device_metadata"]["sip"]["password"] == "********"
+    assert final[unmarked].credential_pointers == ("/sip/password",)
     assert final[quoted].status == "failed" and "HTTP 422 (bad)" in (final[quoted].last_error or "")
     assert final[boxed].status == "failed" and "'maxProperties' rule" in (final[boxed].last_error or "")
     printed = "\n".join(r.stdout + r.stderr for r in outputs)  # every log line and listing

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import random
 import re
 import ssl
@@ -129,13 +130,14 @@ def read_problem(status: int, body: bytes, secrets: Collection[str] = ()) -> Api
 def _snippet(body: bytes, secrets: Collection[str] = ()) -> str:
     """One line of a body that is not an ApiErrorResponse: an HTML page's title, else its first line
     of text, not the whole page."""
-    text = body[:4096].decode("utf-8", "replace")
+    text = masked(body.decode("utf-8", "replace"), secrets)[:4096]  # masked whole, then cut
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     if title:
         text = " ".join(title.group(1).split())  # a title may span lines
     elif text.lstrip().startswith("<"):
         text = re.sub(r"<[^>]*>", "\n", text)  # the page's text, a line per element
-    line = next((line.strip() for line in masked(text, secrets).splitlines() if line.strip()), "")
+    line = next((line.strip() for line in html.unescape(text).splitlines() if line.strip()), "")
+    line = masked(line, secrets)  # what unescaping revealed
     return one_line(" ".join(line.split()), 200)
 
 

@@ -23,7 +23,7 @@ from syncd.cli.args import (
 )
 from syncd.cli.output import print_edits
 from syncd.cli.signals import stop_on_signals
-from syncd.edits import KINDS, edit_credentials, queue_edit, redacted
+from syncd.edits import KINDS, cancel_edit, edit_credentials, queue_edit, redacted
 from syncd.errors import ConfigError
 from syncd.passes import instance_name, writeback_client
 from syncd.reconcile import Reconciler, requester
@@ -74,10 +74,8 @@ def add_commands(commands: Commands) -> None:
     )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
-    p.add_argument("--set", nargs="*", metavar="ENTITY_ID", help="the whole list (none: the portal is not restricted)")
-    p.add_argument(
-        "--unrestrict", action="store_true", help="let everyone through: the whole list, empty (same as --set alone)"
-    )
+    p.add_argument("--set", nargs="*", metavar="ENTITY_ID", help="the whole list (at least one; see --unrestrict)")
+    p.add_argument("--unrestrict", action="store_true", help="let everyone through: the whole list, empty")
     p.add_argument(
         "--add",
         nargs="+",
@@ -176,7 +174,9 @@ def cmd_door_restrictions(args: argparse.Namespace) -> int:
     whole = [name for name, given in (("--set", args.set is not None), ("--unrestrict", args.unrestrict)) if given]
     if len(whole) > 1 or (whole and (args.add or args.remove)):
         raise ConfigError(f"{whole[0]} gives the whole list: not with {', '.join(whole[1:]) or '--add or --remove'}")
-    if args.unrestrict or (args.set is not None and not args.set):
+    if args.set is not None and not args.set:  # an empty shell variable must not open a door to everyone
+        raise ConfigError("--set names no entity; to let everyone through, say so: --unrestrict")
+    if args.unrestrict:
         payload: dict[str, Any] = {"entity_ids": []}
     elif args.set is not None:
         payload = {"entity_ids": list(dict.fromkeys(args.set))}
@@ -210,7 +210,7 @@ def cmd_edits_change(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     with prepared_store(config) as store:
         queue = EditQueue(store)
-        was = queue.retry(args.edit_id, now) if args.change == "retry" else queue.cancel(args.edit_id, now)
+        was = queue.retry(args.edit_id, now) if args.change == "retry" else cancel_edit(store, args.edit_id, now)
     print(f"edit {args.edit_id}: {was} -> {'pending' if args.change == 'retry' else 'cancelled'}")
     return EXIT_OK
 

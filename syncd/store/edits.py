@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Select, Text, and_, cast, func, insert, literal, or_, select, update
 
-from syncd.errors import ConfigError, StoreError
+from syncd.errors import ClaimLostError, ConfigError
 from syncd.models import Device, one_line, parse_timestamp, preview, same_json
 from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
@@ -151,16 +151,6 @@ class EditQueue:
         with translated("reading edits"), self._engine.connect() as conn:
             return conn.execute(query).scalar()
 
-    def deletes_applied_since(self, moment: datetime) -> tuple[int, datetime | None]:
-        """How many soft deletes succeeded since ``moment``, and when the first of them did."""
-        e = device_edits
-        query = select(func.count(), func.min(e.c.applied_at, type_=UTCDateTime())).where(
-            e.c.action == "delete", e.c.status == "succeeded", e.c.applied_at >= moment
-        )
-        with translated("counting deletes"), self._engine.connect() as conn:
-            count, first = conn.execute(query).one()
-        return int(count), first
-
     # -- an operator's transitions -----------------------------------------------------------------
 
     def retry(self, edit_id: int, now: datetime) -> str:
@@ -174,9 +164,10 @@ class EditQueue:
             values["base"] = {**(edit.base if isinstance(edit.base, dict) else {}), **seen}
         return self._operator("retry", edit_id, now, values)
 
-    def cancel(self, edit_id: int, now: datetime) -> str:
-        """Drop a pending, failed or conflicting edit; returns the status it had."""
-        return self._operator("cancel", edit_id, now, {})
+    def cancel(self, edit_id: int, now: datetime, payload: Any = None) -> str:
+        """Drop a pending, failed or conflicting edit; returns the status it had. ``payload``: what
+        to keep instead of its payload (its credential values redacted, once it was sent)."""
+        return self._operator("cancel", edit_id, now, {} if payload is None else {"payload": payload})
 
     def _operator(self, event: str, edit_id: int, now: datetime, values: dict[str, Any]) -> str:
         allowed = TRANSITIONS[event][0]
@@ -191,7 +182,7 @@ class EditQueue:
 
     # -- the reconciler's transitions --------------------------------------------------------------
 
-    def claim(self, now: datetime, lease_cutoff: datetime, limit: int, instance: str) -> list[Edit]:
+    def claim(self, now: datetime, lease: timedelta, limit: int, instance: str) -> list[Edit]:
         """Mark due edits ``in_flight`` for this instance and return them.
 
         Due: ``pending`` with ``next_attempt_at`` passed, and no older unfinished edit of the same
@@ -212,10 +203,12 @@ class EditQueue:
         unreadable = self._dialect.unreadable_time(e.c.next_attempt_at)
         when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now, unreadable)
         due = and_(e.c.status == "pending", when, ~blocked)
-        stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), e.c.claimed_at < lease_cutoff))
-        query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
-        query = self._dialect.lock_for_claim(query, e)
         with translated("claiming edits"), self._engine.begin() as conn:
+            database_now = self._dialect.database_now(conn)  # leases: one clock for every host
+            expired = e.c.claimed_at < database_now - lease
+            stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), expired))
+            query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
+            query = self._dialect.lock_for_claim(query, e)
             picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
             if not picked:
                 return []
@@ -224,7 +217,7 @@ class EditQueue:
                 .where(e.c.id.in_(picked))
                 .values(
                     status=S.IN_FLIGHT.value,
-                    claimed_at=now,
+                    claimed_at=database_now,
                     claimed_by=instance,
                     attempts=e.c.attempts + 1,
                     updated_at=now,
@@ -251,6 +244,7 @@ class EditQueue:
         restrictions: RestrictionsAnswer | None = None,
         rebase: Mapping[str, tuple[Any, Any]] | None = None,
         payload: Any = None,
+        credentials: Iterable[str] = (),
     ) -> None:
         """The edit is done; in the same transaction the mirror takes OpenApp's answer.
 
@@ -261,6 +255,7 @@ class EditQueue:
         what to keep instead of the payload pushed (credential values redacted).
         """
         values: dict[str, Any] = {"applied_at": now, "last_error": None, "last_status_code": 200, "remote": None}
+        _note_credentials(values, edit, credentials)
         if payload is not None:
             values["payload"] = payload
         with self.store.writer() as writer:
@@ -342,10 +337,11 @@ class EditQueue:
         ``cap.limit`` other edits of its action sent within ``cap.window``, record nothing and say how
         long to wait. Count and record are one step for every syncd sharing the database (PostgreSQL:
         a lock for the transaction; SQLite: its one writer), so two reconcilers never both take the
-        last slot. StoreError when the edit is no longer this claimer's to send."""
+        last slot. ClaimLostError when the edit is no longer this claimer's to send."""
         e = device_edits
         with self.store.transaction("recording a write about to be sent") as conn:
-            self._dialect.serialise(conn, "syncd:sends")
+            if cap is not None:
+                self._dialect.serialise(conn, f"syncd:sends:{cap.action}")
             now = self._dialect.database_now(conn)
             if cap is not None:
                 count, first = conn.execute(
@@ -363,7 +359,7 @@ class EditQueue:
                 .values(values)
             ).rowcount
             if not sent:
-                raise StoreError(f"edit {edit.id} is no longer claimed by this reconciler; it was not sent")
+                raise ClaimLostError(f"edit {edit.id} is no longer claimed by this reconciler; it was not sent")
         return None
 
 
