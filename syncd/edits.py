@@ -670,8 +670,7 @@ def edit_credentials(store: Store, edit: Edit) -> list[str]:
     device = store.device(edit.device_id)
     if device is None:
         return sorted(pointers)
-    raw = device.get("credentials_set")
-    pointers.update(p for p in (raw if isinstance(raw, list) else ()) if isinstance(p, str) and p.startswith("/"))
+    pointers |= _pointers_in(device.get("credentials_set"))
     schema = _mirrored_schema(store, device)
     if schema is not None:
         try:
@@ -722,9 +721,7 @@ def _check_against_mirrored_schema(store: Store, device: Mapping[str, Any], payl
     """Check a metadata edit against the mirrored schema (ConfigError naming the problem); the
     pointers of its credentials, to record with it."""
     cleared = _cleared(payload)
-    raw = device.get("credentials_set")
-    pointers = {p for p in (raw if isinstance(raw, list) else ()) if isinstance(p, str) and p.startswith("/")}
-    pointers |= cleared
+    pointers = _pointers_in(device.get("credentials_set")) | cleared
     schema = _mirrored_schema(store, device)
     if schema is None:
         return sorted(pointers)
@@ -765,8 +762,14 @@ def _cleared(payload: Any) -> set[str]:
 
 def credentials_named(device: Device) -> set[str]:
     """The pointers OpenApp's ``credentials_set`` names (its list form; a boolean names none)."""
-    found = device.credentials_set
-    return {p for p in found if p.startswith("/")} if isinstance(found, list) else set()
+    return _pointers_in(device.credentials_set)
+
+
+def _pointers_in(credentials_set: Any) -> set[str]:
+    """The JSON Pointers a ``credentials_set`` as received (or as mirrored) names."""
+    if not isinstance(credentials_set, list):
+        return set()
+    return {p for p in credentials_set if isinstance(p, str) and p.startswith("/")}
 
 
 def _around(pointer: str, credential: str) -> bool:

@@ -187,9 +187,11 @@ class Reconciler:
             problem = kind.unsendable(payload, remote)
             if problem:
                 return self._fail(edit, f"{problem}; nothing was sent", edit_log, attempt=attempt)
-            held = self.queue.sending(edit, self._cap(kind), remote.credentials)
+            cap = self._cap(kind)
+            held = self.queue.sending(edit, cap, remote.credentials)
             if held is not None:
-                return self._hold(edit, held, edit_log, attempt)
+                assert cap is not None  # only a cap holds a send
+                return self._hold(edit, kind, cap, held, edit_log, attempt)
             attempt.sent = True
             outcome = kind.push(payload, remote, reading)
             return self._succeed(edit, kind, payload, base, remote, outcome)
@@ -247,13 +249,10 @@ class Reconciler:
             return None
         return SendCap(kind.action, int(getattr(self.settings, kind.cap_setting)), CAP_WINDOW)
 
-    def _hold(self, edit: Edit, held: Held, edit_log: Any, attempt: _Attempt) -> str:
+    def _hold(self, edit: Edit, kind: EditKind, cap: SendCap, held: Held, edit_log: Any, attempt: _Attempt) -> str:
         """The cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
         now = utcnow()
-        kind = KINDS[edit.action]
         until = now + held.wait
-        cap = self._cap(kind)
-        assert cap is not None and kind.cap_setting is not None
         reason = (
             f"held: {held.count} {kind.capped} sent in the last hour reach writeback.{kind.cap_setting} "
             f"({cap.limit}); it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push "

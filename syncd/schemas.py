@@ -86,14 +86,6 @@ class CheckFailed(Exception):
     """The check could not run (the checking process could not start or ended): not the schema's fault."""
 
 
-def fingerprint(schema: Any) -> str:
-    """A digest of a schema, key order aside (as ``metadata_definitions.fingerprint``)."""
-    try:
-        return xxh3_128_hexdigest(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
-    except orjson.JSONEncodeError:
-        return "unencodable"
-
-
 def dialect(schema: Any) -> int | None:
     """The JSON Schema dialect a schema names in ``$schema`` (2020-12 when it names none), or None."""
     if not isinstance(schema, dict) or "$schema" not in schema:
@@ -502,9 +494,8 @@ class _Worker:
     def ask(self, schema: Any, instance: Any, seconds: float) -> list[SchemaError]:
         with self._lock:
             self._asked += 1
-            request = orjson.dumps(
-                {"id": self._asked, "schema": schema, "instance": instance, "fingerprint": fingerprint(schema)}
-            )
+            digest = xxh3_128_hexdigest(orjson.dumps(schema))  # the worker keeps a checked schema by it
+            request = orjson.dumps({"id": self._asked, "schema": schema, "instance": instance, "fingerprint": digest})
             try:
                 proc = self._ready()
                 assert proc.stdin is not None and proc.stdout is not None

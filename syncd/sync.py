@@ -55,8 +55,7 @@ from syncd.models import (
     preview,
     utcnow,
 )
-from syncd.store import Session, Store
-from syncd.store.locks import OrgLease
+from syncd.store import OrgLease, Session, Store
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,6 @@ Timestamps arrive as syncd's canonical UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from syncd.errors import ConfigError, SchemaOutdatedError
 from syncd.models import Device
+from syncd.store.locks import advisory_key
 from syncd.store.schema import RUN_COUNTERS, JSONDoc, UTCDateTime, device_changes, devices
 
 # Columns of `devices` that record what syncd saw, not what OpenApp said.
@@ -365,8 +365,7 @@ class PostgresDialect(Dialect):
 
     def serialise(self, conn: Connection, name: str) -> None:
         """A transaction-level advisory lock: held until the transaction ends, whatever ends it."""
-        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (key,))
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (advisory_key(name),))
 
     def database_now(self, conn: Connection) -> datetime:
         """``clock_timestamp()``: one clock for every host sharing the database."""

@@ -33,9 +33,14 @@ from syncd.store.translate import translated
 POLL = 0.2  # seconds between attempts while waiting for a lock
 
 
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for a name (PostgreSQL advisory locks take bigint)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def lock_key(org_id: str) -> int:
-    """A stable signed 64-bit key for an org (PostgreSQL advisory locks take bigint)."""
-    return int.from_bytes(hashlib.blake2b(f"syncd:org:{org_id}".encode(), digest_size=8).digest(), "big", signed=True)
+    """The advisory key of an org's lock."""
+    return advisory_key(f"syncd:org:{org_id}")
 
 
 class OrgLease:
