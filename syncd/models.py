@@ -11,7 +11,7 @@ import dataclasses
 import html
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,8 +25,13 @@ from syncd.errors import InvalidDeviceError
 
 DeviceState = Literal["active", "deleted", "purged"]
 DEVICE_STATES: tuple[DeviceState, ...] = get_args(DeviceState)
-# device_changes.change: what happened to a device; "restrictions": a portal's door restrictions changed.
-CHANGE_KINDS = ("created", "updated", "deleted", "restored", "purged", "restrictions")
+# device_changes.change: what happened to a device. "observed": first seen by an org's first
+# (baseline) pass, which cannot tell a device created now from one that existed already;
+# "restrictions": a portal's door restrictions changed.
+CHANGE_KINDS = ("observed", "created", "updated", "deleted", "restored", "purged", "restrictions")
+# What every device_changes row of a device kind (all but "restrictions") records of the device as
+# it was after the change: enough to answer "what did the fleet look like at time T" from history.
+HISTORY_FIELDS = ("state", "name", "zone_id", "integration_id", "external_id", "device_metadata")
 LIFECYCLE_FIELDS = ("created_at", "updated_at", "deleted_at", "purge_at", "hard_delete_at")
 # Per-request cache annotations: they change between identical reads, so they are not content.
 VOLATILE_FIELDS = frozenset({"cache_hit", "cache_ttl"})
@@ -529,6 +534,52 @@ def change_kind(old_state: str, new_state: str) -> str:
     if old_state == new_state:
         return "updated"
     return "deleted" if new_state == "deleted" else "restored"
+
+
+def history_values(device: Device) -> dict[str, Any]:
+    """The :data:`HISTORY_FIELDS` of a device as parsed: what a change row records of it."""
+    return {
+        "state": device.state,
+        "name": device.name,
+        "zone_id": device.zone_id,
+        "integration_id": device.integration_id,
+        "external_id": device.external_id,
+        "device_metadata": device.device_metadata,
+    }
+
+
+def change_row(
+    device_id: str,
+    org_id: str,
+    observed_at: datetime,
+    change: str,
+    diff: dict[str, Any] | None,
+    values: Mapping[str, Any] | None,
+    *,
+    run_id: int | None = None,
+    edit_id: int | None = None,
+) -> dict[str, Any]:
+    """One device_changes row, by column: every history row is built here.
+
+    ``values``: the device after the change (:data:`HISTORY_FIELDS`; None only for ``restrictions``);
+    ``edit_id``: the local edit whose push made the change (its row's source is ``local_edit``).
+    """
+    if change not in CHANGE_KINDS:
+        raise ValueError(f"unknown change kind {change!r}")
+    if (values is None) != (change == "restrictions"):
+        raise ValueError(f"a {change!r} row {'records' if values is None else 'has no'} the device's values")
+    row = {
+        "device_id": device_id,
+        "org_id": org_id,
+        "run_id": run_id,
+        "observed_at": observed_at,
+        "change": change,
+        "diff": diff,
+        "source": "sync" if edit_id is None else "local_edit",
+        "edit_id": edit_id,
+    }
+    row.update(values if values is not None else dict.fromkeys(HISTORY_FIELDS))
+    return row
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any], old_state: str, new_state: str) -> dict[str, Any]:

@@ -46,8 +46,10 @@ from syncd.models import (
     Device,
     Inventory,
     change_kind,
+    change_row,
     describe_change,
     encode,
+    history_values,
     identify,
     is_device_id,
     one_line,
@@ -156,8 +158,8 @@ class OrgPass:
         held = contextlib.ExitStack()  # the pass's database connection
         writes: PageWrites | None = None
         try:
-            # An org's first pass loads a baseline: its devices were not created now, so no 'created'
-            # history rows (first_seen_at and OpenApp's created_at tell when they appeared). Until a
+            # An org's first pass loads a baseline: its devices were not created now, so their history
+            # rows say 'observed', not 'created' (OpenApp's created_at tells when they appeared). Until a
             # pass has succeeded, the baseline is not complete: an interrupted first pass leaves a part.
             self.baseline = not self.store.has_succeeded(self.org.id)
             self.max_pages = self._page_limit()
@@ -380,7 +382,9 @@ class OrgPass:
                     self.inventory.note(device_id, item, device.fingerprint)
             previous = reader.previous([d.id for d in updates])
         counts["unreadable"] = len(self.problems) - problems_before
-        changes = [] if self.baseline else [_change(d.id, self.org.id, run_id, now, "created", None) for d in inserts]
+        # A baseline pass cannot tell a new device from one that existed: it records what it saw.
+        first = "observed" if self.baseline else "created"
+        changes = [change_row(d.id, self.org.id, now, first, None, history_values(d), run_id=run_id) for d in inserts]
         counts["created"] += len(inserts)
         changed: list[Device] = []
         refreshes: list[Device] = []
@@ -396,7 +400,7 @@ class OrgPass:
             kind = change_kind(old_state, device.state)
             counts[kind] += 1
             changed.append(device)
-            changes.append(_change(device.id, self.org.id, run_id, now, kind, diff))
+            changes.append(change_row(device.id, self.org.id, now, kind, diff, history_values(device), run_id=run_id))
         self.writes.submit(PreparedPage(run_id, now, inserts, changed, refreshes, touches, changes, counts))
         self.counts.update(counts)
 
@@ -460,10 +464,11 @@ class OrgPass:
     def _mark_purged(self, run_id: int, device_id: str) -> None:
         now = utcnow()
         with self.session.writer(durable=False) as writer:
-            _, old_state = writer.previous([device_id])[device_id]
-            writer.mark_purged(device_id, now)
+            values = writer.history_values(device_id)
+            diff = {"state": {"old": values["state"], "new": "purged"}}
+            writer.mark_purged(device_id, now, run_id)
             writer.add_changes(
-                [_change(device_id, self.org.id, run_id, now, "purged", {"state": {"old": old_state, "new": "purged"}})]
+                [change_row(device_id, self.org.id, now, "purged", diff, {**values, "state": "purged"}, run_id=run_id)]
             )
             writer.bump_run(run_id, {"purged": 1, "requests": 1})
         self.counts.update(purged=1, requests=1)
@@ -539,8 +544,3 @@ class PageWrites:
         self._held_run = None
         self._counted_at = time.monotonic()
 
-
-def _change(
-    device_id: str, org_id: str, run_id: int, at: datetime, kind: str, diff: dict[str, Any] | None
-) -> dict[str, Any]:
-    return {"device_id": device_id, "org_id": org_id, "run_id": run_id, "observed_at": at, "change": kind, "diff": diff}

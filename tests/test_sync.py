@@ -17,7 +17,7 @@ from syncd import sync as sync_module
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
-from syncd.models import LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
+from syncd.models import HISTORY_FIELDS, LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
 from syncd.passes import locked_pass
 from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS
@@ -99,7 +99,14 @@ def test_first_sync_equals_ground_truth(sync: Syncer, store: Store, world: World
     run = store.run(outcome.run_id)
     assert (run["status"], run["devices_seen"], run["created"], run["pages"]) == ("succeeded", 450, 450, 3)
     assert run["finished_at"] >= run["started_at"]
-    assert store.changes(org) == []  # a baseline, not history: first_seen_at says when each appeared
+    # A baseline, not news: each device's first version is recorded as 'observed', with its values.
+    baseline = store.changes(org)
+    assert {c["change"] for c in baseline} == {"observed"} and len(baseline) == 450
+    mirrored = {r["id"]: r for r in store.devices_of(org)}
+    for row in baseline:
+        device = mirrored[row["device_id"]]
+        assert [row[f] for f in HISTORY_FIELDS] == [device[f] for f in HISTORY_FIELDS]
+        assert row["observed_at"] == device["first_seen_at"] and row["run_id"] == outcome.run_id
     assert all(r["first_seen_at"] == r["last_changed_at"] for r in store.devices_of(org))
     deleted = [r for r in store.devices_of(org) if r["state"] == "deleted"]
     assert deleted and all(r["deleted_at"] for r in deleted)
@@ -418,7 +425,11 @@ def test_an_interrupted_first_pass_leaves_a_baseline_not_history(
     assert first.status == "aborted" and len(store.devices_of(org)) == 200
     second = Syncer(client, store)(org)
     assert second.status == "succeeded" and second.counts["created"] == 250
-    assert store.changes(org) == []  # the baseline lasts until a pass of the org has succeeded
+    # The baseline lasts until a pass of the org has succeeded: every device is 'observed', once.
+    changes = store.changes(org)
+    assert {c["change"] for c in changes} == {"observed"} and len({c["device_id"] for c in changes}) == 450 == len(
+        changes
+    )
     new = world.create_device(org)
     third = Syncer(client, store)(org)
     assert [(c["device_id"], c["change"]) for c in store.changes(run_id=third.run_id)] == [(new, "created")]

@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 a pass or command failed, 2 bad configuration or usage,
     run        run-once, run (the daemon)
     status     status
     edits      edit, restore, edits (retry, cancel), reconcile-once
+    report     report as-of, report door-access (the past, from the mirror's history)
     admin      check-config, db upgrade / current
     playground simulate, demo
     output     tables and progress lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from syncd import __version__
-from syncd.cli import admin, edits, playground, run, status
+from syncd.cli import admin, edits, playground, report, run, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syncd", description="Keep a local SQL mirror of OpenApp devices.")
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND")
-    for module in (run, status, edits, admin, playground):
+    for module in (run, status, edits, report, admin, playground):
         module.add_commands(commands)
     return parser

@@ -16,10 +16,11 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from syncd.models import DoorRestrictions, MetadataDefinition, one_line
+from syncd.models import DoorRestrictions, MetadataDefinition, change_row, one_line
 from syncd.store.schema import (
     device_changes,
     devices,
+    door_access_intervals,
     door_restrictions,
     metadata_definitions,
     portal_restrictions,
@@ -162,7 +163,9 @@ def write_answers(
     new_rows: list[dict[str, Any]] = []
     entity_rows: list[dict[str, Any]] = []
     p, r = portal_restrictions, door_restrictions
-    previous = dict(conn.execute(select(p.c.device_id, p.c.status).where(p.c.device_id.in_(ids))).all())
+    before = conn.execute(select(p.c.device_id, p.c.status, p.c.fetched_at).where(p.c.device_id.in_(ids))).all()
+    previous = {device_id: status for device_id, status, _ in before}
+    checked_at = {device_id: fetched_at for device_id, _, fetched_at in before}
     held: dict[str, set[str]] = {device_id: set() for device_id in ids}
     for device_id, entity_id in conn.execute(select(r.c.device_id, r.c.entity_id).where(r.c.device_id.in_(ids))):
         held[device_id].add(entity_id)
@@ -177,17 +180,9 @@ def write_answers(
             conn.execute(delete(r).where(r.c.device_id == answer.device_id, r.c.entity_id.in_(gone)))
         entity_rows += ({"device_id": answer.device_id, "entity_id": e, "org_id": org_id, "since": now} for e in added)
         if change is not None:
+            diff = {"door_restrictions": change}
             changes.append(
-                {
-                    "device_id": answer.device_id,
-                    "org_id": org_id,
-                    "run_id": run_id,
-                    "observed_at": now,
-                    "change": "restrictions",
-                    "diff": {"door_restrictions": change},
-                    "source": "sync" if edit_id is None else "local_edit",
-                    "edit_id": edit_id,
-                }
+                change_row(answer.device_id, org_id, now, "restrictions", diff, None, run_id=run_id, edit_id=edit_id)
             )
     if new_rows:
         conn.execute(insert(p), new_rows)
@@ -195,7 +190,64 @@ def write_answers(
         conn.execute(insert(r), entity_rows)
     if changes:
         conn.execute(insert(device_changes), changes)
+    _record_access(conn, org_id, now, answers, checked_at, run_id=run_id, edit_id=edit_id)
     return len(changes)
+
+
+ANYONE = None  # the key of a portal's "anyone may pass" interval among its entity ids
+
+
+def _record_access(
+    conn: Connection,
+    org_id: str,
+    now: datetime,
+    answers: Sequence[RestrictionsAnswer],
+    checked_at: Mapping[str, datetime | None],
+    *,
+    run_id: int | None,
+    edit_id: int | None,
+) -> None:
+    """Move door_access_intervals on to what the answers say: close what is no longer so, confirm
+    what still is, open what is new. An answer that said nothing (failed, 404) moves nothing."""
+    who: dict[str, set[str | None]] = {}
+    for answer in answers:
+        if answer.status == "ok":
+            assert answer.restrictions is not None
+            who[answer.device_id] = set(answer.restrictions.entity_ids) or {ANYONE}
+        elif answer.status == "not_a_portal":
+            who[answer.device_id] = set()  # nobody passes through what is not a door
+    if not who:
+        return
+    a = door_access_intervals
+    is_open = a.c.valid_to.is_(None)
+    current = conn.execute(select(a.c.id, a.c.device_id, a.c.entity_id).where(a.c.device_id.in_(who), is_open)).all()
+    ended = [row.id for row in current if row.entity_id not in who[row.device_id]]
+    if ended:
+        conn.execute(update(a).where(a.c.id.in_(ended)).values(valid_to=now, to_run_id=run_id, to_edit_id=edit_id))
+    conn.execute(update(a).where(a.c.device_id.in_(who), is_open).values(last_confirmed_at=now))
+    held: dict[str, set[str | None]] = {device_id: set() for device_id in who}
+    for row in current:
+        held[row.device_id].add(row.entity_id)
+    opened = [
+        {
+            "org_id": org_id,
+            "device_id": device_id,
+            "entity_id": entity_id,
+            "anyone": entity_id is ANYONE,
+            "valid_from": now,
+            "valid_to": None,
+            "changed_after": checked_at.get(device_id),
+            "last_confirmed_at": now,
+            "from_run_id": run_id,
+            "from_edit_id": edit_id,
+            "to_run_id": None,
+            "to_edit_id": None,
+        }
+        for device_id, entities in who.items()
+        for entity_id in sorted(entities - held[device_id], key=lambda e: e or "")
+    ]
+    if opened:
+        conn.execute(insert(a), opened)
 
 
 # A new portal_restrictions row: every column a plan does not set is NULL (one executemany for a batch).

@@ -204,7 +204,10 @@ class Dialect:
         """Append device_changes rows (dicts by column; ``source`` and ``edit_id`` may be left out)."""
         columns = tuple(zip(CHANGE_COLUMNS, self._change_encoders, strict=True))
         values = [
-            tuple(r.get(col, CHANGE_DEFAULTS.get(col)) if encode is None else encode(r[col]) for col, encode in columns)
+            tuple(
+                r.get(col, CHANGE_DEFAULTS.get(col)) if encode is None else encode(r.get(col))
+                for col, encode in columns
+            )
             for r in rows
         ]
         self.insert_many(conn, self.insert_change_sql, values)

@@ -22,7 +22,7 @@ import orjson
 from sqlalchemy import Connection, Select, Text, and_, cast, func, insert, literal, or_, select, update
 
 from syncd.errors import ClaimLostError, ConfigError
-from syncd.models import Device, one_line, parse_timestamp, preview, same_json
+from syncd.models import Device, change_row, history_values, one_line, parse_timestamp, preview, same_json
 from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
 from syncd.store.schema import UTCDateTime, device_edits
@@ -411,18 +411,7 @@ def _mirror_device(
     if change is not None:
         kind, diff = change
         writer.add_changes(
-            [
-                {
-                    "device_id": device.id,
-                    "org_id": device.org_id,
-                    "run_id": None,
-                    "observed_at": now,
-                    "change": kind,
-                    "diff": diff,
-                    "source": "local_edit",
-                    "edit_id": edit_id,
-                }
-            ]
+            [change_row(device.id, device.org_id, now, kind, diff, history_values(device), edit_id=edit_id)]
         )
 
 

@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -200,6 +200,14 @@ device_changes = Table(
     Column("diff", JSONDoc, comment="{field: {old, new}} of what changed; NULL for 'created'"),
     Column("source", String(16), nullable=False, server_default="sync", comment="sync, or local_edit"),
     Column("edit_id", BigId, comment="the device_edits row, for local edits"),
+    # The device as it was after the change (NULL on 'restrictions' rows): what device_versions and
+    # the as-of reports read. Written with the row, in one place (syncd.models.change_row).
+    Column("state", String(16), comment="the device's state after the change"),
+    Column("name", JSONDoc, comment="its name after the change, {locale: text}"),
+    Column("zone_id", String(64)),
+    Column("integration_id", String(64)),
+    Column("external_id", Text),
+    Column("device_metadata", JSONDoc),
     CheckConstraint(_one_of("change", CHANGE_KINDS), name="change"),
     Index(None, "org_id", "observed_at"),
     Index(None, "device_id", "observed_at"),
@@ -282,6 +290,36 @@ door_restrictions = Table(
     Column("since", UTCDateTime, nullable=False, comment="when syncd first saw the entity on the portal"),
     Index(None, "entity_id"),
     Index(None, "org_id"),
+)
+
+# Who could pass each portal, and when, as syncd observed it: one row per period in which an entity
+# was on a portal's list, or (anyone) the portal was unrestricted. Written with portal_restrictions,
+# in the same transaction (syncd.store.details.write_answers).
+door_access_intervals = Table(
+    "door_access_intervals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), nullable=False),
+    Column("device_id", String(64), ForeignKey("devices.id"), nullable=False, comment="the portal"),
+    Column("entity_id", String(64), comment="the apartment / listing let through; NULL when anyone may pass"),
+    Column("anyone", Boolean, nullable=False, comment="true: the portal was unrestricted (an empty list)"),
+    Column("valid_from", UTCDateTime, nullable=False, comment="when syncd first saw it so"),
+    Column("valid_to", UTCDateTime, comment="when syncd first saw it no longer so (NULL: still so)"),
+    Column(
+        "changed_after",
+        UTCDateTime,
+        comment="the portal's check before valid_from, which saw it otherwise: the change happened after this "
+        "(NULL: syncd had not asked before)",
+    ),
+    Column("last_confirmed_at", UTCDateTime, nullable=False, comment="the last check that saw it so"),
+    Column("from_run_id", BigId, comment="the pass that saw it begin (NULL: a local edit, or reconstructed)"),
+    Column("from_edit_id", BigId, comment="the device_edits row that set it, if syncd pushed it"),
+    Column("to_run_id", BigId, comment="the pass that saw it end"),
+    Column("to_edit_id", BigId, comment="the device_edits row that ended it, if syncd pushed it"),
+    CheckConstraint("anyone = (entity_id IS NULL)", name="anyone"),
+    Index(None, "device_id", "valid_from"),
+    Index(None, "entity_id", "valid_from"),
+    Index(None, "org_id", "valid_from"),
 )
 
 # A provider's JSON Schema of device_metadata, asked of one device per integration (the shape of

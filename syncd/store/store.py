@@ -18,10 +18,17 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
-from syncd.models import Device, one_line
+from syncd.models import HISTORY_FIELDS, Device, one_line
 from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLease, OrgLocks
-from syncd.store.schema import SCHEMA_REVISION, UTCDateTime, device_changes, devices, sync_runs
+from syncd.store.schema import (
+    SCHEMA_REVISION,
+    UTCDateTime,
+    device_changes,
+    devices,
+    door_access_intervals,
+    sync_runs,
+)
 from syncd.store.translate import translated
 
 __all__ = ["KnownDevice", "PageReader", "PageWriter", "Session", "Store", "normalise_url", "redact_url"]
@@ -454,6 +461,11 @@ class PageReader:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""
         return self._dialect.previous(self._conn, ids) if ids else {}
 
+    def history_values(self, device_id: str) -> dict[str, Any]:
+        """The mirrored device's :data:`~syncd.models.HISTORY_FIELDS`, as its history rows record them."""
+        columns = [devices.c[name] for name in HISTORY_FIELDS]
+        return dict(self._conn.execute(select(*columns).where(devices.c.id == device_id)).mappings().one())
+
 
 class PageWriter(PageReader):
     """The statements that write one page, inside one open transaction."""
@@ -487,10 +499,14 @@ class PageWriter(PageReader):
         if ids:
             self._dialect.touch(self._conn, ids, seen_at)
 
-    def mark_purged(self, device_id: str, at: datetime) -> None:
-        """Record that OpenApp no longer has this device."""
+    def mark_purged(self, device_id: str, at: datetime, run_id: int) -> None:
+        """Record that OpenApp no longer has this device (a purged portal lets nobody through)."""
         self._conn.execute(
             update(devices).where(devices.c.id == device_id).values(state="purged", purged_at=at, last_changed_at=at)
+        )
+        a = door_access_intervals
+        self._conn.execute(
+            update(a).where(a.c.device_id == device_id, a.c.valid_to.is_(None)).values(valid_to=at, to_run_id=run_id)
         )
 
     def add_changes(self, rows: Sequence[Mapping[str, Any]]) -> None:
