@@ -59,7 +59,9 @@ class Secret:
         return hash(self._value)
 
 
-Kind = Literal["int", "number", "duration", "size", "bool", "choice", "string"]
+Kind = Literal["int", "number", "duration", "size", "bool", "choice", "choices", "string"]
+# The kinds of local edit (syncd.edits.KINDS; a test keeps the two in step).
+EDIT_KINDS = ("update", "restore", "delete", "door_restrictions")
 
 
 def setting(
@@ -110,6 +112,15 @@ def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
     if kind == "choice":
         if value not in meta["choices"]:
             yield f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
+        return
+    if kind == "choices":
+        if not isinstance(value, tuple):
+            yield f"{name} must be a list of {', '.join(meta['choices'])}, got {value!r}"
+            return
+        unknown = [v for v in value if v not in meta["choices"]]
+        if unknown:
+            which = "which is not" if len(unknown) == 1 else "which are not"
+            yield f"{name} lists {', '.join(repr(v) for v in unknown)}, {which} one of {', '.join(meta['choices'])}"
         return
     if kind == "string":
         if not isinstance(value, str) or not value.strip():
@@ -231,6 +242,9 @@ class WritebackSettings(Section):
     door_restrictions_key: str = setting(
         "auto", "choice", choices=("auto", "apartment_entity_ids", "listing_entity_ids")
     )
+    # Kinds of edit pushed only once a second person approved them (`syncd edits approve ID`).
+    require_approval: tuple[str, ...] = setting((), "choices", choices=EDIT_KINDS)
+    approval_ttl: float = setting(7 * 86400.0, "duration", minimum=60)  # unapproved this long: cancelled
 
 
 @dataclass(frozen=True)
@@ -693,6 +707,8 @@ def _from_toml(value: Any, meta: Mapping[str, Any]) -> Any:
         return parse_size(value)
     if kind == "choice" and isinstance(value, str):
         return value.lower()
+    if kind == "choices" and isinstance(value, list):
+        return tuple(dict.fromkeys(v.lower() if isinstance(v, str) else v for v in value))
     if kind == "string" and isinstance(value, str):
         return value.strip()
     if kind == "number" and isinstance(value, int) and not isinstance(value, bool):
