@@ -27,7 +27,8 @@ MIB = 1024 * 1024
 AuthHeader = Literal["x-api-key", "bearer"]
 LogFormat = Literal["auto", "console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_DURATION = re.compile(rf"^\s*(?:{_NUMBER}d)?\s*(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s?)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": MIB, "GB": 1000**3, "GiB": 1024**3}
 # Org ids go into the X-Org header and VARCHAR(64) columns: letters, digits and - _ . : only.
@@ -393,16 +394,16 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``90``, ``90s``, ``15m``, ``1h30m``."""
+    """Seconds from a number or a string like ``90``, ``90s``, ``15m``, ``1h30m``, ``7d``."""
     if isinstance(value, bool):
         raise ValueError(f"is not a duration: {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and value.strip() and (match := _DURATION.match(value)):
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = h * 3600 + m * 60 + s
+        d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = d * 86400 + h * 3600 + m * 60 + s
     else:
-        raise ValueError(f"is not a duration (use seconds or e.g. '15m', '1h30m'): {value!r}")
+        raise ValueError(f"is not a duration (use seconds or e.g. '15m', '1h30m', '7d'): {value!r}")
     if seconds < 0:
         raise ValueError(f"must not be negative: {value!r}")
     return seconds
