@@ -25,15 +25,16 @@ STATUSES_AFTER = STATUSES_BEFORE + ", 'awaiting_approval', 'rejected'"
 REQUESTED_BY = "who queued the edit: user@host from the CLI; the session's role for SQL on PostgreSQL"
 
 # The person an approval or a request names: `alice@ops-1` (the CLI) and `alice` (a PostgreSQL role)
-# are the same person. syncd.edits.person is the same rule in Python.
+# are the same person. syncd.store.edits.person is the same rule in Python.
 PERSON_SQL = """
 CREATE FUNCTION syncd_person(who text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
     SELECT lower(regexp_replace(btrim(who), '@[^@]*$', ''))
 $$
 """
 # An approval (approved_at / approved_by set or changed) by the edit's requester is refused, whoever
-# writes it; an approval that names nobody is the session's. A role granted only UPDATE (approved_at)
-# therefore approves as itself and cannot approve what it queued.
+# writes it; an approval that names nobody is the session's, and every approval is stamped with the
+# database's clock. A role granted only UPDATE (approved_at) therefore approves as itself, now, and
+# cannot approve what it queued (deploy/postgresql-ops-roles.sql).
 TRIGGER_FUNCTION_SQL = """
 CREATE FUNCTION syncd_edit_approval() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -45,7 +46,7 @@ BEGIN
         RETURN NEW;
     END IF;
     NEW.approved_by := coalesce(NEW.approved_by, session_user);
-    NEW.approved_at := coalesce(NEW.approved_at, clock_timestamp());
+    NEW.approved_at := clock_timestamp();
     IF syncd_person(NEW.approved_by) = syncd_person(NEW.requested_by) THEN
         RAISE EXCEPTION 'edit % was requested by %: it needs the approval of another person', NEW.id,
             NEW.requested_by USING ERRCODE = 'check_violation';
