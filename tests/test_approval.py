@@ -109,9 +109,9 @@ def test_provenance_of_cli_and_sql_edits(
     capsys.readouterr()
     assert main(["edits", *cli]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"REQUESTED\s+VIA\s+BY", out)
-    assert re.search(rf"{ours.id}\s+{device}\s+update\s+pending\s+0\s+\d{{4}}-\d\d-\d\d \d\d:\d\d\s+cli\s+alice@", out)
-    assert re.search(rf"{by_sql}\s+\S+\s+update\s+pending\s+0\s+.+sql\s+{expected}", out)
+    assert re.search(r"STATUS\s+REQUESTED\s+VIA\s+BY\s+TRIES", out)
+    assert re.search(rf"{ours.id}\s+{device}\s+update\s+pending\s+\d{{4}}-\d\d-\d\d \d\d:\d\d  cli  alice@\S+\s+0", out)
+    assert re.search(rf"{by_sql}\s+\S+\s+update\s+pending\s+\S+ \S+  sql  {expected}\s+0", out)
     assert max(len(line) for line in out.splitlines() if not line.startswith("  ")) <= 125
 
 

@@ -147,7 +147,7 @@ def add_commands(commands: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_option(q)
-    q.add_argument("edit_id", type=edit_id, metavar="ID")
+    q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
     q.set_defaults(handler=cmd_edits_decide, change="approve")
     q = actions.add_parser(
         "reject",
@@ -157,7 +157,7 @@ def add_commands(commands: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_option(q)
-    q.add_argument("edit_id", type=edit_id, metavar="ID")
+    q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
     q.add_argument("--reason", required=True, metavar="TEXT", help="why (kept with the edit, one line)")
     q.set_defaults(handler=cmd_edits_decide, change="reject")
 
@@ -261,11 +261,11 @@ def _confirm_unseen(store: Store, config: Config, device_id: str, payload: dict[
     a portal of the device's org: a typo there locks someone out or lets someone in. Asks on a
     terminal; elsewhere ConfigError (``--yes`` says it is meant)."""
     granted = payload.get("entity_ids") or payload.get("add") or []
-    problem = KINDS["door_restrictions"].check(payload)
+    kind = KINDS["door_restrictions"]
     device = store.device(device_id)
-    if problem or device is None or device["org_id"] not in org_ids(config) or not granted:
-        return True  # queue_edit names the problem
-    if any(entity_id_problem(e) for e in granted):
+    if not granted or kind.check(payload) or device is None or device["org_id"] not in org_ids(config):
+        return True  # nothing to ask, or queue_edit names the problem
+    if any(entity_id_problem(e) for e in granted) or kind.mirror_problem(device, payload, store):
         return True
     unseen = PortalRestrictions(store).unseen_entities(device["org_id"], granted)
     if not unseen:

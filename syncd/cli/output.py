@@ -139,15 +139,15 @@ def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
             e.device_id,
             e.action,
             e.status.value,
-            str(e.attempts),
             minute(e.requested_at or e.created_at),
             e.requested_via,
             clipped(e.requested_by or "-", REQUESTER_WIDTH),
+            str(e.attempts),
         )
         for e, _, _ in edits
     ]
-    headers = ("id", "device", "action", "status", "tries", "requested", "via", "by")
-    table(headers, lines, out, text_columns=4)
+    headers = ("id", "device", "action", "status", "requested", "via", "by", "tries")
+    table(headers, lines, out, text_columns=7)
     for e, payload, what in edits:
         if payload:
             verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
