@@ -27,7 +27,8 @@ MIB = 1024 * 1024
 AuthHeader = Literal["x-api-key", "bearer"]
 LogFormat = Literal["auto", "console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_DURATION = re.compile(rf"^\s*(?:{_NUMBER}d)?\s*(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s?)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": MIB, "GB": 1000**3, "GiB": 1024**3}
 # Org ids go into the X-Org header and VARCHAR(64) columns: letters, digits and - _ . : only.
@@ -59,7 +60,9 @@ class Secret:
         return hash(self._value)
 
 
-Kind = Literal["int", "number", "duration", "size", "bool", "choice", "string"]
+Kind = Literal["int", "number", "duration", "size", "bool", "choice", "choices", "string"]
+# The kinds of local edit (syncd.edits.KINDS; a test keeps the two in step).
+EDIT_KINDS = ("update", "restore", "delete", "door_restrictions")
 
 
 def setting(
@@ -110,6 +113,15 @@ def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
     if kind == "choice":
         if value not in meta["choices"]:
             yield f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
+        return
+    if kind == "choices":
+        if not isinstance(value, tuple):
+            yield f"{name} must be a list of {', '.join(meta['choices'])}, got {value!r}"
+            return
+        unknown = [v for v in value if v not in meta["choices"]]
+        if unknown:
+            which = "which is not" if len(unknown) == 1 else "which are not"
+            yield f"{name} lists {', '.join(repr(v) for v in unknown)}, {which} one of {', '.join(meta['choices'])}"
         return
     if kind == "string":
         if not isinstance(value, str) or not value.strip():
@@ -231,6 +243,9 @@ class WritebackSettings(Section):
     door_restrictions_key: str = setting(
         "auto", "choice", choices=("auto", "apartment_entity_ids", "listing_entity_ids")
     )
+    # Kinds of edit pushed only once a second person approved them (`syncd edits approve ID`).
+    require_approval: tuple[str, ...] = setting((), "choices", choices=EDIT_KINDS)
+    approval_ttl: float = setting(7 * 86400.0, "duration", minimum=60)  # unapproved this long: cancelled
 
 
 @dataclass(frozen=True)
@@ -379,16 +394,16 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``90``, ``90s``, ``15m``, ``1h30m``."""
+    """Seconds from a number or a string like ``90``, ``90s``, ``15m``, ``1h30m``, ``7d``."""
     if isinstance(value, bool):
         raise ValueError(f"is not a duration: {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and value.strip() and (match := _DURATION.match(value)):
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = h * 3600 + m * 60 + s
+        d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = d * 86400 + h * 3600 + m * 60 + s
     else:
-        raise ValueError(f"is not a duration (use seconds or e.g. '15m', '1h30m'): {value!r}")
+        raise ValueError(f"is not a duration (use seconds or e.g. '15m', '1h30m', '7d'): {value!r}")
     if seconds < 0:
         raise ValueError(f"must not be negative: {value!r}")
     return seconds
@@ -693,6 +708,8 @@ def _from_toml(value: Any, meta: Mapping[str, Any]) -> Any:
         return parse_size(value)
     if kind == "choice" and isinstance(value, str):
         return value.lower()
+    if kind == "choices" and isinstance(value, list):
+        return tuple(dict.fromkeys(v.lower() if isinstance(v, str) else v for v in value))
     if kind == "string" and isinstance(value, str):
         return value.strip()
     if kind == "number" and isinstance(value, int) and not isinstance(value, bool):

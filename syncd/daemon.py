@@ -34,7 +34,15 @@ from syncd.api import OpenAppClient
 from syncd.config import Config, OrgSettings, diff_config, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.health import AuthGate
-from syncd.metrics import EDIT_QUEUE, EDIT_QUEUE_OLDEST, ORG_MAX_AGE, MetricsServer, forget_org, track_org
+from syncd.metrics import (
+    EDIT_QUEUE,
+    EDIT_QUEUE_OLDEST,
+    ORG_MAX_AGE,
+    MetricsServer,
+    forget_org,
+    show_awaiting_approval,
+    track_org,
+)
 from syncd.notify import Notifier
 from syncd.passes import instance_name, locked_pass, make_pass, writeback_client
 from syncd.reconcile import Reconciler
@@ -205,6 +213,7 @@ class Daemon:
                 EDIT_QUEUE.labels(status).set(count)
             oldest = self.reconciler.queue.oldest_pending()
             EDIT_QUEUE_OLDEST.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
+            show_awaiting_approval(self.reconciler.queue.awaiting_approval(), {o.id for o in self.config.orgs})
         except SyncdError as exc:
             log.error("write-back round failed", error=str(exc))
         except Exception as exc:  # a bug outside any one edit: its traceback once, then one line a round

@@ -546,11 +546,13 @@ def queue_edit(
     payload: dict[str, Any] | None,
     requested_by: str,
     orgs: Collection[str],
+    needs_approval: Collection[str] = (),
 ) -> int:
-    """Check an edit against the mirror and the configured ``orgs`` and queue it, with its base
-    and where its credentials are; ConfigError names what is wrong. A metadata edit is checked
-    against the mirrored schema of the device's provider when there is one (the reconciler checks
-    it again, against a fresh one)."""
+    """Check an edit against the mirror and the configured ``orgs`` and queue it (``requested_via``
+    the CLI), with its base and where its credentials are; ConfigError names what is wrong. A
+    metadata edit is checked against the mirrored schema of the device's provider when there is one
+    (the reconciler checks it again, against a fresh one). An edit of a kind in ``needs_approval``
+    awaits a second person's approval."""
     try:
         check_device_id(device_id)
     except ValueError as exc:
@@ -583,8 +585,10 @@ def queue_edit(
             "base": kind.base(payload, device, store),
             "base_updated_at": device["updated_at"],
             "requested_by": requested_by,
+            "requested_via": "cli",
             "credential_pointers": credentials or None,
-        }
+        },
+        awaiting_approval=action in needs_approval,
     )
 
 

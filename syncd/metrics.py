@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Collection
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -45,6 +46,14 @@ AUTH_PAUSED = Gauge("syncd_auth_paused", "1 while OpenApp rejects the API key (s
 EDIT_QUEUE_OLDEST = Gauge(
     "syncd_edit_queue_oldest_pending_seconds", "Age of the oldest pending edit (0 when none is pending)"
 )
+AWAITING_APPROVAL = Gauge(
+    "syncd_edits_awaiting_approval", "Edits of the org awaiting a second person's approval", ["org_id"]
+)
+AWAITING_APPROVAL_OLDEST = Gauge(
+    "syncd_edits_awaiting_approval_oldest_seconds",
+    "How long the org's oldest edit awaiting approval has waited (0 when none waits)",
+    ["org_id"],
+)
 
 
 class MetricsServer:
@@ -71,14 +80,35 @@ def track_org(org_id: str, max_age: float) -> None:
     """Start an org's series at their resting values, so a first failure or refusal is a change."""
     ORG_MAX_AGE.labels(org_id).set(max_age)
     ORG_FAILING.labels(org_id).set(0)
+    AWAITING_APPROVAL.labels(org_id).set(0)
+    AWAITING_APPROVAL_OLDEST.labels(org_id).set(0)
     PURGES_REFUSED.labels(org_id).inc(0)
     for kind in CHANGE_KINDS:
         CHANGES.labels(org_id, kind).inc(0)
 
 
+_AWAITING_SHOWN: set[str] = set()  # orgs with awaiting-approval series, configured or not
+
+
+def show_awaiting_approval(by_org: dict[str, tuple[int, float]], orgs: Collection[str]) -> None:
+    """Edits awaiting approval per org, and the age of each org's oldest: the configured ``orgs``
+    at 0 when none waits; an org not configured only while edits of it wait."""
+    shown = {org_id for org_id in set(orgs) | set(by_org) if org_id in orgs or by_org[org_id][0]}
+    for org_id in shown:
+        count, oldest = by_org.get(org_id, (0, 0.0))
+        AWAITING_APPROVAL.labels(org_id).set(count)
+        AWAITING_APPROVAL_OLDEST.labels(org_id).set(oldest)
+    for org_id in _AWAITING_SHOWN - shown:
+        for metric in (AWAITING_APPROVAL, AWAITING_APPROVAL_OLDEST):
+            with contextlib.suppress(KeyError):
+                metric.remove(org_id)
+    _AWAITING_SHOWN.clear()
+    _AWAITING_SHOWN.update(shown)
+
+
 def forget_org(org_id: str) -> None:
     """Drop every series of an org no longer configured (so no alert fires for it)."""
-    for metric in (ORG_MAX_AGE, ORG_FAILING, PURGES_REFUSED, LAST_SUCCESS):
+    for metric in (ORG_MAX_AGE, ORG_FAILING, PURGES_REFUSED, LAST_SUCCESS, AWAITING_APPROVAL, AWAITING_APPROVAL_OLDEST):
         with contextlib.suppress(KeyError):
             metric.remove(org_id)
     pairs: tuple[tuple[Counter | Gauge | Histogram, tuple[str, ...]], ...] = (

@@ -558,11 +558,13 @@ def change_row(
     *,
     run_id: int | None = None,
     edit_id: int | None = None,
+    provenance: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """One device_changes row, by column: every history row is built here.
 
     ``values``: the device after the change (:data:`HISTORY_FIELDS`; None only for ``restrictions``);
-    ``edit_id``: the local edit whose push made the change (its row's source is ``local_edit``).
+    ``edit_id``: the local edit whose push made the change (its row's source is ``local_edit``), and
+    ``provenance`` its ``requested_by`` / ``approved_by``.
     """
     if change not in CHANGE_KINDS:
         raise ValueError(f"unknown change kind {change!r}")
@@ -577,6 +579,9 @@ def change_row(
         "diff": diff,
         "source": "sync" if edit_id is None else "local_edit",
         "edit_id": edit_id,
+        "requested_by": None,
+        "approved_by": None,
+        **(provenance or {}),
     }
     row.update(values if values is not None else dict.fromkeys(HISTORY_FIELDS))
     return row

@@ -103,6 +103,8 @@ class Reconciler:
     def run_once(self) -> Counter[str]:
         """Process every edit due now (each at most once); returns how many ended how."""
         results: Counter[str] = Counter()
+        lease = timedelta(seconds=self.settings.lease_timeout)
+        self._enforce_approval(results, lease)  # needs no API: also while the key is refused
         if not self.auth.admit(WRITEBACK):  # the key was rejected: wait for the pause to run out
             return results
         try:
@@ -114,9 +116,10 @@ class Reconciler:
     def _round(self, results: Counter[str]) -> None:
         started = utcnow()
         seen: set[int] = set()
+        lease = timedelta(seconds=self.settings.lease_timeout)
+        needs_approval = self.settings.require_approval
         while not self.stop.is_set():
-            lease = timedelta(seconds=self.settings.lease_timeout)
-            claimed = self.queue.claim(started, lease, self.settings.batch_size, self.instance)
+            claimed = self.queue.claim(started, lease, self.settings.batch_size, self.instance, needs_approval)
             fresh = [e for e in claimed if e.id not in seen]
             self.queue.release([e.id for e in claimed if e.id in seen], utcnow())
             if not fresh:
@@ -137,6 +140,22 @@ class Reconciler:
                 if result in ("paused", "stopped"):
                     self.queue.release([e.id for e in fresh[index + 1 :]], utcnow())
                     return
+
+    def _enforce_approval(self, results: Counter[str], lease: timedelta) -> None:
+        """Two-person approval, before anything is claimed: unapproved edits of the kinds that need
+        an approval wait, approvals made in SQL take effect, waits past ``approval_ttl`` end."""
+        ttl = timedelta(seconds=self.settings.approval_ttl)
+        changed = self.queue.enforce_approval(self.settings.require_approval, ttl, lease)
+        if changed.awaiting:
+            log.info("edits await a second person's approval (`syncd edits approve ID`)", edits=changed.awaiting)
+        if changed.approved:
+            log.info("edits approved in SQL are pending", edits=changed.approved)
+        if changed.expired:
+            results["expired"] += len(changed.expired)
+            EDIT_RESULTS.labels("expired").inc(len(changed.expired))
+            log.warning(
+                "edits cancelled: nobody approved them within writeback.approval_ttl", edit_ids=list(changed.expired)
+            )
 
     # -- one edit ----------------------------------------------------------------------------------
 

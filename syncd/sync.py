@@ -543,4 +543,3 @@ class PageWrites:
         self._held.clear()
         self._held_run = None
         self._counted_at = time.monotonic()
-

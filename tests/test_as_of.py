@@ -242,7 +242,7 @@ def test_report_commands_print_the_fleet_and_door_access(tmp_path: Path, capsys:
 
 
 def test_history_written_before_the_upgrade_is_rebuilt(database_url: str) -> None:
-    """A mirror with history from before 0009 (made here by going down to 0008, which drops what 0009
+    """A mirror with history from before 0010 (made here by going down to 0009, which drops what 0010
     records) comes back up with the same device versions, and with door access from its lists."""
     from alembic import command
 
@@ -272,7 +272,7 @@ def test_history_written_before_the_upgrade_is_rebuilt(database_url: str) -> Non
     fleets = [reports.devices_as_of(at, org) for at in times]
     access_now = {(i.device_id, i.entity_id) for i in reports.door_access_as_of(times[-1], org)}
     with store.engine.begin() as conn:
-        command.downgrade(migrate.alembic_config(conn), "0008")
+        command.downgrade(migrate.alembic_config(conn), "0009")
     store.upgrade()
     for at, fleet in zip(times, fleets, strict=True):
         again = reports.devices_as_of(at, org)

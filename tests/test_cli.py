@@ -17,6 +17,7 @@ import pytest
 from syncd.cli import main
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
+from syncd.store.schema import SCHEMA_REVISION
 
 from .conftest import API_KEY, Syncer
 from .test_sync import assert_mirror_matches
@@ -145,7 +146,7 @@ def test_db_upgrade_and_current(
     assert main(["db", "current", "--config", str(config)]) == 0
     assert "empty" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
-    assert "empty -> 0008" in capsys.readouterr().out
+    assert f"empty -> {SCHEMA_REVISION}" in capsys.readouterr().out
     assert main(["db", "upgrade", "--config", str(config)]) == 0
     assert "already at" in capsys.readouterr().out
 

@@ -178,13 +178,23 @@ def test_default_database_is_sqlite_in_the_state_directory(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("value", "seconds"), [(90, 90.0), (1.5, 1.5), ("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("1h30m", 5400.0)]
+    ("value", "seconds"),
+    [
+        (90, 90.0),
+        (1.5, 1.5),
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("1h30m", 5400.0),
+        ("7d", 604800.0),
+        ("1d12h", 129600.0),
+    ],
 )
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["soon", "", -1, True, "1d"])
+@pytest.mark.parametrize("value", ["soon", "", -1, True, "1w", "1h1d"])
 def test_bad_durations(value: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(value)

@@ -350,7 +350,7 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     # Queued while the mirror allowed them; meanwhile OpenApp's live list changed their meaning.
     ok = [
         syncd(config, "door-restrictions", shrinking, "--remove", E2),
-        syncd(config, "door-restrictions", opened, "--add", E3),
+        syncd(config, "door-restrictions", opened, "--add", E3, "--yes"),  # E3: never seen on a door yet
         syncd(config, "door-restrictions", explicit, "--unrestrict"),
         syncd(config, "door-restrictions", emptied, "--remove", E2),
     ]

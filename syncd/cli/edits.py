@@ -1,6 +1,6 @@
 """Write-back from the command line: ``edit``, ``restore``, ``delete``, ``door-restrictions``,
-``edits`` (``retry``, ``cancel``), ``reconcile-once``. It parses and prints; the edits' rules are in
-:mod:`syncd.edits`."""
+``edits`` (``retry``, ``cancel``, ``approve``, ``reject``), ``reconcile-once``. It parses and prints;
+the edits' rules are in :mod:`syncd.edits`, the queue's in :mod:`syncd.store.edits`."""
 
 from __future__ import annotations
 
@@ -23,11 +23,39 @@ from syncd.cli.args import (
 )
 from syncd.cli.output import print_edits
 from syncd.cli.signals import stop_on_signals
+from syncd.config import Config
 from syncd.edits import KINDS, cancel_edit, edit_credentials, queue_edit, redacted
 from syncd.errors import ConfigError
+from syncd.models import entity_id_problem
 from syncd.passes import instance_name, writeback_client
 from syncd.reconcile import Reconciler, requester
+from syncd.store import Store
+from syncd.store.details import PortalRestrictions
 from syncd.store.edits import EditQueue, EditStatus
+
+EDITS_HELP = (
+    "List the write-back queue, oldest first: per edit its kind, status, attempts, when and by whom it "
+    "was requested (and how: cli or sql), what it sets, and approvals, rejections and errors."
+)
+APPROVE_HELP = """\
+Approve an edit that awaits a second person's approval (its kind is listed in
+writeback.require_approval). The approval is recorded as approved_by (your user@host) and
+approved_at (the database's clock), and the edit becomes pending: the reconciler pushes it at its
+next round, computed against OpenApp's state at that moment (a door-restrictions --add / --remove
+against the portal's live list). Whoever requested the edit cannot approve it, from another host
+either: syncd compares the user names (PostgreSQL also refuses such an approval made in SQL)."""
+APPROVE_EXAMPLE = """\
+example:
+  syncd edits --status awaiting_approval      # what waits, and who asked
+  syncd edits approve 42                      # as another user than the requester"""
+REJECT_HELP = """\
+Reject an edit that awaits approval: it ends 'rejected' for good, with rejected_by (your
+user@host), rejected_at and the reason; nothing is sent to OpenApp, and `syncd edits retry` cannot
+revive it (queue a new edit instead). Rejecting is the second person's answer: the requester
+withdraws an edit with `syncd edits cancel ID`."""
+REJECT_EXAMPLE = """\
+example:
+  syncd edits reject 42 --reason 'ticket SEC-118 asks for door 3, not door 2'"""
 
 
 def add_commands(commands: Commands) -> None:
@@ -88,22 +116,50 @@ def add_commands(commands: Commands) -> None:
         metavar="ENTITY_ID",
         help="no longer let these through; never the portal's last ones (that would let everyone through)",
     )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask before letting through an entity never seen on a door of the org (a typo?)",
+    )
     p.set_defaults(handler=cmd_door_restrictions)
 
-    p = commands.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
+    p = commands.add_parser(
+        "edits", help="list queued edits; `edits retry|cancel|approve|reject ID`", description=EDITS_HELP
+    )
     config_option(p)
     p.add_argument("--status", choices=[s.value for s in EditStatus], help="only edits with this status")
     p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
     p.set_defaults(handler=cmd_edits)
     actions = p.add_subparsers(metavar="ACTION")
     for name, helptext in (
-        ("retry", "queue a failed, conflicting or cancelled edit again"),
-        ("cancel", "drop a pending, failed or conflicting edit"),
+        ("retry", "queue a failed, conflicting or cancelled edit again (one that needs approval awaits it again)"),
+        ("cancel", "drop a pending, failed, conflicting or awaiting edit"),
     ):
         q = actions.add_parser(name, help=helptext)
         config_option(q)
         q.add_argument("edit_id", type=edit_id, metavar="ID")
         q.set_defaults(handler=cmd_edits_change, change=name)
+    q = actions.add_parser(
+        "approve",
+        help="approve an edit awaiting approval (not your own)",
+        description=APPROVE_HELP,
+        epilog=APPROVE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config_option(q)
+    q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
+    q.set_defaults(handler=cmd_edits_decide, change="approve")
+    q = actions.add_parser(
+        "reject",
+        help="reject an edit awaiting approval, with the reason",
+        description=REJECT_HELP,
+        epilog=REJECT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config_option(q)
+    q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
+    q.add_argument("--reason", required=True, metavar="TEXT", help="why (kept with the edit, one line)")
+    q.set_defaults(handler=cmd_edits_decide, change="reject")
 
     p = commands.add_parser("reconcile-once", help="push every due queued edit once, then exit")
     config_option(p)
@@ -134,10 +190,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "nothing to change: give --name, --zone-id/--clear-zone, --external-id, --metadata-json "
                 "or --clear-credential"
             )
-        queued = queue_edit(store, args.device_id, "update", payload, requester(), org_ids(config))
+        queued = _queue(store, config, args.device_id, "update", payload)
         edit = EditQueue(store).get(queued)
         shown = redacted(payload, edit_credentials(store, edit) if edit else ())
     print(f"queued edit {queued}: update {args.device_id} {json.dumps(shown, ensure_ascii=False)}")
+    _approval_note(config, "update", queued)
     return EXIT_OK
 
 
@@ -145,8 +202,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Queue the restore of a soft-deleted device."""
     config = load(args, with_key=False)
     with prepared_store(config) as store:
-        queued = queue_edit(store, args.device_id, "restore", None, requester(), org_ids(config))
+        queued = _queue(store, config, args.device_id, "restore", None)
     print(f"queued edit {queued}: restore {args.device_id}")
+    _approval_note(config, "restore", queued)
     return EXIT_OK
 
 
@@ -163,8 +221,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing was queued")
                 return EXIT_FAILED
-        queued = queue_edit(store, args.device_id, "delete", None, requester(), org_ids(config))
+        queued = _queue(store, config, args.device_id, "delete", None)
     print(f"queued edit {queued}: soft delete {args.device_id}")
+    _approval_note(config, "delete", queued)
     return EXIT_OK
 
 
@@ -188,9 +247,56 @@ def cmd_door_restrictions(args: argparse.Namespace) -> int:
             "or --add / --remove ENTITY_ID ..."
         )
     with prepared_store(config) as store:
-        queued = queue_edit(store, args.device_id, "door_restrictions", payload, requester(), org_ids(config))
+        if not args.yes and not _confirm_unseen(store, config, args.device_id, payload):
+            print("nothing was queued")
+            return EXIT_FAILED
+        queued = _queue(store, config, args.device_id, "door_restrictions", payload)
     print(f"queued edit {queued}: {KINDS['door_restrictions'].describe(payload)} on {args.device_id}")
+    _approval_note(config, "door_restrictions", queued)
     return EXIT_OK
+
+
+def _confirm_unseen(store: Store, config: Config, device_id: str, payload: dict[str, Any]) -> bool:
+    """Whether to queue a door-restrictions edit that lets through entities the mirror never saw on
+    a portal of the device's org: a typo there locks someone out or lets someone in. Asks on a
+    terminal; elsewhere ConfigError (``--yes`` says it is meant)."""
+    granted = payload.get("entity_ids") or payload.get("add") or []
+    kind = KINDS["door_restrictions"]
+    device = store.device(device_id)
+    if not granted or kind.check(payload) or device is None or device["org_id"] not in org_ids(config):
+        return True  # nothing to ask, or queue_edit names the problem
+    if any(entity_id_problem(e) for e in granted) or kind.mirror_problem(device, payload, store):
+        return True
+    unseen = PortalRestrictions(store).unseen_entities(device["org_id"], granted)
+    if not unseen:
+        return True
+    shown = ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+    what = f"entity id{'s' if len(unseen) > 1 else ''} {shown}"
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"door-restrictions: {what} never seen on a door of org {device['org_id']} in the mirror "
+            "(a typo?); not on a terminal, confirm with --yes"
+        )
+    print(
+        f"{what} never seen on a door of org {device['org_id']} in the mirror: a typo would let the wrong "
+        "entity in, or leave the right one out."
+    )
+    answer = input("Queue the edit anyway? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _queue(store: Store, config: Config, device_id: str, action: str, payload: dict[str, Any] | None) -> int:
+    """Queue an edit as the CLI's user; it awaits approval when its kind needs one."""
+    needs = config.writeback.require_approval
+    return queue_edit(store, device_id, action, payload, requester(), org_ids(config), needs)
+
+
+def _approval_note(config: Config, action: str, queued: int) -> None:
+    if action in config.writeback.require_approval:
+        print(
+            f"edit {queued} awaits approval (writeback.require_approval lists {action}): another person "
+            f"approves it with `syncd edits approve {queued}`"
+        )
 
 
 def cmd_edits(args: argparse.Namespace) -> int:
@@ -210,8 +316,34 @@ def cmd_edits_change(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     with prepared_store(config) as store:
         queue = EditQueue(store)
-        was = queue.retry(args.edit_id, now) if args.change == "retry" else cancel_edit(store, args.edit_id, now)
-    print(f"edit {args.edit_id}: {was} -> {'pending' if args.change == 'retry' else 'cancelled'}")
+        if args.change == "retry":
+            was = queue.retry(args.edit_id, now, config.writeback.require_approval)
+        else:
+            was = cancel_edit(store, args.edit_id, now)
+        edit = queue.get(args.edit_id)
+    print(f"edit {args.edit_id}: {was} -> {edit.status.value if edit else '?'}")
+    return EXIT_OK
+
+
+def cmd_edits_decide(args: argparse.Namespace) -> int:
+    """``edits approve ID`` / ``edits reject ID --reason TEXT``, as the CLI's user."""
+    config = load(args, with_key=False)
+    now = datetime.now(UTC)
+    needs = config.writeback.require_approval
+    who = requester()
+    with prepared_store(config) as store:
+        queue = EditQueue(store)
+        if args.change == "approve":
+            was = queue.approve(args.edit_id, who, now, needs)
+        else:
+            if not args.reason.strip():
+                raise ConfigError("--reason is empty: say why the edit is rejected")
+            was = queue.reject(args.edit_id, who, args.reason, now, needs)
+        edit = queue.get(args.edit_id)
+    status = edit.status.value if edit else "?"
+    print(f"edit {args.edit_id}: {was} -> {status} ({'approved' if args.change == 'approve' else 'rejected'} by {who})")
+    if args.change == "approve":
+        print("the reconciler pushes it at its next round (`syncd run`, or `syncd reconcile-once`)")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if not c.endswith(("requests", "
 DETAIL_FAILURES = {"restriction_failures": "door restrictions", "definition_failures": "metadata definitions"}
 # What the payload line of an edit says it does, by the edit's status.
 PAYLOAD_VERBS = {"pending": "queued", "in_flight": "pushing", "succeeded": "applied"}
+REQUESTER_WIDTH = 20  # the `by` column of `syncd edits` (the whole table stays within about 120 columns)
 
 
 class Progress:
@@ -129,30 +130,35 @@ def print_status(report: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
-    """The queue as a table: per edit what it does and sets (credentials masked), and for a
-    conflict the base, remote and queued value of each conflicting field."""
+    """The queue as a table (who requested each edit, when and how), then per edit what it does
+    and sets (credentials masked), its approval or rejection, and for a conflict the base, remote
+    and queued value of each conflicting field."""
     lines = [
         (
             str(e.id),
             e.device_id,
             e.action,
             e.status.value,
+            minute(e.requested_at or e.created_at),
+            e.requested_via,
+            clipped(e.requested_by or "-", REQUESTER_WIDTH),
             str(e.attempts),
-            iso(e.next_attempt_at) or "-",
-            str(e.last_status_code or "-"),
-            iso(e.created_at) or "-",
-            e.requested_by or "-",
         )
         for e, _, _ in edits
     ]
-    headers = ("id", "device", "action", "status", "attempts", "next attempt", "last code", "created", "by")
-    table(headers, lines, out, text_columns=4)
+    headers = ("id", "device", "action", "status", "requested", "via", "by", "tries")
+    table(headers, lines, out, text_columns=7)
     for e, payload, what in edits:
         if payload:
             verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
             print(f"  {e.id}: {verb:<8}{what}: {json.dumps(payload, ensure_ascii=False)}", file=out)
         elif e.action != "update":
             print(f"  {e.id}: {PAYLOAD_VERBS.get(e.status.value, 'wanted'):<8}{what}", file=out)
+        for line in _approval_lines(e):
+            print(f"  {e.id}: {line}", file=out)
+        if e.status.value == "pending" and e.next_attempt_at is not None:
+            answer = f" (last answer: HTTP {e.last_status_code})" if e.last_status_code else ""
+            print(f"  {e.id}: {'next':<8}attempt at {iso(e.next_attempt_at)}{answer}", file=out)
         if e.status.value == "conflict" and isinstance(e.remote, dict):
             for name, values in sorted(e.remote.items()):
                 if isinstance(values, dict):
@@ -166,6 +172,24 @@ def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
                 f"{e.last_error}",
                 file=out,
             )
+
+
+def _approval_lines(e: Edit) -> list[str]:
+    """An edit's approval, rejection or wait for one, and why it ended unsent."""
+    lines = []
+    if e.status.value == "awaiting_approval":
+        since = iso(e.approval_requested_at) or "?"
+        lines.append(
+            f"{'awaits':<8}approval since {since}: `syncd edits approve {e.id}` by another person than "
+            f"{e.requested_by}, or `syncd edits reject {e.id} --reason ...`"
+        )
+    if e.approved_at is not None:
+        lines.append(f"{'approved':<8} by {e.approved_by} at {iso(e.approved_at)}")
+    if e.rejected_at is not None:
+        lines.append(f"{'rejected':<8} by {e.rejected_by} at {iso(e.rejected_at)}: {e.reason}")
+    elif e.reason:
+        lines.append(f"{'reason':<8}{e.reason}")
+    return lines
 
 
 def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
@@ -204,3 +228,13 @@ def age(seconds: int | None) -> str:
 def iso(moment: datetime | None) -> str | None:
     """``YYYY-MM-DDTHH:MM:SSZ``, or None."""
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def minute(moment: datetime | None) -> str:
+    """``YYYY-MM-DD HH:MM`` (UTC), or ``-``."""
+    return moment.strftime("%Y-%m-%d %H:%M") if moment else "-"
+
+
+def clipped(text: str, width: int) -> str:
+    """``text``, cut to ``width`` characters with an ellipsis."""
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, Text, cast, delete, func, insert, select, update
 
 from syncd.models import DoorRestrictions, MetadataDefinition, change_row, one_line
 from syncd.store.schema import (
@@ -113,6 +113,24 @@ class PortalRestrictions:
         with translated("reading door restrictions"), self.store.engine.connect() as conn:
             return sorted(conn.execute(query).scalars())
 
+    def unseen_entities(self, org_id: str, entity_ids: Collection[str]) -> list[str]:
+        """Those of ``entity_ids`` (well-formed ids) the mirror never saw on a portal of ``org_id``:
+        on none now (``door_restrictions``) and in none of its restriction history
+        (``device_changes``), in the order given."""
+        wanted = list(dict.fromkeys(entity_ids))
+        r, c = door_restrictions, device_changes
+        now = select(r.c.entity_id).where(r.c.org_id == org_id, r.c.entity_id.in_(wanted)).distinct()
+        history = select(cast(c.c.diff, Text)).where(c.c.org_id == org_id, c.c.change == "restrictions")
+        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+            seen = set(conn.execute(now).scalars())
+            unseen = [e for e in wanted if e not in seen]
+            if unseen:
+                for diff in conn.execution_options(yield_per=1000).execute(history).scalars():
+                    unseen = [e for e in unseen if f'"{e}"' not in (diff or "")]
+                    if not unseen:
+                        break
+        return unseen
+
     def summary(self) -> dict[str, dict[str, int]]:
         """Per org: ``portals`` asked about, how many are ``restricted``, and ``entities`` (grants)."""
         p, r = portal_restrictions, door_restrictions
@@ -155,9 +173,11 @@ def write_answers(
     *,
     run_id: int | None = None,
     edit_id: int | None = None,
+    provenance: Mapping[str, str | None] | None = None,
 ) -> int:
     """Write answers inside the caller's transaction: of a pass (``run_id``) or of a local edit
-    that set them (``edit_id``; its history row is marked ``local_edit``). Returns how many lists changed."""
+    that set them (``edit_id``; its history row is marked ``local_edit`` and carries the edit's
+    ``provenance``: ``requested_by``, ``approved_by``). Returns how many lists changed."""
     ids = [a.device_id for a in answers]
     changes: list[dict[str, Any]] = []
     new_rows: list[dict[str, Any]] = []
@@ -182,7 +202,17 @@ def write_answers(
         if change is not None:
             diff = {"door_restrictions": change}
             changes.append(
-                change_row(answer.device_id, org_id, now, "restrictions", diff, None, run_id=run_id, edit_id=edit_id)
+                change_row(
+                    answer.device_id,
+                    org_id,
+                    now,
+                    "restrictions",
+                    diff,
+                    None,
+                    run_id=run_id,
+                    edit_id=edit_id,
+                    provenance=provenance,
+                )
             )
     if new_rows:
         conn.execute(insert(p), new_rows)

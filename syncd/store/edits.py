@@ -3,29 +3,47 @@ transition (one table), and the queue, one method per transition. SQLAlchemy sta
 
 ::
 
+    awaiting_approval --approve--> pending   (--reject--> rejected, --expire/cancel--> cancelled)
+          ^                           |
+          +-------await_approval------+  (a kind that needs an approval it has not got)
     pending --claim--> in_flight --succeed--> succeeded
        ^                   |  \\--conflict--> conflict --retry/cancel
        |                   |   \\--fail-----> failed   --retry/cancel
        +--release / retry_later / hold--+
-    pending, failed, conflict --cancel--> cancelled --retry--> pending
+    pending, failed, conflict, awaiting_approval --cancel--> cancelled --retry--> pending
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, Text, and_, cast, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Text,
+    and_,
+    cast,
+    func,
+    insert,
+    literal,
+    or_,
+    outerjoin,
+    select,
+    true,
+    update,
+)
 
 from syncd.errors import ClaimLostError, ConfigError
 from syncd.models import Device, change_row, history_values, one_line, parse_timestamp, preview, same_json
 from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
-from syncd.store.schema import UTCDateTime, device_edits
+from syncd.store.schema import UTCDateTime, device_edits, devices
 from syncd.store.store import PageWriter, Store
 from syncd.store.translate import translated
 
@@ -39,6 +57,8 @@ class EditStatus(StrEnum):
     FAILED = "failed"
     CONFLICT = "conflict"
     CANCELLED = "cancelled"
+    AWAITING_APPROVAL = "awaiting_approval"
+    REJECTED = "rejected"
 
 
 S = EditStatus
@@ -52,8 +72,18 @@ TRANSITIONS: dict[str, tuple[frozenset[EditStatus], EditStatus]] = {
     "retry_later": (frozenset({S.IN_FLIGHT}), S.PENDING),  # a transient failure: due again later
     "hold": (frozenset({S.IN_FLIGHT}), S.PENDING),  # not pushed now (a cap), the attempt not counted
     "retry": (frozenset({S.FAILED, S.CONFLICT, S.CANCELLED}), S.PENDING),  # an operator queues it again
-    "cancel": (frozenset({S.PENDING, S.FAILED, S.CONFLICT}), S.CANCELLED),  # an operator drops it
+    "cancel": (frozenset({S.PENDING, S.FAILED, S.CONFLICT, S.AWAITING_APPROVAL}), S.CANCELLED),  # an operator drops it
+    # Two-person approval (writeback.require_approval lists the edit's kind):
+    # a pending edit of such a kind without an approval (inserted by SQL, retried, or the configuration
+    # changed) waits; in_flight: its claimer's lease ran out before it was sent.
+    "await_approval": (frozenset({S.PENDING, S.IN_FLIGHT}), S.AWAITING_APPROVAL),
+    # another person approves (pending: one not yet seen awaiting); an approval made in SQL moves it too
+    "approve": (frozenset({S.AWAITING_APPROVAL, S.PENDING}), S.PENDING),
+    "reject": (frozenset({S.AWAITING_APPROVAL, S.PENDING}), S.REJECTED),  # another person says no: for good
+    "expire": (frozenset({S.AWAITING_APPROVAL}), S.CANCELLED),  # no approval within writeback.approval_ttl
 }
+# An edit that may still be pushed: a later edit of the same device waits behind it.
+UNFINISHED = (S.PENDING.value, S.IN_FLIGHT.value, S.AWAITING_APPROVAL.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +112,14 @@ class Edit:
     requested_by: str | None
     sent_at: datetime | None = None
     credential_pointers: tuple[str, ...] = ()  # JSON Pointers (anything else a row holds is dropped)
+    requested_via: str = "sql"
+    requested_at: datetime | None = None
+    approval_requested_at: datetime | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    rejected_by: str | None = None
+    rejected_at: datetime | None = None
+    reason: str | None = None
     recheck: bool = False  # claimed again after its claimer's lease ran out
     unreadable: tuple[str, ...] = ()
 
@@ -104,6 +142,25 @@ class Held:
     wait: timedelta
 
 
+@dataclass(frozen=True, slots=True)
+class Approvals:
+    """What one enforcement of the approval rules changed: edits moved to ``awaiting`` approval,
+    edits approved in SQL moved to ``approved`` (pending), and the ids of those that ``expired``."""
+
+    awaiting: int = 0
+    approved: int = 0
+    expired: tuple[int, ...] = ()
+
+
+def person(who: str | None) -> str:
+    """The person a ``requested_by`` / ``approved_by`` names: ``alice@ops-1`` (the CLI's user@host)
+    and ``alice`` (a PostgreSQL role) are the same person. Migration 0009's ``syncd_person`` is the
+    same rule in SQL."""
+    text = (who or "").strip()
+    user, at, _ = text.rpartition("@")
+    return (user if at else text).lower()
+
+
 class UnreadablePayload(str):
     """A payload that is not valid JSON (only possible on SQLite, via plain SQL)."""
 
@@ -118,8 +175,15 @@ class EditQueue:
 
     # -- reading and queuing -----------------------------------------------------------------------
 
-    def add(self, values: dict[str, Any]) -> int:
-        """Insert an edit (``pending``); returns its id."""
+    def add(self, values: dict[str, Any], *, awaiting_approval: bool = False) -> int:
+        """Insert an edit (``pending``, or ``awaiting_approval`` from now on the database's clock);
+        returns its id."""
+        if awaiting_approval:
+            values = {
+                **values,
+                "status": S.AWAITING_APPROVAL.value,
+                "approval_requested_at": func.current_timestamp(),
+            }
         with translated("queuing an edit"), self._engine.begin() as conn:
             return int(conn.execute(insert(device_edits).values(values).returning(device_edits.c.id)).scalar_one())
 
@@ -151,63 +215,196 @@ class EditQueue:
         with translated("reading edits"), self._engine.connect() as conn:
             return conn.execute(query).scalar()
 
+    def awaiting_approval(self) -> dict[str, tuple[int, float]]:
+        """Per org (the mirror's org of the device, else the row's; ``""``: neither): edits awaiting
+        approval, and how long the oldest has waited in seconds, on the database's clock."""
+        e = device_edits
+        org = func.coalesce(devices.c.org_id, e.c.org_id, "")
+        query = (
+            select(org, func.count(), func.min(e.c.approval_requested_at, type_=UTCDateTime()))
+            .select_from(outerjoin(e, devices, devices.c.id == e.c.device_id))
+            .where(e.c.status == S.AWAITING_APPROVAL.value)
+            .group_by(org)
+        )
+        with translated("reading edits"), self._engine.connect() as conn:
+            now = self._dialect.database_now(conn)
+            return {
+                str(org_id): (int(n), max(0.0, (now - since).total_seconds()) if since else 0.0)
+                for org_id, n, since in conn.execute(query)
+            }
+
     # -- an operator's transitions -----------------------------------------------------------------
 
-    def retry(self, edit_id: int, now: datetime) -> str:
+    def retry(self, edit_id: int, now: datetime, needs_approval: Collection[str] = ()) -> str:
         """Queue a failed, conflicting or cancelled edit again, its attempts reset; returns the status
         it had (ConfigError for an edit that does not exist or cannot be retried). A conflict's
-        retry means "push it anyway": OpenApp's values it conflicted with become its base."""
-        values: dict[str, Any] = {"attempts": 0, "next_attempt_at": None, "last_error": None, "remote": None}
+        retry means "push it anyway": OpenApp's values it conflicted with become its base. An edit
+        of a kind in ``needs_approval`` needs a new approval: it awaits one again."""
+        values: dict[str, Any] = {
+            "attempts": 0,
+            "next_attempt_at": None,
+            "last_error": None,
+            "remote": None,
+            "reason": None,
+        }
         edit = self.get(edit_id)
         if edit is not None and edit.status is S.CONFLICT and isinstance(edit.remote, dict):
             seen = {f: v["remote"] for f, v in edit.remote.items() if isinstance(v, dict) and "remote" in v}
             values["base"] = {**(edit.base if isinstance(edit.base, dict) else {}), **seen}
-        return self._operator("retry", edit_id, now, values)
+        renewed = edit is not None and edit.action in needs_approval
+        if renewed:
+            values.update(approved_by=None, approved_at=None)
+        with self.store.transaction("updating an edit") as conn:
+            was = self._operator(conn, "retry", edit_id, now, values)
+            if renewed:
+                database_now = self._dialect.database_now(conn)
+                _move(conn, edit_id, "await_approval", now, {"approval_requested_at": database_now})
+        return was
 
     def cancel(self, edit_id: int, now: datetime, payload: Any = None) -> str:
-        """Drop a pending, failed or conflicting edit; returns the status it had. ``payload``: what
-        to keep instead of its payload (its credential values redacted, once it was sent)."""
-        return self._operator("cancel", edit_id, now, {} if payload is None else {"payload": payload})
+        """Drop a pending, failed, conflicting or awaiting edit; returns the status it had.
+        ``payload``: what to keep instead of its payload (its credential values redacted, once it
+        was sent)."""
+        with self.store.transaction("updating an edit") as conn:
+            return self._operator(conn, "cancel", edit_id, now, {} if payload is None else {"payload": payload})
 
-    def _operator(self, event: str, edit_id: int, now: datetime, values: dict[str, Any]) -> str:
+    def approve(self, edit_id: int, approver: str, now: datetime, needs_approval: Collection[str]) -> str:
+        """Record ``approver``'s approval (``approved_at`` on the database's clock): the edit is
+        pending, to be pushed. ConfigError when it does not await an approval (its kind is not in
+        ``needs_approval``, it is approved already, or its status is another) or when the approver
+        is the person who requested it. Returns the status it had."""
+        with self.store.transaction("approving an edit") as conn:
+            edit = self._undecided(conn, edit_id, "approve", needs_approval)
+            if person(approver) == person(edit.requested_by):
+                raise ConfigError(
+                    f"edit {edit_id} was requested by {edit.requested_by}: it needs the approval of another "
+                    "person (two-person rule)"
+                )
+            values = {"approved_by": approver, "approved_at": self._dialect.database_now(conn)}
+            return self._operator(conn, "approve", edit_id, now, values, device_edits.c.approved_at.is_(None))
+
+    def reject(self, edit_id: int, rejecter: str, reason: str, now: datetime, needs_approval: Collection[str]) -> str:
+        """Record ``rejecter``'s refusal with its ``reason``: the edit is ``rejected`` for good.
+        ConfigError as for :meth:`approve` (the requester withdraws an edit with cancel instead)."""
+        with self.store.transaction("rejecting an edit") as conn:
+            edit = self._undecided(conn, edit_id, "reject", needs_approval)
+            if person(rejecter) == person(edit.requested_by):
+                raise ConfigError(
+                    f"edit {edit_id} was requested by {edit.requested_by}: the requester withdraws it with "
+                    f"`syncd edits cancel {edit_id}`; a rejection is another person's"
+                )
+            values = {
+                "rejected_by": rejecter,
+                "rejected_at": self._dialect.database_now(conn),
+                "reason": one_line(reason, 2000),
+            }
+            return self._operator(conn, "reject", edit_id, now, values, device_edits.c.approved_at.is_(None))
+
+    def _undecided(self, conn: Connection, edit_id: int, event: str, needs_approval: Collection[str]) -> Edit:
+        """The edit, if it awaits a person's decision (ConfigError naming why it does not)."""
+        row = conn.execute(_readable().where(device_edits.c.id == edit_id)).mappings().one_or_none()
+        if row is None:
+            raise ConfigError(f"there is no edit {edit_id}")
+        edit = _edit(row)
+        if edit.approved_at is not None:
+            when = edit.approved_at.isoformat(timespec="seconds")
+            raise ConfigError(f"edit {edit_id} was approved already, by {edit.approved_by} at {when}")
+        if edit.status is S.PENDING and edit.action not in needs_approval:
+            raise ConfigError(
+                f"edit {edit_id} needs no approval: writeback.require_approval does not list {edit.action}"
+            )
+        if edit.status not in TRANSITIONS[event][0]:
+            raise ConfigError(f"edit {edit_id} is {edit.status.value}; {event} works on edits awaiting approval")
+        return edit
+
+    def _operator(
+        self,
+        conn: Connection,
+        event: str,
+        edit_id: int,
+        now: datetime,
+        values: dict[str, Any],
+        *where: ColumnElement[bool],
+    ) -> str:
         allowed = TRANSITIONS[event][0]
-        with translated("updating an edit"), self._engine.begin() as conn:
-            status = conn.execute(select(device_edits.c.status).where(device_edits.c.id == edit_id)).scalar()
-            if status is None:
-                raise ConfigError(f"there is no edit {edit_id}")
-            if not _move(conn, edit_id, event, now, values):
-                names = ", ".join(s.value for s in EditStatus if s in allowed)
-                raise ConfigError(f"edit {edit_id} is {status}; {event} works on {names} edits")
+        status = conn.execute(select(device_edits.c.status).where(device_edits.c.id == edit_id)).scalar()
+        if status is None:
+            raise ConfigError(f"there is no edit {edit_id}")
+        if not _move(conn, edit_id, event, now, values, *where):
+            names = ", ".join(s.value for s in EditStatus if s in allowed)
+            raise ConfigError(f"edit {edit_id} is {status}; {event} works on {names} edits")
         return str(status)
+
+    # -- the approval rules, enforced by every reconciler round ------------------------------------
+
+    def enforce_approval(self, needs_approval: Collection[str], ttl: timedelta, lease: timedelta) -> Approvals:
+        """Apply the approval rules to the whole queue, on the database's clock: an edit of a kind in
+        ``needs_approval`` without an approval awaits one (pending, or in flight with its lease run
+        out); one approved in SQL is pending; one that awaited longer than ``ttl`` is cancelled with
+        the reason. (The claim never takes an unapproved edit of such a kind either.)"""
+        e = device_edits
+        with self.store.transaction("enforcing approvals") as conn:
+            now = self._dialect.database_now(conn)
+            since = func.coalesce(e.c.approval_requested_at, e.c.requested_at)
+            late = and_(e.c.approved_at.is_(None), since < now - ttl)
+            expired = [
+                row.id for row in conn.execute(select(e.c.id).where(e.c.status == S.AWAITING_APPROVAL.value, late))
+            ]
+            if expired:
+                reason = (
+                    f"cancelled: nobody approved it within writeback.approval_ttl ({_duration(ttl)}); "
+                    "`syncd edits retry ID` asks for an approval again"
+                )
+                _apply(conn, "expire", now, {"reason": reason}, late, e.c.id.in_(expired))
+            approved = _apply(
+                conn, "approve", now, {}, e.c.status == S.AWAITING_APPROVAL.value, e.c.approved_at.is_not(None)
+            )
+            awaiting = 0
+            if needs_approval:
+                lease_over = or_(e.c.claimed_at.is_(None), e.c.claimed_at < now - lease)
+                awaiting = _apply(
+                    conn,
+                    "await_approval",
+                    now,
+                    {"approval_requested_at": now},
+                    e.c.action.in_(list(needs_approval)),
+                    e.c.approved_at.is_(None),
+                    or_(e.c.status == S.PENDING.value, lease_over),
+                )
+        return Approvals(awaiting, approved, tuple(expired))
 
     # -- the reconciler's transitions --------------------------------------------------------------
 
-    def claim(self, now: datetime, lease: timedelta, limit: int, instance: str) -> list[Edit]:
+    def claim(
+        self, now: datetime, lease: timedelta, limit: int, instance: str, needs_approval: Collection[str] = ()
+    ) -> list[Edit]:
         """Mark due edits ``in_flight`` for this instance and return them.
 
         Due: ``pending`` with ``next_attempt_at`` passed, and no older unfinished edit of the same
         device (edits to one device apply in the order queued); or ``in_flight`` with an expired
-        lease (its claimer died: ``recheck``). On PostgreSQL ``FOR UPDATE SKIP LOCKED`` keeps
-        concurrent reconcilers from claiming the same edit.
+        lease (its claimer died: ``recheck``). Never an edit of a kind in ``needs_approval`` that
+        has no approval, whatever its status says (a row inserted by SQL as ``pending``). On
+        PostgreSQL ``FOR UPDATE SKIP LOCKED`` keeps concurrent reconcilers from claiming the same edit.
         """
         e = device_edits
         older = device_edits.alias("older")
         blocked = (
             select(literal(1))
-            .where(
-                older.c.device_id == e.c.device_id, older.c.id < e.c.id, older.c.status.in_(("pending", "in_flight"))
-            )
+            .where(older.c.device_id == e.c.device_id, older.c.id < e.c.id, older.c.status.in_(UNFINISHED))
             .exists()
         )
         # A time written by hand that the database cannot read makes its row due, so it fails clearly.
         unreadable = self._dialect.unreadable_time(e.c.next_attempt_at)
         when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now, unreadable)
         due = and_(e.c.status == "pending", when, ~blocked)
+        allowed: ColumnElement[bool] = true()
+        if needs_approval:
+            allowed = or_(e.c.action.not_in(list(needs_approval)), e.c.approved_at.is_not(None))
         with translated("claiming edits"), self._engine.begin() as conn:
             database_now = self._dialect.database_now(conn)  # leases: one clock for every host
             expired = e.c.claimed_at < database_now - lease
             stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), expired))
-            query = select(e.c.id, e.c.status).where(or_(due, stale)).order_by(e.c.id).limit(limit)
+            query = select(e.c.id, e.c.status).where(or_(due, stale), allowed).order_by(e.c.id).limit(limit)
             query = self._dialect.lock_for_claim(query, e)
             picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
             if not picked:
@@ -262,10 +459,13 @@ class EditQueue:
             _move(writer.connection, edit.id, "succeed", now, values)
             if rebase:
                 _rebase_later_edits(writer.connection, edit, rebase, now)
+            provenance = {"requested_by": edit.requested_by, "approved_by": edit.approved_by}
             if device is not None:
-                _mirror_device(writer, edit.id, device, change, now)
+                _mirror_device(writer, edit.id, device, change, now, provenance)
             if restrictions is not None and device is not None:
-                write_answers(writer.connection, device.org_id, now, [restrictions], edit_id=edit.id)
+                write_answers(
+                    writer.connection, device.org_id, now, [restrictions], edit_id=edit.id, provenance=provenance
+                )
 
     def conflict(
         self,
@@ -284,7 +484,7 @@ class EditQueue:
         _note_credentials(values, edit, credentials)
         with self.store.writer() as writer:
             _move(writer.connection, edit.id, "conflict", now, values)
-            _mirror_device(writer, edit.id, device, None, now)
+            _mirror_device(writer, edit.id, device, None, now, {})
 
     def fail(
         self,
@@ -370,23 +570,42 @@ def _note_credentials(values: dict[str, Any], edit: Edit, credentials: Iterable[
         values["credential_pointers"] = sorted({*edit.credential_pointers, *found})
 
 
-def _move(conn: Connection, edit_id: int, event: str, now: datetime, values: Mapping[str, Any]) -> bool:
-    """Apply one transition of :data:`TRANSITIONS` to an edit in its allowed statuses; False when
-    the edit is not in one of them (another reconciler or an operator moved it meanwhile)."""
+def _move(
+    conn: Connection, edit_id: int, event: str, now: datetime, values: Mapping[str, Any], *where: ColumnElement[bool]
+) -> bool:
+    """Apply one transition of :data:`TRANSITIONS` to an edit in its allowed statuses (and ``where``);
+    False when the edit is not in one of them (another reconciler or an operator moved it meanwhile)."""
+    return bool(_apply(conn, event, now, values, device_edits.c.id == edit_id, *where))
+
+
+def _apply(conn: Connection, event: str, now: datetime, values: Mapping[str, Any], *where: ColumnElement[bool]) -> int:
+    """Apply one transition of :data:`TRANSITIONS` to every edit in its allowed statuses that
+    matches ``where``; how many it moved."""
     allowed, target = TRANSITIONS[event]
     e = device_edits
     changed = {**values, "status": target.value, "updated_at": now}
     if target is not S.IN_FLIGHT:
         changed.update(claimed_at=None)
-    statement = update(e).where(e.c.id == edit_id, e.c.status.in_([s.value for s in allowed])).values(changed)
-    return bool(conn.execute(statement).rowcount)
+    statement = update(e).where(e.c.status.in_([s.value for s in allowed]), *where).values(changed)
+    return int(conn.execute(statement).rowcount)
+
+
+def _duration(span: timedelta) -> str:
+    """``7d``, ``36h``, ``90m``, ``45s``: the largest whole unit."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _rebase_later_edits(conn: Connection, edit: Edit, rebase: Mapping[str, tuple[Any, Any]], now: datetime) -> None:
     e = device_edits
     later = conn.execute(
         select(e.c.id, cast(e.c.base, Text)).where(
-            e.c.device_id == edit.device_id, e.c.id > edit.id, e.c.status == "pending"
+            e.c.device_id == edit.device_id,
+            e.c.id > edit.id,
+            e.c.status.in_((S.PENDING.value, S.AWAITING_APPROVAL.value)),
         )
     ).all()
     for edit_id, text in later:
@@ -402,7 +621,12 @@ def _rebase_later_edits(conn: Connection, edit: Edit, rebase: Mapping[str, tuple
 
 
 def _mirror_device(
-    writer: PageWriter, edit_id: int, device: Device, change: tuple[str, dict[str, Any]] | None, now: datetime
+    writer: PageWriter,
+    edit_id: int,
+    device: Device,
+    change: tuple[str, dict[str, Any]] | None,
+    now: datetime,
+    provenance: Mapping[str, str | None],
 ) -> None:
     if writer.previous([device.id]):
         writer.update_devices([device], now)
@@ -411,7 +635,18 @@ def _mirror_device(
     if change is not None:
         kind, diff = change
         writer.add_changes(
-            [change_row(device.id, device.org_id, now, kind, diff, history_values(device), edit_id=edit_id)]
+            [
+                change_row(
+                    device.id,
+                    device.org_id,
+                    now,
+                    kind,
+                    diff,
+                    history_values(device),
+                    edit_id=edit_id,
+                    provenance=provenance,
+                )
+            ]
         )
 
 

@@ -8,7 +8,7 @@ the time asked about, and the end of its first successful pass that started afte
 between those two moments is shown as of when a pass saw it (README, "As-of reports").
 
 On PostgreSQL the same questions are SQL functions (``syncd_devices_as_of``,
-``syncd_door_access_as_of``, migration 0009); a test holds them and these queries to one answer.
+``syncd_door_access_as_of``, migration 0010); a test holds them and these queries to one answer.
 """
 
 from __future__ import annotations

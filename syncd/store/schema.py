@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -78,7 +78,17 @@ RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
 RUN_TRIGGERS = ("scheduled", "run-once")
 CHANGE_SOURCES = ("sync", "local_edit")
 EDIT_ACTIONS = ("update", "restore", "delete", "door_restrictions")
-EDIT_STATUSES = ("pending", "in_flight", "succeeded", "failed", "conflict", "cancelled")
+EDIT_STATUSES = (
+    "pending",
+    "in_flight",
+    "succeeded",
+    "failed",
+    "conflict",
+    "cancelled",
+    "awaiting_approval",
+    "rejected",
+)
+EDIT_SOURCES = ("cli", "sql")  # device_edits.requested_via
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -200,6 +210,8 @@ device_changes = Table(
     Column("diff", JSONDoc, comment="{field: {old, new}} of what changed; NULL for 'created'"),
     Column("source", String(16), nullable=False, server_default="sync", comment="sync, or local_edit"),
     Column("edit_id", BigId, comment="the device_edits row, for local edits"),
+    Column("requested_by", String(255), comment="local edits: who queued the edit (device_edits.requested_by)"),
+    Column("approved_by", String(255), comment="local edits: who approved it, when its kind needed an approval"),
     # The device as it was after the change (NULL on 'restrictions' rows): what device_versions and
     # the as-of reports read. Written with the row, in one place (syncd.models.change_row).
     Column("state", String(16), comment="the device's state after the change"),
@@ -224,7 +236,7 @@ device_edits = Table(
     Column("payload", JSONDoc, comment="UpdateDeviceRequest fields: name, zone_id, external_id, device_metadata"),
     Column("base", JSONDoc, comment="the mirror's values of the fields the edit sets, when it was queued"),
     Column("base_updated_at", UTCDateTime, comment="the mirror's updated_at when queued"),
-    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("status", String(32), nullable=False, server_default="pending"),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", UTCDateTime, comment="NULL: due now"),
     Column("last_status_code", Integer),
@@ -235,7 +247,13 @@ device_edits = Table(
     Column("created_at", UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
     Column("updated_at", UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
     Column("applied_at", UTCDateTime),
-    Column("requested_by", String(255)),
+    # DEFAULT session_user on PostgreSQL, 'sql' on SQLite (set by migration 0009: the two differ).
+    Column(
+        "requested_by",
+        String(255),
+        nullable=False,
+        comment="who queued the edit: user@host from the CLI; the session's role for SQL on PostgreSQL",
+    ),
     Column(
         "sent_at",
         UTCDateTime,
@@ -248,8 +266,33 @@ device_edits = Table(
         comment="JSON Pointers of credential values in payload.device_metadata (found when queued and when "
         "pushed): masked in output, and replaced by ******** once pushed",
     ),
+    Column("requested_via", String(8), nullable=False, server_default="sql", comment="cli or sql"),
+    Column(
+        "requested_at",
+        UTCDateTime,
+        nullable=False,
+        server_default=text("CURRENT_TIMESTAMP"),
+        comment="when the edit was queued, on the database's clock",
+    ),
+    Column(
+        "approval_requested_at",
+        UTCDateTime,
+        comment="when the edit began to await approval, on the database's clock (writeback.approval_ttl counts "
+        "from here)",
+    ),
+    Column("approved_by", String(255), comment="who approved the edit (never its requester)"),
+    Column("approved_at", UTCDateTime),
+    Column("rejected_by", String(255)),
+    Column("rejected_at", UTCDateTime),
+    Column(
+        "reason",
+        Text,
+        comment="why the edit ended unsent by a person's or a rule's decision: a rejection's reason, or that no "
+        "approval came within writeback.approval_ttl",
+    ),
     CheckConstraint(_one_of("action", EDIT_ACTIONS), name="action"),
     CheckConstraint(_one_of("status", EDIT_STATUSES), name="status"),
+    CheckConstraint(_one_of("requested_via", EDIT_SOURCES), name="requested_via"),
     Index(None, "status", "next_attempt_at"),
     Index(None, "device_id", "id"),
     Index(None, "action", "sent_at"),

@@ -8,8 +8,8 @@ device's values are walked back from the mirror's current row through the diffs 
 rows, and its first version is recorded as 'observed' at first_seen_at; door access is rebuilt
 from the 'restrictions' rows and the current lists.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-05
 """
 
@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
