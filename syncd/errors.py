@@ -76,9 +76,18 @@ class SyncdError(Exception):
 class ConfigError(SyncdError):
     """The configuration or the command line is wrong; fix it and rerun."""
 
-    def __init__(self, message: str, *, problems: list[str] | None = None, problem: ApiProblem | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        problems: list[str] | None = None,
+        problem: ApiProblem | None = None,
+        where: str | None = None,
+    ) -> None:
+        """``problems``: each problem found, when there are several; ``where``: the file they are in."""
         super().__init__(message, problem=problem)
         self.problems = problems or [message]
+        self.where = where
 
 
 class AuthError(ConfigError):

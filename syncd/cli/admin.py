@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from syncd import logs
 from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     Commands,
     config_option,
     config_path,
     load,
     prepared_store,
 )
-from syncd.config import load_config
 from syncd.errors import ConfigError, StoreError
 from syncd.store import Store, redact_url
 
@@ -41,14 +38,11 @@ def add_commands(commands: Commands) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the file and resolve the key; check that the mirror's location can be used."""
     path = config_path(args)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        return _problems(path, exc.problems)
+    config = load(args)
     try:
         Store.check_access(config.database.url)
     except ConfigError as exc:
-        return _problems(path, [str(exc)])
+        raise ConfigError(f"{path}: {exc}", where=str(path)) from None
     except StoreError as exc:  # the database is down or refuses us: not a problem of the file (exit 1)
         print(f"{path}: the configuration is valid, but the database cannot be used now: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -60,18 +54,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _problems(path: object, problems: list[str]) -> int:
-    print(f"{path}: {len(problems)} problem(s):", file=sys.stderr)
-    for problem in problems:
-        print(f"  - {problem}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply pending migrations."""
     config = load(args, with_key=False)
-    logs.configure(config.logging.format, config.logging.level)
-    with prepared_store(config, prepare=False) as store:
+    with prepared_store(config, prepare=False, create=True) as store:
         before = store.schema_revision()
         store.upgrade()
         after = store.schema_revision()
@@ -82,6 +68,6 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_db_current(args: argparse.Namespace) -> int:
     """Print the schema revision."""
     config = load(args, with_key=False)
-    with prepared_store(config, prepare=False) as store:
+    with prepared_store(config, read_only=True, prepare=False) as store:
         print(store.schema_revision() or "empty (run `syncd db upgrade`)")
     return EXIT_OK

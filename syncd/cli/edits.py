@@ -10,7 +10,6 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from syncd import logs
 from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
@@ -218,7 +217,6 @@ def cmd_edits_change(args: argparse.Namespace) -> int:
 def cmd_reconcile_once(args: argparse.Namespace) -> int:
     """Push every edit due now, once."""
     config = load(args)
-    logs.configure(config.logging.format, config.logging.level)
     with (
         prepared_store(config) as store,
         stop_on_signals("finishing the current edit, then stopping") as stop,

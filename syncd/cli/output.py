@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from syncd.errors import ConfigError
 from syncd.models import DEVICE_STATES
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
@@ -91,6 +92,17 @@ def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
                     "and asks again next pass (see the log)",
                     file=out,
                 )
+
+
+def print_problems(error: ConfigError, out: TextIO) -> None:
+    """A configuration or usage error: one line, or, when there are several problems, one per line."""
+    if len(error.problems) < 2:
+        print(f"syncd: error: {error}", file=out)
+        return
+    where = f"{error.where}: " if error.where else ""
+    print(f"syncd: error: {where}{len(error.problems)} problems:", file=out)
+    for problem in error.problems:
+        print(f"  - {problem}", file=out)
 
 
 def print_door_restrictions(store: Store, out: TextIO) -> None:

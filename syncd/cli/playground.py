@@ -11,9 +11,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from syncd import logs
 from syncd.api import OpenAppClient
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, latency, port, prepared_store
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Commands,
+    configure_logging,
+    count,
+    fraction,
+    latency,
+    port,
+    prepared_store,
+)
 from syncd.cli.output import print_door_restrictions, print_state_counts, print_summary
 from syncd.cli.run import run_passes
 from syncd.cli.signals import stop_on_signals
@@ -97,6 +106,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from syncd.simulator import Fault, Simulator, World
     from syncd.simulator.server import LOOPBACK, WRITE_OPERATIONS
 
+    configure_logging(args)
     key = os.environ.get(args.api_key_env, "").strip()
     if not key:
         raise ConfigError(f"set the environment variable {args.api_key_env} to the API key the simulator accepts")
@@ -149,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Mirror a simulated OpenApp twice (with changes between) into a fresh SQLite file."""
     from syncd.simulator import Simulator, World
 
-    logs.configure("console" if sys.stderr.isatty() else "json", "warning")
+    configure_logging(args, level="warning")
     world = World(seed=args.seed, name_style="mixed")
     org_ids = world.seed(args.orgs, args.devices, portal_fraction=0.05)
     key = secrets.token_urlsafe(24)
@@ -165,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             database=DatabaseSettings(url=f"sqlite:///{db}"),
             orgs=tuple(OrgSettings(org_id) for org_id in org_ids),
         )
-        with prepared_store(config) as store:
+        with prepared_store(config, create=True) as store:
             with (
                 stop_on_signals("finishing the current page, then stopping") as stop,
                 OpenAppClient(config.api, stop=stop) as client,

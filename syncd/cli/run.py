@@ -7,7 +7,6 @@ import contextlib
 import sys
 import threading
 
-from syncd import logs
 from syncd.api import OpenAppClient
 from syncd.cli.args import (
     EXIT_FAILED,
@@ -17,12 +16,13 @@ from syncd.cli.args import (
     config_path,
     count,
     load,
+    logging_overrides,
     prepared_store,
     seconds,
 )
 from syncd.cli.output import Progress, print_summary
 from syncd.cli.signals import daemon_signals, stop_on_signals
-from syncd.config import Config, OrgSettings, load_config
+from syncd.config import Config, OrgSettings
 from syncd.passes import passes_at_once, run_once, select_orgs, tune_for_bulk_work
 from syncd.store import Store
 from syncd.sync import PassOutcome
@@ -62,11 +62,10 @@ def add_commands(commands: Commands) -> None:
 def cmd_run_once(args: argparse.Namespace) -> int:
     """One pass of every configured (or each named) org."""
     config = load(args)
-    logs.configure(config.logging.format, config.logging.level)
     orgs = select_orgs(config, args.org)
     tune_for_bulk_work(passes_at_once(config, orgs))
     with (
-        prepared_store(config) as store,
+        prepared_store(config, create=True) as store,
         stop_on_signals("finishing the current page, then stopping") as stop,
         OpenAppClient(config.api, stop=stop) as client,
     ):
@@ -79,11 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
     from syncd.daemon import Daemon
 
-    path = config_path(args)
-    config = load_config(path)
-    logs.configure(config.logging.format, config.logging.level)
+    config = load(args)
+    Store.check_access(config.database.url)  # what keeps it from writing there, as check-config says it
     tune_for_bulk_work(passes_at_once(config, config.orgs))
-    daemon = Daemon(config, path)
+    daemon = Daemon(config, config_path(args), logging_overrides(args))
     with daemon_signals(daemon):
         return daemon.run()
 

@@ -11,6 +11,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -396,6 +397,12 @@ class _Server(ThreadingHTTPServer):
         with self._open_lock:
             self._open.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (a stopped or interrupted syncd) is no error of the
+        simulator's: nothing is printed. Anything else is, as the standard library does."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def close_all(self) -> None:
         with self._open_lock:
