@@ -8,7 +8,8 @@
     │   └── AlreadyRunningError     another daemon already owns this SQLite mirror
     ├── TransientError              try again later (the client already retried within its budget)
     │   ├── TransportError          connect / read / reset / timeout talking to the API
-    │   │   └── RequestTimeoutError no complete answer within api.request_timeout (or the pass's deadline)
+    │   │   ├── RequestTimeoutError no complete answer within api.request_timeout (or the pass's deadline)
+    │   │   └── UnreachableError    no connection at api.base_url's host:port (refused, unknown host, TLS)
     │   └── ServerBusyError         408, 425, 429, 5xx (carries the server's Retry-After hint)
     ├── PermanentError              give up on this request; repeating it gives the same answer
     │   ├── ForbiddenError          403: the key may not act for this org
@@ -112,6 +113,16 @@ class TransportError(TransientError):
 
 class RequestTimeoutError(TransportError):
     """The request got no complete answer within its total deadline."""
+
+
+class UnreachableError(TransportError):
+    """No connection could be made where ``api.base_url`` points: nothing listens there
+    (``refused``), the host name is unknown (``dns``), or TLS failed (``tls``). Worth retrying (a
+    restart, a DNS blip), but more often ``api.base_url`` is wrong."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ServerBusyError(TransientError):

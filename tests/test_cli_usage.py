@@ -333,3 +333,78 @@ def test_a_client_that_hangs_up_is_no_traceback_in_the_simulator() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err and "Exception" not in err, err
+
+
+# -- messages that say what to do, and check-config --online -------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        return int(holder.getsockname()[1])
+
+
+def test_a_connection_that_cannot_be_made_names_host_port_and_the_setting(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    org = list(world.orgs)[:1]
+    port = closed_port()
+    for base_url, expected in (
+        (f"http://127.0.0.1:{port}/api/v1", f"nothing listens on 127.0.0.1:{port} (connection refused)"),
+        (sim.url.replace("http://", "https://"), f"127.0.0.1:{sim.port} answers plain HTTP, not TLS"),
+    ):
+        config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", org)
+        config.write_text(config.read_text().replace(sim.url, base_url))
+        assert main(["run-once", "--config", str(config)]) == 1
+        out = capsys.readouterr().out
+        assert expected in out and f"check api.base_url ({base_url})" in out, out
+
+
+def test_check_config_online_reports_each_org(
+    tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = list(world.orgs)
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", [first, second])
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "online check" not in capsys.readouterr().out and not sim.requests()  # offline unless asked
+    assert main(["check-config", "--online", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"GET /status\s+ok", out)
+    assert re.search(rf"{first}\s+ok: key accepted, org readable, it has devices", out), out
+    asked = sim.requests("list_devices")
+    assert [r.org_id for r in asked] == [first, second]  # one page each
+
+    assert main(["run-once", "--config", str(config), "--org", first]) == 0
+    world.add_key(API_KEY, orgs=[first])  # the key may no longer read the second org
+    capsys.readouterr()
+    assert main(["check-config", "--online", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"{first}\s+ok: .*; the mirror holds 450", out), out
+    assert re.search(rf"{second}\s+org not accessible: list_devices: HTTP 403", out), out
+
+    world.keys.clear()
+    assert main(["check-config", "--online", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"{first}\s+key refused: .*HTTP 401", out) and re.search(rf"{second}\s+key refused", out), out
+
+
+@pytest.mark.parametrize("where", ["path", "port", "tls"])
+def test_check_config_online_names_a_wrong_base_url(
+    where: str, tmp_path: Path, sim: Simulator, world: World, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wrong = {
+        "path": sim.url.removesuffix("/v1"),
+        "port": f"http://127.0.0.1:{closed_port()}/api/v1",
+        "tls": sim.url.replace("http://", "https://"),
+    }[where]
+    config = write_config(tmp_path, sim, f"sqlite:///{tmp_path}/m.db", list(world.orgs))
+    config.write_text(config.read_text().replace(sim.url, wrong))
+    assert main(["check-config", "--online", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    verdict = {"path": "base URL wrong: status: HTTP 404", "port": "base URL wrong", "tls": "TLS failure"}[where]
+    assert re.search(rf"GET /status\s+{re.escape(verdict)}", out), out
+    assert "the orgs were not asked" in out and "gave up" not in out
+    assert not sim.requests("list_devices")
