@@ -313,7 +313,8 @@ def test_help_shows_each_command_with_a_paragraph_and_an_example() -> None:
     for path, parser in command_parsers(build_parser()):
         text = parser.format_help()
         assert parser.description and len(parser.description) > 40, path
-        assert re.search(rf"^  syncd {' '.join(path)}\b", text, re.MULTILINE), (path, text)
+        examples = text.partition("\nexamples:\n")[2]
+        assert re.search(rf"^  (\S+=\S+ )?syncd {' '.join(path)}\b", examples, re.MULTILINE), (path, text)
 
 
 def test_a_client_that_hangs_up_is_no_traceback_in_the_simulator() -> None:
@@ -408,3 +409,67 @@ def test_check_config_online_names_a_wrong_base_url(
     assert re.search(rf"GET /status\s+{re.escape(verdict)}", out), out
     assert "the orgs were not asked" in out and "gave up" not in out
     assert not sim.requests("list_devices")
+
+
+# -- what users of dlt and CloudQuery expect -------------------------------------------------------------
+
+
+def test_run_once_fits_120_columns_ends_with_totals_and_has_wide_and_json(
+    tmp_path: Path, sim: Simulator, world: World, database_url: str, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    orgs = list(world.orgs)
+    config = write_config(tmp_path, sim, database_url, orgs)
+    assert main(["run-once", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out) <= 120, out
+    assert re.fullmatch(r"total: 2 org\(s\) ok, 0 failed; 900 devices, 900 changes; \d+\.\ds", out[-1]), out
+    world.delete_device(orgs[0], world.ids(orgs[0])[0])
+    assert main(["run-once", "--config", str(config), "--wide"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "UNREADABLE" in out[0] and "RESTRICTIONS" in out[0] and max(len(line) for line in out) > 120
+    assert re.fullmatch(r"total: 2 org\(s\) ok, 0 failed; 900 devices, 1 changes; \d+\.\ds", out[-1]), out
+    world.keys.clear()
+    assert main(["run-once", "--config", str(config), "--format", "json", "--org", orgs[1]]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["totals"] | {"seconds": 0} == {
+        "orgs_ok": 0,
+        "orgs_failed": 1,
+        "orgs_skipped": 0,
+        "devices": 0,
+        "changes": 0,
+        "seconds": 0,
+    }
+    (org,) = result["orgs"]
+    assert org["org_id"] == orgs[1] and org["status"] == "failed" and "HTTP 401" in org["error"]
+    assert set(org["counts"]) >= {"pages", "devices_seen", "unreadable", "restriction_failures"}
+
+
+def test_runs_lists_past_passes(
+    tmp_path: Path, sim: Simulator, world: World, database_url: str, key_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    first, second = list(world.orgs)
+    config = write_config(tmp_path, sim, database_url, [first, second])
+    assert main(["run-once", "--config", str(config)]) == 0
+    world.add_key(API_KEY, orgs=[first])
+    assert main(["run-once", "--config", str(config)]) == 1
+    capsys.readouterr()
+    assert main(["runs", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.match(r"ID\s+ORG\s+TRIGGER\s+STARTED\s+STATUS\s+SECONDS\s+PAGES\s+DEVICES", lines[0])
+    assert len([line for line in lines if re.match(r"\d+\s", line)]) == 4
+    assert any(re.search(rf"{second}\s+run-once\s+\S+\s+failed", line) for line in lines)
+    assert any("HTTP 403" in line for line in lines if line.startswith("  "))
+    assert main(["runs", "--config", str(config), "--failed", "--format", "json"]) == 0
+    failed = json.loads(capsys.readouterr().out)
+    assert [(r["org_id"], r["status"]) for r in failed] == [(second, "failed")]
+    assert main(["runs", "--config", str(config), "--org", first, "--format", "json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [r["org_id"] for r in both] == [first, first] and both[0]["id"] > both[1]["id"]
+    assert main(["runs", "--config", str(config), "--org", first, "--last", "1", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == both[:1]
+    assert main(["runs", "--config", str(config), "--org", "nobody"]) == 0
+    assert capsys.readouterr().out == "no passes of nobody\n"

@@ -12,6 +12,7 @@ from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
     Commands,
+    add_command,
     config_option,
     config_path,
     load,
@@ -34,7 +35,17 @@ from syncd.store import Store, redact_url
 
 def add_commands(commands: Commands) -> None:
     """``check-config`` and ``db``."""
-    p = commands.add_parser("check-config", help="validate the configuration and report every problem")
+    p = add_command(
+        commands,
+        "check-config",
+        "validate the configuration and report every problem",
+        "Read the configuration file, resolve the API key and check that the mirror can be used where "
+        "database.url says (SQLite: the folder and file permissions; PostgreSQL: a connection), listing every "
+        "problem at once (exit 2). With --online it also asks OpenApp: GET /status, then one list page of one "
+        "device per org with the real key and X-Org, a verdict per org (exit 1 if any fails).",
+        "syncd check-config --config /etc/syncd/config.toml",
+        "syncd check-config --online",
+    )
     config_option(p)
     p.add_argument(
         "--online",
@@ -43,12 +54,34 @@ def add_commands(commands: Commands) -> None:
     )
     p.set_defaults(handler=cmd_check_config)
 
-    p = commands.add_parser("db", help="database maintenance")
+    p = add_command(
+        commands,
+        "db",
+        "database maintenance: upgrade, current",
+        "The mirror's schema: `db upgrade` applies pending migrations (making the mirror if there is none), "
+        "`db current` prints the revision the database is at.",
+        "syncd db upgrade --config /etc/syncd/config.toml",
+        "syncd db current",
+    )
     actions = p.add_subparsers(metavar="ACTION")
-    q = actions.add_parser("upgrade", help="apply schema migrations")
+    q = add_command(
+        actions,
+        "upgrade",
+        "apply schema migrations",
+        "Apply the schema migrations the database lacks, making the mirror if there is none. Safe to run on "
+        "every deploy; concurrent upgrades of one PostgreSQL database are serialised.",
+        "syncd db upgrade --config /etc/syncd/config.toml",
+    )
     config_option(q)
     q.set_defaults(handler=cmd_db_upgrade)
-    q = actions.add_parser("current", help="show the schema revision of the database")
+    q = add_command(
+        actions,
+        "current",
+        "show the schema revision of the database",
+        "Print the schema revision the mirror is at (`empty` for a PostgreSQL database without one). It only "
+        "reads, and makes no mirror.",
+        "syncd db current --config /etc/syncd/config.toml",
+    )
     config_option(q)
     q.set_defaults(handler=cmd_db_current)
     p.set_defaults(handler=None)

@@ -24,6 +24,29 @@ EXIT_READER_GONE = 128 + signal.SIGPIPE  # as a tool killed by SIGPIPE would exi
 Commands = Any  # argparse's _SubParsersAction: the object each command module adds its subcommands to
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal; the examples as written, one per line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_command(
+    commands: Commands, name: str, summary: str, description: str, *examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in the list of commands, and in its own ``--help`` a paragraph
+    saying what it does and when to use it, then examples."""
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=summary,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+        formatter_class=_HelpFormatter,
+    )
+
+
 # Options a command takes before or after its name, at any depth (`syncd --config C edits cancel 1`,
 # `syncd edits --config C cancel 1`, `syncd edits cancel 1 --config C`). Their default is SUPPRESS
 # everywhere: a parser below leaves a value given further up alone instead of resetting it.

@@ -14,6 +14,7 @@ from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
     Commands,
+    add_command,
     config_option,
     edit_id,
     load,
@@ -31,7 +32,17 @@ from syncd.store.edits import EditQueue, EditStatus
 
 def add_commands(commands: Commands) -> None:
     """``edit``, ``restore``, ``edits`` and ``reconcile-once``."""
-    p = commands.add_parser("edit", help="queue a change of a device, to be pushed to OpenApp")
+    p = add_command(
+        commands,
+        "edit",
+        "queue a change of a device, to be pushed to OpenApp",
+        "Queue an update of a mirrored device: its name in some locales, its zone, its external id, its "
+        "device_metadata (credential fields left out keep their values) or clearing a stored credential. "
+        "Nothing is sent now: `syncd reconcile-once` or the daemon pushes it, and `syncd edits` shows how it "
+        "went. An unknown or purged device and malformed input are refused before anything is queued.",
+        "syncd edit 01HDEV00000000000000000000 --name en='Front door' --name fr='Porte'",
+        'syncd edit 01HDEV00000000000000000000 --metadata-json \'{"kind": "gate"}\'',
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument(
@@ -57,19 +68,41 @@ def add_commands(commands: Commands) -> None:
     )
     p.set_defaults(handler=cmd_edit)
 
-    p = commands.add_parser("restore", help="queue the restore of a soft-deleted device")
+    p = add_command(
+        commands,
+        "restore",
+        "queue the restore of a soft-deleted device",
+        "Queue the restore of a device that is soft-deleted in OpenApp (and so in the mirror). It is pushed by "
+        "`syncd reconcile-once` or the daemon; `syncd edits` shows how it went.",
+        "syncd restore 01HDEV00000000000000000000",
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.set_defaults(handler=cmd_restore)
 
-    p = commands.add_parser("delete", help="queue the soft delete of a device (asks first on a terminal)")
+    p = add_command(
+        commands,
+        "delete",
+        "queue the soft delete of a device (asks first on a terminal)",
+        "Queue the soft delete of a device (it can be restored). On a terminal it asks first; elsewhere give "
+        "--yes. At most writeback.max_deletes_per_hour are sent per hour; more wait in the queue, pending.",
+        "syncd delete 01HDEV00000000000000000000",
+        "syncd delete 01HDEV00000000000000000000 --yes",
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(handler=cmd_delete)
 
-    p = commands.add_parser(
-        "door-restrictions", help="queue a change of which entities a virtual_access_portal lets through"
+    p = add_command(
+        commands,
+        "door-restrictions",
+        "queue a change of which entities a virtual_access_portal lets through",
+        "Queue a change of a portal's door restrictions: the whole list (--set), everyone (--unrestrict), or "
+        "entities added or removed against OpenApp's list when the edit is pushed (--add, --remove; these never "
+        "make a restricted portal unrestricted, nor the reverse). Entity ids are ULIDs.",
+        "syncd door-restrictions 01HDEV00000000000000000000 --add 01HENT00000000000000000001",
+        "syncd door-restrictions 01HDEV00000000000000000000 --unrestrict",
     )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
@@ -89,22 +122,50 @@ def add_commands(commands: Commands) -> None:
     )
     p.set_defaults(handler=cmd_door_restrictions)
 
-    p = commands.add_parser("edits", help="list queued edits; `edits retry ID`, `edits cancel ID`")
+    p = add_command(
+        commands,
+        "edits",
+        "list queued edits; `edits retry ID`, `edits cancel ID`",
+        "The write-back queue: each edit's device, kind, status, attempts and next attempt, what it sets "
+        "(credentials masked), and for a conflict OpenApp's current values next to the queued ones. Its "
+        "actions queue an edit again (retry) or drop it (cancel).",
+        "syncd edits --status conflict",
+        "syncd edits --device 01HDEV00000000000000000000",
+        "syncd edits retry 42",
+    )
     config_option(p)
     p.add_argument("--status", choices=[s.value for s in EditStatus], help="only edits with this status")
     p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
     p.set_defaults(handler=cmd_edits)
     actions = p.add_subparsers(metavar="ACTION")
-    for name, helptext in (
-        ("retry", "queue a failed, conflicting or cancelled edit again"),
-        ("cancel", "drop a pending, failed or conflicting edit"),
+    for name, helptext, description in (
+        (
+            "retry",
+            "queue a failed, conflicting or cancelled edit again",
+            "Queue a failed, conflicting or cancelled edit again, as pending, due now: the next reconcile "
+            "checks it against OpenApp afresh (a conflict is judged again against the device as it is then).",
+        ),
+        (
+            "cancel",
+            "drop a pending, failed or conflicting edit",
+            "Drop an edit that is pending, failed or conflicting: it is never sent (an edit being sent "
+            "cannot be cancelled). Credentials it carried are redacted.",
+        ),
     ):
-        q = actions.add_parser(name, help=helptext)
+        q = add_command(actions, name, helptext, description, f"syncd edits {name} 42")
         config_option(q)
         q.add_argument("edit_id", type=edit_id, metavar="ID")
         q.set_defaults(handler=cmd_edits_change, change=name)
 
-    p = commands.add_parser("reconcile-once", help="push every due queued edit once, then exit")
+    p = add_command(
+        commands,
+        "reconcile-once",
+        "push every due queued edit once, then exit",
+        "Push every queued edit that is due now, once, as the daemon does every writeback.interval: each is "
+        "checked against OpenApp first (already done? changed there since it was queued?), then sent. Exit 1 "
+        "if any failed or conflicted, or OpenApp refused the key (the edits stay pending).",
+        "syncd reconcile-once --config /etc/syncd/config.toml",
+    )
     config_option(p)
     p.set_defaults(handler=cmd_reconcile_once)
 

@@ -16,6 +16,7 @@ from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
     Commands,
+    add_command,
     configure_logging,
     count,
     fraction,
@@ -33,7 +34,17 @@ from syncd.store import Store
 
 def add_commands(commands: Commands) -> None:
     """``simulate`` and ``demo``."""
-    p = commands.add_parser("simulate", help="serve the built-in OpenApp simulator on loopback")
+    p = add_command(
+        commands,
+        "simulate",
+        "serve the built-in OpenApp simulator on loopback",
+        "Serve the built-in OpenApp simulator (the Devices API, and GET /status) on 127.0.0.1 until Ctrl-C, "
+        "with generated orgs and devices, accepting the key in $SYNCD_API_KEY. Faults can be injected (errors, "
+        "rate limits, resets, lost answers, latency). The official SDK works against it given a key of its "
+        "form, ORIGIN_openapp_SECRET, whose origin is the simulator's.",
+        "SYNCD_API_KEY=http://127.0.0.1:8765_openapp_dev-secret syncd simulate --orgs 2 --devices 5000",
+        "SYNCD_API_KEY=k syncd simulate --port 0 --error-rate 0.05 --latency-ms 50",
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--orgs", type=count, default=1, help="organisations to seed (default 1)")
@@ -91,8 +102,15 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--latency-ms", type=latency, default=0.0, help="added latency per request in milliseconds")
     p.set_defaults(handler=cmd_simulate)
 
-    p = commands.add_parser(
-        "demo", help="mirror the built-in simulator into a SQLite file and report (no setup needed)"
+    p = add_command(
+        commands,
+        "demo",
+        "mirror the built-in simulator into a SQLite file and report (no setup needed)",
+        "Start the simulator on a free loopback port, mirror it into a SQLite file, change a few devices "
+        "there (rename, soft delete, restore, purge, create, a door's restrictions), mirror again, and print "
+        "what each pass saw. Needs no configuration file and no key.",
+        "syncd demo",
+        "syncd demo --db /tmp/demo.db --orgs 1 --devices 500",
     )
     p.add_argument("--db", default="syncd-demo.db", metavar="PATH", help="SQLite file (default syncd-demo.db)")
     p.add_argument("--orgs", type=count, default=3, help="organisations (default 3)")

@@ -276,6 +276,17 @@ class Store:
         with translated("reading a run"), self.engine.connect() as conn:
             return dict(conn.execute(select(sync_runs).where(sync_runs.c.id == run_id)).mappings().one())
 
+    def runs(self, org_id: str | None = None, last: int = 20, failed: bool = False) -> list[dict[str, Any]]:
+        """The ``last`` passes (sync_runs rows), newest first: of one org, or of every org;
+        ``failed``: only those that failed or were aborted."""
+        query = select(sync_runs).order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc()).limit(last)
+        if org_id is not None:
+            query = query.where(sync_runs.c.org_id == org_id)
+        if failed:
+            query = query.where(sync_runs.c.status.in_(("failed", "aborted")))
+        with translated("reading past runs"), self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
     # -- devices ---------------------------------------------------------------------------
 
     @contextmanager
