@@ -81,8 +81,9 @@ def add_commands(commands: Commands) -> None:
     p.add_argument(
         "--restrictions-key",
         choices=("apartment_entity_ids", "listing_entity_ids"),
-        default="apartment_entity_ids",
-        help="door-restrictions body key: the public spec's (default) or the SDK's newer models'",
+        default="listing_entity_ids",
+        help="door-restrictions body key: the official SDK's models' (default) or the public spec's; "
+        "syncd reads either",
     )
     p.add_argument(
         "--strict-query",

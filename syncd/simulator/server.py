@@ -98,6 +98,7 @@ class Routes:
     """Which operation a path is, and the device id in it."""
 
     patterns: list[tuple[str, re.Pattern[str], str]] = field(default_factory=list)
+    base: str = "/api/v1"
 
     @classmethod
     def for_base(cls, base: str) -> Routes:
@@ -115,7 +116,7 @@ class Routes:
             ("PUT", dev + r"/(?P<id>[^/]+)/door-restrictions$", "set_door_restrictions"),
             ("GET", dev + r"/(?P<id>[^/]+)/metadata-definition$", "get_device_metadata_definition"),
         ]
-        return cls([(m, re.compile(p), op) for m, p, op in table])
+        return cls([(m, re.compile(p), op) for m, p, op in table], base)
 
     def match(self, method: str, path: str) -> tuple[str, str | None]:
         known_path = False
@@ -125,7 +126,14 @@ class Routes:
                 known_path = True
                 if route_method == method:
                     return operation, found.groupdict().get("id")
-        raise SimError(405 if known_path else 404, f"No route for {method} {path}", "no_route")
+        if known_path:
+            raise SimError(405, f"No route for {method} {path}", "no_route")
+        raise SimError(
+            404,
+            f"{method} {path} is outside what this simulator serves: the OpenApp simulator answers only the "
+            f"Devices API ({self.base}/devices and below) and GET {self.base}/status",
+            "outside_simulator_scope",
+        )
 
 
 class Simulator:
