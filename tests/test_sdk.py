@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from openapp_sdk import Client
 from openapp_sdk.errors import ApiError, AuthError, ResourceNotFoundError
-from openapp_sdk.token import ApiKey
 from openapp_sdk.models._generated import (
     CreateDeviceRequest,
     DeviceMetadataDefinitionResponse,
@@ -25,6 +24,7 @@ from openapp_sdk.models._generated import (
     SetDoorRestrictionsPayload,
     UpdateDeviceRequest,
 )
+from openapp_sdk.token import ApiKey
 from pydantic import ValidationError
 
 from syncd.simulator import Simulator, World
