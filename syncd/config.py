@@ -428,6 +428,18 @@ def default_database_url(environ: Mapping[str, str]) -> str:
     return f"sqlite:///{Path(state_dir) / 'syncd.db'}" if state_dir else "sqlite:///syncd.db"
 
 
+def anchored_sqlite_url(url: str, folder: Path) -> str:
+    """A SQLite URL whose file is a relative path, made absolute against ``folder`` (the
+    configuration file's): the mirror a file names does not depend on the working directory."""
+    found = re.fullmatch(r"(sqlite(?:\+\w+)?:///)([^?]*)(\?.*)?", url)
+    if not found:
+        return url
+    scheme, path, query = found.group(1), found.group(2), found.group(3) or ""
+    if not path or path == ":memory:" or path.startswith("file:") or Path(path).is_absolute():
+        return url
+    return f"{scheme}{folder / path}{query}"
+
+
 def load_config(
     path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, with_key: bool = True
 ) -> Config:
@@ -476,8 +488,10 @@ def build_config(
         retry=retry or RetryPolicy(),
     )
     database_table = r.table(data, "database")
-    default_url: dict[str, Any] = {} if "url" in database_table else {"url": default_database_url(environ)}
-    database = r.section(DatabaseSettings, database_table, "database", **default_url)
+    url = database_table.get("url", default_database_url(environ))
+    if source is not None and isinstance(url, str):
+        url = anchored_sqlite_url(url.strip(), Path(os.path.abspath(source)).parent)
+    database = r.section(DatabaseSettings, database_table, "database", url=url)
     metrics_table = r.table(data, "metrics")
     metrics = r.section(
         MetricsSettings, metrics_table, "metrics", extra_keys={"listen"}, listen=_listen(r, metrics_table)
@@ -652,7 +666,11 @@ class _Reader:
             where = f"{self.source}: " if self.source else ""
             count = len(self.problems)
             summary = self.problems[0] if count == 1 else f"{count} problems: " + "; ".join(self.problems)
-            raise ConfigError(where + summary, problems=list(self.problems))
+            raise ConfigError(
+                where + summary,
+                problems=list(self.problems),
+                where=str(self.source) if self.source else None,
+            )
 
     def only_keys(self, where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
         for key in table:

@@ -21,8 +21,11 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -61,9 +64,17 @@ RECONCILE_JOB = "reconcile"
 class Daemon:
     """The scheduler, its jobs, and graceful stop / reload."""
 
-    def __init__(self, config: Config, config_path: Path | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        logging_overrides: Mapping[str, Any] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        """``logging_overrides``: the [logging] settings the command line gave, kept over a reload."""
         self.config = config
         self.config_path = config_path
+        self.logging_overrides = dict(logging_overrides or {})
         self.notifier = notifier or Notifier()
         self.stop = threading.Event()
         self._reload = threading.Event()
@@ -299,6 +310,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
             return False
+        if self.logging_overrides:  # the command line's --log-level / --log-format still win
+            new = replace(new, logging=replace(new.logging, **self.logging_overrides))
         old, change = self.config, diff_config(self.config, new)
         if change.database:
             log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")

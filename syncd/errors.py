@@ -8,7 +8,8 @@
     │   └── AlreadyRunningError     another daemon already owns this SQLite mirror
     ├── TransientError              try again later (the client already retried within its budget)
     │   ├── TransportError          connect / read / reset / timeout talking to the API
-    │   │   └── RequestTimeoutError no complete answer within api.request_timeout (or the pass's deadline)
+    │   │   ├── RequestTimeoutError no complete answer within api.request_timeout (or the pass's deadline)
+    │   │   └── UnreachableError    no connection at api.base_url's host:port (refused, unknown host, TLS)
     │   └── ServerBusyError         408, 425, 429, 5xx (carries the server's Retry-After hint)
     ├── PermanentError              give up on this request; repeating it gives the same answer
     │   ├── ForbiddenError          403: the key may not act for this org
@@ -76,9 +77,18 @@ class SyncdError(Exception):
 class ConfigError(SyncdError):
     """The configuration or the command line is wrong; fix it and rerun."""
 
-    def __init__(self, message: str, *, problems: list[str] | None = None, problem: ApiProblem | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        problems: list[str] | None = None,
+        problem: ApiProblem | None = None,
+        where: str | None = None,
+    ) -> None:
+        """``problems``: each problem found, when there are several; ``where``: the file they are in."""
         super().__init__(message, problem=problem)
         self.problems = problems or [message]
+        self.where = where
 
 
 class AuthError(ConfigError):
@@ -103,6 +113,16 @@ class TransportError(TransientError):
 
 class RequestTimeoutError(TransportError):
     """The request got no complete answer within its total deadline."""
+
+
+class UnreachableError(TransportError):
+    """No connection could be made where ``api.base_url`` points: nothing listens there
+    (``refused``), the host name is unknown (``dns``), or TLS failed (``tls``). Worth retrying (a
+    restart, a DNS blip), but more often ``api.base_url`` is wrong."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ServerBusyError(TransientError):

@@ -34,6 +34,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)
+    handler.addFilter(_not_an_interrupt)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -47,3 +48,10 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)  # libraries: their warnings only
+
+
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Drop a library's report of an exception that is an interrupt (a second Ctrl-C caught while
+    SQLAlchemy's pool closed a connection, say): the command reports the interrupt itself, in one line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or isinstance(exc, Exception)

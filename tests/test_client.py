@@ -31,6 +31,7 @@ from syncd.errors import (
     StoppedError,
     TransientError,
     TransportError,
+    UnreachableError,
 )
 from syncd.models import UnreadableItem
 from syncd.simulator import Fault, Simulator, World
@@ -200,8 +201,11 @@ def test_connection_refused_is_a_transport_error(sim: Simulator) -> None:
     settings = replace(
         api_settings(sim), base_url="http://127.0.0.1:9/api/v1", retry=replace(FAST_RETRY, max_attempts=2)
     )
-    with OpenAppClient(settings) as client, pytest.raises(TransportError, match="ConnectError"):
+    with OpenAppClient(settings) as client, pytest.raises(TransportError) as caught:  # retried as any transport error
         client.get_device("org", "01HK153X0038NZ3ZA2MABNBN61")
+    assert isinstance(caught.value, UnreachableError) and caught.value.reason == "refused"
+    assert "nothing listens on 127.0.0.1:9 (connection refused); check api.base_url" in str(caught.value)
+    assert "gave up after 2 attempts" in str(caught.value)
 
 
 def test_x_org_is_enforced(sim: Simulator, world: World) -> None:

@@ -35,7 +35,7 @@ def test_the_minimal_config_from_the_docs_works_as_written(tmp_path: Path) -> No
     assert config.api.api_key == Secret("s3cret")
     assert config.api.auth_header == "x-api-key"
     assert config.api.page_size == 200
-    assert config.database.url == "sqlite:///syncd.db"
+    assert config.database.url == f"sqlite:///{tmp_path}/syncd.db"  # beside the file, wherever syncd runs
     assert [o.id for o in config.orgs] == ["01HORG00000000000000000000"]
     assert "s3cret" not in repr(config)
 
@@ -174,7 +174,28 @@ def test_default_database_is_sqlite_in_the_state_directory(tmp_path: Path) -> No
     text = MINIMAL.replace('[database]\nurl = "sqlite:///syncd.db"\n', "")
     config = load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k", "STATE_DIRECTORY": "/var/lib/syncd"})
     assert config.database.url == "sqlite:////var/lib/syncd/syncd.db"
-    assert load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"}).database.url == "sqlite:///syncd.db"
+    assert load_config(write(tmp_path, text), {"SYNCD_API_KEY": "k"}).database.url == f"sqlite:///{tmp_path}/syncd.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///syncd.db", "sqlite:///{folder}/syncd.db"),
+        ("sqlite:///data/m.db?timeout=5", "sqlite:///{folder}/data/m.db?timeout=5"),
+        ("sqlite+pysqlite:///m.db", "sqlite+pysqlite:///{folder}/m.db"),
+        ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ],
+)
+def test_a_relative_sqlite_path_is_anchored_at_the_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, expected: str
+) -> None:
+    (tmp_path / "etc").mkdir()
+    write(tmp_path / "etc", MINIMAL.replace("sqlite:///syncd.db", url))
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/../etc/config.toml", {"SYNCD_API_KEY": "k"})
+    assert config.database.url == expected.format(folder=tmp_path / "etc")
 
 
 @pytest.mark.parametrize(

@@ -414,6 +414,18 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         assert re.search(r"^MemoryMax=\d+[KMG]$", (ROOT / "deploy" / service).read_text(), re.MULTILINE)
 
 
+def test_systemd_units_name_their_documentation_and_the_timer_means_what_it_says() -> None:
+    for unit in sorted((ROOT / "deploy").glob("*.[st]*")):
+        if unit.suffix in (".service", ".timer"):
+            assert re.search(r"^Documentation=https?://\S+README\.md$", unit.read_text(), re.MULTILINE), unit.name
+    timer = (ROOT / "deploy" / "syncd-run-once.timer").read_text()
+    settings = dict(re.findall(r"^(\w+)=(.*)$", timer, re.MULTILINE))
+    # Persistent= acts on OnCalendar= only: beside monotonic timers alone it would promise a catch-up
+    # that never happens.
+    assert "Persistent" not in settings or "OnCalendar" in settings
+    assert settings["OnUnitInactiveSec"] == "15min" and "OnBootSec" in settings
+
+
 INTERVAL = 2  # seconds, for the three daemons
 
 

@@ -325,17 +325,23 @@ def test_the_expression_reader_finds_metrics_labels_and_values() -> None:
 # -- the files on their own ------------------------------------------------------------------------------
 
 
+PROMETHEUS = {"type": "prometheus", "uid": "${datasource}"}  # the dashboard's datasource variable
+
+
 def test_dashboard_is_importable() -> None:
-    """Grafana's import-dashboard JSON: a datasource input, uid, title, templating, panels with queries."""
+    """Grafana dashboard JSON that works both imported (UI, API) and provisioned from a file: the
+    Prometheus is a datasource template variable every panel, query and variable uses, not an
+    import-time `__inputs` placeholder (a provisioned file keeps `${DS_...}` as it is: no data)."""
     board = dashboard()
     assert board["uid"] and board["title"] and board["id"] is None and board["schemaVersion"] >= 36
-    assert [(i["name"], i["type"], i["pluginId"]) for i in board["__inputs"]] == [
-        ("DS_PROMETHEUS", "datasource", "prometheus")
-    ]
+    assert "__inputs" not in board and "${DS_" not in json.dumps(board)
     variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert board["templating"]["list"][0]["name"] == "datasource"  # first: the others query it
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
     for name in ("instance", "org_id"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
         assert "label_values(" in json.dumps(variables[name]["query"]), name
+        assert variables[name]["datasource"] == PROMETHEUS, name
     ids, graphs = set(), 0
     for panel in panels(board):
         assert panel["id"] not in ids and panel["title"] and set(panel["gridPos"]) == {"h", "w", "x", "y"}
@@ -343,7 +349,8 @@ def test_dashboard_is_importable() -> None:
         if panel["type"] == "row":
             continue
         graphs += 1
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, panel["title"]
+        assert panel["datasource"] == PROMETHEUS, panel["title"]
+        assert all(t.get("datasource", PROMETHEUS) == PROMETHEUS for t in panel["targets"]), panel["title"]
         assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"]), panel["title"]
         assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]

@@ -8,8 +8,10 @@ the simulator to it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from openapp_sdk import Client
@@ -22,6 +24,7 @@ from openapp_sdk.models._generated import (
     SetDoorRestrictionsPayload,
     UpdateDeviceRequest,
 )
+from openapp_sdk.token import ApiKey
 from pydantic import ValidationError
 
 from syncd.simulator import Simulator, World
@@ -29,7 +32,7 @@ from syncd.simulator import Simulator, World
 
 @pytest.fixture
 def sdk_world() -> World:
-    world = World(seed=8, restrictions_key="listing_entity_ids")  # the key the SDK's models read
+    world = World(seed=8)  # as `syncd simulate` starts: door restrictions in the key the SDK's models read
     world.seed(orgs=2, devices_per_org=450)
     return world
 
@@ -148,7 +151,8 @@ def test_door_restrictions(client: Client, sdk_world: World) -> None:
 
 
 def test_door_restrictions_in_the_public_specs_shape(served: tuple[Simulator, str], sdk_world: World) -> None:
-    """With the public spec's key (the simulator's default) the SDK's newer model does not parse."""
+    """With the public spec's key (`--restrictions-key apartment_entity_ids`) the SDK's newer model
+    does not parse: why the simulator's default is the SDK's key (syncd reads either)."""
     _, key = served
     sdk_world.restrictions_key = "apartment_entity_ids"
     portal = next(
@@ -198,3 +202,29 @@ def test_auth_and_missing_device_errors(served: tuple[Simulator, str], sdk_world
     # Quirk: the SDK reads the code from `code`; the contract (and the simulator) send `error_code`.
     assert missing.value.code is None
     assert [r.status for r in sim.requests("get_device")] == [401, 403, 404]
+
+
+def test_calls_outside_the_devices_contract_get_a_json_404_naming_the_simulators_scope(client: Client) -> None:
+    for call in (client.auth.whoami, client.orgs.list, client.me.profile):
+        with pytest.raises(ApiError) as outside:
+            call()
+        assert outside.value.status == 404, call
+        assert "outside what this simulator serves" in outside.value.message
+        assert "Devices API" in outside.value.message
+
+
+def test_the_readmes_example_key_is_one_the_sdk_accepts() -> None:
+    """The README's `syncd simulate` example: its key is of the SDK's form, and the SDK finds the
+    simulator from it (here on a free port instead of 8765)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    keys = set(re.findall(r"SYNCD_API_KEY=(\S+)", readme))
+    assert keys, "the README shows no `SYNCD_API_KEY=...` example"
+    for key in keys:
+        assert ApiKey.parse(key).api_base_url == "http://127.0.0.1:8765/api/v1"
+        world = World(seed=3)
+        org = world.seed(1, 10)[0]
+        with Simulator(world) as sim:
+            served = key.replace(":8765_", f":{sim.port}_")
+            world.add_key(served)
+            with Client.connect(api_key=served, org_id=org, max_retries=0) as sdk:
+                assert len(sdk.devices.list(limit=200)) == 10

@@ -63,7 +63,10 @@ def test_every_operation_validates_against_the_spec(sim: Simulator, http: httpx.
     assert_valid(created.json(), "DeviceResponse")
     assert_valid(http.get(f"/devices/{device_id}/metadata-definition").json(), "DeviceMetadataDefinitionResponse")
     portal = next(d for d in world.ground_truth(org) if d["device_metadata"]["kind"] == "virtual_access_portal")
-    assert_valid(httpx.get(f"{sim.url}/devices/{portal['id']}/door-restrictions").json(), "DoorRestrictionsResponse")
+    restrictions = f"{sim.url}/devices/{portal['id']}/door-restrictions"
+    assert set(httpx.get(restrictions).json()) == {"listing_entity_ids"}  # by default the SDK's key
+    world.restrictions_key = "apartment_entity_ids"  # the public spec's, on request
+    assert_valid(httpx.get(restrictions).json(), "DoorRestrictionsResponse")
     assert_valid(http.delete(f"/devices/{device_id}/purge").json(), "DeviceResponse")
     missing = http.get(f"/devices/{device_id}", params=q)
     assert missing.status_code == 404
@@ -253,10 +256,11 @@ def test_set_door_restrictions(sim: Simulator, http: httpx.Client, world: World,
     portal = next(d for d in devices if d["device_metadata"]["kind"] == "virtual_access_portal")
     gate = next(d for d in devices if d["device_metadata"]["kind"] == "gate")
     entities = [make_ulid(1, world.rng), make_ulid(2, world.rng)]
+    world.restrictions_key = "apartment_entity_ids"  # the public spec's key; either is taken
     answer = http.put(f"/devices/{portal['id']}/door-restrictions", json={"apartment_entity_ids": entities})
     assert answer.json() == {"apartment_entity_ids": entities}
     assert httpx.get(f"{sim.url}/devices/{portal['id']}/door-restrictions").json() == answer.json()
-    world.restrictions_key = "listing_entity_ids"  # the SDK's newer models' key; either is taken
+    world.restrictions_key = "listing_entity_ids"  # the SDK's newer models' key (the default)
     answer = http.put(f"/devices/{portal['id']}/door-restrictions", json={"listing_entity_ids": entities[:1]})
     assert answer.json() == {"listing_entity_ids": entities[:1]}
     assert http.put(f"/devices/{gate['id']}/door-restrictions", json={"listing_entity_ids": []}).status_code == 400
@@ -272,3 +276,14 @@ def test_credentials_set_as_an_older_boolean() -> None:
 
 def test_status_probe_needs_no_key(sim: Simulator) -> None:
     assert httpx.get(f"{sim.url}/status").json()["status"] == "ok"
+
+
+def test_a_path_outside_the_devices_api_is_a_json_404_naming_the_scope(sim: Simulator, http: httpx.Client) -> None:
+    for method, path in (("GET", "/auth/whoami"), ("GET", "/orgs"), ("POST", "/api-keys"), ("GET", "/nothing/here")):
+        answer = http.request(method, path)
+        assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"
+        body = answer.json()
+        assert body["error_code"] == "outside_simulator_scope"
+        assert f"{method} /api/v1{path} is outside what this simulator serves" in body["message"]
+        assert "Devices API (/api/v1/devices and below) and GET /api/v1/status" in body["message"]
+    assert http.request("DELETE", "/devices").status_code == 405  # a path it serves, another method

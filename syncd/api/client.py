@@ -17,6 +17,7 @@ import functools
 import html
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -55,6 +56,7 @@ from syncd.errors import (
     SyncdError,
     TransientError,
     TransportError,
+    UnreachableError,
 )
 from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
 from syncd.models import (
@@ -75,6 +77,10 @@ THROTTLING_STATUSES = frozenset({429, 503})  # OpenApp asks for less: the reques
 MAX_OFFSET = 2**31 - 1  # PaginationQuery.offset is int32
 T = TypeVar("T")
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer only the ApiErrorResponse fields (or a snippet) are kept
+# What OpenSSL says when the other end answered a TLS hello in plain HTTP (an http port).
+PLAIN_HTTP_REPLIES = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"}
+)
 STOP_POLL = 0.5  # seconds between looks at the stop event by the thread that interrupts requests
 
 
@@ -89,7 +95,7 @@ class DevicePage:
 def error_for_status(status: int, problem: ApiProblem, operation: str, retry_after: float | None) -> SyncdError:
     """The one mapping from an HTTP error status to the exception the caller acts on."""
     message = f"{operation}: {problem.describe()}"
-    if status == 404 and operation == "list_devices":  # the collection itself: the URL is wrong, not a device
+    if status == 404 and operation in ("list_devices", "status"):  # not a device: the URL is wrong
         message += " (api.base_url is probably wrong: it must end in /api/v1)"
     if status == 401:
         return AuthError(f"{message} (check the API key and api.auth_header)", problem=problem)
@@ -285,6 +291,17 @@ class OpenAppClient:
                     previous_first = _item_id(items[0])
         raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
 
+    def probe_status(self) -> None:
+        """``GET /status``, the probe the official SDK makes when it connects (no org, no key needed)."""
+        self._send("status", "GET", "/status", None, {})
+
+    def probe_org(self, org_id: str) -> tuple[int, int | None]:
+        """One list page of at most one device of ``org_id``, with the key and X-Org a pass uses:
+        how many devices it held (0 or 1), and the total the answer gave, if it gave one."""
+        params = {"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"}
+        items, total = read_page(self._send("list_devices", "GET", "/devices", org_id, {**params, "limit": 1}))
+        return len(items), total
+
     def get_devices(
         self, org_id: str, device_ids: Iterable[str], *, deadline: float | None = None, concurrency: int | None = None
     ) -> Iterator[tuple[str, Future[dict[str, Any]]]]:
@@ -358,7 +375,7 @@ class OpenAppClient:
         operation: str,
         method: str,
         path: str,
-        org_id: str,
+        org_id: str | None,
         params: dict[str, Any],
         body: dict[str, Any] | None = None,
         *,
@@ -376,7 +393,7 @@ class OpenAppClient:
         give_up_at = min(started + policy.deadline, deadline if deadline is not None else float("inf"))
         attempt_number = 0
         content = orjson.dumps(body) if body is not None else None
-        headers = {"X-Org": org_id}
+        headers = {"X-Org": org_id} if org_id is not None else {}
         if content is not None:
             headers["Content-Type"] = "application/json"
         interruptible = method == "GET"  # a stop must not leave a write's outcome unknown
@@ -408,7 +425,8 @@ class OpenAppClient:
             )
             now = time.monotonic()
             if attempt_number >= policy.max_attempts or now + delay > give_up_at:
-                error.message = f"{error.message} (gave up after {attempt_number} attempts in {now - started:.1f}s)"
+                if policy.max_attempts > 1:  # one attempt was all there was to be: nothing was given up
+                    error.message = f"{error.message} (gave up after {attempt_number} attempts in {now - started:.1f}s)"
                 raise error
             with self._lock:
                 self.retries += 1
@@ -470,6 +488,9 @@ class OpenAppClient:
                     raise RequestTimeoutError(
                         f"{operation}: no complete answer within {expires - started:.1f}s ({bound})"
                     ) from None
+                unreachable = self._unreachable(operation, exc)
+                if unreachable is not None:
+                    raise unreachable from None
                 # Not chained: an httpx exception holds its request, auth header included.
                 raise TransportError(
                     f"{operation}: {type(exc).__name__}: {self._scrub(exc) or 'connection failed'}"
@@ -492,9 +513,44 @@ class OpenAppClient:
         hint = parse_retry_after(response.headers.get("Retry-After"), self.settings.retry.max_retry_after)
         raise error_for_status(response.status_code, problem, operation, hint)
 
+    def _unreachable(self, operation: str, exc: httpx.TransportError) -> UnreachableError | None:
+        """A failed connect as what to check: the host and port ``api.base_url`` names, and why."""
+        if not isinstance(exc, httpx.ConnectError):
+            return None
+        url = httpx.URL(self.settings.base_url)
+        where = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+        causes = list(_causes(exc))
+        if any(isinstance(c, socket.gaierror) for c in causes):
+            reason, text = "dns", f"unknown host {url.host} (the name does not resolve)"
+        elif any(isinstance(c, ConnectionRefusedError) for c in causes):
+            reason, text = "refused", f"nothing listens on {where} (connection refused)"
+        elif tls := next((c for c in causes if isinstance(c, ssl.SSLError)), None):
+            reason = "tls"
+            if isinstance(tls, ssl.SSLCertVerificationError):
+                text = f"the TLS certificate of {where} is not trusted ({tls.verify_message})"
+            elif tls.reason in PLAIN_HTTP_REPLIES:
+                text = f"{where} answers plain HTTP, not TLS: an https:// URL on an http port? ({tls.reason})"
+            else:
+                text = f"the TLS handshake with {where} failed ({tls.reason or self._scrub(tls)})"
+        else:
+            return None
+        return UnreachableError(
+            f"{operation}: cannot connect: {text}; check api.base_url ({self.settings.base_url})", reason=reason
+        )
+
     def _scrub(self, exc: BaseException) -> str:
         """An exception's text for a message, one line, with the key masked should it appear."""
         return one_line(" ".join(str(exc).replace(self._key, "********").split()))
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from (httpx wraps httpcore, which wraps the socket's error)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _user_agent(instance: str | None) -> str:

@@ -10,11 +10,11 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from syncd import logs
 from syncd.cli.args import (
     EXIT_FAILED,
     EXIT_OK,
     Commands,
+    add_command,
     config_option,
     edit_id,
     load,
@@ -44,23 +44,26 @@ approved_at (the database's clock), and the edit becomes pending: the reconciler
 next round, computed against OpenApp's state at that moment (a door-restrictions --add / --remove
 against the portal's live list). Whoever requested the edit cannot approve it, from another host
 either: syncd compares the user names (PostgreSQL also refuses such an approval made in SQL)."""
-APPROVE_EXAMPLE = """\
-example:
-  syncd edits --status awaiting_approval      # what waits, and who asked
-  syncd edits approve 42                      # as another user than the requester"""
 REJECT_HELP = """\
 Reject an edit that awaits approval: it ends 'rejected' for good, with rejected_by (your
 user@host), rejected_at and the reason; nothing is sent to OpenApp, and `syncd edits retry` cannot
 revive it (queue a new edit instead). Rejecting is the second person's answer: the requester
 withdraws an edit with `syncd edits cancel ID`."""
-REJECT_EXAMPLE = """\
-example:
-  syncd edits reject 42 --reason 'ticket SEC-118 asks for door 3, not door 2'"""
 
 
 def add_commands(commands: Commands) -> None:
     """``edit``, ``restore``, ``edits`` and ``reconcile-once``."""
-    p = commands.add_parser("edit", help="queue a change of a device, to be pushed to OpenApp")
+    p = add_command(
+        commands,
+        "edit",
+        "queue a change of a device, to be pushed to OpenApp",
+        "Queue an update of a mirrored device: its name in some locales, its zone, its external id, its "
+        "device_metadata (credential fields left out keep their values) or clearing a stored credential. "
+        "Nothing is sent now: `syncd reconcile-once` or the daemon pushes it, and `syncd edits` shows how it "
+        "went. An unknown or purged device and malformed input are refused before anything is queued.",
+        "syncd edit 01HDEV00000000000000000000 --name en='Front door' --name fr='Porte'",
+        'syncd edit 01HDEV00000000000000000000 --metadata-json \'{"kind": "gate"}\'',
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument(
@@ -86,19 +89,41 @@ def add_commands(commands: Commands) -> None:
     )
     p.set_defaults(handler=cmd_edit)
 
-    p = commands.add_parser("restore", help="queue the restore of a soft-deleted device")
+    p = add_command(
+        commands,
+        "restore",
+        "queue the restore of a soft-deleted device",
+        "Queue the restore of a device that is soft-deleted in OpenApp (and so in the mirror). It is pushed by "
+        "`syncd reconcile-once` or the daemon; `syncd edits` shows how it went.",
+        "syncd restore 01HDEV00000000000000000000",
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.set_defaults(handler=cmd_restore)
 
-    p = commands.add_parser("delete", help="queue the soft delete of a device (asks first on a terminal)")
+    p = add_command(
+        commands,
+        "delete",
+        "queue the soft delete of a device (asks first on a terminal)",
+        "Queue the soft delete of a device (it can be restored). On a terminal it asks first; elsewhere give "
+        "--yes. At most writeback.max_deletes_per_hour are sent per hour; more wait in the queue, pending.",
+        "syncd delete 01HDEV00000000000000000000",
+        "syncd delete 01HDEV00000000000000000000 --yes",
+    )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(handler=cmd_delete)
 
-    p = commands.add_parser(
-        "door-restrictions", help="queue a change of which entities a virtual_access_portal lets through"
+    p = add_command(
+        commands,
+        "door-restrictions",
+        "queue a change of which entities a virtual_access_portal lets through",
+        "Queue a change of a portal's door restrictions: the whole list (--set), everyone (--unrestrict), or "
+        "entities added or removed against OpenApp's list when the edit is pushed (--add, --remove; these never "
+        "make a restricted portal unrestricted, nor the reverse). Entity ids are ULIDs.",
+        "syncd door-restrictions 01HDEV00000000000000000000 --add 01HENT00000000000000000001",
+        "syncd door-restrictions 01HDEV00000000000000000000 --unrestrict",
     )
     config_option(p)
     p.add_argument("device_id", metavar="DEVICE_ID")
@@ -123,45 +148,72 @@ def add_commands(commands: Commands) -> None:
     )
     p.set_defaults(handler=cmd_door_restrictions)
 
-    p = commands.add_parser(
-        "edits", help="list queued edits; `edits retry|cancel|approve|reject ID`", description=EDITS_HELP
+    p = add_command(
+        commands,
+        "edits",
+        "list queued edits; `edits retry|cancel|approve|reject ID`",
+        EDITS_HELP,
+        "syncd edits --status conflict",
+        "syncd edits --status awaiting_approval",
+        "syncd edits --device 01HDEV00000000000000000000",
+        "syncd edits retry 42",
     )
     config_option(p)
     p.add_argument("--status", choices=[s.value for s in EditStatus], help="only edits with this status")
     p.add_argument("--device", metavar="DEVICE_ID", help="only edits of this device")
     p.set_defaults(handler=cmd_edits)
     actions = p.add_subparsers(metavar="ACTION")
-    for name, helptext in (
-        ("retry", "queue a failed, conflicting or cancelled edit again (one that needs approval awaits it again)"),
-        ("cancel", "drop a pending, failed, conflicting or awaiting edit"),
+    for name, helptext, description in (
+        (
+            "retry",
+            "queue a failed, conflicting or cancelled edit again (one that needs approval awaits it again)",
+            "Queue a failed, conflicting or cancelled edit again, as pending, due now: the next reconcile "
+            "checks it against OpenApp afresh (a conflict is judged again against the device as it is then). "
+            "An edit of a kind that needs approval awaits a new approval.",
+        ),
+        (
+            "cancel",
+            "drop a pending, failed, conflicting or awaiting edit",
+            "Drop an edit that is pending, failed, conflicting or awaiting approval: it is never sent (an edit "
+            "being sent cannot be cancelled). Credentials it carried are redacted.",
+        ),
     ):
-        q = actions.add_parser(name, help=helptext)
+        q = add_command(actions, name, helptext, description, f"syncd edits {name} 42")
         config_option(q)
         q.add_argument("edit_id", type=edit_id, metavar="ID")
         q.set_defaults(handler=cmd_edits_change, change=name)
-    q = actions.add_parser(
+    q = add_command(
+        actions,
         "approve",
-        help="approve an edit awaiting approval (not your own)",
-        description=APPROVE_HELP,
-        epilog=APPROVE_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "approve an edit awaiting approval (not your own)",
+        APPROVE_HELP,
+        "syncd edits --status awaiting_approval      # what waits, and who asked",
+        "syncd edits approve 42                      # as another user than the requester",
     )
     config_option(q)
     q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
     q.set_defaults(handler=cmd_edits_decide, change="approve")
-    q = actions.add_parser(
+    q = add_command(
+        actions,
         "reject",
-        help="reject an edit awaiting approval, with the reason",
-        description=REJECT_HELP,
-        epilog=REJECT_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "reject an edit awaiting approval, with the reason",
+        REJECT_HELP,
+        "syncd edits reject 42 --reason 'ticket SEC-118 asks for door 3, not door 2'",
     )
     config_option(q)
     q.add_argument("edit_id", type=edit_id, metavar="ID", help="the edit's id (`syncd edits` lists them)")
     q.add_argument("--reason", required=True, metavar="TEXT", help="why (kept with the edit, one line)")
     q.set_defaults(handler=cmd_edits_decide, change="reject")
 
-    p = commands.add_parser("reconcile-once", help="push every due queued edit once, then exit")
+    p = add_command(
+        commands,
+        "reconcile-once",
+        "push every due queued edit once, then exit",
+        "Push every queued edit that is due now, once, as the daemon does every writeback.interval: each is "
+        "checked against OpenApp first (already done? changed there since it was queued?), then sent. Exit 1 "
+        "if any failed or conflicted, or OpenApp refused the key (the edits stay pending).",
+        "syncd reconcile-once --config /etc/syncd/config.toml",
+    )
     config_option(p)
     p.set_defaults(handler=cmd_reconcile_once)
 
@@ -350,7 +402,6 @@ def cmd_edits_decide(args: argparse.Namespace) -> int:
 def cmd_reconcile_once(args: argparse.Namespace) -> int:
     """Push every edit due now, once."""
     config = load(args)
-    logs.configure(config.logging.format, config.logging.level)
     with (
         prepared_store(config) as store,
         stop_on_signals("finishing the current edit, then stopping") as stop,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from syncd.errors import ConfigError
 from syncd.models import DEVICE_STATES
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
@@ -77,14 +78,26 @@ class Progress:
         print(f"  {org_id}: {pages:,} pages, {devices:,} devices ({now - started:.0f}s)", file=self.stream, flush=True)
 
 
-def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
-    """The end-of-command table: one row per org, then any errors."""
-    headers = ("org", "status", *(c.replace("devices_seen", "devices") for c in SUMMARY_COLUMNS), "seconds")
-    rows = [(o.org_id, o.status, *(str(o.counts[c]) for c in SUMMARY_COLUMNS), f"{o.seconds:.1f}") for o in outcomes]
+# The per-org table of a pass, as it fits a 120-column terminal; `--wide` shows every counter.
+NARROW_COLUMNS = ("pages", "devices_seen", "created", "updated", "deleted", "restored", "purged")
+CHANGE_COUNTERS = ("created", "updated", "deleted", "restored", "purged")
+# Counters of devices a pass could not take, named below the narrow table when not zero.
+DEVICE_TROUBLE = {"rejected": "rejected", "unreadable": "unreadable", "duplicates": "duplicate"}
+
+
+def print_summary(outcomes: list[PassOutcome], out: TextIO, wide: bool = False) -> None:
+    """The end-of-command table: one row per org (the counters that fit 120 columns, or with
+    ``wide`` every one), then any errors and what the narrow table leaves out."""
+    columns = SUMMARY_COLUMNS if wide else NARROW_COLUMNS
+    headers = ("org", "status", *(c.replace("devices_seen", "devices") for c in columns), "seconds")
+    rows = [(o.org_id, o.status, *(f"{o.counts[c]:,}" for c in columns), f"{o.seconds:.1f}") for o in outcomes]
     table(headers, rows, out)
     for o in outcomes:
         if o.error:
             print(f"{o.org_id}: {o.status}: {o.error}", file=out)
+        trouble = [f"{o.counts[c]:,} {what}" for c, what in DEVICE_TROUBLE.items() if o.counts[c] and not wide]
+        if trouble:
+            print(f"{o.org_id}: devices not taken: {', '.join(trouble)} (see the log; every counter: --wide)", file=out)
         for counter, what in DETAIL_FAILURES.items():
             if o.counts[counter]:
                 print(
@@ -92,6 +105,81 @@ def print_summary(outcomes: list[PassOutcome], out: TextIO) -> None:
                     "and asks again next pass (see the log)",
                     file=out,
                 )
+
+
+def totals(outcomes: Sequence[PassOutcome], seconds: float) -> dict[str, Any]:
+    """What the passes of one command came to: orgs ok (succeeded or skipped) and failed (failed or
+    aborted), devices seen, device changes written, and the command's wall time."""
+    return {
+        "orgs_ok": sum(o.status in ("succeeded", "skipped") for o in outcomes),
+        "orgs_failed": sum(o.status not in ("succeeded", "skipped") for o in outcomes),
+        "orgs_skipped": sum(o.status == "skipped" for o in outcomes),
+        "devices": sum(o.counts["devices_seen"] for o in outcomes),
+        "changes": sum(o.counts[c] for o in outcomes for c in CHANGE_COUNTERS),
+        "seconds": round(seconds, 1),
+    }
+
+
+def print_totals(outcomes: Sequence[PassOutcome], seconds: float, out: TextIO) -> None:
+    """The last line of run-once: orgs ok/failed, devices, changes, seconds."""
+    t = totals(outcomes, seconds)
+    skipped = f" ({t['orgs_skipped']} skipped)" if t["orgs_skipped"] else ""
+    print(
+        f"total: {t['orgs_ok']} org(s) ok{skipped}, {t['orgs_failed']} failed; {t['devices']:,} devices, "
+        f"{t['changes']:,} changes; {t['seconds']:.1f}s",
+        file=out,
+    )
+
+
+def outcomes_json(outcomes: Sequence[PassOutcome], seconds: float) -> dict[str, Any]:
+    """run-once's result for scripts: each org's pass with every counter, and the totals."""
+    orgs = [
+        {
+            "org_id": o.org_id,
+            "status": o.status,
+            "run_id": o.run_id,
+            "started_at": iso(o.started_at),
+            "finished_at": iso(o.finished_at),
+            "seconds": round(o.seconds, 3),
+            "counts": {c: o.counts[c] for c in RUN_COUNTERS},
+            "error": o.error,
+        }
+        for o in outcomes
+    ]
+    return {"orgs": orgs, "totals": totals(outcomes, seconds)}
+
+
+def print_runs(rows: Sequence[dict[str, Any]], out: TextIO, wide: bool = False) -> None:
+    """Past passes (``syncd runs``), newest first, and the error of each that failed."""
+    columns = SUMMARY_COLUMNS if wide else NARROW_COLUMNS
+    lines = [
+        (
+            str(r["id"]),
+            r["org_id"],
+            r["trigger"],
+            iso(r["started_at"]) or "-",
+            r["status"],
+            f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}" if r["finished_at"] else "-",
+            *(f"{r[c]:,}" for c in columns),
+        )
+        for r in rows
+    ]
+    headers = ("id", "org", "trigger", "started", "status", "seconds", *(c.replace("_seen", "") for c in columns))
+    table(headers, lines, out, text_columns=5)
+    for r in rows:
+        if r["error"]:
+            print(f"  {r['id']}: {r['error']}", file=out)
+
+
+def print_problems(error: ConfigError, out: TextIO) -> None:
+    """A configuration or usage error: one line, or, when there are several problems, one per line."""
+    if len(error.problems) < 2:
+        print(f"syncd: error: {error}", file=out)
+        return
+    where = f"{error.where}: " if error.where else ""
+    print(f"syncd: error: {where}{len(error.problems)} problems:", file=out)
+    for problem in error.problems:
+        print(f"  - {problem}", file=out)
 
 
 def print_door_restrictions(store: Store, out: TextIO) -> None:

@@ -11,9 +11,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from syncd import logs
 from syncd.api import OpenAppClient
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, count, fraction, latency, port, prepared_store
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Commands,
+    add_command,
+    configure_logging,
+    count,
+    fraction,
+    latency,
+    port,
+    prepared_store,
+)
 from syncd.cli.output import print_door_restrictions, print_state_counts, print_summary
 from syncd.cli.run import run_passes
 from syncd.cli.signals import stop_on_signals
@@ -24,7 +34,17 @@ from syncd.store import Store
 
 def add_commands(commands: Commands) -> None:
     """``simulate`` and ``demo``."""
-    p = commands.add_parser("simulate", help="serve the built-in OpenApp simulator on loopback")
+    p = add_command(
+        commands,
+        "simulate",
+        "serve the built-in OpenApp simulator on loopback",
+        "Serve the built-in OpenApp simulator (the Devices API, and GET /status) on 127.0.0.1 until Ctrl-C, "
+        "with generated orgs and devices, accepting the key in $SYNCD_API_KEY. Faults can be injected (errors, "
+        "rate limits, resets, lost answers, latency). The official SDK works against it given a key of its "
+        "form, ORIGIN_openapp_SECRET, whose origin is the simulator's.",
+        "SYNCD_API_KEY=http://127.0.0.1:8765_openapp_dev-secret syncd simulate --orgs 2 --devices 5000",
+        "SYNCD_API_KEY=k syncd simulate --port 0 --error-rate 0.05 --latency-ms 50",
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--orgs", type=count, default=1, help="organisations to seed (default 1)")
@@ -61,8 +81,9 @@ def add_commands(commands: Commands) -> None:
     p.add_argument(
         "--restrictions-key",
         choices=("apartment_entity_ids", "listing_entity_ids"),
-        default="apartment_entity_ids",
-        help="door-restrictions body key: the public spec's (default) or the SDK's newer models'",
+        default="listing_entity_ids",
+        help="door-restrictions body key: the official SDK's models' (default) or the public spec's; "
+        "syncd reads either",
     )
     p.add_argument(
         "--strict-query",
@@ -82,8 +103,15 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--latency-ms", type=latency, default=0.0, help="added latency per request in milliseconds")
     p.set_defaults(handler=cmd_simulate)
 
-    p = commands.add_parser(
-        "demo", help="mirror the built-in simulator into a SQLite file and report (no setup needed)"
+    p = add_command(
+        commands,
+        "demo",
+        "mirror the built-in simulator into a SQLite file and report (no setup needed)",
+        "Start the simulator on a free loopback port, mirror it into a SQLite file, change a few devices "
+        "there (rename, soft delete, restore, purge, create, a door's restrictions), mirror again, and print "
+        "what each pass saw. Needs no configuration file and no key.",
+        "syncd demo",
+        "syncd demo --db /tmp/demo.db --orgs 1 --devices 500",
     )
     p.add_argument("--db", default="syncd-demo.db", metavar="PATH", help="SQLite file (default syncd-demo.db)")
     p.add_argument("--orgs", type=count, default=3, help="organisations (default 3)")
@@ -97,6 +125,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from syncd.simulator import Fault, Simulator, World
     from syncd.simulator.server import LOOPBACK, WRITE_OPERATIONS
 
+    configure_logging(args)
     key = os.environ.get(args.api_key_env, "").strip()
     if not key:
         raise ConfigError(f"set the environment variable {args.api_key_env} to the API key the simulator accepts")
@@ -149,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Mirror a simulated OpenApp twice (with changes between) into a fresh SQLite file."""
     from syncd.simulator import Simulator, World
 
-    logs.configure("console" if sys.stderr.isatty() else "json", "warning")
+    configure_logging(args, level="warning")
     world = World(seed=args.seed, name_style="mixed")
     org_ids = world.seed(args.orgs, args.devices, portal_fraction=0.05)
     key = secrets.token_urlsafe(24)
@@ -165,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             database=DatabaseSettings(url=f"sqlite:///{db}"),
             orgs=tuple(OrgSettings(org_id) for org_id in org_ids),
         )
-        with prepared_store(config) as store:
+        with prepared_store(config, create=True) as store:
             with (
                 stop_on_signals("finishing the current page, then stopping") as stop,
                 OpenAppClient(config.api, stop=stop) as client,

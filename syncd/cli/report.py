@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from syncd.cli.args import EXIT_OK, Commands, config_option, load, org_ids, prepared_store
+from syncd.cli.args import EXIT_OK, Commands, add_command, config_option, load, org_ids, prepared_store
 from syncd.cli.output import table
 from syncd.errors import ConfigError
 from syncd.models import is_device_id, is_entity_id, parse_timestamp
@@ -53,24 +53,30 @@ def moment(text: str) -> datetime:
 
 def add_commands(commands: Commands) -> None:
     """``report as-of`` and ``report door-access``."""
-    report = commands.add_parser(
+    report = add_command(
+        commands,
         "report",
-        help="the fleet and door access at a past time, from the mirror's history",
-        description="Answer questions about the past from the mirror's history (read-only; no API key needed).",
+        "the fleet and door access at a past time, from the mirror's history",
+        "Answer questions about the past from the mirror's history (read-only; no API key needed): "
+        "`report as-of` prints the fleet, or who could pass each portal, as of a time; `report door-access` "
+        "prints the periods in which an entity could pass a portal.",
+        "syncd report as-of --at 2026-03-31T23:59:59Z",
+        "syncd report door-access --entity 01HENT0000000000000000000000 --from 2026-03-01 --to 2026-03-04",
     )
     reports = report.add_subparsers(metavar="REPORT")
 
-    p = reports.add_parser(
+    p = add_command(
+        reports,
         "as-of",
-        help="every device (or who could pass each portal) as of a time",
-        description="Print the fleet as the mirror saw it at a time: each device in the version it had then "
+        "every device (or who could pass each portal) as of a time",
+        "Print the fleet as the mirror saw it at a time: each device in the version it had then "
         "(soft-deleted ones as 'deleted'; purged ones only with --include-purged). With --door-access, print "
         "who could pass each portal then instead: one row per entity on its list, or one 'anyone' row for a "
-        "portal that let anyone through. The observation window (printed on stderr for a table) bounds the "
-        "answer: the state is as seen by the last successful pass before the time, and a change made between "
-        "that pass and the next one shows from when the next pass saw it.",
-        epilog="example: syncd report as-of --at 2026-03-31T23:59:59Z --org 01HORG00000000000000000000 --format csv",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "portal that let anyone through. The observation window (on stderr for a table; in the rows of csv "
+        "and json) bounds the answer: the state is as seen by the last successful pass before the time, and "
+        "a change made between that pass and the next one shows from when the next pass saw it.",
+        "syncd report as-of --at 2026-03-31T23:59:59Z --org 01HORG00000000000000000000 --format csv",
+        "syncd report as-of --at '2026-03-03 17:00+01:00' --door-access --format json",
     )
     config_option(p)
     p.add_argument("--at", type=moment, required=True, metavar="TIME", help="ISO 8601; UTC when no offset is given")
@@ -80,16 +86,16 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--include-purged", action="store_true", help="also devices purged by then (state 'purged')")
     p.set_defaults(handler=cmd_as_of)
 
-    p = reports.add_parser(
+    p = add_command(
+        reports,
         "door-access",
-        help="when an entity could pass a portal: the periods of one portal or of one entity",
-        description="Print the access periods of one portal (each entity on its list, and the periods in which "
-        "it let anyone through), or of one entity (each portal whose list held it, and the periods in which "
-        "portals of its orgs let anyone through), overlapping --from/--to. 'from' and 'to' are when syncd saw "
-        "a period begin and end; it began after 'changed_after' and ended after 'last_confirmed_at'.",
-        epilog="examples:\n  syncd report door-access --portal 01HPORTAL0000000000000000000 --from 2026-03-01 --to "
-        "2026-03-04\n  syncd report door-access --entity 01HENTITY0000000000000000000 --format json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "when an entity could pass a portal: the periods of one portal or of one entity",
+        "Print the access periods of one portal (each entity on its list, and the periods in which it let "
+        "anyone through), or of one entity (each portal whose list held it, and the periods in which portals "
+        "of its orgs let anyone through), overlapping --from/--to. 'from' and 'to' are when syncd saw a "
+        "period begin and end; it began after 'changed_after' and ended after 'last_confirmed_at'.",
+        "syncd report door-access --portal 01HPRT0000000000000000000000 --from 2026-03-01 --to 2026-03-04",
+        "syncd report door-access --entity 01HENT0000000000000000000000 --format json",
     )
     config_option(p)
     which = p.add_mutually_exclusive_group(required=True)

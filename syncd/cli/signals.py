@@ -34,6 +34,27 @@ def stop_on_signals(what: str) -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run the block to its end (closing the mirror's connections, say) even if Ctrl-C comes
+    meanwhile; that Ctrl-C is handled right after it, as it would have been (by default:
+    KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 class Stoppable(Protocol):
     """What the daemon offers its signal handlers (both are safe to call from one)."""
 

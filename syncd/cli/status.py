@@ -1,4 +1,4 @@
-"""``syncd status``: per-org health of the mirror, usable as a monitoring check."""
+"""``syncd status``: per-org health of the mirror, usable as a monitoring check; ``syncd runs``: past passes."""
 
 from __future__ import annotations
 
@@ -9,15 +9,35 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncd import health
-from syncd.cli.args import EXIT_FAILED, EXIT_OK, Commands, config_option, duration, load, prepared_store
-from syncd.cli.output import iso, print_status
+from syncd.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Commands,
+    add_command,
+    config_option,
+    count,
+    duration,
+    load,
+    prepared_store,
+)
+from syncd.cli.output import iso, print_runs, print_status
 from syncd.models import DEVICE_STATES
 from syncd.store.edits import EditQueue
 
 
 def add_commands(commands: Commands) -> None:
-    """``status``."""
-    p = commands.add_parser("status", help="per-org health of the mirror; exit 1 if an org has no recent success")
+    """``status`` and ``runs``."""
+    p = add_command(
+        commands,
+        "status",
+        "per-org health of the mirror; exit 1 if an org has no recent success",
+        "Per configured org: the last pass (start, duration, result), the age of the last success, devices by "
+        "state and the last error; then the edit queue by status. Exit 0 when every org had a successful pass "
+        "within --max-age, 1 otherwise, so it serves as a monitoring check. It only reads: SQLite is opened "
+        "read-only and no API key is needed.",
+        "syncd status --config /etc/syncd/config.toml",
+        "syncd status --json --max-age 1h",
+    )
     config_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -27,6 +47,40 @@ def add_commands(commands: Commands) -> None:
         help="oldest acceptable last success (default: twice the org's interval, at least 5m)",
     )
     p.set_defaults(handler=cmd_status)
+
+    p = add_command(
+        commands,
+        "runs",
+        "past passes from sync_runs, newest first",
+        "The passes syncd made (the sync_runs table), newest first: when each started, who started it "
+        "(run-once, the daemon), how it ended, how long it took, what it counted, and the error of each that "
+        "failed. Use it to see when an org started failing and why, or how long passes take. It only reads.",
+        "syncd runs --last 5",
+        "syncd runs --org 01HORG00000000000000000000 --failed",
+        "syncd runs --format json | jq '.[0].status'",
+    )
+    config_option(p)
+    p.add_argument("--org", metavar="ORG", help="only this org's passes")
+    p.add_argument("--last", type=count, default=20, metavar="N", help="the N newest passes (default 20)")
+    p.add_argument("--failed", action="store_true", help="only passes that failed or were aborted")
+    p.add_argument("--wide", action="store_true", help="every counter in the table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    p.set_defaults(handler=cmd_runs)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Past passes, newest first."""
+    config = load(args, with_key=False)
+    with prepared_store(config, read_only=True) as store:
+        rows = store.runs(args.org, args.last, args.failed)
+    if args.format == "json":
+        shown = [{k: iso(v) if isinstance(v, datetime) else v for k, v in row.items()} for row in rows]
+        print(json.dumps(shown, indent=2))
+    elif rows:
+        print_runs(rows, sys.stdout, wide=args.wide)
+    else:
+        print("no passes" + (f" of {args.org}" if args.org else "") + (" failed" if args.failed else ""))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -97,6 +98,7 @@ class Routes:
     """Which operation a path is, and the device id in it."""
 
     patterns: list[tuple[str, re.Pattern[str], str]] = field(default_factory=list)
+    base: str = "/api/v1"
 
     @classmethod
     def for_base(cls, base: str) -> Routes:
@@ -114,7 +116,7 @@ class Routes:
             ("PUT", dev + r"/(?P<id>[^/]+)/door-restrictions$", "set_door_restrictions"),
             ("GET", dev + r"/(?P<id>[^/]+)/metadata-definition$", "get_device_metadata_definition"),
         ]
-        return cls([(m, re.compile(p), op) for m, p, op in table])
+        return cls([(m, re.compile(p), op) for m, p, op in table], base)
 
     def match(self, method: str, path: str) -> tuple[str, str | None]:
         known_path = False
@@ -124,7 +126,14 @@ class Routes:
                 known_path = True
                 if route_method == method:
                     return operation, found.groupdict().get("id")
-        raise SimError(405 if known_path else 404, f"No route for {method} {path}", "no_route")
+        if known_path:
+            raise SimError(405, f"No route for {method} {path}", "no_route")
+        raise SimError(
+            404,
+            f"{method} {path} is outside what this simulator serves: the OpenApp simulator answers only the "
+            f"Devices API ({self.base}/devices and below) and GET {self.base}/status",
+            "outside_simulator_scope",
+        )
 
 
 class Simulator:
@@ -396,6 +405,12 @@ class _Server(ThreadingHTTPServer):
         with self._open_lock:
             self._open.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (a stopped or interrupted syncd) is no error of the
+        simulator's: nothing is printed. Anything else is, as the standard library does."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def close_all(self) -> None:
         with self._open_lock:

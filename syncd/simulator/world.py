@@ -167,7 +167,7 @@ class World:
         name_style: NameStyle = "value",
         timestamps: TimestampStyle = "both",
         credentials_style: CredentialsStyle = "list",
-        restrictions_key: RestrictionsKey = "apartment_entity_ids",
+        restrictions_key: RestrictionsKey = "listing_entity_ids",
     ) -> None:
         self.lock = threading.RLock()
         self.rng = random.Random(seed)

@@ -77,8 +77,9 @@ class Dialect:
 
     # -- engine ---------------------------------------------------------------------------------
 
-    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
-        """The URL and driver arguments to open ``url`` with (``read_only``: for looking only)."""
+    def engine_url(self, url: URL, read_only: bool, create: bool = True) -> tuple[URL, dict[str, Any]]:
+        """The URL and driver arguments to open ``url`` with (``read_only``: for looking only;
+        ``create``: a database that is not there yet may be made)."""
         return url, {}
 
     def tune(self, engine: Engine, read_only: bool) -> None:
@@ -241,17 +242,19 @@ class SQLiteDialect(Dialect):
             f"INSERT INTO devices ({columns}) VALUES (?1, ?1, ?1, {', '.join(['?'] * len(CONTENT_COLUMNS))})"
         )
 
-    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
+    def engine_url(self, url: URL, read_only: bool, create: bool = True) -> tuple[URL, dict[str, Any]]:
         database = url.database
         if not database or database == ":memory:" or database.startswith("file:"):
             raise ConfigError("database.url: use a SQLite file (sqlite:///path/to/syncd.db), not an in-memory database")
-        if not read_only:
+        if create and not read_only:
             return url, {}
         path = Path(database).resolve()
         if not path.exists():
             raise SchemaOutdatedError(f"there is no mirror at {path} yet: run `syncd run-once` (or `syncd db upgrade`)")
-        # Read-only: the file is never created nor write-locked. Quoted: a '#' or '?' in the path is a name.
-        return url.set(database=f"file:{quote(str(path))}?mode=ro", query={"uri": "true"}), {}
+        # Read-only: never write-locked; either way never created (mode=rw fails on a file that went
+        # away since). Quoted: a '#' or '?' in the path is a name.
+        mode = "ro" if read_only else "rw"
+        return url.set(database=f"file:{quote(str(path))}?mode={mode}", query={"uri": "true"}), {}
 
     def tune(self, engine: Engine, read_only: bool) -> None:
         """WAL, a busy timeout, foreign keys, and BEGIN IMMEDIATE so concurrent writers queue up
@@ -347,7 +350,7 @@ class PostgresDialect(Dialect):
         columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(CONTENT_COLUMNS)}"
         self.insert_device_sql = f"COPY devices ({columns}) FROM STDIN"
 
-    def engine_url(self, url: URL, read_only: bool) -> tuple[URL, dict[str, Any]]:
+    def engine_url(self, url: URL, read_only: bool, create: bool = True) -> tuple[URL, dict[str, Any]]:
         # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
         options = "-c timezone=UTC" + (" -c default_transaction_read_only=on" if read_only else "")
         return url, {"options": options}

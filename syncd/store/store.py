@@ -62,17 +62,20 @@ class Store:
 
     ``read_only``: for commands that only look (``syncd status``). Every transaction is read-only;
     on SQLite the file is opened read-only, so it is never created and never write-locked.
+    ``create=False``: a mirror that is not there is refused (SchemaOutdatedError), not made: no SQLite
+    file is created, and :meth:`prepare` does not lay a schema on an empty database.
     """
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
         self.url = normalise_url(url)
         self.read_only = read_only
+        self.create = create and not read_only
         try:
             parsed = make_url(self.url)
         except ArgumentError as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
         self._dialect: Dialect = dialect_for(parsed.get_backend_name())
-        engine_url, connect_args = self._dialect.engine_url(parsed, read_only)
+        engine_url, connect_args = self._dialect.engine_url(parsed, read_only, self.create)
         try:
             self.engine: Engine = create_engine(
                 engine_url,
@@ -141,19 +144,21 @@ class Store:
     def prepare(self, auto_upgrade: bool) -> None:
         """Make sure the schema is current: upgrade it, or refuse to run on an old one.
 
-        A read-only store never upgrades: it names what to run instead.
+        A read-only store never upgrades, nor does a store not allowed to ``create`` lay a schema on
+        an empty database: each names what to run instead.
         """
         head = SCHEMA_REVISION  # a constant, so that a current database never loads Alembic
         current = self.schema_revision()
         if current == head:
             return
-        if self.read_only or not auto_upgrade:
+        if self.read_only or not auto_upgrade or not (current or self.create):
             where = redact_url(self.url)
             state = f"is at schema {current}" if current else "has no schema yet"
-            why = "" if self.read_only else " and database.auto_upgrade is off"
+            switched_off = not auto_upgrade and not self.read_only
+            why = " and database.auto_upgrade is off" if switched_off else ""
             raise SchemaOutdatedError(
                 f"the mirror {where} {state}, this syncd needs {head}{why}: run `syncd db upgrade`"
-                + (" (or `syncd run-once`)" if self.read_only and not current else "")
+                + ("" if current or switched_off else " (or `syncd run-once`)")
             )
         self.upgrade()
 
@@ -277,6 +282,17 @@ class Store:
         """One sync_runs row as a dict."""
         with translated("reading a run"), self.engine.connect() as conn:
             return dict(conn.execute(select(sync_runs).where(sync_runs.c.id == run_id)).mappings().one())
+
+    def runs(self, org_id: str | None = None, last: int = 20, failed: bool = False) -> list[dict[str, Any]]:
+        """The ``last`` passes (sync_runs rows), newest first: of one org, or of every org;
+        ``failed``: only those that failed or were aborted."""
+        query = select(sync_runs).order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc()).limit(last)
+        if org_id is not None:
+            query = query.where(sync_runs.c.org_id == org_id)
+        if failed:
+            query = query.where(sync_runs.c.status.in_(("failed", "aborted")))
+        with translated("reading past runs"), self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- devices ---------------------------------------------------------------------------
 
