@@ -31,6 +31,9 @@ VALID_ARGUMENTS = {
     ("edit",): ["--name", "en=Front door"],
     ("delete",): ["--yes"],
     ("door-restrictions",): ["--unrestrict"],
+    ("edits", "reject"): ["--reason", "not this door"],
+    ("report", "as-of"): ["--at", "2026-03-03"],
+    ("report", "door-access"): ["--portal", "01HPRT00000000000000000000"],
 }
 
 
@@ -79,7 +82,8 @@ def test_config_is_honoured_in_every_position_by_every_command(
     monkeypatch.setenv(KEY_ENV, API_KEY)
     checked = 0
     for path, parser in leaf_commands():
-        for n, placed in enumerate(positions(path, positionals(parser), ["--config", str(tmp_path / "given-%d.toml")])):
+        rest = [*positionals(parser), *VALID_ARGUMENTS.get(path, [])]
+        for n, placed in enumerate(positions(path, rest, ["--config", str(tmp_path / "given-%d.toml")])):
             argv = [a.replace("%d", str(n)) for a in placed]
             if reads_config(parser):
                 assert main(argv) == 2, argv
@@ -99,12 +103,13 @@ def test_logging_options_are_taken_in_every_position_by_every_command() -> None:
     parser = build_parser()
     for path, command in leaf_commands():
         option = ["--log-level", "debug", "--log-format", "json"]
-        for argv in positions(path, positionals(command), option):
+        for argv in positions(path, [*positionals(command), *VALID_ARGUMENTS.get(path, [])], option):
             args = parser.parse_args(argv)
             assert (args.log_level, args.log_format) == ("debug", "json"), argv
-        later = parser.parse_args(["--log-level", "error", *path, *positionals(command), "--log-level", "debug"])
+        rest = [*positionals(command), *VALID_ARGUMENTS.get(path, [])]
+        later = parser.parse_args(["--log-level", "error", *path, *rest, "--log-level", "debug"])
         assert later.log_level == "debug"  # the one nearest the end wins, as with any option
-        assert "log_level" not in vars(parser.parse_args([*path, *positionals(command)]))
+        assert "log_level" not in vars(parser.parse_args([*path, *rest]))
 
 
 def test_logging_options_override_the_file(

@@ -61,7 +61,7 @@ def add_commands(commands: Commands) -> None:
         "`report as-of` prints the fleet, or who could pass each portal, as of a time; `report door-access` "
         "prints the periods in which an entity could pass a portal.",
         "syncd report as-of --at 2026-03-31T23:59:59Z",
-        "syncd report door-access --entity 01HENT0000000000000000000000 --from 2026-03-01 --to 2026-03-04",
+        "syncd report door-access --entity 01HENT00000000000000000000 --from 2026-03-01 --to 2026-03-04",
     )
     reports = report.add_subparsers(metavar="REPORT")
 
@@ -94,8 +94,8 @@ def add_commands(commands: Commands) -> None:
         "anyone through), or of one entity (each portal whose list held it, and the periods in which portals "
         "of its orgs let anyone through), overlapping --from/--to. 'from' and 'to' are when syncd saw a "
         "period begin and end; it began after 'changed_after' and ended after 'last_confirmed_at'.",
-        "syncd report door-access --portal 01HPRT0000000000000000000000 --from 2026-03-01 --to 2026-03-04",
-        "syncd report door-access --entity 01HENT0000000000000000000000 --format json",
+        "syncd report door-access --portal 01HPRT00000000000000000000 --from 2026-03-01 --to 2026-03-04",
+        "syncd report door-access --entity 01HENT00000000000000000000 --format json",
     )
     config_option(p)
     which = p.add_mutually_exclusive_group(required=True)
