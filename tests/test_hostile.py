@@ -430,7 +430,11 @@ def test_hostile_server(case: Case, tmp_path: Path, database_url: str) -> None:
         assert "position" in run["error"]
     if run["error"]:
         assert run["error"].isprintable()  # one line, whatever the server sent
-    assert not store_changes(database_url)  # a first pass: a baseline, and no false history
+    # A first pass: a baseline ('observed', once per device it stored), and no false history.
+    history = store_changes(database_url)
+    assert all(c["change"] == "observed" for c in history)
+    observed = [c["device_id"] for c in history]
+    assert len(observed) == len(set(observed)) and set(observed) <= rows.keys() - set(case.seed_mirror)
     for text in (out, err, dump_database(database_url)):
         assert API_KEY not in text
 
