@@ -175,6 +175,12 @@ def check_history(kind: str, admin: str | None, history: list[tuple[Any, ...]]) 
                         text("SELECT device_id, entity_id FROM syncd_door_access_as_of(:at, :org)"),
                         {"at": at, "org": org},
                     ).all()
+                    windows = conn.execute(
+                        text("SELECT DISTINCT window_from, window_to FROM syncd_devices_as_of(:at, :org)"),
+                        {"at": at, "org": org},
+                    ).all()
+                window = reports.windows(at, [org])[org]
+                assert windows == [(window.observed_from, window.observed_to)]
                 assert sorted(function) == sorted((d.device_id, d.state, d.change_id) for d in rows)
                 assert sorted(doors, key=str) == sorted(((i.device_id, i.entity_id) for i in intervals), key=str)
         before = reports.devices_as_of(seen[0][0] - timedelta(days=1), org)

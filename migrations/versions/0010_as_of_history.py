@@ -61,13 +61,18 @@ DEVICE_VERSIONS = """
     ) v
 """
 
-# The observation window of an answer about time `at` in an org: the start of the last succeeded
-# pass that finished by then, and the end of the first succeeded pass that started after it.
-WINDOW = """
-    (SELECT max(r.started_at) FROM sync_runs r
-      WHERE r.org_id = {org} AND r.status = 'succeeded' AND r.finished_at <= at) AS window_from,
-    (SELECT min(r.finished_at) FROM sync_runs r
-      WHERE r.org_id = {org} AND r.status = 'succeeded' AND r.started_at > at) AS window_to
+# The observation window of an answer about time `at`, per org (computed once, not per row): the
+# start of the last succeeded pass that finished by then, and the end of the first succeeded pass
+# that started after it.
+WINDOWS = """
+    WITH windows AS (
+        SELECT o.org_id,
+               (SELECT max(r.started_at) FROM sync_runs r
+                 WHERE r.org_id = o.org_id AND r.status = 'succeeded' AND r.finished_at <= at) AS window_from,
+               (SELECT min(r.finished_at) FROM sync_runs r
+                 WHERE r.org_id = o.org_id AND r.status = 'succeeded' AND r.started_at > at) AS window_to
+        FROM (SELECT DISTINCT org_id FROM sync_runs WHERE org IS NULL OR org_id = org) o
+    )
 """
 
 DEVICES_AS_OF = f"""
@@ -76,13 +81,15 @@ DEVICES_AS_OF = f"""
                    integration_id varchar, external_id text, device_metadata jsonb, valid_from timestamptz,
                    change varchar, change_id bigint, window_from timestamptz, window_to timestamptz)
     LANGUAGE sql STABLE AS $$
+        {WINDOWS}
         SELECT d.id, d.org_id, c.state, c.name, c.zone_id, c.integration_id, c.external_id, c.device_metadata,
-               c.observed_at, c.change, c.id, {WINDOW.format(org="d.org_id")}
+               c.observed_at, c.change, c.id, w.window_from, w.window_to
         FROM devices d
-        JOIN device_changes c ON c.id = (
-            SELECT c2.id FROM device_changes c2
+        CROSS JOIN LATERAL (
+            SELECT * FROM device_changes c2
             WHERE c2.device_id = d.id AND c2.state IS NOT NULL AND c2.observed_at <= at
-            ORDER BY c2.observed_at DESC, c2.id DESC LIMIT 1)
+            ORDER BY c2.observed_at DESC, c2.id DESC LIMIT 1) c
+        LEFT JOIN windows w ON w.org_id = d.org_id
         WHERE (org IS NULL OR d.org_id = org) AND d.first_seen_at <= at
         ORDER BY d.org_id, d.id
     $$
@@ -94,9 +101,11 @@ DOOR_ACCESS_AS_OF = f"""
                    valid_to timestamptz, changed_after timestamptz, last_confirmed_at timestamptz,
                    window_from timestamptz, window_to timestamptz)
     LANGUAGE sql STABLE AS $$
+        {WINDOWS}
         SELECT a.device_id, a.org_id, a.entity_id, a.anyone, a.valid_from, a.valid_to, a.changed_after,
-               a.last_confirmed_at, {WINDOW.format(org="a.org_id")}
+               a.last_confirmed_at, w.window_from, w.window_to
         FROM door_access_intervals a
+        LEFT JOIN windows w ON w.org_id = a.org_id
         WHERE (org IS NULL OR a.org_id = org) AND a.valid_from <= at AND (a.valid_to IS NULL OR a.valid_to > at)
         ORDER BY a.org_id, a.device_id, a.anyone DESC, a.entity_id
     $$
