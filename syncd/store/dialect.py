@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -203,15 +203,18 @@ class Dialect:
 
     def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append device_changes rows (dicts by column; ``source`` and ``edit_id`` may be left out)."""
+        self.insert_many(conn, self.insert_change_sql, self.change_values(rows))
+
+    def change_values(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """device_changes rows as the driver takes them, in CHANGE_COLUMNS order."""
         columns = tuple(zip(CHANGE_COLUMNS, self._change_encoders, strict=True))
-        values = [
+        return [
             tuple(
                 r.get(col, CHANGE_DEFAULTS.get(col)) if encode is None else encode(r.get(col))
                 for col, encode in columns
             )
             for r in rows
         ]
-        self.insert_many(conn, self.insert_change_sql, values)
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run an INSERT for many rows."""
@@ -225,6 +228,9 @@ class Dialect:
             conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {self.p}", (*(n for _, n in bumps), run_id))
 
 
+# PostgreSQL: history rows from this many on are loaded with COPY (a page of a baseline pass), fewer
+# with one INSERT.
+COPY_FROM_ROWS = 50
 SQLITE_ROWS_PER_INSERT = 500  # 500 x 17 values stays far below SQLite's 32,766 bound parameters
 
 
@@ -349,6 +355,7 @@ class PostgresDialect(Dialect):
         super().__init__()
         columns = f"first_seen_at, last_seen_at, last_changed_at, {', '.join(CONTENT_COLUMNS)}"
         self.insert_device_sql = f"COPY devices ({columns}) FROM STDIN"
+        self.copy_change_sql = f"COPY device_changes ({', '.join(CHANGE_COLUMNS)}) FROM STDIN"
 
     def engine_url(self, url: URL, read_only: bool, create: bool = True) -> tuple[URL, dict[str, Any]]:
         # UTC sessions: timestamps near year 1 or 9999 stay in range whatever the server's TimeZone.
@@ -393,16 +400,27 @@ class PostgresDialect(Dialect):
         return {row[0]: row[1:] for row in conn.exec_driver_sql(sql, (seen_before, *self.id_params(ids)))}
 
     def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
-        """COPY: much cheaper than INSERTs for both sides. It is psycopg's own API, beneath
-        SQLAlchemy, so its errors are wrapped as SQLAlchemy's for the one translation."""
+        """COPY: much cheaper than INSERTs for both sides."""
+        self._copy(conn, self.insert_device_sql, ((now, now, now, *self.device_values(d)) for d in new))
+
+    def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """COPY for a page's worth (a baseline pass records every device), INSERT for a few."""
+        if len(rows) < COPY_FROM_ROWS:
+            super().add_changes(conn, rows)
+        else:
+            self._copy(conn, self.copy_change_sql, self.change_values(rows))
+
+    def _copy(self, conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        """COPY ... FROM STDIN: psycopg's own API, beneath SQLAlchemy, so its errors are wrapped as
+        SQLAlchemy's for the one translation."""
         driver: Any = conn.connection.dbapi_connection
         dbapi = conn.dialect.loaded_dbapi
         try:
-            with driver.cursor() as cursor, cursor.copy(self.insert_device_sql) as copy:
-                for d in new:
-                    copy.write_row((now, now, now, *self.device_values(d)))
+            with driver.cursor() as cursor, cursor.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
         except dbapi.Error as exc:
-            raise DBAPIError.instance(self.insert_device_sql, None, exc, dbapi.Error) from exc
+            raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
 
 
 @cache
