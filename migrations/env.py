@@ -7,6 +7,7 @@ import os
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
+from syncd.store import migrate
 from syncd.store.schema import metadata
 from syncd.store.store import normalise_url
 
@@ -21,6 +22,7 @@ def run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        migrate.guard(connection, config.attributes.get("lock_timeout_ms", migrate.LOCK_TIMEOUT_MS))
         context.run_migrations()
 
 

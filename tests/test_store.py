@@ -272,3 +272,41 @@ def test_a_scheduled_pass_is_claimed_once_per_interval_on_postgresql(store: Stor
     assert store.claim_scheduled_pass(org, 60, "b:2") == 0.0
     time.sleep(0.05)
     assert store.claim_scheduled_pass(org, 0.01, "a:1") == 0.0  # its interval has passed
+
+
+def test_a_migration_behind_a_long_reader_gives_up_instead_of_hanging(postgres_database: str) -> None:
+    """PostgreSQL: a migration that cannot get its table lock in time fails (nothing half-done), and
+    only one migrator runs at a time: the second waits for the first's advisory lock."""
+    store = Store(postgres_database)
+    store.upgrade()
+    with store.engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), "0009")
+    plain = postgres_database.replace("postgresql+psycopg://", "postgresql://")
+    failures: list[BaseException] = []
+
+    def migrate_behind_the_reader() -> None:
+        try:
+            with store_module.translated("upgrading the schema"), store.engine.begin() as conn:
+                migrate.upgrade(conn, lock_timeout_ms=300)
+        except BaseException as exc:
+            failures.append(exc)
+
+    with psycopg.connect(plain) as reader:
+        reader.execute("SELECT count(*) FROM device_changes")  # a report's transaction holds its table
+        attempt = threading.Thread(target=migrate_behind_the_reader)
+        attempt.start()
+        attempt.join(timeout=10)  # without the timeout it would wait for the reader: bounded here
+        reader.rollback()
+    attempt.join(timeout=30)
+    assert len(failures) == 1 and isinstance(failures[0], StoreError) and "lock timeout" in str(failures[0])
+    assert store.schema_revision() == "0009"  # the failed upgrade left nothing behind
+    with psycopg.connect(plain, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (migrate.UPGRADE_LOCK_KEY,))  # another migrator
+        done = threading.Event()
+        upgrade = threading.Thread(target=lambda: (store.upgrade(), done.set()))
+        upgrade.start()
+        assert not done.wait(1.0)  # it waits its turn
+        other.execute("SELECT pg_advisory_unlock(%s)", (migrate.UPGRADE_LOCK_KEY,))
+        upgrade.join(timeout=60)
+    assert done.is_set() and store.schema_revision() == SCHEMA_REVISION
+    store.close()

@@ -13,6 +13,11 @@ import syncd.migrations  # type: ignore[import-not-found]  # installed from migr
 
 # Any fixed 64-bit number; it only has to be the same for every syncd sharing one database.
 UPGRADE_LOCK_KEY = 0x73796E6364  # "syncd"
+# PostgreSQL, as Warehouse does: a migration that waits this long for a table lock (behind a long
+# report, say) gives up instead of queueing every reader of that table behind it; one statement
+# may run this long (the backfills work in batches, so none should come near it).
+LOCK_TIMEOUT_MS = 10_000
+STATEMENT_TIMEOUT_MS = 300_000
 
 
 def migrations_dir() -> Path:
@@ -34,8 +39,20 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def upgrade(connection: Connection, revision: str = "head") -> None:
-    """Apply migrations inside the caller's transaction (serialised across instances on PostgreSQL)."""
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
-    command.upgrade(alembic_config(connection), revision)
+def upgrade(connection: Connection, revision: str = "head", lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> None:
+    """Apply migrations inside the caller's transaction (serialised across instances on PostgreSQL,
+    and bounded there by :func:`guard`)."""
+    config = alembic_config(connection)
+    config.attributes["lock_timeout_ms"] = lock_timeout_ms
+    command.upgrade(config, revision)
+
+
+def guard(connection: Connection, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> None:
+    """On PostgreSQL, inside the migration's transaction: one migrator at a time (an advisory lock,
+    so two instances starting together do not race), and lock and statement timeouts (so a busy
+    database is never hung). Called by ``migrations/env.py`` for syncd and the alembic CLI alike."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
+    connection.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+    connection.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
