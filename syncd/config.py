@@ -15,7 +15,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
@@ -327,6 +327,11 @@ class Config:
     def interval(self, org: OrgSettings) -> float:
         """Seconds between passes of ``org``."""
         return org.interval if org.interval is not None else self.sync.interval
+
+    def with_logging(self, overrides: Mapping[str, Any]) -> Config:
+        """This configuration with some [logging] settings replaced (the command line's, which win
+        over the file's, at start and at every reload)."""
+        return replace(self, logging=replace(self.logging, **overrides)) if overrides else self
 
     def org(self, org_id: str) -> OrgSettings:
         """The configured org with this id (ConfigError if it is not configured)."""

@@ -22,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -310,8 +309,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
             return False
-        if self.logging_overrides:  # the command line's --log-level / --log-format still win
-            new = replace(new, logging=replace(new.logging, **self.logging_overrides))
+        new = new.with_logging(self.logging_overrides)  # the command line's --log-level / --log-format still win
         old, change = self.config, diff_config(self.config, new)
         if change.database:
             log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")

@@ -108,15 +108,14 @@ class Reconciler:
         if not self.auth.admit(WRITEBACK):  # the key was rejected: wait for the pause to run out
             return results
         try:
-            self._round(results)
+            self._round(results, lease)
         finally:
             self.auth.done(WRITEBACK)
         return results
 
-    def _round(self, results: Counter[str]) -> None:
+    def _round(self, results: Counter[str], lease: timedelta) -> None:
         started = utcnow()
         seen: set[int] = set()
-        lease = timedelta(seconds=self.settings.lease_timeout)
         needs_approval = self.settings.require_approval
         while not self.stop.is_set():
             claimed = self.queue.claim(started, lease, self.settings.batch_size, self.instance, needs_approval)

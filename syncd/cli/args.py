@@ -7,7 +7,6 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -102,8 +101,7 @@ def logging_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def with_logging_options(config: Config, args: argparse.Namespace) -> Config:
     """``config`` with ``--log-level`` / ``--log-format`` in place of the file's values."""
-    overrides = logging_overrides(args)
-    return replace(config, logging=replace(config.logging, **overrides)) if overrides else config
+    return config.with_logging(logging_overrides(args))
 
 
 def configure_logging(args: argparse.Namespace, fmt: LogFormat = "auto", level: LogLevel = "info") -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Text, cast, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from syncd.models import DoorRestrictions, MetadataDefinition, change_row, one_line
 from syncd.store.schema import (
@@ -115,21 +115,15 @@ class PortalRestrictions:
 
     def unseen_entities(self, org_id: str, entity_ids: Collection[str]) -> list[str]:
         """Those of ``entity_ids`` (well-formed ids) the mirror never saw on a portal of ``org_id``:
-        on none now (``door_restrictions``) and in none of its restriction history
-        (``device_changes``), in the order given."""
+        on none now (``door_restrictions``) and in none of its access history
+        (``door_access_intervals``), in the order given. Two indexed reads."""
         wanted = list(dict.fromkeys(entity_ids))
-        r, c = door_restrictions, device_changes
-        now = select(r.c.entity_id).where(r.c.org_id == org_id, r.c.entity_id.in_(wanted)).distinct()
-        history = select(cast(c.c.diff, Text)).where(c.c.org_id == org_id, c.c.change == "restrictions")
+        r, a = door_restrictions, door_access_intervals
+        now = select(r.c.entity_id).where(r.c.org_id == org_id, r.c.entity_id.in_(wanted))
+        ever = select(a.c.entity_id).where(a.c.org_id == org_id, a.c.entity_id.in_(wanted))
         with translated("reading door restrictions"), self.store.engine.connect() as conn:
-            seen = set(conn.execute(now).scalars())
-            unseen = [e for e in wanted if e not in seen]
-            if unseen:
-                for diff in conn.execution_options(yield_per=1000).execute(history).scalars():
-                    unseen = [e for e in unseen if f'"{e}"' not in (diff or "")]
-                    if not unseen:
-                        break
-        return unseen
+            seen = set(conn.execute(now.union(ever)).scalars())
+        return [e for e in wanted if e not in seen]
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Per org: ``portals`` asked about, how many are ``restricted``, and ``entities`` (grants)."""
