@@ -44,12 +44,12 @@ from syncd.models import (
     CHANGE_KINDS,
     DEVICE_STATES,
     Device,
+    HistoryRow,
     Inventory,
     change_kind,
-    change_row,
     describe_change,
     encode,
-    history_values,
+    history_row,
     identify,
     is_device_id,
     one_line,
@@ -384,7 +384,7 @@ class OrgPass:
         counts["unreadable"] = len(self.problems) - problems_before
         # A baseline pass cannot tell a new device from one that existed: it records what it saw.
         first = "observed" if self.baseline else "created"
-        changes = [change_row(d.id, self.org.id, now, first, None, history_values(d), run_id=run_id) for d in inserts]
+        changes = [history_row(d.id, self.org.id, now, first, None, d, run_id=run_id) for d in inserts]
         counts["created"] += len(inserts)
         changed: list[Device] = []
         refreshes: list[Device] = []
@@ -400,7 +400,7 @@ class OrgPass:
             kind = change_kind(old_state, device.state)
             counts[kind] += 1
             changed.append(device)
-            changes.append(change_row(device.id, self.org.id, now, kind, diff, history_values(device), run_id=run_id))
+            changes.append(history_row(device.id, self.org.id, now, kind, diff, device, run_id=run_id))
         self.writes.submit(PreparedPage(run_id, now, inserts, changed, refreshes, touches, changes, counts))
         self.counts.update(counts)
 
@@ -467,8 +467,8 @@ class OrgPass:
             values = writer.history_values(device_id)
             diff = {"state": {"old": values["state"], "new": "purged"}}
             writer.mark_purged(device_id, now, run_id)
-            writer.add_changes(
-                [change_row(device_id, self.org.id, now, "purged", diff, {**values, "state": "purged"}, run_id=run_id)]
+            writer.add_history(
+                [history_row(device_id, self.org.id, now, "purged", diff, {**values, "state": "purged"}, run_id=run_id)]
             )
             writer.bump_run(run_id, {"purged": 1, "requests": 1})
         self.counts.update(purged=1, requests=1)
@@ -485,7 +485,7 @@ class PreparedPage:
     updates: list[Device]
     refreshes: list[Device]  # same content, new serialisation: payload and fingerprint only
     touches: list[str]
-    changes: list[dict[str, Any]]
+    changes: list[HistoryRow]
     counts: Counter[str]
 
 
@@ -537,7 +537,7 @@ class PageWrites:
                 writer.insert_devices(page.inserts, page.now)
                 writer.update_devices(page.updates, page.now)
                 writer.refresh_devices(page.refreshes, page.now)
-                writer.add_changes(page.changes)
+                writer.add_history(page.changes)
                 writer.touch(page.touches, page.now)
             writer.bump_run(self._held_run, self._held)
         self._held.clear()

@@ -18,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
+from syncd.models import HistoryRow, history_row
 from syncd.store import Store, migrate
 from syncd.store import store as store_module
 from syncd.store.migrate import head_revision
@@ -68,19 +69,9 @@ def test_timestamps_round_trip_as_aware_utc(store: Store) -> None:
 
 
 def test_database_errors_become_store_errors(store: Store) -> None:
+    nobody = history_row("01HK153X0038NZ3ZA2MABNBN61", "o", datetime.now(UTC), "restrictions", {}, None)
     with pytest.raises(StoreError, match="database error while writing devices"), store.writer() as writer:
-        writer.add_changes(
-            [
-                {
-                    "device_id": "nope",
-                    "org_id": "o",
-                    "run_id": None,
-                    "observed_at": datetime.now(UTC),
-                    "change": "exploded",
-                    "diff": None,
-                }
-            ]
-        )  # violates the CHECK (and the foreign key)
+        writer.add_history([nobody])  # violates the foreign key: no such device
 
 
 def test_unusable_urls_are_config_errors() -> None:
@@ -251,6 +242,45 @@ def test_the_fast_path_follows_the_schema(database_url: str) -> None:
         for column in CONTENT_COLUMNS:
             expected = getattr(device, column) if column != "raw" else device.raw
             assert row[column] == expected, column
+    finally:
+        store.close()
+
+
+def test_history_rows_follow_the_schema(database_url: str) -> None:
+    # A HistoryRow is the driver's row of device_changes: its fields are the table's columns, in order.
+    from syncd.models import HISTORY_FIELDS, parse_device
+    from syncd.store.dialect import CHANGE_COLUMNS, COPY_FROM_ROWS
+
+    assert HistoryRow._fields == CHANGE_COLUMNS and HistoryRow._fields[-len(HISTORY_FIELDS) :] == HISTORY_FIELDS
+    raw = {"id": "01HK153X0038NZ3ZA2MABNBN61", "org_id": "org-a", "integration_id": "int-b", "zone_id": "zone-c"}
+    raw |= {"external_id": "ext-d", "name": {"en": "Door"}, "device_metadata": {"kind": "gate", "n": [1.5, None]}}
+    device = parse_device(raw)
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    store = Store(database_url)
+    store.upgrade()
+    try:
+        with store.writer() as writer:
+            writer.insert_devices([device], now)
+            edited = history_row(
+                device.id,
+                "org-a",
+                now,
+                "updated",
+                {"zone_id": {"old": "z", "new": "zone-c"}},
+                device,
+                edit_id=7,
+                provenance={"requested_by": "ann", "approved_by": "bob"},
+            )
+            mirrored = {**writer.history_values(device.id), "state": "purged"}
+            purged = history_row(
+                device.id, "org-a", now, "purged", {"state": {"old": "active", "new": "purged"}}, mirrored
+            )
+            writer.add_history([edited])  # one row: an INSERT
+            writer.add_history([purged] * COPY_FROM_ROWS)  # a page's worth: COPY on PostgreSQL
+        rows = store.changes("org-a")
+        assert len(rows) == 1 + COPY_FROM_ROWS
+        for written, read in ((edited, rows[0]), (purged, rows[-1])):
+            assert {column: read[column] for column in CHANGE_COLUMNS} == written._asdict()
     finally:
         store.close()
 

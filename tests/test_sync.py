@@ -17,7 +17,15 @@ from syncd import sync as sync_module
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
-from syncd.models import HISTORY_FIELDS, LIFECYCLE_FIELDS, encode, normalise_name, parse_timestamp, utcnow
+from syncd.models import (
+    HISTORY_FIELDS,
+    LIFECYCLE_FIELDS,
+    encode,
+    history_row,
+    normalise_name,
+    parse_timestamp,
+    utcnow,
+)
 from syncd.passes import locked_pass
 from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS
@@ -405,7 +413,7 @@ def test_org_filters_are_applied_and_scope_purge_detection(
 def test_a_page_that_fails_to_commit_takes_its_counts_with_it(store: Store, org: str) -> None:
     now = utcnow()
     run_id, _ = store.start_run(org, "run-once", "test", now)
-    broken = {"device_id": "x", "org_id": org, "run_id": run_id, "observed_at": now, "change": "?", "diff": None}
+    broken = history_row("01HK153X0038NZ3ZA2MABNBN61", org, now, "restrictions", {}, None, run_id=run_id)  # no device
     with store.session() as session:
         writes = PageWrites(session, progress_interval=3600)
         writes.submit(PreparedPage(run_id, now, [], [], [], [], [], Counter(pages=1, unchanged=200)))  # held back

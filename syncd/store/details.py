@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from syncd.models import DoorRestrictions, MetadataDefinition, change_row, one_line
+from syncd.models import DoorRestrictions, HistoryRow, MetadataDefinition, history_row, one_line
 from syncd.store.schema import (
     device_changes,
     devices,
@@ -25,7 +25,7 @@ from syncd.store.schema import (
     metadata_definitions,
     portal_restrictions,
 )
-from syncd.store.store import Session, Store
+from syncd.store.store import PageWriter, Session, Store
 from syncd.store.translate import translated
 
 ANSWERED = ("ok", "not_found", "not_a_portal")  # portal_restrictions.status after an answer
@@ -155,12 +155,12 @@ class PortalRestrictions:
         (each also gets a ``restrictions`` row in device_changes, with the old and new lists)."""
         if not answers:
             return 0
-        with (self.session or self.store).transaction("writing door restrictions") as conn:
-            return write_answers(conn, org_id, now, answers, run_id=run_id)
+        with (self.session or self.store).writer(action="writing door restrictions") as writer:
+            return write_answers(writer, org_id, now, answers, run_id=run_id)
 
 
 def write_answers(
-    conn: Connection,
+    writer: PageWriter,
     org_id: str,
     now: datetime,
     answers: Sequence[RestrictionsAnswer],
@@ -172,8 +172,9 @@ def write_answers(
     """Write answers inside the caller's transaction: of a pass (``run_id``) or of a local edit
     that set them (``edit_id``; its history row is marked ``local_edit`` and carries the edit's
     ``provenance``: ``requested_by``, ``approved_by``). Returns how many lists changed."""
+    conn = writer.connection
     ids = [a.device_id for a in answers]
-    changes: list[dict[str, Any]] = []
+    changes: list[HistoryRow] = []
     new_rows: list[dict[str, Any]] = []
     entity_rows: list[dict[str, Any]] = []
     p, r = portal_restrictions, door_restrictions
@@ -196,7 +197,7 @@ def write_answers(
         if change is not None:
             diff = {"door_restrictions": change}
             changes.append(
-                change_row(
+                history_row(
                     answer.device_id,
                     org_id,
                     now,
@@ -212,8 +213,7 @@ def write_answers(
         conn.execute(insert(p), new_rows)
     if entity_rows:
         conn.execute(insert(r), entity_rows)
-    if changes:
-        conn.execute(insert(device_changes), changes)
+    writer.add_history(changes)
     _record_access(conn, org_id, now, answers, checked_at, run_id=run_id, edit_id=edit_id)
     return len(changes)
 

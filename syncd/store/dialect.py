@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from syncd.errors import ConfigError, SchemaOutdatedError
-from syncd.models import Device
+from syncd.models import Device, HistoryRow
 from syncd.store.locks import advisory_key
 from syncd.store.schema import RUN_COUNTERS, JSONDoc, UTCDateTime, device_changes, devices
 
@@ -37,7 +37,6 @@ BOOKKEEPING_COLUMNS = ("purged_at", "first_seen_at", "last_seen_at", "last_chang
 # What a device's content fills, in table order: the order of Dialect.device_values.
 CONTENT_COLUMNS = tuple(c.name for c in devices.columns if c.name not in BOOKKEEPING_COLUMNS)
 CHANGE_COLUMNS = tuple(c.name for c in device_changes.columns if c.name != "id")
-CHANGE_DEFAULTS = {"source": "sync", "edit_id": None}
 TIME_COLUMNS = frozenset(c.name for c in device_changes.columns if isinstance(c.type, UTCDateTime))
 JSON_COLUMNS = frozenset(
     c.name for table in (devices, device_changes) for c in table.columns if isinstance(c.type, JSONDoc)
@@ -201,20 +200,14 @@ class Dialect:
             (self.time(seen_at), *self.id_params(ids)),
         )
 
-    def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append device_changes rows (dicts by column; ``source`` and ``edit_id`` may be left out)."""
-        self.insert_many(conn, self.insert_change_sql, self.change_values(rows))
+    def add_history(self, conn: Connection, rows: Sequence[HistoryRow]) -> None:
+        """Append device_changes rows."""
+        self.insert_many(conn, self.insert_change_sql, self.history_values(rows))
 
-    def change_values(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """device_changes rows as the driver takes them, in CHANGE_COLUMNS order."""
-        columns = tuple(zip(CHANGE_COLUMNS, self._change_encoders, strict=True))
-        return [
-            tuple(
-                r.get(col, CHANGE_DEFAULTS.get(col)) if encode is None else encode(r.get(col))
-                for col, encode in columns
-            )
-            for r in rows
-        ]
+    def history_values(self, rows: Sequence[HistoryRow]) -> list[tuple[Any, ...]]:
+        """device_changes rows as the driver takes them (a HistoryRow is in CHANGE_COLUMNS order)."""
+        encoders = self._change_encoders
+        return [tuple(v if encode is None else encode(v) for v, encode in zip(r, encoders, strict=True)) for r in rows]
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run an INSERT for many rows."""
@@ -403,12 +396,12 @@ class PostgresDialect(Dialect):
         """COPY: much cheaper than INSERTs for both sides."""
         self._copy(conn, self.insert_device_sql, ((now, now, now, *self.device_values(d)) for d in new))
 
-    def add_changes(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    def add_history(self, conn: Connection, rows: Sequence[HistoryRow]) -> None:
         """COPY for a page's worth (a baseline pass records every device), INSERT for a few."""
         if len(rows) < COPY_FROM_ROWS:
-            super().add_changes(conn, rows)
+            super().add_history(conn, rows)
         else:
-            self._copy(conn, self.copy_change_sql, self.change_values(rows))
+            self._copy(conn, self.copy_change_sql, self.history_values(rows))
 
     def _copy(self, conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         """COPY ... FROM STDIN: psycopg's own API, beneath SQLAlchemy, so its errors are wrapped as

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 
 from syncd.errors import ClaimLostError, ConfigError
-from syncd.models import Device, change_row, history_values, one_line, parse_timestamp, preview, same_json
+from syncd.models import Device, history_row, one_line, parse_timestamp, preview, same_json
 from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
 from syncd.store.schema import UTCDateTime, device_edits, devices
@@ -463,9 +463,7 @@ class EditQueue:
             if device is not None:
                 _mirror_device(writer, edit.id, device, change, now, provenance)
             if restrictions is not None and device is not None:
-                write_answers(
-                    writer.connection, device.org_id, now, [restrictions], edit_id=edit.id, provenance=provenance
-                )
+                write_answers(writer, device.org_id, now, [restrictions], edit_id=edit.id, provenance=provenance)
 
     def conflict(
         self,
@@ -634,15 +632,15 @@ def _mirror_device(
         writer.insert_devices([device], now)
     if change is not None:
         kind, diff = change
-        writer.add_changes(
+        writer.add_history(
             [
-                change_row(
+                history_row(
                     device.id,
                     device.org_id,
                     now,
                     kind,
                     diff,
-                    history_values(device),
+                    device,
                     edit_id=edit_id,
                     provenance=provenance,
                 )

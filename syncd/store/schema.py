@@ -213,7 +213,7 @@ device_changes = Table(
     Column("requested_by", String(255), comment="local edits: who queued the edit (device_edits.requested_by)"),
     Column("approved_by", String(255), comment="local edits: who approved it, when its kind needed an approval"),
     # The device as it was after the change (NULL on 'restrictions' rows): what device_versions and
-    # the as-of reports read. Written with the row, in one place (syncd.models.change_row).
+    # the as-of reports read. Built with the row, in one place (syncd.models.history_row).
     Column("state", String(16), comment="the device's state after the change"),
     Column("name", JSONDoc, comment="its name after the change, {locale: text}"),
     Column("zone_id", String(64)),

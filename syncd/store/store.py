@@ -18,7 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
-from syncd.models import HISTORY_FIELDS, Device, one_line
+from syncd.models import HISTORY_FIELDS, Device, HistoryRow, one_line
 from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLease, OrgLocks
 from syncd.store.schema import (
@@ -313,9 +313,10 @@ class Store:
             yield Session(conn, self._write_turn, self._dialect)
 
     @contextmanager
-    def writer(self) -> Iterator[PageWriter]:
-        """One transaction for a page's writes: all of it commits, or none of it."""
-        with self.session() as session, session.writer() as writer:
+    def writer(self, action: str = "writing devices") -> Iterator[PageWriter]:
+        """One transaction for a page's writes: all of it commits, or none of it; a database error
+        in it is StoreError naming ``action``."""
+        with self.session() as session, session.writer(action=action) as writer:
             yield writer
 
     @contextmanager
@@ -438,8 +439,9 @@ class Session:
             self._conn.execution_options(syncd_read_only=False)
 
     @contextmanager
-    def writer(self, durable: bool = True) -> Iterator[PageWriter]:
-        """One transaction for a page's writes: all of it commits, or none of it.
+    def writer(self, durable: bool = True, action: str = "writing devices") -> Iterator[PageWriter]:
+        """One transaction for a page's writes: all of it commits, or none of it (a database error in
+        it is StoreError naming ``action``).
 
         ``durable=False`` (PostgreSQL): the commit does not wait for the WAL flush. A crash of the
         database server can then lose the newest transactions, each whole; for a page of a pass
@@ -447,7 +449,7 @@ class Session:
         """
         with (
             self._write_turn,
-            self._guarded("writing devices"),
+            self._guarded(action),
             self._conn.begin(),
             self._dialect.page_transaction(self._conn, durable),
         ):
@@ -525,10 +527,11 @@ class PageWriter(PageReader):
             update(a).where(a.c.device_id == device_id, a.c.valid_to.is_(None)).values(valid_to=at, to_run_id=run_id)
         )
 
-    def add_changes(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append device_changes rows (device_id, org_id, run_id, observed_at, change, diff[, source, edit_id])."""
+    def add_history(self, rows: Sequence[HistoryRow]) -> None:
+        """Append device_changes rows: the one way history is written (pages of a pass, purges,
+        door restrictions, pushed edits)."""
         if rows:
-            self._dialect.add_changes(self._conn, rows)
+            self._dialect.add_history(self._conn, rows)
 
     def bump_run(self, run_id: int, counters: Mapping[str, int]) -> None:
         """Add to a run's counters (committed with the page they describe)."""
