@@ -32,6 +32,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -131,15 +132,7 @@ class DetailReads:
         self.log.debug("asking portals for their door restrictions", portals=len(due))
 
         def ask(portal: DuePortal) -> RestrictionsAnswer:
-            try:
-                restrictions = self.client.get_door_restrictions(self.org.id, portal.device_id, deadline=self.deadline)
-            except NotFoundError as exc:  # gone since the scan: purge detection will tell; restrictions kept
-                return self._answer(portal, "not_found", interval, error=str(exc))
-            except RejectedError as exc:
-                if exc.status != 400:
-                    raise
-                return self._answer(portal, "not_a_portal", interval, error=str(exc))
-            return self._answer(portal, "ok", interval, restrictions=restrictions)
+            return self._ask_portal(portal, interval)
 
         def failed(portal: DuePortal, exc: SyncdError) -> RestrictionsAnswer:
             failures = portal.failures + 1
@@ -159,6 +152,17 @@ class DetailReads:
 
         requests, failures = self._ask_each("door restrictions", due, ask, failed, record, weight)
         return Counter(restrictions=changed, restriction_requests=requests, restriction_failures=failures)
+
+    def _ask_portal(self, portal: DuePortal, interval: float) -> RestrictionsAnswer:
+        try:
+            restrictions = self.client.get_door_restrictions(self.org.id, portal.device_id, deadline=self.deadline)
+        except NotFoundError as exc:  # gone since the scan: purge detection will tell; restrictions kept
+            return self._answer(portal, "not_found", interval, error=str(exc))
+        except RejectedError as exc:
+            if exc.status != 400:
+                raise
+            return self._answer(portal, "not_a_portal", interval, error=str(exc))
+        return self._answer(portal, "ok", interval, restrictions=restrictions)
 
     @staticmethod
     def _answer(portal: DuePortal, status: str, interval: float, **found: Any) -> RestrictionsAnswer:
@@ -206,10 +210,8 @@ class DetailReads:
         """Ask about each item in turn (see the module's rules); returns ``(requests, failures)``.
         ``weight``: what an answer holds, for the batch bound."""
         answers: list[Answer] = []
-        held = requests = failures = in_a_row = 0
-        refused = False
-        first_error: SyncdError | None = None
-        ended_early = ""
+        held = 0
+        tally = Tally()
         todo = list(items)
         # As many at once as the request budget allows (for the waiting), answers taken in order here.
         asked = in_order((functools.partial(ask, item) for item in todo), self.client.budget.max_concurrency, what)
@@ -218,41 +220,59 @@ class DetailReads:
                 if self.stop.is_set():
                     break
                 if time.monotonic() >= self.deadline:
-                    ended_early = "the pass reached sync.pass_timeout"
+                    tally.ended_early = "the pass reached sync.pass_timeout"
                     break
-                requests += 1
+                tally.requests += 1
                 try:
                     answer = asking.result()
-                    in_a_row = 0
+                    tally.in_a_row = 0
                 except StoppedError:
-                    requests -= 1  # not answered, not failed: asked again next pass
+                    tally.requests -= 1  # not answered, not failed: asked again next pass
                     break
                 except SyncdError as exc:
                     answer = failed(item, exc)
-                    refused = isinstance(exc, AuthError | ForbiddenError)
-                    failures += 1
-                    first_error = first_error or exc
-                    in_a_row = in_a_row + 1 if isinstance(exc, TransientError) else 0
+                    tally.failed(exc)
                 answers.append(answer)
                 held += weight(answer)
-                if refused:
-                    ended_early = "OpenApp refused the key"
-                    break
-                if in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    ended_early = f"{in_a_row} requests in a row failed"
+                if tally.ended_early:
                     break
                 if len(answers) >= BATCH or held >= BATCH_ENTITIES:
                     record(answers)
                     answers, held = [], 0
         record(answers)
-        if failures:
-            self.log.warning(
-                f"{what}: {failures} request(s) failed; the mirror keeps what it had and asks again next pass",
-                first_error=str(first_error),
+        tally.report(self.log, what)
+        return tally.requests, tally.failures
+
+
+@dataclass
+class Tally:
+    """What one phase's loop asked, what failed, and why it ended early (if it did)."""
+
+    requests: int = 0
+    failures: int = 0
+    in_a_row: int = 0  # transient failures in a row
+    first_error: SyncdError | None = None
+    ended_early: str = ""
+
+    def failed(self, exc: SyncdError) -> None:
+        """Count a failed request; the phase ends early at a refused key or too many failures in a row."""
+        self.failures += 1
+        self.first_error = self.first_error or exc
+        self.in_a_row = self.in_a_row + 1 if isinstance(exc, TransientError) else 0
+        if isinstance(exc, AuthError | ForbiddenError):
+            self.ended_early = "OpenApp refused the key"
+        elif self.in_a_row >= MAX_FAILURES_IN_A_ROW:
+            self.ended_early = f"{self.in_a_row} requests in a row failed"
+
+    def report(self, log: Any, what: str) -> None:
+        """Log the failures and an early end, once per phase."""
+        if self.failures:
+            log.warning(
+                f"{what}: {self.failures} request(s) failed; the mirror keeps what it had and asks again next pass",
+                first_error=str(self.first_error),
             )
-        if ended_early:
-            self.log.warning(f"{what}: stopped early, the rest are asked next pass", reason=ended_early)
-        return requests, failures
+        if self.ended_early:
+            log.warning(f"{what}: stopped early, the rest are asked next pass", reason=self.ended_early)
 
 
 def retry_at(failures: int, interval: float) -> datetime:
