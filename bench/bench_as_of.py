@@ -53,7 +53,7 @@ from syncd.simulator import Simulator, World
 from syncd.simulator.world import make_ulid
 from syncd.store import Store
 from syncd.store.reports import Reports
-from syncd.sync import OrgPass
+from syncd.sync import OrgPass, PassOptions
 
 KEY = "bench-" + uuid.uuid4().hex
 INDEX = "ix_device_changes_device_id_observed_at"
@@ -160,7 +160,7 @@ def build(store: Store, devices: int, passes: int) -> tuple[str, Build]:
             with store.engine.begin() as conn:  # every portal due, so each changed list is read
                 conn.execute(text("UPDATE portal_restrictions SET next_fetch_at = :t"), {"t": "2000-01-01"})
             began = time.perf_counter()
-            outcome = OrgPass(c, store, OrgSettings(org), SyncSettings(), allow_mass_purge=True).run()
+            outcome = OrgPass(c, store, PassOptions(OrgSettings(org), SyncSettings(), allow_mass_purge=True)).run()
             result.pass_seconds.append(time.perf_counter() - began)
             if outcome.status != "succeeded":
                 raise SystemExit(f"pass {n} {outcome.status}: {outcome.error}")

@@ -552,7 +552,7 @@ def edits_scenario(workdir: Path, action: str, condition: str, count: int) -> di
     from syncd.reconcile import Reconciler
     from syncd.store import Store
     from syncd.store.edits import EditQueue
-    from syncd.sync import OrgPass
+    from syncd.sync import OrgPass, PassOptions
 
     simulator_args, wanted, payload = EDIT_KINDS[action]
     proc = subprocess.Popen(
@@ -579,7 +579,7 @@ def edits_scenario(workdir: Path, action: str, condition: str, count: int) -> di
         # The mirror, before the clock starts (the devices only: with 429s, asking 1,600 portals for
         # their restrictions one Retry-After at a time would take minutes; the edits read them anyway).
         with OpenAppClient(config.api) as client:
-            OrgPass(client, store, OrgSettings(org), SyncSettings(door_restrictions=False)).run()
+            OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings(door_restrictions=False))).run()
 
         def chosen(device: dict[str, Any]) -> bool:
             if wanted == "portal":

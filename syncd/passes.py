@@ -20,7 +20,7 @@ from syncd.config import Config, OrgSettings
 from syncd.errors import ConfigError, SyncdError
 from syncd.models import utcnow
 from syncd.store import Store
-from syncd.sync import OrgPass, PassOutcome, ProgressCallback
+from syncd.sync import OrgPass, PassOptions, PassOutcome, ProgressCallback
 
 log = structlog.get_logger(__name__)
 
@@ -84,10 +84,8 @@ def make_pass(
     max_pages: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> OrgPass:
-    """The pass of one org, as every caller builds it."""
-    return OrgPass(
-        client,
-        store,
+    """The pass of one org, as every caller builds it: its options are fixed here, once."""
+    options = PassOptions(
         org,
         config.sync,
         trigger=trigger,
@@ -97,6 +95,7 @@ def make_pass(
         stop=stop,
         on_progress=on_progress,
     )
+    return OrgPass(client, store, options)
 
 
 def run_once(
@@ -158,15 +157,15 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
     ``aborted`` one without a run row. The pass writes under the lease (see :meth:`OrgPass.run`): one
     whose lock's database session ended is ``failed``.
     """
-    org_id = org_pass.org.id
-    store = org_pass.store
+    options, store = org_pass.options, org_pass.store
+    org_id = options.org.id
     now = utcnow()
-    if org_pass.stop.is_set():
+    if options.stop.is_set():
         return PassOutcome(org_id, None, "aborted", now, now, error="stopped before the pass began")
     try:
-        with store.locks.org(org_id, wait=wait, stop=org_pass.stop) as lease:
+        with store.locks.org(org_id, wait=wait, stop=options.stop) as lease:
             if lease:
-                due_in = store.claim_scheduled_pass(org_id, spacing, org_pass.instance) if spacing else 0.0
+                due_in = store.claim_scheduled_pass(org_id, spacing, options.instance) if spacing else 0.0
                 if spacing and due_in > 0:
                     return PassOutcome(
                         org_id,
@@ -179,7 +178,7 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
                     )
                 outcome = org_pass.run(lease)
                 if spacing and (outcome.status == "aborted" or outcome.run_id is None):
-                    _release_claim(store, org_id, org_pass.instance)
+                    _release_claim(store, org_id, options.instance)
                 return outcome
     except SyncdError as exc:
         log.error("pass could not start", org_id=org_id, error=str(exc))

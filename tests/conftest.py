@@ -22,7 +22,7 @@ from syncd.api import OpenAppClient
 from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, RetryPolicy, Secret, SyncSettings
 from syncd.simulator import Simulator, World
 from syncd.store import Store
-from syncd.sync import OrgPass, PassOutcome
+from syncd.sync import OrgPass, PassOptions, PassOutcome
 
 API_KEY = "oa_test_" + "k3y" * 8
 PG_ENV = "SYNCD_TEST_POSTGRES_URL"
@@ -116,7 +116,7 @@ class Syncer:
         self.settings = settings or SyncSettings()
 
     def __call__(self, org_id: str, **kwargs: Any) -> PassOutcome:
-        return OrgPass(self.client, self.store, OrgSettings(org_id), self.settings, **kwargs).run()
+        return OrgPass(self.client, self.store, PassOptions(OrgSettings(org_id), self.settings, **kwargs)).run()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from syncd.simulator import Simulator, World
 from syncd.simulator.world import make_ulid
 from syncd.store import Store
 from syncd.store.reports import Reports
-from syncd.sync import OrgPass
+from syncd.sync import OrgPass, PassOptions
 
 from .conftest import API_KEY, api_settings, postgres_admin_url
 
@@ -139,7 +139,7 @@ def check_history(kind: str, admin: str | None, history: list[tuple[Any, ...]]) 
         def run_pass() -> None:
             with store.engine.begin() as conn:  # every portal's interval has passed: ask each again
                 conn.execute(text("UPDATE portal_restrictions SET next_fetch_at = :t"), {"t": "2000-01-01"})
-            outcome = OrgPass(client, store, OrgSettings(org), SyncSettings(), allow_mass_purge=True).run()
+            outcome = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings(), allow_mass_purge=True)).run()
             assert outcome.status == "succeeded", outcome.error
             seen.append((outcome.finished_at, fleet_of(world, org), access_of(world, org)))
 
@@ -210,7 +210,7 @@ def test_report_commands_print_the_fleet_and_door_access(tmp_path: Path, capsys:
     with Simulator(world) as sim, OpenAppClient(api_settings(sim)) as client:
         store = Store(f"sqlite:///{db}")
         store.upgrade()
-        first = OrgPass(client, store, OrgSettings(org), SyncSettings()).run()
+        first = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
         portal = next(
             d for d in world.orgs[org].devices.values() if d.kind == "virtual_access_portal" and d.deleted_at is None
         )
@@ -219,7 +219,7 @@ def test_report_commands_print_the_fleet_and_door_access(tmp_path: Path, capsys:
         world.delete_device(org, victim)
         with store.engine.begin() as conn:
             conn.execute(text("UPDATE portal_restrictions SET next_fetch_at = :t"), {"t": "2000-01-01"})
-        second = OrgPass(client, store, OrgSettings(org), SyncSettings()).run()
+        second = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
         store.close()
     config = tmp_path / "syncd.toml"
     config.write_text(
@@ -271,7 +271,7 @@ def test_history_written_before_the_upgrade_is_rebuilt(database_url: str) -> Non
             world.set_door_restrictions(org, portals[round_].id, {"listing_entity_ids": ENTITIES[round_:]})
             with store.engine.begin() as conn:
                 conn.execute(text("UPDATE portal_restrictions SET next_fetch_at = :t"), {"t": "2000-01-01"})
-            outcome = OrgPass(client, store, OrgSettings(org), SyncSettings(), allow_mass_purge=True).run()
+            outcome = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings(), allow_mass_purge=True)).run()
             assert outcome.status == "succeeded", outcome.error
             times.append(outcome.finished_at)
     reports = Reports(store)

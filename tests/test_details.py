@@ -18,7 +18,7 @@ from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS, SimError
 from syncd.store import Store
 from syncd.store.schema import metadata_definitions, portal_restrictions
-from syncd.sync import OrgPass
+from syncd.sync import OrgPass, PassOptions
 
 from .conftest import API_KEY, Syncer, api_settings
 from .test_sync import Details, assert_details_match, assert_mirror_matches
@@ -136,12 +136,12 @@ def test_an_org_without_portals_asks_no_restrictions(store: Store, client: OpenA
     org = bare.seed(1, 300, portal_fraction=0.0)[0]
     bare.add_key(API_KEY)
     with Simulator(bare, strict_query=True) as sim, OpenAppClient(api_settings(sim)) as own:
-        outcome = OrgPass(own, store, OrgSettings(org), SyncSettings()).run()
+        outcome = OrgPass(own, store, PassOptions(OrgSettings(org), SyncSettings())).run()
         assert outcome.status == "succeeded"
         assert sim.requests("get_door_restrictions") == [] and outcome.counts["restriction_requests"] == 0
         # An org configured for one integration without portals asks none either.
         shelly = next(i for i, p in bare.orgs[org].providers.items() if p == "shelly_cloud")
-        filtered = OrgPass(own, store, OrgSettings(org, integration_id=shelly), SyncSettings()).run()
+        filtered = OrgPass(own, store, PassOptions(OrgSettings(org, integration_id=shelly), SyncSettings())).run()
         assert filtered.status == "succeeded" and sim.requests("get_door_restrictions") == []
 
 
@@ -288,7 +288,7 @@ def test_metadata_definitions_are_refreshed_daily_or_for_a_new_integration(
 
 def test_details_can_be_switched_off(sim: Simulator, client: OpenAppClient, store: Store, org: str) -> None:
     settings = SyncSettings(door_restrictions=False, metadata_definitions=False)
-    outcome = OrgPass(client, store, OrgSettings(org), settings).run()
+    outcome = OrgPass(client, store, PassOptions(OrgSettings(org), settings)).run()
     assert outcome.status == "succeeded"
     assert {r.operation for r in sim.requests()} == {"list_devices"}
 
@@ -300,7 +300,7 @@ def test_an_integration_filter_asks_only_its_own_portals(
     make_due(store)
     shelly = next(i for i, p in world.orgs[org].providers.items() if p == "shelly_cloud")
     before = len(sim.log)
-    outcome = OrgPass(client, store, OrgSettings(org, integration_id=shelly), SyncSettings()).run()
+    outcome = OrgPass(client, store, PassOptions(OrgSettings(org, integration_id=shelly), SyncSettings())).run()
     assert outcome.status == "succeeded"
     assert "get_door_restrictions" not in {r.operation for r in sim.requests()[before:]}
 

@@ -26,7 +26,7 @@ from syncd.store import Store
 from syncd.store.details import DefinitionAnswer, MetadataDefinitions, PortalRestrictions
 from syncd.store.locks import lock_key
 from syncd.store.schema import device_changes, devices, metadata_definitions, org_schedule, portal_restrictions
-from syncd.sync import OrgPass
+from syncd.sync import OrgPass, PassOptions
 
 from .conftest import API_KEY
 from .test_cli import KEY_ENV, run_cli, runs, write_config
@@ -190,7 +190,7 @@ def test_a_lost_lock_stops_every_write_and_never_reconnects(pg_store: Store) -> 
 
 
 def make_pass(client: OpenAppClient, store: Store, org: str, **kwargs: Any) -> OrgPass:
-    return OrgPass(client, store, OrgSettings(org), SyncSettings(), stop=threading.Event(), **kwargs)
+    return OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings(), stop=threading.Event(), **kwargs))
 
 
 def test_a_pass_that_loses_its_lock_mid_scan_fails_once_and_writes_no_more_pages(

@@ -13,7 +13,6 @@ import orjson
 import pytest
 from sqlalchemy import select, update
 
-from syncd import sync as sync_module
 from syncd.api import OpenAppClient
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import StoreError
@@ -31,7 +30,9 @@ from syncd.simulator import Fault, Simulator, World
 from syncd.simulator.world import PROVIDER_SCHEMAS
 from syncd.store import Store
 from syncd.store.schema import devices, door_restrictions, metadata_definitions, portal_restrictions
-from syncd.sync import OrgPass, PageWrites, PassOutcome, PreparedPage
+from syncd.sync import OrgPass, PageWrites, PassOptions, PassOutcome, PreparedPage
+from syncd.sync import scan as scan_module
+from syncd.sync.scan import Scan
 
 from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
 
@@ -402,7 +403,7 @@ def test_org_filters_are_applied_and_scope_purge_detection(
     ]
     world.purge_device(org, in_scope[0])
     world.update_device(org, in_scope[1], {"name": {"en": "Portal rewritten"}})
-    outcome = OrgPass(client, store, portal, SyncSettings()).run()
+    outcome = OrgPass(client, store, PassOptions(portal, SyncSettings())).run()
     assert outcome.status == "succeeded", outcome.error
     assert outcome.counts["devices_seen"] == len(in_scope) - 1
     assert outcome.counts["purged"] == 1 and outcome.counts["updated"] == 1  # nothing out of scope was touched
@@ -457,7 +458,7 @@ def test_a_list_far_longer_than_the_org_is_cut_off(
     sim: Simulator, client: Any, store: Store, world: World, org: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert Syncer(client, store)(org).status == "succeeded"  # 450 devices: 3 pages
-    monkeypatch.setattr(sync_module, "PAGE_GROWTH_MARGIN", 1)  # 10 x 3 + 1 pages from now on
+    monkeypatch.setattr(scan_module, "PAGE_GROWTH_MARGIN", 1)  # 10 x 3 + 1 pages from now on
     for _ in range(31 * 200 - 450):
         world.create_device(org)
     for attempt in range(2):  # a cut-off pass does not raise the limit of the next: only a success does
@@ -520,12 +521,13 @@ def test_only_a_scheduled_pass_that_ran_holds_its_org_for_the_interval(
     began gives the claim back, so the next daemon's timer runs one. (SQLite: nothing is shared.)"""
 
     def scheduled(org: str, instance: str) -> PassOutcome:
-        org_pass = OrgPass(client, store, OrgSettings(org), SyncSettings(), instance=instance, stop=threading.Event())
+        options = PassOptions(OrgSettings(org), SyncSettings(), instance=instance, stop=threading.Event())
+        org_pass = OrgPass(client, store, options)
         return locked_pass(org_pass, spacing=60)
 
     stopped_org, unstarted_org = list(world.orgs)[:2]
     with monkeypatch.context() as patch:
-        patch.setattr(OrgPass, "_scan", lambda self, run_id: False)  # stopped during its scan
+        patch.setattr(Scan, "run", lambda self: False)  # stopped during its scan
         assert scheduled(stopped_org, "a:1").status == "aborted"
     with monkeypatch.context() as patch:
         patch.setattr(store, "start_run", failing_start_run)
