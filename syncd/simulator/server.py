@@ -40,7 +40,8 @@ class Fault:
     ``slow_reply`` (do the work at once, then wait ``delay`` seconds before answering) or ``lost``
     (do the work, then drop the connection with a TCP reset: the client never hears that it was done).
     ``times`` bounds how often it fires (None: forever); ``skip`` lets that many matches pass first;
-    ``rate`` fires it on that fraction of matches.
+    ``rate`` fires it on that fraction of matches; ``duration`` makes it a storm: from its first
+    firing (``first_fired_at``, monotonic) it fires for that many seconds, then never again.
     """
 
     kind: str = "status"
@@ -54,11 +55,16 @@ class Fault:
     rate: float = 1.0
     body: bytes | None = None
     fired: int = 0
+    duration: float | None = None
+    first_fired_at: float | None = None
 
     def matches(self, operation: str, org_id: str | None, rng: random.Random) -> bool:
         if self.operation not in (None, operation) or self.org_id not in (None, org_id):
             return False
         if self.times is not None and self.fired >= self.times:
+            return False
+        began = self.first_fired_at
+        if self.duration is not None and began is not None and time.monotonic() - began >= self.duration:
             return False
         if self.skip > 0:
             self.skip -= 1
@@ -66,6 +72,8 @@ class Fault:
         if self.rate < 1.0 and rng.random() >= self.rate:
             return False
         self.fired += 1
+        if self.first_fired_at is None:
+            self.first_fired_at = time.monotonic()
         return True
 
 
