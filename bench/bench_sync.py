@@ -493,14 +493,14 @@ def daemons_block(workdir: Path, pg_url: str, interval: float = 4.0, steady: flo
         )
 
 
-def throttled_block(workdir: Path, devices: int = 5_000) -> None:
-    """1 org on SQLite, `syncd run-once` with and without 20% of requests answered 429 (Retry-After:
-    1): requests per second, and whether the mirror is exact at the end."""
+def throttled_block(workdir: Path, trees: list[tuple[str, Path | None]], devices: int = 5_000) -> None:
+    """1 org on SQLite, `syncd run-once` (each tree's) with and without 20% of requests answered 429
+    (Retry-After: 1): requests per second, and whether the mirror is exact at the end."""
     from syncd.simulator import Fault, Simulator, World
     from syncd.store import Store
 
     print(f"\n20% of requests answered 429 (Retry-After 1 s), 1 org x {devices:,} devices, SQLite", flush=True)
-    for label, rate in (("no 429s", 0.0), ("20% 429s", 0.2)):
+    for (label, rate), (tree_label, tree) in itertools.product((("no 429s", 0.0), ("20% 429s", 0.2)), trees):
         world = World(seed=12)
         (org,) = world.seed(1, devices, portal_fraction=0.02)  # as `syncd simulate` does
         world.add_key(KEY)
@@ -515,7 +515,7 @@ def throttled_block(workdir: Path, devices: int = 5_000) -> None:
                     f'[api.retry]\nmax_attempts = 20\ndeadline = 600\n[database]\nurl = "{db}"\n'
                     f'[logging]\nlevel = "warning"\n[[orgs]]\nid = "{org}"\n'
                 )
-                seconds = run_once(config)[0]
+                seconds = run_once(config, tree)[0]
                 log = list(sim.log)
             store = Store(db)
             try:
@@ -527,8 +527,8 @@ def throttled_block(workdir: Path, devices: int = 5_000) -> None:
             drop_database(db, None)
         throttled = sum(1 for r in log if r.status == 429)
         print(
-            f"  {label}: {len(log) / seconds:,.0f} requests/s ({len(log):,} requests, {throttled} answered 429, "
-            f"{seconds:.1f} s); mirror exact: {'yes' if exact else 'NO'}",
+            f"  {label}, {tree_label}: {len(log) / seconds:,.0f} requests/s ({len(log):,} requests, "
+            f"{throttled} answered 429, {seconds:.1f} s); mirror exact: {'yes' if exact else 'NO'}",
             flush=True,
         )
 
@@ -694,11 +694,11 @@ STORM_SECONDS = 2.5
 
 
 def storm_rate(log: list[Any], began: float | None) -> tuple[float, int, int]:
-    """Requests per second that reached the simulator during the storm, the ones of its first half
+    """Requests per second that met the storm (every one is answered 429), the ones of its first half
     second (sent before syncd could hear of it) and after."""
     if began is None:
         return 0.0, 0, 0
-    during = [r.started - began for r in log if began <= r.started < began + STORM_SECONDS]
+    during = [r.started - began for r in log if r.status == 429]
     onset = sum(1 for offset in during if offset < 0.5)
     return len(during) / STORM_SECONDS, onset, len(during) - onset
 
@@ -967,7 +967,9 @@ def main() -> None:
         "--portal-devices", type=int, default=100_000, help="devices of the org in the portal block (100000)"
     )
     parser.add_argument(
-        "--only-storm", action="store_true", help="run only the 429 storm case (and --compare-tree's beside it)"
+        "--only-storm",
+        action="store_true",
+        help="run only the 429 cases: the storm, then 20%% of requests answered 429",
     )
     parser.add_argument(
         "--compare-tree",
@@ -1007,6 +1009,7 @@ def main() -> None:
             trees.insert(0, (str(args.compare_tree), args.compare_tree.resolve()))
         if args.only_storm:
             storm_block(Path(tmp), trees, 20_000 // scale, args.repeat)
+            throttled_block(Path(tmp), trees)
             return
         if args.scaling:
             scaling_block(Path(tmp), kinds, args.postgres_url, args.sizes, args.many_orgs)
@@ -1019,7 +1022,7 @@ def main() -> None:
             return
         if not (args.only_edits or args.only_restrictions):
             latency_block(Path(tmp), 100_000 // scale, args.repeat, args.latency_ms)
-            throttled_block(Path(tmp))
+            throttled_block(Path(tmp), trees)
             storm_block(Path(tmp), trees, 20_000 // scale, args.repeat)
         if args.only_latency:
             return
