@@ -81,18 +81,18 @@ class Store:
                 engine_url,
                 json_serializer=_json_dumps,
                 json_deserializer=orjson.loads,
-                pool_pre_ping=self._dialect.name != "sqlite",  # a server connection can drop; a file cannot
+                pool_pre_ping=self._dialect.pre_ping,
                 connect_args=connect_args,
             )
         except (ArgumentError, ImportError, ValueError) as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
         self._dialect.tune(self.engine, read_only)
         sqlite_path = self._dialect.lock_base(parsed)
-        self.locks = OrgLocks(self.engine, sqlite_path)
+        self.locks = OrgLocks(self.engine, self._dialect, sqlite_path)
         # SQLite has one writer at a time. Threads of this process queue here for their turn instead
         # of in SQLite's busy handler, which sleeps up to 100 ms between tries.
         self._write_turn: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if sqlite_path is not None else contextlib.nullcontext()
+            threading.Lock() if self._dialect.one_writer else contextlib.nullcontext()
         )
         # Results of runs that could not be recorded when they ended; written before the next run starts.
         self._unrecorded: dict[int, dict[str, Any]] = {}
@@ -226,38 +226,17 @@ class Store:
         back: its timer already spaces its passes, and the claim is stamped a little after the timer
         fired. A start later than the database's clock now is taken over like one an interval old.
         SQLite has one daemon per file: always 0.0."""
-        if self.dialect != "postgresql":
+        if not self._dialect.shares_schedule:
             return 0.0
         with translated("claiming a scheduled pass"), self.engine.begin() as conn:
-            last = conn.execute(
-                text(
-                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at), instance FROM org_schedule "
-                    "WHERE org_id = :org_id"
-                ),
-                {"org_id": org_id},
-            ).first()
-            # A start in the future (a clock set back, a hand edit) is stale, not recent: taken over.
-            if last is not None and last[0] is not None and last[1] != instance and 0 <= float(last[0]) < interval:
-                return interval - float(last[0])
-            conn.execute(
-                text(
-                    "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
-                    "VALUES (:org_id, clock_timestamp(), :instance) ON CONFLICT (org_id) DO UPDATE "
-                    "SET pass_started_at = EXCLUDED.pass_started_at, instance = EXCLUDED.instance"
-                ),
-                {"org_id": org_id, "instance": instance},
-            )
-        return 0.0
+            return self._dialect.claim_scheduled_pass(conn, org_id, interval, instance)
 
     def release_scheduled_pass(self, org_id: str, instance: str) -> None:
         """A scheduled pass that was stopped does not count: the next daemon whose timer fires runs one."""
-        if self.dialect != "postgresql":
+        if not self._dialect.shares_schedule:
             return
         with translated("releasing a scheduled pass"), self.engine.begin() as conn:
-            conn.execute(
-                text("UPDATE org_schedule SET pass_started_at = NULL WHERE org_id = :org_id AND instance = :instance"),
-                {"org_id": org_id, "instance": instance},
-            )
+            self._dialect.release_scheduled_pass(conn, org_id, instance)
 
     def has_succeeded(self, org_id: str) -> bool:
         """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
