@@ -81,16 +81,16 @@ class OrgLease:
         """Statements on the lock's connection: :func:`translated`, except that an error that ended
         the lock's session is LockLostError (and so is every later use)."""
         self.check()
-        try:
-            with translated(action):
-                yield
-        except StoreError as exc:
-            cause = exc.__cause__
-            disconnected = isinstance(cause, DBAPIError) and cause.connection_invalidated
-            if self.connection is None or not (disconnected or self._session_ended()):
-                raise
-            self._lost = _reason(cause)
-            raise self._error() from cause
+        with translated(action, self._lost_by):
+            yield
+
+    def _lost_by(self, exc: SQLAlchemyError) -> LockLostError | None:
+        """LockLostError if ``exc`` ended the lock's session (else None: a plain StoreError)."""
+        disconnected = isinstance(exc, DBAPIError) and exc.connection_invalidated
+        if self.connection is None or not (disconnected or self._session_ended()):
+            return None
+        self._lost = _reason(exc)
+        return self._error()
 
     def _session_ended(self) -> bool:
         conn = self.connection
