@@ -60,6 +60,12 @@ class EditStatus(StrEnum):
     REJECTED = "rejected"
 
 
+class HoldReason(StrEnum):
+    """Why a pending edit waits unsent (``device_edits.held_by``): its kind's cap on sends."""
+
+    SEND_CAP = "send_cap"
+
+
 S = EditStatus
 # Every change of an edit's status: the statuses it may come from, and the one it goes to.
 TRANSITIONS: dict[str, tuple[frozenset[EditStatus], EditStatus]] = {
@@ -119,6 +125,7 @@ class Edit:
     rejected_by: str | None = None
     rejected_at: datetime | None = None
     reason: str | None = None
+    held_by: HoldReason | None = None  # set with the last_error of a hold, cleared with the next one written
     recheck: bool = False  # claimed again after its claimer's lease ran out
     unreadable: tuple[str, ...] = ()
 
@@ -519,10 +526,12 @@ class EditQueue:
             _move(conn, edit.id, "retry_later", now, values)
 
     def hold(self, edit: Edit, now: datetime, until: datetime, reason: str, credentials: Iterable[str] = ()) -> None:
-        """Not pushed now (``reason``, e.g. a cap), due again at ``until``; the attempt is not counted."""
+        """Not pushed now: its kind's cap on sends is reached (``held_by`` send_cap, ``reason`` in
+        its last error); due again at ``until``; the attempt is not counted."""
         values = {
             "next_attempt_at": until,
             "last_error": one_line(reason, 2000),
+            "held_by": HoldReason.SEND_CAP.value,
             "attempts": device_edits.c.attempts - 1,
         }
         _note_credentials(values, edit, credentials)
@@ -582,6 +591,8 @@ def _apply(conn: Connection, event: str, now: datetime, values: Mapping[str, Any
     allowed, target = TRANSITIONS[event]
     e = device_edits
     changed = {**values, "status": target.value, "updated_at": now}
+    if "last_error" in values:  # a hold's reason goes with its message: another message ends the hold
+        changed.setdefault("held_by", None)
     if target is not S.IN_FLIGHT:
         changed.update(claimed_at=None)
     statement = update(e).where(e.c.status.in_([s.value for s in allowed]), *where).values(changed)
@@ -679,6 +690,7 @@ def _edit(row: Mapping[Any, Any], recheck: bool = False) -> Edit:
             values[column] = None
             unreadable.append(f"{column} {preview(text)} is not a timestamp")
     values["status"] = EditStatus(values["status"])
+    values["held_by"] = HoldReason(values["held_by"]) if values["held_by"] else None
     pointers = values["credential_pointers"]
     values["credential_pointers"] = tuple(
         p for p in (pointers if isinstance(pointers, list) else ()) if isinstance(p, str) and p.startswith("/")
