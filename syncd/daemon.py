@@ -33,7 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncd import health, logs
 from syncd.api import OpenAppClient
-from syncd.config import Config, OrgSettings, diff_config, load_config
+from syncd.config import Config, ConfigDiff, OrgSettings, diff_config, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.health import AuthGate
 from syncd.metrics import (
@@ -269,19 +269,27 @@ class Daemon:
                 retry_in_seconds=round(interval),
                 error=outcome.error,
             )
+        elif outcome.due_in is not None:
+            self._ran_elsewhere(org, outcome.due_in, interval)
+        else:
+            self._record(org, outcome, interval)
+
+    def _ran_elsewhere(self, org: OrgSettings, due_in: float, interval: float) -> None:
+        """Another daemon's recent pass: be ready when the org is due, and count its success here
+        too (STATUS=, the last-success gauge)."""
+        job = self.scheduler.get_job(_job_id(org.id))
+        if job is not None:
+            delay = due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+        try:
+            last = self.store.last_success(org.id)
+        except SyncdError:
             return
-        if outcome.due_in is not None:  # another daemon's recent pass: be ready when the org is due
-            job = self.scheduler.get_job(_job_id(org.id))
-            if job is not None:
-                delay = outcome.due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
-                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
-            try:  # that pass's success counts here too (STATUS=, the last-success gauge)
-                last = self.store.last_success(org.id)
-            except SyncdError:
-                return
-            if last is not None:
-                self.board.seed({org.id: last})
-            return
+        if last is not None:
+            self.board.seed({org.id: last})
+
+    def _record(self, org: OrgSettings, outcome: PassOutcome, interval: float) -> None:
+        """This daemon's pass: the key accepted again, the org's verdict on the Board, its backoff."""
         if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
         verdict = self.board.record(
@@ -302,25 +310,14 @@ class Daemon:
 
     def reload(self) -> bool:
         """Apply a changed configuration file; keep the running one if the new one is invalid."""
-        if self.config_path is None:
+        new = self._load_for_reload()
+        if new is None:
             return False
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
-            return False
-        new = new.with_logging(self.logging_overrides)  # the command line's --log-level / --log-format still win
         old, change = self.config, diff_config(self.config, new)
         if change.database:
             log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")
             return False
-        if change.api:
-            self._retired_clients.append(self.client)
-            self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
-        if change.api or change.writeback:
-            self._retired_clients.append(self.reconciler.client)
-            self.reconciler = self._new_reconciler(new)
-        self.reconciler.orgs = frozenset(org.id for org in new.orgs)
+        self._replace_clients(change, new)
         self.config = new
         if change.logging:
             logs.configure(new.logging.format, new.logging.level)  # passes started from now on log at the new level
@@ -330,6 +327,40 @@ class Daemon:
                 running=old.sync.concurrency,
                 configured=new.sync.concurrency,
             )
+        self._reschedule(change)
+        log.info(
+            "configuration reloaded",
+            added=sorted(o.id for o in change.added),
+            removed=list(change.removed),
+            interval_changed=[o.id for o in change.interval_changed],
+        )
+        return True
+
+    def _load_for_reload(self) -> Config | None:
+        """The configuration file as it is now, with the command line's logging settings; None
+        (and an error logged) when there is no file or it is invalid."""
+        if self.config_path is None:
+            return None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
+            return None
+        return new.with_logging(self.logging_overrides)  # the command line's --log-level / --log-format still win
+
+    def _replace_clients(self, change: ConfigDiff, new: Config) -> None:
+        """New API clients for changed [api] or [writeback] settings (the old ones are closed at
+        stop: a pass may still be using one); the reconciler's orgs."""
+        if change.api:
+            self._retired_clients.append(self.client)
+            self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
+        if change.api or change.writeback:
+            self._retired_clients.append(self.reconciler.client)
+            self.reconciler = self._new_reconciler(new)
+        self.reconciler.orgs = frozenset(org.id for org in new.orgs)
+
+    def _reschedule(self, change: ConfigDiff) -> None:
+        """The jobs after a reload: the reconciler's interval, orgs removed, re-timed and added."""
         if change.writeback_interval:
             self._schedule_reconciler()
         for org_id in change.removed:
@@ -341,13 +372,6 @@ class Daemon:
             self._schedule(org, first=False)
         for org in change.added:
             self._schedule(org, first=True)
-        log.info(
-            "configuration reloaded",
-            added=sorted(o.id for o in change.added),
-            removed=list(change.removed),
-            interval_changed=[o.id for o in change.interval_changed],
-        )
-        return True
 
     def _new_reconciler(self, config: Config) -> Reconciler:
         orgs = frozenset(org.id for org in config.orgs)
