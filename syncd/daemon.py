@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,10 @@ class Daemon:
         config_path: Path | None = None,
         logging_overrides: Mapping[str, Any] | None = None,
         notifier: Notifier | None = None,
+        clock: health.Clock | None = None,
     ) -> None:
-        """``logging_overrides``: the [logging] settings the command line gave, kept over a reload."""
+        """``logging_overrides``: the [logging] settings the command line gave, kept over a reload.
+        ``clock``: the time of schedules, the Board and the AuthGate (tests move it themselves)."""
         self.config = config
         self.config_path = config_path
         self.logging_overrides = dict(logging_overrides or {})
@@ -83,10 +85,11 @@ class Daemon:
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
-        self.auth = AuthGate()  # one 401 pauses passes and write-back alike
+        self.clock = clock or health.Clock()
+        self.auth = AuthGate(self.clock.monotonic)  # one 401 pauses passes and write-back alike
         self.reconciler = self._new_reconciler(config)
         self._reconcile_bug_logged = False  # a write-back round's own bug is logged with its traceback once
-        self.board = health.Board()
+        self.board = health.Board(self.clock.now)
         self.running: set[str] = set()
         self._metrics: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
@@ -193,7 +196,7 @@ class Daemon:
             args=[org.id],
             id=_job_id(org.id),
             name=f"sync {org.id}",
-            next_run_time=datetime.now(UTC) + timedelta(seconds=delay),
+            next_run_time=self.clock.now() + timedelta(seconds=delay),
             replace_existing=True,
         )
 
@@ -204,7 +207,7 @@ class Daemon:
             IntervalTrigger(seconds=interval, timezone=UTC),
             id=RECONCILE_JOB,
             name="push queued edits",
-            next_run_time=datetime.now(UTC) + timedelta(seconds=min(interval, FIRST_PASS_WITHIN)),
+            next_run_time=self.clock.now() + timedelta(seconds=min(interval, FIRST_PASS_WITHIN)),
             replace_existing=True,
         )
 
@@ -222,7 +225,7 @@ class Daemon:
             for status, count in self.reconciler.queue.counts().items():
                 EDIT_QUEUE.labels(status).set(count)
             oldest = self.reconciler.queue.oldest_pending()
-            EDIT_QUEUE_OLDEST.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
+            EDIT_QUEUE_OLDEST.set((self.clock.now() - oldest).total_seconds() if oldest else 0)
             show_awaiting_approval(self.reconciler.queue.awaiting_approval(), {o.id for o in self.config.orgs})
         except SyncdError as exc:
             log.error("write-back round failed", error=str(exc))
@@ -280,7 +283,7 @@ class Daemon:
         job = self.scheduler.get_job(_job_id(org.id))
         if job is not None:
             delay = due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
-            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+            job.modify(next_run_time=self.clock.now() + timedelta(seconds=delay))
         try:
             last = self.store.last_success(org.id)
         except SyncdError:
@@ -303,7 +306,7 @@ class Daemon:
         if verdict.backoff:
             job = self.scheduler.get_job(_job_id(org.id))
             if job is not None:
-                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=verdict.backoff))
+                job.modify(next_run_time=self.clock.now() + timedelta(seconds=verdict.backoff))
             org_log.info("backing off", failures=verdict.failures, next_pass_in_seconds=round(verdict.backoff))
 
     # -- reload ------------------------------------------------------------------------------------
