@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The bare minimum a mirror does, for bench_sync.py to measure syncd against: fetch every page of
 one org's list_devices, parse it, upsert each device into SQLite. No history, no change detection,
-no checks of any kind, one transaction per page, one page at a time.
+no checks of any kind, one transaction per page, one page at a time. With --fetch-only instead of
+a path: fetch and parse every page, no database (what a no-change re-sync cannot do without).
 
-    SYNCD_API_KEY=... python bench/reference_loop.py BASE_URL ORG_ID SQLITE_PATH
+    SYNCD_API_KEY=... python bench/reference_loop.py BASE_URL ORG_ID (SQLITE_PATH | --fetch-only)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ PAGE = 200
 
 def main() -> None:
     base_url, org_id, path = sys.argv[1:4]
-    db = sqlite3.connect(path)
+    fetch_only = path == "--fetch-only"
+    db = sqlite3.connect(":memory:" if fetch_only else path)
     db.execute("CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, org_id TEXT, name TEXT, raw TEXT)")
     upsert = (
         "INSERT INTO devices (id, org_id, name, raw) VALUES (?, ?, ?, ?) "
@@ -32,10 +34,11 @@ def main() -> None:
         offset = 0
         while True:
             items = orjson.loads(client.get("/devices", params={**params, "offset": offset}).content)
-            with db:
-                db.executemany(
-                    upsert, [(d["id"], d["org_id"], orjson.dumps(d["name"]), orjson.dumps(d)) for d in items]
-                )
+            if not fetch_only:
+                with db:
+                    db.executemany(
+                        upsert, [(d["id"], d["org_id"], orjson.dumps(d["name"]), orjson.dumps(d)) for d in items]
+                    )
             seen += len(items)
             offset += PAGE
             if len(items) < PAGE:

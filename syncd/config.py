@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -102,31 +102,40 @@ class Section:
 
 
 def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
-    value, meta = getattr(section, f.name), f.metadata
-    name, kind = f"{where}.{f.name}", meta["kind"]
+    value = getattr(section, f.name)
     if value is None and f.default is None:
+        return iter(())
+    return _KIND_CHECKS[f.metadata["kind"]](f"{where}.{f.name}", value, f.metadata)
+
+
+def _bool_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[str]:
+    if not isinstance(value, bool):
+        yield f"{name} must be true or false, got {value!r}"
+
+
+def _choice_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[str]:
+    if value not in meta["choices"]:
+        yield f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
+
+
+def _choices_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[str]:
+    if not isinstance(value, tuple):
+        yield f"{name} must be a list of {', '.join(meta['choices'])}, got {value!r}"
         return
-    if kind == "bool":
-        if not isinstance(value, bool):
-            yield f"{name} must be true or false, got {value!r}"
-        return
-    if kind == "choice":
-        if value not in meta["choices"]:
-            yield f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
-        return
-    if kind == "choices":
-        if not isinstance(value, tuple):
-            yield f"{name} must be a list of {', '.join(meta['choices'])}, got {value!r}"
-            return
-        unknown = [v for v in value if v not in meta["choices"]]
-        if unknown:
-            which = "which is not" if len(unknown) == 1 else "which are not"
-            yield f"{name} lists {', '.join(repr(v) for v in unknown)}, {which} one of {', '.join(meta['choices'])}"
-        return
-    if kind == "string":
-        if not isinstance(value, str) or not value.strip():
-            yield f"{name} must be a non-empty string, got {value!r}"
-        return
+    unknown = [v for v in value if v not in meta["choices"]]
+    if unknown:
+        which = "which is not" if len(unknown) == 1 else "which are not"
+        yield f"{name} lists {', '.join(repr(v) for v in unknown)}, {which} one of {', '.join(meta['choices'])}"
+
+
+def _string_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[str]:
+    if not isinstance(value, str) or not value.strip():
+        yield f"{name} must be a non-empty string, got {value!r}"
+
+
+def _number_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[str]:
+    """A number of its kind (int and size: whole), within the setting's bounds."""
+    kind = meta["kind"]
     whole = kind in ("int", "size")
     if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or not math.isfinite(value):
         yield f"{name} must be {'a whole number' if whole else 'a finite number'}, got {value!r}"
@@ -137,6 +146,18 @@ def _value_problems(section: Section, f: Any, where: str) -> Iterator[str]:
         yield f"{name} must be at least {_amount(kind, low)}{note}, got {_amount(kind, value)}"
     elif high is not None and value > high:
         yield f"{name} must be at most {_amount(kind, high)}{note}, got {_amount(kind, value)}"
+
+
+_KIND_CHECKS: dict[Kind, Callable[[str, Any, Mapping[str, Any]], Iterator[str]]] = {
+    "bool": _bool_problems,
+    "choice": _choice_problems,
+    "choices": _choices_problems,
+    "string": _string_problems,
+    "int": _number_problems,
+    "number": _number_problems,
+    "duration": _number_problems,
+    "size": _number_problems,
+}
 
 
 def _amount(kind: str, value: float) -> str:
@@ -584,31 +605,45 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
     if not isinstance(raw, str) or not raw.strip():
         r.problem(f"api.{kind} must be a non-empty string")
         return None
-    if kind == "api_key":
-        if r.source is not None and r.source.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            r.problem(
-                f"api.api_key: an inline key is refused because {r.source} is readable by others; "
-                "use api_key_env / api_key_file, or chmod 600 the file"
-            )
-            return None
-        return _checked_key(r, raw, "api.api_key (inline)")
+    return _KEY_READERS[kind](r, raw, environ)
+
+
+def _inline_key(r: _Reader, raw: str, environ: Mapping[str, str]) -> Secret | None:
+    """``api_key``: the key in the file itself, which only its owner may read then."""
+    if r.source is not None and r.source.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        r.problem(
+            f"api.api_key: an inline key is refused because {r.source} is readable by others; "
+            "use api_key_env / api_key_file, or chmod 600 the file"
+        )
+        return None
+    return _checked_key(r, raw, "api.api_key (inline)")
+
+
+def _env_key(r: _Reader, raw: str, environ: Mapping[str, str]) -> Secret | None:
+    """``api_key_env``: the name of the environment variable holding the key."""
     name = raw.strip()
-    if kind == "api_key_env":
-        value = environ.get(name, "")
-        if not value.strip():
-            r.problem(f"api.api_key_env: environment variable {name} is not set or empty")
-            return None
-        return _checked_key(r, value, f"api.api_key_env (environment variable {name})")
-    if kind == "api_key_credential":
-        directory = environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            r.problem(
-                "api.api_key_credential: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=)"
-            )
-            return None
-        key_path = Path(directory) / name
-    else:
-        key_path = Path(name)
+    value = environ.get(name, "")
+    if not value.strip():
+        r.problem(f"api.api_key_env: environment variable {name} is not set or empty")
+        return None
+    return _checked_key(r, value, f"api.api_key_env (environment variable {name})")
+
+
+def _credential_key(r: _Reader, raw: str, environ: Mapping[str, str]) -> Secret | None:
+    """``api_key_credential``: the name of a systemd credential (LoadCredential=) holding the key."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        r.problem("api.api_key_credential: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=)")
+        return None
+    return _key_from_file(r, "api_key_credential", Path(directory) / raw.strip())
+
+
+def _file_key(r: _Reader, raw: str, environ: Mapping[str, str]) -> Secret | None:
+    """``api_key_file``: the path of a file holding the key."""
+    return _key_from_file(r, "api_key_file", Path(raw.strip()))
+
+
+def _key_from_file(r: _Reader, kind: str, key_path: Path) -> Secret | None:
     try:
         value = key_path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -621,6 +656,14 @@ def _resolve_api_key(r: _Reader, api: Mapping[str, Any], environ: Mapping[str, s
         r.problem(f"api.{kind}: {key_path} is empty")
         return None
     return _checked_key(r, value, f"api.{kind} ({key_path})")
+
+
+_KEY_READERS: dict[str, Callable[[_Reader, str, Mapping[str, str]], Secret | None]] = {
+    "api_key": _inline_key,
+    "api_key_env": _env_key,
+    "api_key_file": _file_key,
+    "api_key_credential": _credential_key,
+}
 
 
 def key_problem(value: str) -> str | None:

@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncd import health, logs
 from syncd.api import OpenAppClient
-from syncd.config import Config, OrgSettings, diff_config, load_config
+from syncd.config import Config, ConfigDiff, OrgSettings, diff_config, load_config
 from syncd.errors import AuthError, ConfigError, SyncdError
 from syncd.health import AuthGate
 from syncd.metrics import (
@@ -69,8 +69,10 @@ class Daemon:
         config_path: Path | None = None,
         logging_overrides: Mapping[str, Any] | None = None,
         notifier: Notifier | None = None,
+        clock: health.Clock | None = None,
     ) -> None:
-        """``logging_overrides``: the [logging] settings the command line gave, kept over a reload."""
+        """``logging_overrides``: the [logging] settings the command line gave, kept over a reload.
+        ``clock``: the time of schedules, the Board and the AuthGate (tests move it themselves)."""
         self.config = config
         self.config_path = config_path
         self.logging_overrides = dict(logging_overrides or {})
@@ -83,10 +85,11 @@ class Daemon:
         self.instance = instance_name()
         self.client = OpenAppClient(config.api, stop=self.stop, instance=self.instance)
         self._retired_clients: list[OpenAppClient] = []
-        self.auth = AuthGate()  # one 401 pauses passes and write-back alike
+        self.clock = clock or health.Clock()
+        self.auth = AuthGate(self.clock.monotonic)  # one 401 pauses passes and write-back alike
         self.reconciler = self._new_reconciler(config)
         self._reconcile_bug_logged = False  # a write-back round's own bug is logged with its traceback once
-        self.board = health.Board()
+        self.board = health.Board(self.clock.now)
         self.running: set[str] = set()
         self._metrics: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
@@ -193,7 +196,7 @@ class Daemon:
             args=[org.id],
             id=_job_id(org.id),
             name=f"sync {org.id}",
-            next_run_time=datetime.now(UTC) + timedelta(seconds=delay),
+            next_run_time=self.clock.now() + timedelta(seconds=delay),
             replace_existing=True,
         )
 
@@ -204,7 +207,7 @@ class Daemon:
             IntervalTrigger(seconds=interval, timezone=UTC),
             id=RECONCILE_JOB,
             name="push queued edits",
-            next_run_time=datetime.now(UTC) + timedelta(seconds=min(interval, FIRST_PASS_WITHIN)),
+            next_run_time=self.clock.now() + timedelta(seconds=min(interval, FIRST_PASS_WITHIN)),
             replace_existing=True,
         )
 
@@ -222,7 +225,7 @@ class Daemon:
             for status, count in self.reconciler.queue.counts().items():
                 EDIT_QUEUE.labels(status).set(count)
             oldest = self.reconciler.queue.oldest_pending()
-            EDIT_QUEUE_OLDEST.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
+            EDIT_QUEUE_OLDEST.set((self.clock.now() - oldest).total_seconds() if oldest else 0)
             show_awaiting_approval(self.reconciler.queue.awaiting_approval(), {o.id for o in self.config.orgs})
         except SyncdError as exc:
             log.error("write-back round failed", error=str(exc))
@@ -269,19 +272,27 @@ class Daemon:
                 retry_in_seconds=round(interval),
                 error=outcome.error,
             )
+        elif outcome.due_in is not None:
+            self._ran_elsewhere(org, outcome.due_in, interval)
+        else:
+            self._record(org, outcome, interval)
+
+    def _ran_elsewhere(self, org: OrgSettings, due_in: float, interval: float) -> None:
+        """Another daemon's recent pass: be ready when the org is due, and count its success here
+        too (STATUS=, the last-success gauge)."""
+        job = self.scheduler.get_job(_job_id(org.id))
+        if job is not None:
+            delay = due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
+            job.modify(next_run_time=self.clock.now() + timedelta(seconds=delay))
+        try:
+            last = self.store.last_success(org.id)
+        except SyncdError:
             return
-        if outcome.due_in is not None:  # another daemon's recent pass: be ready when the org is due
-            job = self.scheduler.get_job(_job_id(org.id))
-            if job is not None:
-                delay = outcome.due_in + random.uniform(0, min(interval / 10, MAX_JITTER))
-                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
-            try:  # that pass's success counts here too (STATUS=, the last-success gauge)
-                last = self.store.last_success(org.id)
-            except SyncdError:
-                return
-            if last is not None:
-                self.board.seed({org.id: last})
-            return
+        if last is not None:
+            self.board.seed({org.id: last})
+
+    def _record(self, org: OrgSettings, outcome: PassOutcome, interval: float) -> None:
+        """This daemon's pass: the key accepted again, the org's verdict on the Board, its backoff."""
         if outcome.status != "skipped" and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
         verdict = self.board.record(
@@ -295,32 +306,21 @@ class Daemon:
         if verdict.backoff:
             job = self.scheduler.get_job(_job_id(org.id))
             if job is not None:
-                job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=verdict.backoff))
+                job.modify(next_run_time=self.clock.now() + timedelta(seconds=verdict.backoff))
             org_log.info("backing off", failures=verdict.failures, next_pass_in_seconds=round(verdict.backoff))
 
     # -- reload ------------------------------------------------------------------------------------
 
     def reload(self) -> bool:
         """Apply a changed configuration file; keep the running one if the new one is invalid."""
-        if self.config_path is None:
+        new = self._load_for_reload()
+        if new is None:
             return False
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
-            return False
-        new = new.with_logging(self.logging_overrides)  # the command line's --log-level / --log-format still win
         old, change = self.config, diff_config(self.config, new)
         if change.database:
             log.error("configuration reload rejected: database.url changed; restart syncd to switch databases")
             return False
-        if change.api:
-            self._retired_clients.append(self.client)
-            self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
-        if change.api or change.writeback:
-            self._retired_clients.append(self.reconciler.client)
-            self.reconciler = self._new_reconciler(new)
-        self.reconciler.orgs = frozenset(org.id for org in new.orgs)
+        self._replace_clients(change, new)
         self.config = new
         if change.logging:
             logs.configure(new.logging.format, new.logging.level)  # passes started from now on log at the new level
@@ -330,6 +330,40 @@ class Daemon:
                 running=old.sync.concurrency,
                 configured=new.sync.concurrency,
             )
+        self._reschedule(change)
+        log.info(
+            "configuration reloaded",
+            added=sorted(o.id for o in change.added),
+            removed=list(change.removed),
+            interval_changed=[o.id for o in change.interval_changed],
+        )
+        return True
+
+    def _load_for_reload(self) -> Config | None:
+        """The configuration file as it is now, with the command line's logging settings; None
+        (and an error logged) when there is no file or it is invalid."""
+        if self.config_path is None:
+            return None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload rejected; the running configuration stays in force", error=str(exc))
+            return None
+        return new.with_logging(self.logging_overrides)  # the command line's --log-level / --log-format still win
+
+    def _replace_clients(self, change: ConfigDiff, new: Config) -> None:
+        """New API clients for changed [api] or [writeback] settings (the old ones are closed at
+        stop: a pass may still be using one); the reconciler's orgs."""
+        if change.api:
+            self._retired_clients.append(self.client)
+            self.client = OpenAppClient(new.api, stop=self.stop, instance=self.instance)
+        if change.api or change.writeback:
+            self._retired_clients.append(self.reconciler.client)
+            self.reconciler = self._new_reconciler(new)
+        self.reconciler.orgs = frozenset(org.id for org in new.orgs)
+
+    def _reschedule(self, change: ConfigDiff) -> None:
+        """The jobs after a reload: the reconciler's interval, orgs removed, re-timed and added."""
         if change.writeback_interval:
             self._schedule_reconciler()
         for org_id in change.removed:
@@ -341,13 +375,6 @@ class Daemon:
             self._schedule(org, first=False)
         for org in change.added:
             self._schedule(org, first=True)
-        log.info(
-            "configuration reloaded",
-            added=sorted(o.id for o in change.added),
-            removed=list(change.removed),
-            interval_changed=[o.id for o in change.interval_changed],
-        )
-        return True
 
     def _new_reconciler(self, config: Config) -> Reconciler:
         orgs = frozenset(org.id for org in config.orgs)

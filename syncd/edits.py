@@ -1,6 +1,7 @@
-"""The kinds of local edit, each in one class: what its payload may hold, what it reads of
-OpenApp before pushing, how to tell it is already done there, what counts as a conflicting remote
-change, how it is pushed, and how it is described (README, "Write-back").
+"""The kinds of local edit, each in one class: what its payload may hold (parsed once, into the
+kind's own frozen dataclass), what it reads of OpenApp before pushing, how to tell it is already
+done there, what counts as a conflicting remote change, when a send is held, how it is pushed, and
+how it is described (README, "Write-back").
 
 Creating and purging devices are not edits, on purpose: a mirror does not invent or destroy devices.
 
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from enum import Enum
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import orjson
 
 from syncd.api import OpenAppClient
+from syncd.config import WritebackSettings
 from syncd.errors import ConfigError, InvalidResponseError, RejectedError, TransientError
 from syncd.models import (
     ID_LENGTH,
@@ -28,6 +31,7 @@ from syncd.models import (
     PORTAL_KIND,
     REDACTED,
     Device,
+    DeviceState,
     DoorRestrictions,
     check_device_id,
     entity_id_problem,
@@ -52,8 +56,8 @@ from syncd.schemas import (
     validate,
 )
 from syncd.store import Store
-from syncd.store.details import DefinitionAnswer, MetadataDefinitions, PortalRestrictions
-from syncd.store.edits import Edit, EditQueue
+from syncd.store.details import DefinitionAnswer, MetadataDefinitions, PortalRestrictions, RestrictionsAnswer
+from syncd.store.edits import Edit, EditQueue, Held, SendCap
 
 EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
 MAX_EDIT_BYTES = 1024 * 1024  # an edit larger than this is a mistake, not a device
@@ -61,6 +65,80 @@ MAX_EDIT_BYTES = 1024 * 1024  # an edit larger than this is a mistake, not a dev
 # about 600 KB of JSON, inside MAX_EDIT_BYTES. (syncd mirrors up to 100,000 per portal.)
 MAX_EDIT_ENTITIES = 20_000
 DEFINITION_MAX_AGE = timedelta(days=1)  # an older mirrored schema is asked again before a metadata edit
+CAP_WINDOW = timedelta(hours=1)  # the window of an edit kind's cap on sends
+
+
+class Unset(Enum):
+    """A field an update does not set (its value may be None: ``zone_id: null`` clears the zone)."""
+
+    UNSET = "unset"
+
+
+UNSET: Final = Unset.UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class NoPayload:
+    """The payload of a kind that takes none (restore, delete)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePayload:
+    """An update's payload, checked: the fields it sets (UNSET: left as they are) and the stored
+    credentials it clears (field names or JSON Pointers, as given)."""
+
+    name: str | dict[str, Any] | Unset = UNSET  # a LocalizedString as given: pushed as is, compared normalised
+    zone_id: str | Unset | None = UNSET
+    external_id: str | Unset | None = UNSET
+    device_metadata: dict[str, Any] | Unset = UNSET
+    clear_credentials: tuple[str, ...] = ()
+
+    def settable(self) -> dict[str, Any]:
+        """The fields it sets, by name, with the values given."""
+        fields = {name: getattr(self, name) for name in EDITABLE_FIELDS}
+        return {name: value for name, value in fields.items() if value is not UNSET}
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """The ``device_metadata`` it sets, or None."""
+        return None if self.device_metadata is UNSET else self.device_metadata
+
+    @property
+    def cleared(self) -> set[str]:
+        """The JSON Pointers of the credentials it clears."""
+        return {_pointer(name) for name in self.clear_credentials}
+
+    def as_json(self) -> dict[str, Any]:
+        """The payload as ``device_edits`` keeps it."""
+        shown = self.settable()
+        if self.clear_credentials:
+            shown["clear_credentials"] = list(self.clear_credentials)
+        return shown
+
+
+@dataclass(frozen=True, slots=True)
+class DoorRestrictionsPayload:
+    """A door-restrictions edit's payload, checked: the whole list (``entity_ids``), or entities
+    added and removed against OpenApp's list when it is pushed (``entity_ids`` None)."""
+
+    entity_ids: tuple[str, ...] | None = None
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Mirrored:
+    """A device as the mirror holds it: OpenApp's last answer, parsed, and the mirror's ``state``
+    (``purged`` once syncd confirmed the device gone, which no answer says)."""
+
+    device: Device
+    state: DeviceState
+
+
+def read_mirrored(store: Store, device_id: str) -> Mirrored | None:
+    """The mirrored device, or None when the mirror has no such device."""
+    row = store.device(device_id)
+    return None if row is None else Mirrored(parse_device(row["raw"]), row["state"])
 
 
 @dataclass
@@ -74,13 +152,18 @@ class Remote:
     # named by OpenApp's credentials_set, or named in clear_credentials (the union is masked).
     credentials: frozenset[str] = frozenset()
 
+    def took(self, outcome: Outcome) -> None:
+        """OpenApp's answer is ``outcome``: the credentials it says it now holds are masked too."""
+        self.credentials |= credentials_named(outcome.device)
 
-@dataclass
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a push left in OpenApp, for the mirror."""
+    """What the mirror takes once an edit is done: the device as OpenApp has it, and what else the
+    kind's answer changes (a portal's door restrictions)."""
 
     device: Device
-    restrictions: DoorRestrictions | None = None
+    restrictions: RestrictionsAnswer | None = None
 
 
 @dataclass
@@ -91,85 +174,127 @@ class Reading:
     store: Store
     org_id: str
     device_id: str
-    restrictions_key: str = "auto"
+    settings: WritebackSettings
     recorded: frozenset[str] = frozenset()  # credential pointers recorded with the edit
-    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRule:
+    """A kind's cap on sends: at most ``cap.limit`` of its writes within ``cap.window`` (every one
+    sent counts, answered or not). A send beyond it is held: it waits unsent, its attempt not
+    counted, until a slot frees. ``setting``: the writeback setting that says the limit;
+    ``capped``: what the held edits are called."""
+
+    cap: SendCap
+    setting: str
+    capped: str
+
+    def reason(self, held: Held, until: datetime) -> str:
+        """Why the edit waits, and until when (its last error, one line)."""
+        return (
+            f"held: {held.count} {self.capped} sent in the last hour reach writeback.{self.setting} "
+            f"({self.cap.limit}); it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push "
+            "sooner, or `syncd edits cancel ID`)"
+        )
 
 
 class EditProblem(Exception):
-    """The edit cannot be pushed as it is: it fails, nothing is sent (the message says why)."""
+    """The edit cannot be pushed as it is: it fails, nothing is sent (the message says why, one line)."""
 
 
-class EditKind:
-    """One kind of edit; subclasses are stateless."""
+P = TypeVar("P")
+
+
+class EditKind(Generic[P]):
+    """One kind of edit, its payload a ``P``; subclasses are stateless."""
 
     action: ClassVar[str]
     usage: ClassVar[str]  # the payload, for messages
     reads_device: ClassVar[bool] = True  # False: the kind's own read says whether the device exists
-    # The writeback setting that caps how many edits of this kind are sent per hour (every one sent
-    # counts, answered or not), and what they are called in messages; None: no cap.
-    cap_setting: ClassVar[str | None] = None
-    capped: ClassVar[str] = "edits"
 
-    def check(self, payload: Any) -> str | None:
-        """What is wrong with the payload (one line), or None: the rules every kind shares (at most
-        :data:`MAX_EDIT_BYTES` of JSON, no NUL), then the kind's own. Checked when an edit is
-        queued and again when the reconciler claims it."""
-        if payload is not None and not isinstance(payload, str):
-            problem = _size_problem(payload)
+    def parse(self, raw: object) -> P:
+        """The payload as a row or the CLI gives it, checked and typed; EditProblem naming what is
+        wrong (one line): the rules every kind shares (at most :data:`MAX_EDIT_BYTES` of JSON, no
+        NUL), then the kind's own. Parsed when an edit is queued and again when the reconciler
+        claims it."""
+        if raw is not None and not isinstance(raw, str):
+            problem = _size_problem(raw)
             if problem:
-                return problem
-        return self.validate(payload)
+                raise EditProblem(problem)
+        return self.validate(raw)
 
-    def validate(self, payload: Any) -> str | None:
-        """What is wrong with the payload by this kind's rules (one line), or None."""
-        if payload not in (None, {}):
-            return f"a {self.action} takes no payload"
-        return None
+    def validate(self, raw: object) -> P:
+        """The payload by this kind's rules (EditProblem: what is wrong, one line)."""
+        raise NotImplementedError
 
-    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
+    def mirror_problem(self, mirrored: Mirrored, payload: P, store: Store) -> str | None:
         """Why the mirrored device cannot take this edit (checked when it is queued)."""
         return None
 
-    def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
+    def base(self, payload: P, mirrored: Mirrored, store: Store) -> dict[str, Any] | None:
         """The mirror's values of the fields the edit sets (recorded when it is queued)."""
         return None
 
-    def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
+    def recorded_credentials(self, payload: P, mirrored: Mirrored, store: Store) -> list[str]:
+        """Where the edit's credential values are, recorded with it when queued (ConfigError: the
+        mirrored metadata schema refuses the payload)."""
+        return []
+
+    def read(self, payload: P, remote: Remote, reading: Reading) -> Remote:
         """Read what else the edit needs of OpenApp (EditProblem: the edit cannot be pushed)."""
         return remote
 
-    def applied(self, payload: Any, remote: Remote) -> bool:
+    def applied(self, payload: P, remote: Remote) -> bool:
         """Whether OpenApp already shows the edit."""
         raise NotImplementedError
 
-    def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
+    def found(self, payload: P, remote: Remote) -> Outcome:
+        """What the mirror takes when OpenApp already shows the edit."""
+        return Outcome(remote.device)
+
+    def conflicts(self, payload: P, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         """Per field that OpenApp changed away from both the base and the edit: base, remote, queued."""
         return {}
 
-    def unsendable(self, payload: Any, remote: Remote) -> str | None:
+    def unsendable(self, payload: P, remote: Remote) -> str | None:
         """Why the edit, not yet applied and not in conflict, must not be sent now that OpenApp's
         state is known (it fails unsent), or None."""
         return None
 
-    def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
+    def hold_rule(self, settings: WritebackSettings) -> HoldRule | None:
+        """The kind's cap on sends, which holds a send beyond it (None: a send is never held)."""
+        return None
+
+    def push(self, payload: P, remote: Remote, reading: Reading) -> Outcome:
         """Send the edit; OpenApp's answer."""
         raise NotImplementedError
 
-    def rebase(self, payload: Any, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
+    def rebase(self, payload: P, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
         """``{field: (value before, value now)}`` once the edit is applied, for later edits' bases."""
         return {}
 
-    def stored(self, payload: Any, remote: Remote) -> Any:
-        """What device_edits keeps of the payload once pushed (None: the payload as it is)."""
+    def stored(self, payload: P, remote: Remote) -> dict[str, Any] | None:
+        """What device_edits keeps of the payload once its write went out (None: the payload as it is)."""
         return None
 
-    def describe(self, payload: Any) -> str:
+    def secrets(self, payload: P, pointers: Collection[str]) -> list[str]:
+        """The credential values the payload carries under ``pointers``: what no message may quote."""
+        return []
+
+    def describe(self, payload: P) -> str:
         """The edit in a few words, for the CLI and the log (never a credential value)."""
         return self.action
 
+    def summary(self, raw: object) -> str:
+        """A row's payload in a few words, for listings: described when it parses, else the action
+        alone (a row SQL wrote may hold anything)."""
+        try:
+            return self.describe(self.parse(raw))
+        except EditProblem:
+            return self.action
 
-class Update(EditKind):
+
+class Update(EditKind[UpdatePayload]):
     """update_device: any of name, zone_id, external_id, device_metadata. ``device_metadata`` is
     checked against the provider's JSON Schema first (see :mod:`syncd.schemas`: never fetched from,
     bounded in time); its write-only credential fields are kept when left out, and cleared only
@@ -178,95 +303,59 @@ class Update(EditKind):
     action = "update"
     usage = "any of name, zone_id, external_id, device_metadata (and clear_credentials)"
 
-    def validate(self, payload: Any) -> str | None:
-        if isinstance(payload, str):
-            return f"payload is not a JSON object: {preview(payload)}"
-        if isinstance(payload, dict) and "credentials_redacted" in payload:
-            return "its credential values were redacted after it was pushed; queue a new edit instead"
-        if isinstance(payload, dict):
-            unknown = sorted(set(payload) - {*EDITABLE_FIELDS, "clear_credentials"})
-            if unknown:
-                names = ", ".join(preview(f) for f in unknown)
-                return f"unknown field(s) {names} (editable: {', '.join(EDITABLE_FIELDS)})"
-        if not isinstance(payload, dict) or not payload:
-            return "an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS)
-        if "name" in payload:
-            try:
-                if not normalise_name(payload["name"]):
-                    return "name must not be empty"
-            except ValueError as exc:
-                return f"name {exc}"
-        for name in ("zone_id", "external_id"):
-            if name in payload and payload[name] is not None and not isinstance(payload[name], str):
-                return f"{name} must be a string or null, got {preview(payload[name])}"
-        if "zone_id" in payload and isinstance(payload["zone_id"], str) and len(payload["zone_id"]) > ID_LENGTH:
-            return f"zone_id is longer than an id can be ({ID_LENGTH})"
-        if "device_metadata" in payload and not isinstance(payload["device_metadata"], dict):
-            return f"device_metadata must be a JSON object, got {preview(payload['device_metadata'])}"
-        clear = payload.get("clear_credentials", [])
-        if not isinstance(clear, list) or not all(isinstance(c, str) and c for c in clear):
-            return "clear_credentials must be a list of credential field names (or JSON Pointers)"
-        return None
+    def validate(self, raw: object) -> UpdatePayload:
+        given = _update_fields(raw)
+        name = _name(given)
+        zone_id, external_id = (_text_or_null(given, field) for field in ("zone_id", "external_id"))
+        if isinstance(zone_id, str) and len(zone_id) > ID_LENGTH:
+            raise EditProblem(f"zone_id is longer than an id can be ({ID_LENGTH})")
+        metadata = given.get("device_metadata", UNSET)
+        if metadata is not UNSET and not isinstance(metadata, dict):
+            raise EditProblem(f"device_metadata must be a JSON object, got {preview(metadata)}")
+        return UpdatePayload(name, zone_id, external_id, metadata, _clear_credentials(given))
 
-    def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
-        return {name: device.get(name) for name in EDITABLE_FIELDS if name in payload}
+    def base(self, payload: UpdatePayload, mirrored: Mirrored, store: Store) -> dict[str, Any] | None:
+        return {name: _field(mirrored.device, name) for name in payload.settable()}
 
-    def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
-        cleared = _cleared(payload)
-        metadata = payload.get("device_metadata")
-        set_now = credentials_named(remote.device)
-        remote.credentials = frozenset(reading.recorded | set_now | cleared)
-        if metadata is None and not cleared:
+    def recorded_credentials(self, payload: UpdatePayload, mirrored: Mirrored, store: Store) -> list[str]:
+        if payload.metadata is None:
+            return []
+        return _check_against_mirrored_schema(store, mirrored.device, payload, payload.metadata)
+
+    def read(self, payload: UpdatePayload, remote: Remote, reading: Reading) -> Remote:
+        cleared = payload.cleared
+        remote.credentials = frozenset(reading.recorded | credentials_named(remote.device) | cleared)
+        if payload.metadata is None and not cleared:
             return remote
-        schema = _schema(remote.device, reading)
-        remote.schema = schema
-        index = _usable(schema)
-        try:
-            found = index.credentials_in(metadata) if metadata is not None else set()
-            unknown = sorted(p for p in cleared if p not in set_now and not index.is_credential(p))
-        except SchemaUnusable as exc:
-            raise EditProblem(f"the provider's metadata schema cannot be used: {exc}") from None
-        if unknown:
-            raise EditProblem(
-                f"clear_credentials names {', '.join(map(preview, unknown))}, not a credential field of this provider"
-            )
-        remote.credentials |= found
-        target = metadata if metadata is not None else remote.device.device_metadata
+        remote.schema = _schema(remote.device, reading)
+        remote.credentials |= _schema_credentials(payload, remote)
+        target = payload.metadata if payload.metadata is not None else remote.device.device_metadata
         for pointer in sorted(cleared):
             if not _settable_at(target, pointer):
                 raise EditProblem(
                     f"clear_credentials names {preview(pointer)}, but device_metadata has no object there "
                     "to clear it in"
                 )
-        if metadata is not None:
-            for pointer in sorted(remote.credentials):
-                if _has(metadata, pointer) and _get(metadata, pointer) is None and pointer not in cleared:
-                    raise EditProblem(
-                        f"device_metadata{pointer} is null, which would clear a stored credential; "
-                        "name it in clear_credentials (syncd edit --clear-credential) to mean it"
-                    )
-            problem = metadata_problem(schema, _without(metadata, cleared), remote, cleared)
-            if problem:
-                raise EditProblem(problem)
+        if payload.metadata is not None:
+            _check_metadata(payload.metadata, remote, cleared)
         return remote
 
-    def applied(self, payload: Any, remote: Remote) -> bool:
+    def applied(self, payload: UpdatePayload, remote: Remote) -> bool:
         device = remote.device
-        for name, wanted in _settable(payload).items():
+        for name, wanted in payload.settable().items():
             if name == "device_metadata":
                 if not same_json(device.device_metadata, _visible(wanted, remote.credentials)):
                     return False
-                set_now = credentials_named(device)
                 given = {p for p in remote.credentials if _has(wanted, p) and _get(wanted, p) is not None}
-                if not given <= set_now:
+                if not given <= credentials_named(device):
                     return False  # a credential value cannot be read back: only "set" can be seen
             elif not same_json(_field(device, name), _normal(name, wanted)):
                 return False
-        return not _cleared(payload) & credentials_named(device)
+        return not payload.cleared & credentials_named(device)
 
-    def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
+    def conflicts(self, payload: UpdatePayload, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        for name, wanted in _settable(payload).items():
+        for name, wanted in payload.settable().items():
             if not isinstance(base, dict) or name not in base:
                 continue
             queued = _visible(wanted, remote.credentials) if name == "device_metadata" else _normal(name, wanted)
@@ -275,23 +364,23 @@ class Update(EditKind):
                 found[name] = {"base": before, "remote": now, "queued": queued}
         return found
 
-    def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
-        body = {name: value for name, value in payload.items() if name in EDITABLE_FIELDS}
-        cleared = sorted(_cleared(payload))
+    def push(self, payload: UpdatePayload, remote: Remote, reading: Reading) -> Outcome:
+        body = payload.settable()
+        cleared = sorted(payload.cleared)
         if cleared:
             metadata = copy.deepcopy(body.get("device_metadata", remote.device.device_metadata or {}))
             for pointer in cleared:
                 _put(metadata, pointer, None)
             body["device_metadata"] = metadata
-        secrets = credential_values(payload.get("device_metadata"), remote.credentials)
+        secrets = credential_values(payload.metadata, remote.credentials)
         answer = reading.client.update_device(reading.org_id, reading.device_id, body, secrets=secrets)
         return Outcome(parse_device(answer))
 
-    def rebase(self, payload: Any, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
+    def rebase(self, payload: UpdatePayload, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
         if not isinstance(base, dict):
             return {}
         moved = {}
-        for name, wanted in _settable(payload).items():
+        for name, wanted in payload.settable().items():
             if name in base:
                 moved[name] = (
                     base[name],
@@ -299,39 +388,122 @@ class Update(EditKind):
                 )
         return moved
 
-    def stored(self, payload: Any, remote: Remote) -> Any:
-        metadata = payload.get("device_metadata")
-        if not isinstance(metadata, dict):
+    def stored(self, payload: UpdatePayload, remote: Remote) -> dict[str, Any] | None:
+        metadata = payload.metadata
+        if metadata is None:
             return None
         present = sorted(p for p in remote.credentials if _has(metadata, p) and _get(metadata, p) is not None)
         if not present:
             return None
-        return {**redacted(payload, present), "credentials_redacted": present}
+        return {**redacted(payload.as_json(), present), "credentials_redacted": present}
 
-    def describe(self, payload: Any) -> str:
-        if not isinstance(payload, dict):
-            return "update"
-        parts = [name for name in EDITABLE_FIELDS if name in payload]
-        if isinstance(payload.get("clear_credentials"), list) and payload["clear_credentials"]:
-            parts.append("clear " + ", ".join(map(str, payload["clear_credentials"])))
+    def secrets(self, payload: UpdatePayload, pointers: Collection[str]) -> list[str]:
+        return credential_values(payload.metadata, pointers)
+
+    def describe(self, payload: UpdatePayload) -> str:
+        parts = list(payload.settable())
+        if payload.clear_credentials:
+            parts.append("clear " + ", ".join(payload.clear_credentials))
         return "update " + ", ".join(parts)
 
+    def summary(self, raw: object) -> str:
+        if isinstance(raw, dict):  # one pushed with credentials keeps them redacted, and says so
+            raw = {name: value for name, value in raw.items() if name != "credentials_redacted"}
+        return super().summary(raw)
 
-class Restore(EditKind):
+
+def _update_fields(raw: object) -> dict[str, Any]:
+    """An update's payload as a JSON object of known fields, at least one (EditProblem: why not)."""
+    if isinstance(raw, str):
+        raise EditProblem(f"payload is not a JSON object: {preview(raw)}")
+    if isinstance(raw, dict) and "credentials_redacted" in raw:
+        raise EditProblem("its credential values were redacted after it was pushed; queue a new edit instead")
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - {*EDITABLE_FIELDS, "clear_credentials"})
+        if unknown:
+            names = ", ".join(preview(f) for f in unknown)
+            raise EditProblem(f"unknown field(s) {names} (editable: {', '.join(EDITABLE_FIELDS)})")
+    if not isinstance(raw, dict) or not raw:
+        raise EditProblem("an update needs a payload object with at least one of: " + ", ".join(EDITABLE_FIELDS))
+    return raw
+
+
+def _name(given: Mapping[str, Any]) -> str | dict[str, Any] | Unset:
+    if "name" not in given:
+        return UNSET
+    try:
+        normal = normalise_name(given["name"])
+    except ValueError as exc:
+        raise EditProblem(f"name {exc}") from None
+    if not normal:
+        raise EditProblem("name must not be empty")
+    name: str | dict[str, Any] = given["name"]
+    return name
+
+
+def _text_or_null(given: Mapping[str, Any], name: str) -> str | Unset | None:
+    value = given.get(name, UNSET)
+    if value is not UNSET and value is not None and not isinstance(value, str):
+        raise EditProblem(f"{name} must be a string or null, got {preview(value)}")
+    text: str | Unset | None = value
+    return text
+
+
+def _clear_credentials(given: Mapping[str, Any]) -> tuple[str, ...]:
+    clear = given.get("clear_credentials", [])
+    if not isinstance(clear, list) or not all(isinstance(c, str) and c for c in clear):
+        raise EditProblem("clear_credentials must be a list of credential field names (or JSON Pointers)")
+    return tuple(clear)
+
+
+def _schema_credentials(payload: UpdatePayload, remote: Remote) -> set[str]:
+    """The credentials the provider's schema finds in the payload's metadata; EditProblem when the
+    schema cannot be used, or ``clear_credentials`` names what is no credential of the provider."""
+    index = _usable(remote.schema)
+    set_now = credentials_named(remote.device)
+    try:
+        found = index.credentials_in(payload.metadata) if payload.metadata is not None else set()
+        unknown = sorted(p for p in payload.cleared if p not in set_now and not index.is_credential(p))
+    except SchemaUnusable as exc:
+        raise EditProblem(f"the provider's metadata schema cannot be used: {exc}") from None
+    if unknown:
+        raise EditProblem(
+            f"clear_credentials names {', '.join(map(preview, unknown))}, not a credential field of this provider"
+        )
+    return found
+
+
+def _check_metadata(metadata: dict[str, Any], remote: Remote, cleared: set[str]) -> None:
+    """EditProblem when the metadata would clear a credential unasked, or the schema refuses it."""
+    for pointer in sorted(remote.credentials):
+        if _has(metadata, pointer) and _get(metadata, pointer) is None and pointer not in cleared:
+            raise EditProblem(
+                f"device_metadata{pointer} is null, which would clear a stored credential; "
+                "name it in clear_credentials (syncd edit --clear-credential) to mean it"
+            )
+    problem = metadata_problem(remote.schema, _without(metadata, cleared), remote, cleared)
+    if problem:
+        raise EditProblem(problem)
+
+
+class Restore(EditKind[NoPayload]):
     """restore_device: undo a soft delete. Already active counts as done."""
 
     action = "restore"
     usage = "no payload"
 
-    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
-        if device["state"] != "deleted":
-            return f"it is not soft-deleted (state {device['state']}); nothing to restore"
+    def validate(self, raw: object) -> NoPayload:
+        return _no_payload(self.action, raw)
+
+    def mirror_problem(self, mirrored: Mirrored, payload: NoPayload, store: Store) -> str | None:
+        if mirrored.state != "deleted":
+            return f"it is not soft-deleted (state {mirrored.state}); nothing to restore"
         return None
 
-    def applied(self, payload: Any, remote: Remote) -> bool:
+    def applied(self, payload: NoPayload, remote: Remote) -> bool:
         return remote.device.deleted_at is None
 
-    def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
+    def push(self, payload: NoPayload, remote: Remote, reading: Reading) -> Outcome:
         try:
             answer = reading.client.restore_device(reading.org_id, reading.device_id)
         except RejectedError as exc:
@@ -344,29 +516,40 @@ class Restore(EditKind):
         return Outcome(parse_device(answer))
 
 
-class Delete(EditKind):
-    """delete_device: a soft delete (OpenApp can restore it). Already soft-deleted counts as done;
-    the reconciler holds deletes beyond ``writeback.max_deletes_per_hour`` (every DELETE sent
-    counts, answered or not)."""
+class Delete(EditKind[NoPayload]):
+    """delete_device: a soft delete (OpenApp can restore it). Already soft-deleted counts as done.
+    Its hold rule: at most ``writeback.max_deletes_per_hour`` DELETEs are sent per hour (every one
+    sent counts, answered or not); more wait."""
 
     action = "delete"
     usage = "no payload"
-    cap_setting = "max_deletes_per_hour"
-    capped = "soft deletes"
 
-    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
-        if device["state"] == "deleted":
+    def validate(self, raw: object) -> NoPayload:
+        return _no_payload(self.action, raw)
+
+    def mirror_problem(self, mirrored: Mirrored, payload: NoPayload, store: Store) -> str | None:
+        if mirrored.state == "deleted":
             return "it is already soft-deleted"
         return None
 
-    def applied(self, payload: Any, remote: Remote) -> bool:
+    def applied(self, payload: NoPayload, remote: Remote) -> bool:
         return remote.device.deleted_at is not None
 
-    def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
+    def hold_rule(self, settings: WritebackSettings) -> HoldRule:
+        cap = SendCap(self.action, settings.max_deletes_per_hour, CAP_WINDOW)
+        return HoldRule(cap, "max_deletes_per_hour", "soft deletes")
+
+    def push(self, payload: NoPayload, remote: Remote, reading: Reading) -> Outcome:
         return Outcome(parse_device(reading.client.delete_device(reading.org_id, reading.device_id)))
 
 
-class DoorRestrictionsEdit(EditKind):
+def _no_payload(action: str, raw: object) -> NoPayload:
+    if raw not in (None, {}):
+        raise EditProblem(f"a {action} takes no payload")
+    return NoPayload()
+
+
+class DoorRestrictionsEdit(EditKind[DoorRestrictionsPayload]):
     """PUT door-restrictions of a virtual_access_portal: the whole list (``entity_ids``), or
     ``add`` / ``remove``, computed against OpenApp's own list at push time. Sent under the body key
     OpenApp answered with, unless ``writeback.door_restrictions_key`` forces one.
@@ -383,51 +566,36 @@ class DoorRestrictionsEdit(EditKind):
     # portal, so the device is not read first: two requests per edit, not three.
     reads_device = False
 
-    def validate(self, payload: Any) -> str | None:
-        if not isinstance(payload, dict) or not payload:
-            return f"door restrictions need a payload: {self.usage}"
-        unknown = sorted(set(payload) - {"entity_ids", "add", "remove"})
-        if unknown:
-            return f"unknown field(s) {', '.join(preview(f) for f in unknown)} (use {self.usage})"
-        if "entity_ids" in payload and ("add" in payload or "remove" in payload):
-            return "give either entity_ids (the whole list) or add / remove, not both"
-        named = 0
-        for name in ("entity_ids", "add", "remove"):
-            ids = payload.get(name, [])
-            if not isinstance(ids, list):
-                return f"{name} must be a list of entity ids"
-            named += len(ids)
-            if named > MAX_EDIT_ENTITIES:
-                return f"it names more than {MAX_EDIT_ENTITIES} entities, more than one edit may"
-            for entity_id in ids:
-                problem = entity_id_problem(entity_id)
-                if problem:
-                    return f"{name} holds {problem}"
-        if "entity_ids" not in payload and not payload.get("add") and not payload.get("remove"):
-            return "add / remove name no entity"
-        if set(payload.get("add", [])) & set(payload.get("remove", [])):
-            return "an entity id is both added and removed"
-        return None
+    def validate(self, raw: object) -> DoorRestrictionsPayload:
+        lists = _entity_lists(_door_fields(raw, self.usage))
+        if "entity_ids" in lists:
+            return DoorRestrictionsPayload(entity_ids=lists["entity_ids"])
+        add, remove = lists.get("add", ()), lists.get("remove", ())
+        if not add and not remove:
+            raise EditProblem("add / remove name no entity")
+        if set(add) & set(remove):
+            raise EditProblem("an entity id is both added and removed")
+        return DoorRestrictionsPayload(add=add, remove=remove)
 
-    def mirror_problem(self, device: Mapping[str, Any], payload: Any, store: Store) -> str | None:
-        metadata = device.get("device_metadata")
+    def mirror_problem(self, mirrored: Mirrored, payload: DoorRestrictionsPayload, store: Store) -> str | None:
+        metadata = mirrored.device.device_metadata
         kind = metadata.get("kind") if isinstance(metadata, dict) else None
         if kind != PORTAL_KIND:
             return f"door restrictions exist only for {PORTAL_KIND} devices; this one is {preview(kind)}"
-        if device["state"] != "active":
-            return f"the portal is {device['state']}"
-        mirrored = PortalRestrictions(store).mirrored_list(str(device["id"]))
-        if mirrored is not None and "entity_ids" not in payload:
-            return _meaning_problem(payload, mirrored, "the mirror")
+        if mirrored.state != "active":
+            return f"the portal is {mirrored.state}"
+        listed = PortalRestrictions(store).mirrored_list(mirrored.device.id)
+        if listed is not None and payload.entity_ids is None:
+            return _meaning_problem(payload, listed, "the mirror")
         return None
 
-    def base(self, payload: Any, device: Mapping[str, Any], store: Store) -> dict[str, Any] | None:
-        if "entity_ids" not in payload:
+    def base(self, payload: DoorRestrictionsPayload, mirrored: Mirrored, store: Store) -> dict[str, Any] | None:
+        if payload.entity_ids is None:
             return None  # add / remove are computed against OpenApp's list when pushed
-        mirrored = PortalRestrictions(store).mirrored_list(str(device["id"]))
-        return None if mirrored is None else {"entity_ids": mirrored}  # unknown is not "unrestricted"
+        listed = PortalRestrictions(store).mirrored_list(mirrored.device.id)
+        return None if listed is None else {"entity_ids": listed}  # unknown is not "unrestricted"
 
-    def read(self, payload: Any, remote: Remote, reading: Reading) -> Remote:
+    def read(self, payload: DoorRestrictionsPayload, remote: Remote, reading: Reading) -> Remote:
         metadata = remote.device.device_metadata
         kind = metadata.get("kind") if isinstance(metadata, dict) else None
         if kind != PORTAL_KIND:
@@ -435,19 +603,20 @@ class DoorRestrictionsEdit(EditKind):
         remote.restrictions = reading.client.get_door_restrictions(reading.org_id, reading.device_id)
         return remote
 
-    def applied(self, payload: Any, remote: Remote) -> bool:
-        assert remote.restrictions is not None
-        current = list(remote.restrictions.entity_ids)
-        if "entity_ids" not in payload and _meaning_problem(payload, current, "OpenApp"):
+    def applied(self, payload: DoorRestrictionsPayload, remote: Remote) -> bool:
+        current = list(_restrictions(remote).entity_ids)
+        if payload.entity_ids is None and _meaning_problem(payload, current, "OpenApp"):
             return False  # e.g. a remove on a door anyone may open: not done, whatever the arithmetic says
         return current == self.target(payload, remote)
 
-    def conflicts(self, payload: Any, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
-        if "entity_ids" not in payload or not isinstance(base, dict) or "entity_ids" not in base:
+    def found(self, payload: DoorRestrictionsPayload, remote: Remote) -> Outcome:
+        return _portal_outcome(remote.device, _restrictions(remote))
+
+    def conflicts(self, payload: DoorRestrictionsPayload, base: Any, remote: Remote) -> dict[str, dict[str, Any]]:
+        if payload.entity_ids is None or not isinstance(base, dict) or "entity_ids" not in base:
             return {}
-        assert remote.restrictions is not None
         now, before, queued = (
-            list(remote.restrictions.entity_ids),
+            list(_restrictions(remote).entity_ids),
             sorted(base["entity_ids"]),
             self.target(payload, remote),
         )
@@ -455,10 +624,9 @@ class DoorRestrictionsEdit(EditKind):
             return {"entity_ids": {"base": before, "remote": now, "queued": queued}}
         return {}
 
-    def unsendable(self, payload: Any, remote: Remote) -> str | None:
-        assert remote.restrictions is not None
-        if "entity_ids" not in payload:
-            problem = _meaning_problem(payload, list(remote.restrictions.entity_ids), "OpenApp")
+    def unsendable(self, payload: DoorRestrictionsPayload, remote: Remote) -> str | None:
+        if payload.entity_ids is None:
+            problem = _meaning_problem(payload, list(_restrictions(remote).entity_ids), "OpenApp")
             if problem:
                 return problem
         target = self.target(payload, remote)
@@ -466,60 +634,101 @@ class DoorRestrictionsEdit(EditKind):
             return f"the portal would list {len(target)} entities, more than one edit sends ({MAX_EDIT_ENTITIES})"
         return None
 
-    def push(self, payload: Any, remote: Remote, reading: Reading) -> Outcome:
-        assert remote.restrictions is not None
+    def push(self, payload: DoorRestrictionsPayload, remote: Remote, reading: Reading) -> Outcome:
+        current = _restrictions(remote)
         target = self.target(payload, remote)
-        key = remote.restrictions.key if reading.restrictions_key == "auto" else reading.restrictions_key
+        forced = reading.settings.door_restrictions_key
+        key = current.key if forced == "auto" else forced
         answer = reading.client.set_door_restrictions(reading.org_id, reading.device_id, key, target)
         if list(answer.entity_ids) != target:
             raise InvalidResponseError(
                 f"set_door_restrictions: asked for {len(target)} entities, the answer lists {len(answer.entity_ids)}; "
                 "it was not believed"
             )
-        return Outcome(remote.device, answer)
+        return _portal_outcome(remote.device, answer)
 
-    def rebase(self, payload: Any, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
-        if "entity_ids" not in payload or not isinstance(base, dict) or "entity_ids" not in base:
+    def rebase(self, payload: DoorRestrictionsPayload, base: Any, remote: Remote) -> dict[str, tuple[Any, Any]]:
+        if payload.entity_ids is None or not isinstance(base, dict) or "entity_ids" not in base:
             return {}
         return {"entity_ids": (base["entity_ids"], self.target(payload, remote))}
 
     @staticmethod
-    def target(payload: Any, remote: Remote) -> list[str]:
+    def target(payload: DoorRestrictionsPayload, remote: Remote) -> list[str]:
         """The list the edit wants, against OpenApp's current one."""
-        if "entity_ids" in payload:
-            return sorted(set(payload["entity_ids"]))
-        assert remote.restrictions is not None
-        return _added_and_removed(payload, remote.restrictions.entity_ids)
+        if payload.entity_ids is not None:
+            return sorted(set(payload.entity_ids))
+        return _added_and_removed(payload, _restrictions(remote).entity_ids)
 
-    def describe(self, payload: Any) -> str:
-        if not isinstance(payload, dict):
-            return "door_restrictions"
-        if "entity_ids" in payload:
-            if not payload["entity_ids"]:
-                return "door_restrictions unrestrict (anyone may pass)"
-            return f"door_restrictions set {len(payload['entity_ids'])} entities"
-        return f"door_restrictions +{len(payload.get('add', []))} -{len(payload.get('remove', []))}"
+    def describe(self, payload: DoorRestrictionsPayload) -> str:
+        if payload.entity_ids is None:
+            return f"door_restrictions +{len(payload.add)} -{len(payload.remove)}"
+        if not payload.entity_ids:
+            return "door_restrictions unrestrict (anyone may pass)"
+        return f"door_restrictions set {len(payload.entity_ids)} entities"
 
 
-def _added_and_removed(payload: Mapping[str, Any], current: Collection[str]) -> list[str]:
-    return sorted((set(current) | set(payload.get("add", []))) - set(payload.get("remove", [])))
+def _door_fields(raw: object, usage: str) -> dict[str, Any]:
+    """A door-restrictions payload as a JSON object of known fields, one form only (EditProblem: why not)."""
+    if not isinstance(raw, dict) or not raw:
+        raise EditProblem(f"door restrictions need a payload: {usage}")
+    unknown = sorted(set(raw) - {"entity_ids", "add", "remove"})
+    if unknown:
+        raise EditProblem(f"unknown field(s) {', '.join(preview(f) for f in unknown)} (use {usage})")
+    if "entity_ids" in raw and ("add" in raw or "remove" in raw):
+        raise EditProblem("give either entity_ids (the whole list) or add / remove, not both")
+    return raw
 
 
-def _meaning_problem(payload: Mapping[str, Any], current: list[str], whose: str) -> str | None:
+def _entity_lists(given: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The lists of entity ids given, each checked; at most :data:`MAX_EDIT_ENTITIES` in all."""
+    lists: dict[str, tuple[str, ...]] = {}
+    named = 0
+    for name in ("entity_ids", "add", "remove"):
+        if name not in given:
+            continue
+        ids = given[name]
+        if not isinstance(ids, list):
+            raise EditProblem(f"{name} must be a list of entity ids")
+        named += len(ids)
+        if named > MAX_EDIT_ENTITIES:
+            raise EditProblem(f"it names more than {MAX_EDIT_ENTITIES} entities, more than one edit may")
+        problem = next(filter(None, map(entity_id_problem, ids)), None)
+        if problem:
+            raise EditProblem(f"{name} holds {problem}")
+        lists[name] = tuple(ids)
+    return lists
+
+
+def _restrictions(remote: Remote) -> DoorRestrictions:
+    """The portal's list as read before the push (a door-restrictions edit's read always reads it)."""
+    assert remote.restrictions is not None
+    return remote.restrictions
+
+
+def _portal_outcome(device: Device, restrictions: DoorRestrictions) -> Outcome:
+    """The portal and its new list, as the mirror records an answer (asked again at the next pass)."""
+    return Outcome(device, RestrictionsAnswer(device.id, device.fingerprint, "ok", utcnow(), restrictions))
+
+
+def _added_and_removed(payload: DoorRestrictionsPayload, current: Collection[str]) -> list[str]:
+    return sorted((set(current) | set(payload.add)) - set(payload.remove))
+
+
+def _meaning_problem(payload: DoorRestrictionsPayload, current: list[str], whose: str) -> str | None:
     """Why an add / remove edit may not go against ``current`` (``whose`` list it is): it would
     make a restricted portal unrestricted, or the reverse. None when it may."""
     target = _added_and_removed(payload, current)
     if current and not target:
         return (
-            f"removing {_entities(len(payload.get('remove', [])))} would leave the portal with none, which OpenApp "
+            f"removing {_entities(len(payload.remove))} would leave the portal with none, which OpenApp "
             f"reads as not restricted: anyone could open it ({whose} lists {len(current)}). An add / remove edit "
             "never does that; to let everyone through on purpose, queue the whole list: "
             "`syncd door-restrictions ID --unrestrict` (entity_ids: [])"
         )
-    if not current and not target and payload.get("remove"):
+    if not current and not target and payload.remove:
         return (
             f"the portal is not restricted ({whose} lists no entity): anyone may open it, the "
-            f"{_entities(len(payload['remove']))} to remove included. Removing cannot shut them out; to "
+            f"{_entities(len(payload.remove))} to remove included. Removing cannot shut them out; to "
             "restrict the door on purpose, queue the whole list: `syncd door-restrictions ID --set ENTITY_ID ...`"
         )
     if not current and target:
@@ -536,7 +745,7 @@ def _entities(n: int) -> str:
     return f"{n} entity" if n == 1 else f"{n} entities"
 
 
-KINDS: dict[str, EditKind] = {k.action: k for k in (Update(), Restore(), Delete(), DoorRestrictionsEdit())}
+KINDS: dict[str, EditKind[Any]] = {k.action: k for k in (Update(), Restore(), Delete(), DoorRestrictionsEdit())}
 
 
 def queue_edit(
@@ -560,36 +769,42 @@ def queue_edit(
     kind = KINDS.get(action)
     if kind is None:
         raise ConfigError(f"unknown action {action!r} (use {', '.join(KINDS)})")
-    problem = kind.check(payload)
-    if problem:
-        raise ConfigError(f"{action} of {device_id}: {problem}")
-    device = store.device(device_id)
-    if device is None:
-        raise ConfigError(f"device {device_id} is not in the mirror (run `syncd run-once` first, or check the id)")
-    if device["org_id"] not in orgs:
-        raise ConfigError(f"device {device_id} belongs to org {preview(device['org_id'])}, which is not configured")
-    if device["state"] == "purged":
-        raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited")
-    problem = kind.mirror_problem(device, payload or {}, store)
-    if problem:
-        raise ConfigError(f"{action} of {device_id}: {problem}")
-    credentials: list[str] = []
-    if isinstance(payload, dict) and isinstance(payload.get("device_metadata"), dict):
-        credentials = _check_against_mirrored_schema(store, device, payload)
+    try:
+        parsed = kind.parse(payload)
+        mirrored = _editable(store, device_id, orgs)
+        problem = kind.mirror_problem(mirrored, parsed, store)
+        if problem:
+            raise EditProblem(problem)
+        credentials = kind.recorded_credentials(parsed, mirrored, store)
+    except EditProblem as exc:
+        raise ConfigError(f"{action} of {device_id}: {exc}") from None
     return EditQueue(store).add(
         {
             "device_id": device_id,
-            "org_id": device["org_id"],
+            "org_id": mirrored.device.org_id,
             "action": action,
             "payload": payload if payload else None,
-            "base": kind.base(payload, device, store),
-            "base_updated_at": device["updated_at"],
+            "base": kind.base(parsed, mirrored, store),
+            "base_updated_at": mirrored.device.updated_at,
             "requested_by": requested_by,
             "requested_via": "cli",
             "credential_pointers": credentials or None,
         },
         awaiting_approval=action in needs_approval,
     )
+
+
+def _editable(store: Store, device_id: str, orgs: Collection[str]) -> Mirrored:
+    """The mirrored device, if an edit may be queued for it (ConfigError: why not)."""
+    mirrored = read_mirrored(store, device_id)
+    if mirrored is None:
+        raise ConfigError(f"device {device_id} is not in the mirror (run `syncd run-once` first, or check the id)")
+    if mirrored.device.org_id not in orgs:
+        org = preview(mirrored.device.org_id)
+        raise ConfigError(f"device {device_id} belongs to org {org}, which is not configured")
+    if mirrored.state == "purged":
+        raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited")
+    return mirrored
 
 
 def cancel_edit(store: Store, edit_id: int, now: datetime) -> str:
@@ -633,7 +848,7 @@ def metadata_problem(schema: Any, metadata: Any, remote: Remote, cleared: Collec
 
 
 def redacted(payload: Any, pointers: Collection[str]) -> Any:
-    """``payload`` with the credential values under ``pointers`` masked, for output."""
+    """``payload`` (as a row holds it) with the credential values under ``pointers`` masked, for output."""
     if not isinstance(payload, dict) or not isinstance(payload.get("device_metadata"), dict):
         return payload
     metadata = copy.deepcopy(payload["device_metadata"])
@@ -671,11 +886,11 @@ def edit_credentials(store: Store, edit: Edit) -> list[str]:
     metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
     if not isinstance(metadata, dict):
         return sorted(pointers)
-    device = store.device(edit.device_id)
-    if device is None:
+    mirrored = read_mirrored(store, edit.device_id)
+    if mirrored is None:
         return sorted(pointers)
-    pointers |= _pointers_in(device.get("credentials_set"))
-    schema = _mirrored_schema(store, device)
+    pointers |= credentials_named(mirrored.device)
+    schema = _mirrored_schema(store, mirrored.device)
     if schema is not None:
         try:
             pointers |= index_of(schema).credentials_in(metadata)
@@ -714,54 +929,47 @@ def _schema(device: Device, reading: Reading) -> dict[str, Any] | bool:
     return definition.schema
 
 
-def _mirrored_schema(store: Store, device: Mapping[str, Any]) -> Any:
-    if not device.get("integration_id"):
+def _mirrored_schema(store: Store, device: Device) -> Any:
+    if not device.integration_id:
         return None
-    row = MetadataDefinitions(store).for_integration(device["org_id"], device["integration_id"])
+    row = MetadataDefinitions(store).for_integration(device.org_id, device.integration_id)
     return row["json_schema"] if row else None
 
 
-def _check_against_mirrored_schema(store: Store, device: Mapping[str, Any], payload: dict[str, Any]) -> list[str]:
-    """Check a metadata edit against the mirrored schema (ConfigError naming the problem); the
+def _check_against_mirrored_schema(
+    store: Store, device: Device, payload: UpdatePayload, metadata: dict[str, Any]
+) -> list[str]:
+    """Check a metadata edit against the mirrored schema (EditProblem naming the problem); the
     pointers of its credentials, to record with it."""
-    cleared = _cleared(payload)
-    pointers = _pointers_in(device.get("credentials_set")) | cleared
+    cleared = payload.cleared
+    pointers = credentials_named(device) | cleared
     schema = _mirrored_schema(store, device)
     if schema is None:
         return sorted(pointers)
-    parsed = parse_device(device["raw"])
     try:
-        index = _usable(schema)
-        pointers |= index.credentials_in(payload["device_metadata"])
+        pointers |= _usable(schema).credentials_in(metadata)
     except SchemaUnusable as exc:
-        raise ConfigError(f"update of {device['id']}: the provider's metadata schema cannot be used: {exc}") from None
-    except EditProblem as exc:
-        raise ConfigError(f"update of {device['id']}: {exc}") from None
-    remote = Remote(parsed, credentials=frozenset(pointers))
-    problem = metadata_problem(schema, _without(payload["device_metadata"], cleared), remote, cleared)
+        raise EditProblem(f"the provider's metadata schema cannot be used: {exc}") from None
+    remote = Remote(device, credentials=frozenset(pointers))
+    problem = metadata_problem(schema, _without(metadata, cleared), remote, cleared)
     if problem:
-        raise ConfigError(f"update of {device['id']}: {problem}")
+        raise EditProblem(problem)
     return sorted(pointers)
 
 
-def _size_problem(payload: Any) -> str | None:
+def _size_problem(raw: object) -> str | None:
     try:
-        size = len(orjson.dumps(payload))
+        size = len(orjson.dumps(raw))
     except (orjson.JSONEncodeError, TypeError) as exc:
         if "recursion" in str(exc).lower():
             return f"payload is nested more than {MAX_NESTING} levels deep"
         return f"payload is not storable JSON ({one_line(str(exc), 80)})"
     if size > MAX_EDIT_BYTES:
         return f"payload is {size} bytes of JSON, more than an edit may be ({MAX_EDIT_BYTES})"
-    where = nul_path(payload)
+    where = nul_path(raw)
     if where is not None:
         return f"payload holds a NUL character (U+0000) at {where}, which the mirror cannot store"
     return None
-
-
-def _cleared(payload: Any) -> set[str]:
-    clear = payload.get("clear_credentials", []) if isinstance(payload, dict) else []
-    return {_pointer(c) for c in clear if isinstance(c, str) and c} if isinstance(clear, list) else set()
 
 
 def credentials_named(device: Device) -> set[str]:
@@ -779,10 +987,6 @@ def _pointers_in(credentials_set: Any) -> set[str]:
 def _around(pointer: str, credential: str) -> bool:
     """Whether the value at ``pointer`` holds, or lies within, the credential at ``credential``."""
     return pointer == credential or credential.startswith(pointer + "/") or pointer.startswith(credential + "/")
-
-
-def _settable(payload: Any) -> dict[str, Any]:
-    return {name: value for name, value in payload.items() if name in EDITABLE_FIELDS}
 
 
 def _field(device: Device, name: str) -> Any:

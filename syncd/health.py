@@ -7,8 +7,9 @@
 - :class:`AuthGate`: while OpenApp rejects the API key, work pauses: one probe at a time, at most
   one per pause. Shared by the daemon's passes and the write-back reconciler.
 
-All of them take their clock from the caller, so tests drive time instead of waiting for it; the
-Board and the gate keep their own Prometheus gauges in step (failing orgs, the pause).
+All of them take their clock from the caller (the daemon's :class:`Clock`), so tests drive time
+instead of waiting for it; the Board and the gate keep their own Prometheus gauges in step (failing
+orgs, the pause).
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ class OrgHealth:
     last_success: datetime | None = None
 
 
+def utc_now() -> datetime:
+    """The wall clock, as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The daemon's time: wall time (schedules, last successes) and monotonic seconds (pauses).
+    Tests pass one they move themselves."""
+
+    now: Callable[[], datetime] = utc_now
+    monotonic: Callable[[], float] = time.monotonic
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What one outcome means: a transition worth a log line, and when to try again."""
@@ -59,7 +74,7 @@ class Verdict:
 class Board:
     """Every org's health, for the daemon: updated from pass threads, read by the main loop."""
 
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    clock: Callable[[], datetime] = utc_now
     _orgs: dict[str, OrgHealth] = field(default_factory=dict)
     _totals: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)

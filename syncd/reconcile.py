@@ -2,14 +2,16 @@
 each kind of edit (:mod:`syncd.edits`) knows its payload, its reads and its push, and the queue
 (:mod:`syncd.store.edits`) its transitions.
 
-Per edit: check it (an OpenApp device id, a payload its kind can push, and the org: always the
+Per edit: check it (an OpenApp device id, a payload its kind can parse, and the org: always the
 mirror's org of the device, which must be a configured one; an ``org_id`` written into the row that
 says otherwise fails the edit, nothing is sent); read the device (and what the kind needs: a
 portal's restrictions, the provider's metadata schema, which an edit's metadata must satisfy);
 when OpenApp already shows the edit, it succeeded (also after an attempt whose answer was lost);
 a field OpenApp changed away from both the edit's base and its value is a conflict (unless
-``conflict_policy = force``); a soft delete beyond ``writeback.max_deletes_per_hour`` waits; else
-push, then record the result and update the mirror from OpenApp's answer in one transaction.
+``conflict_policy = force``); a send its kind's hold rule refuses waits (``held_by``: a soft
+delete beyond ``writeback.max_deletes_per_hour``); else push, then record the result and update
+the mirror from OpenApp's answer in one transaction. Nothing here is kind-specific.
+
 Transient failures are retried later (exponential backoff with full jitter, honouring
 Retry-After) up to ``writeback.max_attempts``; permanent ones fail at once; a 401 pauses the
 reconciler without burning attempts. An edit left ``in_flight`` by a crash is checked again once
@@ -33,16 +35,7 @@ import structlog
 from syncd.api import OpenAppClient
 from syncd.backoff import backoff_delay
 from syncd.config import WritebackSettings
-from syncd.edits import (
-    KINDS,
-    EditKind,
-    EditProblem,
-    Outcome,
-    Reading,
-    Remote,
-    credential_values,
-    credentials_named,
-)
+from syncd.edits import KINDS, EditKind, EditProblem, HoldRule, Mirrored, Outcome, Reading, Remote, read_mirrored
 from syncd.errors import (
     AuthError,
     ClaimLostError,
@@ -55,14 +48,12 @@ from syncd.errors import (
 )
 from syncd.health import AuthGate
 from syncd.metrics import EDIT_RESULTS
-from syncd.models import change_kind, check_device_id, describe_change, masked, parse_device, preview, utcnow
+from syncd.models import Device, change_kind, check_device_id, describe_change, masked, parse_device, preview, utcnow
 from syncd.store import Store
-from syncd.store.details import RestrictionsAnswer
-from syncd.store.edits import Edit, EditQueue, Held, SendCap
+from syncd.store.edits import Edit, EditQueue, Held
 
 log = structlog.get_logger(__name__)
 WRITEBACK = "write-back"  # who asks the AuthGate
-CAP_WINDOW = timedelta(hours=1)  # the window of an edit kind's cap on sends
 
 
 def requester() -> str:
@@ -173,46 +164,11 @@ class Reconciler:
             return self._bug(edit, exc, attempt, edit_log)
 
     def _decide(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> str:
-        kind = KINDS[edit.action]
-        mirrored = self.store.device(edit.device_id) if _is_device_id(edit.device_id) else None
-        problem = self._problem(edit, kind, mirrored)
+        problem = self._problem(edit, attempt)
         if problem:
             return self._fail(edit, problem, edit_log)
-        assert mirrored is not None
-        org_id = mirrored["org_id"]
-        payload = edit.payload or {}
-        base = edit.base if edit.base is not None else kind.base(payload, mirrored, self.store)
-        reading = Reading(
-            self.client,
-            self.store,
-            org_id,
-            edit.device_id,
-            self.settings.door_restrictions_key,
-            recorded=frozenset(edit.credential_pointers),
-        )
         try:
-            device = self._fetch(org_id, edit.device_id) if kind.reads_device else parse_device(mirrored["raw"])
-            attempt.remote = remote = Remote(device)
-            kind.read(payload, remote, reading)
-            if kind.applied(payload, remote):
-                if edit.attempts > 1 or edit.recheck:
-                    edit_log.info("edit found applied in OpenApp after an attempt whose outcome was unknown")
-                return self._succeed(edit, kind, payload, base, remote, Outcome(remote.device, remote.restrictions))
-            if self.settings.conflict_policy == "detect":
-                fields = kind.conflicts(payload, base, remote)
-                if fields:
-                    return self._conflict(edit, fields, remote, edit_log, attempt)
-            problem = kind.unsendable(payload, remote)
-            if problem:
-                return self._fail(edit, f"{problem}; nothing was sent", edit_log, attempt=attempt)
-            cap = self._cap(kind)
-            held = self.queue.sending(edit, cap, remote.credentials)
-            if held is not None:
-                assert cap is not None  # only a cap holds a send
-                return self._hold(edit, kind, cap, held, edit_log, attempt)
-            attempt.sent = True
-            outcome = kind.push(payload, remote, reading)
-            return self._succeed(edit, kind, payload, base, remote, outcome)
+            return self._send(edit, attempt, edit_log)
         except EditProblem as exc:
             return self._fail(edit, f"{exc}; nothing was sent", edit_log, attempt=attempt)
         except AuthError as exc:
@@ -232,19 +188,24 @@ class Reconciler:
         except SyncdError as exc:  # permanent API errors, unreadable answers
             return self._fail(edit, str(exc), edit_log, exc, attempt)
 
-    def _problem(self, edit: Edit, kind: EditKind, mirrored: dict[str, Any] | None) -> str | None:
-        """Why the edit may not be sent at all, or None. The org is the mirror's org of the device;
-        a row is not trusted to name it."""
+    def _problem(self, edit: Edit, attempt: _Attempt) -> str | None:
+        """Why the edit may not be sent at all, or None: then its payload is parsed and the mirrored
+        device read (once), on ``attempt``. The org is the mirror's org of the device; a row is not
+        trusted to name it."""
         try:
             check_device_id(edit.device_id)
         except ValueError as exc:
             return f"{exc}; nothing was sent"
-        problem = "; ".join(edit.unreadable) or kind.check(edit.payload)
-        if problem:
-            return problem
-        if mirrored is None:
+        if edit.unreadable:
+            return "; ".join(edit.unreadable)
+        try:
+            attempt.payload = attempt.kind.parse(edit.payload)
+            attempt.mirrored = read_mirrored(self.store, edit.device_id)
+        except (EditProblem, InvalidResponseError) as exc:
+            return str(exc)
+        if attempt.mirrored is None:
             return "unknown device: it is not in the mirror"
-        org_id = mirrored["org_id"]
+        org_id = attempt.mirrored.device.org_id
         if edit.org_id is not None and edit.org_id != org_id:
             return (
                 f"org_id {preview(edit.org_id)} is not the device's org ({preview(org_id)} in the mirror); "
@@ -252,55 +213,90 @@ class Reconciler:
             )
         if org_id not in self.orgs:
             return f"the device's org {preview(org_id)} is not configured in this syncd; nothing was sent"
+        recorded = edit.base  # the mirror's values of the fields it sets: when queued, else now
+        attempt.base = (
+            recorded if recorded is not None else attempt.kind.base(attempt.payload, attempt.mirrored, self.store)
+        )
         return None
 
-    def _fetch(self, org_id: str, device_id: str) -> Any:
+    def _send(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> str:
+        """Read what the edit needs; then it is done already, in conflict, unsendable, held by its
+        kind's hold rule, or pushed."""
+        kind, payload = attempt.kind, attempt.payload
+        remote = self._read(edit, attempt)
+        if kind.applied(payload, remote):
+            if edit.attempts > 1 or edit.recheck:
+                edit_log.info("edit found applied in OpenApp after an attempt whose outcome was unknown")
+            return self._succeed(edit, attempt, kind.found(payload, remote))
+        unsent = self._unsent(edit, attempt, remote, edit_log)
+        if unsent:
+            return unsent
+        rule = kind.hold_rule(self.settings)
+        held = self.queue.sending(edit, rule.cap if rule else None, remote.credentials)
+        if held is not None:
+            assert rule is not None  # only a hold rule holds a send
+            return self._hold(edit, rule, held, edit_log, attempt)
+        attempt.sent = True
+        return self._succeed(edit, attempt, kind.push(payload, remote, self._reading(edit, attempt)))
+
+    def _read(self, edit: Edit, attempt: _Attempt) -> Remote:
+        """OpenApp's device (or the mirror's, when the kind's own read says whether it exists) and
+        what else the kind reads."""
+        mirrored = attempt.ready()
+        device = self._fetch(mirrored.device.org_id, edit.device_id) if attempt.kind.reads_device else mirrored.device
+        attempt.remote = remote = Remote(device)
+        return attempt.kind.read(attempt.payload, remote, self._reading(edit, attempt))
+
+    def _unsent(self, edit: Edit, attempt: _Attempt, remote: Remote, edit_log: Any) -> str | None:
+        """The edit's end when it must not be sent now (a conflict, or unsendable), else None."""
+        kind, payload = attempt.kind, attempt.payload
+        if self.settings.conflict_policy == "detect":
+            fields = kind.conflicts(payload, attempt.base, remote)
+            if fields:
+                return self._conflict(edit, fields, remote, edit_log, attempt)
+        problem = kind.unsendable(payload, remote)
+        if problem:
+            return self._fail(edit, f"{problem}; nothing was sent", edit_log, attempt=attempt)
+        return None
+
+    def _reading(self, edit: Edit, attempt: _Attempt) -> Reading:
+        org_id = attempt.ready().device.org_id
+        recorded = frozenset(edit.credential_pointers)
+        return Reading(self.client, self.store, org_id, edit.device_id, self.settings, recorded)
+
+    def _fetch(self, org_id: str, device_id: str) -> Device:
         raw = self.client.get_device(org_id, device_id)
         try:
             return parse_device(raw)
         except InvalidResponseError as exc:
             raise InvalidResponseError(f"get_device: {exc}") from exc
 
-    def _cap(self, kind: EditKind) -> SendCap | None:
-        """The kind's cap on sends (a soft delete's ``writeback.max_deletes_per_hour``), if it has one."""
-        if kind.cap_setting is None:
-            return None
-        return SendCap(kind.action, int(getattr(self.settings, kind.cap_setting)), CAP_WINDOW)
-
-    def _hold(self, edit: Edit, kind: EditKind, cap: SendCap, held: Held, edit_log: Any, attempt: _Attempt) -> str:
-        """The cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
+    def _hold(self, edit: Edit, rule: HoldRule, held: Held, edit_log: Any, attempt: _Attempt) -> str:
+        """The kind's cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
         now = utcnow()
         until = now + held.wait
-        reason = (
-            f"held: {held.count} {kind.capped} sent in the last hour reach writeback.{kind.cap_setting} "
-            f"({cap.limit}); it is pushed after {until.isoformat(timespec='seconds')} (raise the cap to push "
-            "sooner, or `syncd edits cancel ID`)"
-        )
-        self.queue.hold(edit, now, until, reason, attempt.credentials())
-        edit_log.warning(f"{kind.capped} held by the hourly cap", sent_last_hour=held.count, cap=cap.limit)
+        self.queue.hold(edit, now, until, rule.reason(held, until), attempt.credentials())
+        edit_log.warning(f"{rule.capped} held by the hourly cap", sent_last_hour=held.count, cap=rule.cap.limit)
         return "held"
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _succeed(self, edit: Edit, kind: EditKind, payload: Any, base: Any, remote: Remote, outcome: Outcome) -> str:
+    def _succeed(self, edit: Edit, attempt: _Attempt, outcome: Outcome) -> str:
         now = utcnow()
+        kind, payload, mirrored = attempt.kind, attempt.payload, attempt.ready()
+        remote = attempt.remote
+        assert remote is not None
+        remote.took(outcome)  # what OpenApp now says it holds is masked too
         device = outcome.device
-        remote.credentials |= credentials_named(device)  # what OpenApp now says it holds is masked too
-        mirrored = self.store.device(device.id)
-        change = None
-        if mirrored is not None:
-            diff = describe_change(mirrored["raw"], device.raw, mirrored["state"], device.state)
-            change = (change_kind(mirrored["state"], device.state), diff) if diff else None
-        restrictions = None
-        if outcome.restrictions is not None:
-            restrictions = RestrictionsAnswer(device.id, device.fingerprint, "ok", now, outcome.restrictions)
+        diff = describe_change(mirrored.device.raw, device.raw, mirrored.state, device.state)
+        change = (change_kind(mirrored.state, device.state), diff) if diff else None
         self.queue.succeed(
             edit,
             now,
             device=device,
             change=change,
-            restrictions=restrictions,
-            rebase=kind.rebase(payload, base, remote),
+            restrictions=outcome.restrictions,
+            rebase=kind.rebase(payload, attempt.base, remote),
             payload=kind.stored(payload, remote),
             credentials=remote.credentials,
         )
@@ -332,9 +328,7 @@ class Reconciler:
     ) -> str:
         """The edit failed. Its credential pointers are recorded, and once its write went out
         (refused, say) its credential values are redacted as after a success."""
-        kept = None
-        if attempt is not None and attempt.sent and attempt.remote is not None:
-            kept = KINDS[edit.action].stored(edit.payload or {}, attempt.remote)
+        kept = attempt.stored() if attempt is not None else None
         reason = masked(reason, attempt.secrets() if attempt else ())
         credentials = attempt.credentials() if attempt else ()
         self.queue.fail(edit, utcnow(), reason, exc.status if exc else None, credentials=credentials, payload=kept)
@@ -385,21 +379,33 @@ class Reconciler:
         return self._fail(edit, error + suffix, edit_log, attempt=attempt)
 
 
-def _is_device_id(value: str) -> bool:
-    try:
-        check_device_id(value)
-    except ValueError:
-        return False
-    return True
-
-
 class _Attempt:
-    """One edit's attempt, as far as its errors need it: what was read, whether a write went out."""
+    """One edit's attempt: its payload, parsed, and the mirrored device, once checked; what was
+    read of OpenApp; whether a write went out."""
 
     def __init__(self, edit: Edit) -> None:
         self.edit = edit
+        self.payload: object = None  # the kind's payload, once parsed
+        self.mirrored: Mirrored | None = None
+        self.base: Any = None  # the base its conflicts are judged against
         self.remote: Remote | None = None
         self.sent = False
+
+    @property
+    def kind(self) -> EditKind[Any]:
+        """The edit's kind."""
+        return KINDS[self.edit.action]
+
+    def ready(self) -> Mirrored:
+        """The mirrored device, once the edit is checked."""
+        assert self.mirrored is not None
+        return self.mirrored
+
+    def stored(self) -> dict[str, Any] | None:
+        """What the row keeps of the payload once the write went out (None: as it is)."""
+        if not self.sent or self.remote is None:
+            return None
+        return self.kind.stored(self.payload, self.remote)
 
     def credentials(self) -> frozenset[str]:
         """Where the edit's credential values are: the pointers recorded with it and those found
@@ -409,6 +415,6 @@ class _Attempt:
 
     def secrets(self) -> list[str]:
         """The credential values the edit carries (no message may quote one)."""
-        payload = self.edit.payload
-        metadata = payload.get("device_metadata") if isinstance(payload, dict) else None
-        return credential_values(metadata, self.credentials()) if isinstance(metadata, dict) else []
+        if self.payload is None:  # not parsed: no message quotes its values
+            return []
+        return self.kind.secrets(self.payload, self.credentials())

@@ -246,17 +246,7 @@ class SchemaIndex:
             reference = node.get(keyword)
             if isinstance(reference, str):
                 yield self.resolve(where, reference)
-        for keyword in _IN_PLACE_ONE:
-            if isinstance(node.get(keyword), dict | bool):
-                yield f"{where}/{keyword}"
-        for keyword in _IN_PLACE_LIST:
-            if isinstance(node.get(keyword), list):
-                yield from (f"{where}/{keyword}/{i}" for i in range(len(node[keyword])))
-        for keyword in _IN_PLACE_MAP:
-            if isinstance(node.get(keyword), dict):
-                for name, sub in node[keyword].items():
-                    if isinstance(sub, dict | bool):
-                        yield f"{where}/{keyword}/{escape(str(name))}"
+        yield from (at for _, at in _subschemas(node, where, _IN_PLACE_ONE, _IN_PLACE_LIST, _IN_PLACE_MAP))
 
     def check_references(self) -> None:
         """SchemaUnusable for a reference outside the schema or to nothing, a cycle of references
@@ -343,27 +333,9 @@ class SchemaIndex:
             if not isinstance(node, dict):
                 continue
             if isinstance(name, str):
-                properties = node.get("properties")
-                if isinstance(properties, dict) and isinstance(properties.get(name), dict | bool):
-                    found.add(f"{where}/properties/{escape(name)}")
-                patterns = node.get("patternProperties")
-                if isinstance(patterns, dict):
-                    found.update(f"{where}/patternProperties/{escape(str(p))}" for p in patterns)
-                for keyword in ("additionalProperties", "unevaluatedProperties"):
-                    if isinstance(node.get(keyword), dict):
-                        found.add(f"{where}/{keyword}")
+                found.update(_property_schemas(node, where, name))
             else:
-                items = node.get("items")
-                prefix = node.get("prefixItems")
-                if isinstance(prefix, list) and name < len(prefix):
-                    found.add(f"{where}/prefixItems/{name}")
-                if isinstance(items, list) and name < len(items):
-                    found.add(f"{where}/items/{name}")
-                elif isinstance(items, dict):
-                    found.add(f"{where}/items")
-                for keyword in ("additionalItems", "unevaluatedItems", "contains"):
-                    if isinstance(node.get(keyword), dict):
-                        found.add(f"{where}/{keyword}")
+                found.update(_item_schemas(node, where, name))
         return found
 
     def credentials_in(self, instance: Any) -> set[str]:
@@ -411,16 +383,58 @@ class SchemaIndex:
         return self.is_secret(locations)
 
 
+def _property_schemas(node: dict[str, Any], where: str, name: str) -> Iterator[str]:
+    """The subschemas of the schema object ``node`` that may apply to its instance's property ``name``."""
+    properties = node.get("properties")
+    if isinstance(properties, dict) and isinstance(properties.get(name), dict | bool):
+        yield f"{where}/properties/{escape(name)}"
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict):
+        yield from (f"{where}/patternProperties/{escape(str(p))}" for p in patterns)
+    for keyword in ("additionalProperties", "unevaluatedProperties"):
+        if isinstance(node.get(keyword), dict):
+            yield f"{where}/{keyword}"
+
+
+def _item_schemas(node: dict[str, Any], where: str, index: int) -> Iterator[str]:
+    """The subschemas of the schema object ``node`` that may apply to its instance's item ``index``."""
+    items = node.get("items")
+    prefix = node.get("prefixItems")
+    if isinstance(prefix, list) and index < len(prefix):
+        yield f"{where}/prefixItems/{index}"
+    if isinstance(items, list) and index < len(items):
+        yield f"{where}/items/{index}"
+    elif isinstance(items, dict):
+        yield f"{where}/items"
+    for keyword in ("additionalItems", "unevaluatedItems", "contains"):
+        if isinstance(node.get(keyword), dict):
+            yield f"{where}/{keyword}"
+
+
 def _children(node: dict[str, Any], where: str) -> Iterator[tuple[Any, str]]:
     """The subschemas written directly inside a schema object, with their locations."""
-    for keyword in (*_IN_PLACE_ONE, *_DESCEND_ONE):
+    return _subschemas(
+        node,
+        where,
+        (*_IN_PLACE_ONE, *_DESCEND_ONE),
+        (*_IN_PLACE_LIST, *_DESCEND_LIST),
+        (*_IN_PLACE_MAP, *_DESCEND_MAP, *_DEFINITIONS),
+    )
+
+
+def _subschemas(
+    node: dict[str, Any], where: str, one: tuple[str, ...], lists: tuple[str, ...], maps: tuple[str, ...]
+) -> Iterator[tuple[Any, str]]:
+    """The subschemas written in ``node`` under these keywords (a schema, a list of them, a map of
+    them), with their locations."""
+    for keyword in one:
         if isinstance(node.get(keyword), dict | bool):
             yield node[keyword], f"{where}/{keyword}"
-    for keyword in (*_IN_PLACE_LIST, *_DESCEND_LIST):
+    for keyword in lists:
         if isinstance(node.get(keyword), list):
             for i, sub in enumerate(node[keyword]):
                 yield sub, f"{where}/{keyword}/{i}"
-    for keyword in (*_IN_PLACE_MAP, *_DESCEND_MAP, *_DEFINITIONS):
+    for keyword in maps:
         if isinstance(node.get(keyword), dict):
             for name, sub in node[keyword].items():
                 if isinstance(sub, dict | bool):

@@ -134,8 +134,94 @@ def test_a_caller_already_waiting_for_a_turn_waits_out_a_pause_that_begins_meanw
         budget.acquire(deadline=time.monotonic() + 1)
 
 
+def goes_out_now(budget: RequestBudget, clock: Clock) -> bool:
+    """Whether a request would get its turn without waiting (a deadline of now makes any wait an error)."""
+    try:
+        budget.release(budget.acquire(deadline=clock.now), ok=True)
+    except RequestTimeoutError:
+        return False
+    return True
+
+
+def test_after_a_retry_after_pause_one_probe_goes_out_alone_and_the_others_wait_for_its_answer() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    turns = [budget.acquire(deadline=1e9) for _ in range(8)]
+    for turn in turns:  # a storm meets every request in flight
+        budget.release(turn, throttled=True, retry_after=1.0)
+    with pytest.raises(RequestTimeoutError, match="Retry-After"):
+        budget.acquire(deadline=clock.now + 0.5)  # the pause holds everyone
+    for _ in range(2):  # the storm goes on: each pause is followed by one probe, met by the next 429
+        clock.now += 1.0
+        probe = budget.acquire(deadline=clock.now)
+        with pytest.raises(RequestTimeoutError, match="no turn"):
+            budget.acquire(deadline=clock.now)  # the others wait until the probe answers
+        budget.release(probe, throttled=True, retry_after=1.0)
+        assert budget.limit == 1 and budget.probing
+    clock.now += 1.0
+    probe = budget.acquire(deadline=clock.now)
+    assert not goes_out_now(budget, clock)
+    budget.release(probe, ok=True)  # the storm is over: grow from 1 by the usual rule
+    assert budget.limit == 1 and not budget.probing
+    assert goes_out_now(budget, clock)  # one at a time now, but without waiting for a probe
+    clock.now += 1.0
+    assert goes_out_now(budget, clock)  # a round of 1 success a second later: 2
+    assert budget.limit == 2
+    for expected in (3, 4):
+        clock.now += 1.0
+        for _ in range(budget.limit):
+            budget.release(budget.acquire(deadline=1e9), ok=True)
+        assert budget.limit == expected
+
+
+def test_only_the_success_of_a_request_sent_after_the_pause_ends_the_probing() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    sent_before = budget.acquire(deadline=1e9)
+    budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=1.0)
+    clock.now += 1.0
+    budget.release(sent_before, ok=True)  # answered after the pause, but sent before it
+    assert budget.probing and budget.limit == 1
+    probe = budget.acquire(deadline=clock.now)
+    budget.release(probe)  # an error that is no throttling: the next request is a probe again
+    assert budget.probing
+    probe = budget.acquire(deadline=clock.now)
+    assert not goes_out_now(budget, clock)
+    budget.release(probe, ok=True)
+    assert not budget.probing
+
+
+def test_a_request_waiting_behind_the_probe_honours_its_deadline_and_a_stop() -> None:
+    clock = Clock()
+    budget = RequestBudget(4, clock=clock)
+    budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=2.0)
+    clock.now += 2.0
+    probe = budget.acquire(deadline=clock.now)
+    with pytest.raises(RequestTimeoutError, match="no turn in the request budget"):
+        budget.acquire(deadline=clock.now, what="list_devices")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StoppedError):
+        budget.acquire(deadline=1e9, stop=stop)
+    budget.release(probe, throttled=True, retry_after=30.0)  # a pause past the deadline: at once
+    with pytest.raises(RequestTimeoutError, match="Retry-After"):
+        budget.acquire(deadline=clock.now + 10)
+    assert budget.in_flight == 0
+
+
+def test_a_throttled_answer_without_retry_after_halves_but_sends_no_probe() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    budget.release(budget.acquire(deadline=1e9), throttled=True)  # a 503 without Retry-After
+    assert budget.limit == 4 and not budget.probing
+    assert goes_out_now(budget, clock)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["ok", "throttled", "error", "a second later"]), max_size=200), st.integers(1, 32))
+@given(
+    st.lists(st.sampled_from(["ok", "throttled", "retry after", "error", "a second later"]), max_size=200),
+    st.integers(1, 32),
+)
 def test_the_limit_stays_within_its_bounds(outcomes: list[str], maximum: int) -> None:
     clock = Clock()
     budget = RequestBudget(maximum, clock=clock)
@@ -144,8 +230,13 @@ def test_the_limit_stays_within_its_bounds(outcomes: list[str], maximum: int) ->
             clock.now += 1.0
             continue
         turn = budget.acquire(deadline=1e9)
-        budget.release(turn, ok=outcome == "ok", throttled=outcome == "throttled")
+        retry_after = 1.0 if outcome == "retry after" else None
+        budget.release(
+            turn, ok=outcome == "ok", throttled=outcome in ("throttled", "retry after"), retry_after=retry_after
+        )
+        clock.now += retry_after or 0.0  # the caller waits the pause out
         assert 1 <= budget.limit <= maximum
+        assert not budget.probing or budget.limit == 1
     assert budget.in_flight == 0
 
 
@@ -192,3 +283,44 @@ def test_a_burst_of_429s_is_followed_by_fewer_requests_per_second_not_more() -> 
     assert limit_before == 8 and limit_after < 8
     assert per_second[0] < per_second[-1], per_second
     assert sum(1 for r in log if r.status == 429) == 8
+
+
+def test_a_storm_of_429s_meets_one_probe_per_pause_not_every_queued_request() -> None:
+    """Eight threads call OpenApp as fast as they can; for 2.5 s every request is answered 429 with
+    Retry-After 1. What was in flight when the storm began meets it; after that, one probe per pause
+    (a sequential client's rate), and once the storm is over every caller gets its answers again."""
+    world = World(seed=6)
+    (org,) = world.seed(1, 50)
+    world.add_key(API_KEY)
+    with Simulator(world) as sim:
+        device = world.ids(org)[0]
+        with OpenAppClient(api_settings(sim, max_concurrency=8)) as client:
+            stop = threading.Event()
+            answered = Counter[int]()
+
+            def call(number: int) -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(SyncdError):
+                        client.get_device(org, device)
+                        answered[number] += 1
+
+            threads = [threading.Thread(target=call, args=(n,)) for n in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            storm = sim.inject(Fault(status=429, retry_after="1", times=None, duration=2.5))
+            time.sleep(3.5)
+            answered.clear()
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+        log = sim.requests("get_device")
+    assert storm.first_fired_at is not None
+    during = sorted((r for r in log if r.status == 429), key=lambda r: r.started)
+    offsets = [round(r.started - storm.first_fired_at, 3) for r in during]
+    # What was in flight as the storm began met it at once; after that, one probe per pause (at about
+    # 1 s and 2 s), where every queued request used to go out after each pause.
+    assert sum(1 for offset in offsets if offset >= 0.5) <= 2, offsets
+    assert storm.fired == len(during)
+    assert all(answered[n] > 0 for n in range(8)), answered  # nobody starves after the storm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from syncd import health
 from syncd.cli import main
 from syncd.config import Config, DatabaseSettings, MetricsSettings, OrgSettings, SyncSettings
 from syncd.daemon import Daemon
@@ -198,7 +200,9 @@ def test_sighup_reloads_and_rejects_a_broken_config(tmp_path: Path, sim: Simulat
     store.close()
 
 
-def in_process_daemon(sim: Simulator, database_url: str, orgs: list[str], **sync: Any) -> Daemon:
+def in_process_daemon(
+    sim: Simulator, database_url: str, orgs: list[str], clock: health.Clock | None = None, **sync: Any
+) -> Daemon:
     config = Config(
         api=api_settings(sim, retry=replace(FAST_RETRY, max_attempts=1)),
         database=DatabaseSettings(url=database_url),
@@ -206,7 +210,7 @@ def in_process_daemon(sim: Simulator, database_url: str, orgs: list[str], **sync
         sync=SyncSettings(**{"interval": 1.0, **sync}),
         metrics=MetricsSettings(listen=("127.0.0.1", 0)),
     )
-    return Daemon(config, notifier=Notifier({}))
+    return Daemon(config, notifier=Notifier({}), clock=clock)
 
 
 def running(daemon: Daemon) -> threading.Thread:
@@ -215,51 +219,104 @@ def running(daemon: Daemon) -> threading.Thread:
     return thread
 
 
+class FakeClock:
+    """Wall and monotonic time that move only when the test moves them."""
+
+    def __init__(self) -> None:
+        self.start = datetime.now(UTC)
+        self.seconds = 0.0
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=self.seconds)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+@contextlib.contextmanager
+def driven_daemon(
+    sim: Simulator, database_url: str, orgs: list[str], clock: FakeClock, **sync: Any
+) -> Iterator[Daemon]:
+    """A daemon on ``clock`` whose jobs are scheduled (the scheduler paused) and run by the test,
+    one ``daemon._job(org)`` at a time: its wiring of the Board and the AuthGate, without waiting."""
+    daemon = in_process_daemon(sim, database_url, orgs, health.Clock(clock.now, clock.monotonic), **sync)
+    try:
+        daemon.store.prepare(daemon.config.database.auto_upgrade)
+        for org in daemon.config.orgs:
+            daemon._schedule(org, first=True)
+        daemon.scheduler.start(paused=True)
+        yield daemon
+    finally:
+        if daemon.scheduler.running:
+            daemon.scheduler.shutdown(wait=False)
+        daemon._close()
+
+
+def next_pass_in(daemon: Daemon, org: str, clock: FakeClock) -> float:
+    job = daemon.scheduler.get_job(f"org:{org}")
+    assert job is not None
+    return float((job.next_run_time - clock.now()).total_seconds())
+
+
 def test_failing_org_backs_off_without_stopping_the_others(tmp_path: Path, sim: Simulator, world: World) -> None:
+    """A failing org's next pass moves by the Board's backoff (doubling from the 1 s interval, at
+    most failure_backoff_max); the healthy org's schedule is left alone; each transition is told once."""
     org_a, org_b = list(world.orgs)
     sim.inject(Fault(status=503, org_id=org_b, times=None))
-    daemon = in_process_daemon(sim, f"sqlite:///{tmp_path}/m.db", [org_a, org_b], failure_backoff_max=4.0)
-    with capture_logs() as logs:
-        thread = running(daemon)
-        try:
-            time.sleep(6.5)
-            passes_b = len([r for r in sim.requests("list_devices", org_b) if r.offset == 0])
-            sim.clear_faults()
-            wait_for(lambda: any(e["event"] == "org recovered" for e in logs), timeout=15, what="recovery")
-        finally:
-            daemon.request_stop()
-            thread.join(timeout=30)
+    clock = FakeClock()
+    with (
+        capture_logs() as logs,
+        driven_daemon(sim, f"sqlite:///{tmp_path}/m.db", [org_a, org_b], clock, failure_backoff_max=4.0) as daemon,
+    ):
+        a_first = daemon.scheduler.get_job(f"org:{org_a}").next_run_time
+        waits = []
+        for _ in range(4):
+            daemon._job(org_a)
+            daemon._job(org_b)
+            waits.append(next_pass_in(daemon, org_b, clock))
+            clock.advance(max(waits[-1], 1.0))
+        assert daemon.status_line().startswith("2 orgs: 1 ok, 1 stale, 1 failing")
+        sim.clear_faults()
+        daemon._job(org_b)
+        a_last = daemon.scheduler.get_job(f"org:{org_a}").next_run_time
+    assert waits[0] <= 0.1 and waits[1:] == [2.0, 4.0, 4.0]  # the 2nd failure waits 2 s, then 4 s: the cap
+    assert a_last == a_first  # the healthy org's passes keep the interval's pace (the daemon never moved them)
     started = [e for e in logs if e["event"] == "org started failing"]
     assert len(started) == 1 and started[0]["org_id"] == org_b
-    assert 2 <= passes_b <= 4  # 1 s interval without backoff would have made about 6
+    backing_off = [(e["failures"], e["next_pass_in_seconds"]) for e in logs if e["event"] == "backing off"]
+    assert backing_off == [(2, 2), (3, 4), (4, 4)]
+    assert [e["after_failures"] for e in logs if e["event"] == "org recovered"] == [4]
     ok_a = [e for e in logs if e["event"] == "pass succeeded" and e.get("org_id") == org_a]
-    assert len(ok_a) >= 4  # the healthy org kept its pace
+    assert len(ok_a) == 4
+    assert len([r for r in sim.requests("list_devices", org_b) if r.offset == 0]) == 5  # one per pass
 
 
 def test_a_401_pauses_all_syncing_with_one_error_per_interval(tmp_path: Path, sim: Simulator, world: World) -> None:
+    """While the key is rejected, one probe per interval reaches OpenApp (one error line each), the
+    other orgs wait, and the first accepted probe resumes every org."""
     orgs = list(world.orgs)
     world.keys.clear()
-    daemon = in_process_daemon(sim, f"sqlite:///{tmp_path}/m.db", orgs, interval=1.0)
-    with capture_logs() as logs:
-        thread = running(daemon)
-        try:
-            time.sleep(4.2)
-            rejected = [e for e in logs if e["event"] == "OpenApp rejected the API key: all syncing is paused"]
-            list_requests = len(sim.requests("list_devices"))
-            assert "PAUSED" in daemon.status_line()
-            world.add_key(API_KEY)
-            wait_for(
-                lambda: any(e["event"].startswith("OpenApp accepted the API key again") for e in logs), what="resume"
-            )
-            wait_for(
-                lambda: {e.get("org_id") for e in logs if e["event"] == "pass succeeded"} == set(orgs),
-                what="both orgs synced",
-            )
-        finally:
-            daemon.request_stop()
-            thread.join(timeout=30)
-    assert 2 <= len(rejected) <= 6  # about one per interval, not one per org per tick
-    assert list_requests <= len(rejected) + 2  # only probes reached the API while paused
+    clock = FakeClock()
+    with capture_logs() as logs, driven_daemon(sim, f"sqlite:///{tmp_path}/m.db", orgs, clock, interval=1.0) as daemon:
+        for _ in range(16):  # 4 s, every org's job every 0.25 s
+            for org in orgs:
+                daemon._job(org)
+            clock.advance(0.25)
+        rejected = [e for e in logs if e["event"] == "OpenApp rejected the API key: all syncing is paused"]
+        list_requests = len(sim.requests("list_devices"))
+        assert "PAUSED" in daemon.status_line()
+        world.add_key(API_KEY)
+        clock.advance(1.0)
+        for org in orgs:
+            daemon._job(org)
+        assert "PAUSED" not in daemon.status_line()
+    assert len(rejected) == 4  # one per interval (at 0, 1, 2 and 3 s), not one per org per tick
+    assert list_requests == len(rejected)  # only the probes reached the API while paused
+    assert len([e for e in logs if e["event"].startswith("OpenApp accepted the API key again")]) == 1
+    assert {e.get("org_id") for e in logs if e["event"] == "pass succeeded"} == set(orgs)
 
 
 def test_metrics_endpoint(tmp_path: Path, sim: Simulator, world: World) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,26 @@ from sqlalchemy import text
 
 from syncd.api import OpenAppClient
 from syncd.cli import main
-from syncd.edits import REDACTED, queue_edit
+from syncd.config import WritebackSettings
+from syncd.edits import (
+    CAP_WINDOW,
+    KINDS,
+    REDACTED,
+    EditKind,
+    EditProblem,
+    HoldRule,
+    Outcome,
+    Reading,
+    Remote,
+    queue_edit,
+)
 from syncd.errors import ConfigError
 from syncd.health import AuthGate
+from syncd.models import parse_device
 from syncd.reconcile import Reconciler
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
-from syncd.store.edits import EditQueue
+from syncd.store.edits import EditQueue, HoldReason, SendCap
 
 from .conftest import API_KEY
 from .test_cli import KEY_ENV, write_config
@@ -110,6 +124,7 @@ def test_deletes_beyond_the_hourly_cap_wait(
     assert all(
         e.status == "pending" and e.attempts == 0 and "max_deletes_per_hour" in (e.last_error or "") for e in held
     )
+    assert all(e.held_by is HoldReason.SEND_CAP for e in held)  # data, not only text
     first = edit(store, ids[0]).applied_at
     assert all(e.next_attempt_at is not None and e.next_attempt_at >= first + timedelta(minutes=59) for e in held)
     assert rec.run_once() == Counter()  # not due before the hour is up
@@ -117,6 +132,64 @@ def test_deletes_beyond_the_hourly_cap_wait(
     config = write_config(tmp_path, sim, database_url, [mirrored])
     assert main(["edits", "--config", str(config), "--status", "pending"]) == 0
     assert "held    held: 2 soft deletes sent in the last hour" in capsys.readouterr().out
+    with store.engine.begin() as conn:  # "held" is read from held_by, not from the message's text
+        conn.execute(text("UPDATE device_edits SET held_by = NULL WHERE id = :i"), {"i": ids[2]})
+    assert main(["edits", "--config", str(config), "--status", "pending"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {ids[2]}: error   held: 2 soft deletes" in out and f"  {ids[3]}: held    held: 2" in out
+
+
+@dataclass(frozen=True, slots=True)
+class Relabel:
+    """The payload of a kind the reconciler has never heard of."""
+
+    external_id: str
+
+
+class RelabelKind(EditKind[Relabel]):
+    """A new kind, as ARCHITECTURE.md's worked example adds one: it sets external_id, at most one
+    send per hour. (device_edits' CHECK constraint knows only the shipped actions: it stands in for
+    restore here.)"""
+
+    action = "restore"
+    usage = '{"external_id": "..."}'
+
+    def validate(self, raw: object) -> Relabel:
+        if not isinstance(raw, dict) or not isinstance(raw.get("external_id"), str):
+            raise EditProblem(f"a relabel needs {self.usage}")
+        return Relabel(raw["external_id"])
+
+    def applied(self, payload: Relabel, remote: Remote) -> bool:
+        return remote.device.external_id == payload.external_id
+
+    def hold_rule(self, settings: WritebackSettings) -> HoldRule:
+        return HoldRule(SendCap(self.action, 1, CAP_WINDOW), "max_relabels_per_hour", "relabels")
+
+    def push(self, payload: Relabel, remote: Remote, reading: Reading) -> Outcome:
+        changes = {"external_id": payload.external_id}
+        return Outcome(parse_device(reading.client.update_device(reading.org_id, reading.device_id, changes)))
+
+    def describe(self, payload: Relabel) -> str:
+        return f"relabel {payload.external_id}"
+
+
+def test_a_new_kind_needs_no_reconciler_change(
+    sim: Simulator, wb_client: OpenAppClient, store: Store, world: World, mirrored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler knows no kind: a kind it never saw is parsed, pushed, mirrored and held by its
+    own hold rule."""
+    monkeypatch.setitem(KINDS, "restore", RelabelKind())
+    first, second = (active(world, mirrored, n) for n in range(2))
+    ids = [insert_edit(store, device, "restore", {"external_id": f"label-{device}"}) for device in (first, second)]
+    bad = insert_edit(store, first, "restore", {"external_id": 7})
+    assert reconciler(wb_client, store).run_once() == Counter(succeeded=1, held=1, failed=1)
+    done, held = edit(store, ids[0]), edit(store, ids[1])
+    assert done.status == "succeeded" and (store.device(first) or {})["external_id"] == f"label-{first}"
+    assert [c["source"] for c in store.changes() if c["edit_id"] == done.id] == ["local_edit"]
+    assert held.status == "pending" and held.held_by is HoldReason.SEND_CAP
+    assert "held: 1 relabels sent in the last hour reach writeback.max_relabels_per_hour" in (held.last_error or "")
+    assert edit(store, bad).last_error == 'a relabel needs {"external_id": "..."}'
+    assert len(sim.requests("update_device")) == 1
 
 
 def test_the_cli_asks_before_a_delete(

@@ -1,17 +1,18 @@
 """The edit state machine is one table (``syncd.store.edits.TRANSITIONS``): every transition from
-every status, allowed or refused, on both databases; and the statuses the table, the enum and the
-CHECK constraint know agree."""
+every status, allowed or refused, on both databases; the statuses the table, the enum and the
+CHECK constraint know agree; and a hold (``held_by``) is data that lasts as long as its message."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from alembic import command
+from sqlalchemy import select, text
 
-from syncd.store import Store
-from syncd.store.edits import TRANSITIONS, EditQueue, EditStatus, _move
-from syncd.store.schema import EDIT_STATUSES, device_edits
+from syncd.store import Store, migrate
+from syncd.store.edits import TRANSITIONS, EditQueue, EditStatus, HoldReason, _move
+from syncd.store.schema import EDIT_HOLDS, EDIT_STATUSES, device_edits
 
 DEVICE = "01HK153X0038NZ3ZA2MABNBN61"
 # Statuses an edit never leaves: the outcome is recorded for good.
@@ -61,3 +62,51 @@ def test_an_operator_is_told_why_a_transition_is_refused(store: Store, status: E
         queue.cancel(edit_id, datetime.now(UTC))
     edit = queue.get(edit_id)
     assert edit is not None and edit.status is status
+
+
+def test_the_hold_reasons_and_their_check_constraint_agree() -> None:
+    assert {r.value for r in HoldReason} == set(EDIT_HOLDS)
+
+
+@pytest.mark.parametrize("then", ["release", "claim", "retry_later", "fail", "succeed"])
+def test_a_hold_is_data_that_lasts_until_another_message_replaces_its_own(store: Store, then: str) -> None:
+    """``held_by`` is set with a hold's message and cleared with the next message written, so that
+    `syncd edits` says "held" exactly while the edit's last error is its hold's."""
+    queue = EditQueue(store)
+    edit_id = queue.add({"device_id": DEVICE, "action": "delete"})
+    now = datetime.now(UTC)
+    [claimed] = queue.claim(now, timedelta(minutes=2), 10, "test")
+    queue.hold(claimed, now, now, "held: 20 soft deletes sent in the last hour")
+    held = queue.get(edit_id)
+    assert held is not None and held.status is EditStatus.PENDING and held.held_by is HoldReason.SEND_CAP
+    [claimed] = queue.claim(now, timedelta(minutes=2), 10, "test")
+    if then == "release":
+        queue.release([edit_id], now)
+    elif then == "retry_later":
+        queue.retry_later(claimed, now, now, "HTTP 503", 503)
+    elif then == "fail":
+        queue.fail(claimed, now, "refused")
+    elif then == "succeed":
+        queue.succeed(claimed, now)
+    after = queue.get(edit_id)
+    assert after is not None
+    kept = then in ("release", "claim")  # the hold's message is still the last error
+    assert after.held_by is (HoldReason.SEND_CAP if kept else None), then
+    assert (after.last_error or "").startswith("held:") == kept
+
+
+def test_migration_0011_records_the_holds_made_before_it(database_url: str) -> None:
+    """Edits held before ``held_by`` existed (their last error starts with 'held:') are held by data
+    after the upgrade; no other edit is."""
+    store = Store(database_url)
+    store.upgrade()
+    with store.engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), "0010")
+        for n, error in enumerate(("held: 20 soft deletes sent in the last hour ...", "HTTP 503: held: no", None)):
+            conn.execute(
+                text("INSERT INTO device_edits (id, device_id, action, last_error) VALUES (:i, :d, 'delete', :e)"),
+                {"i": n + 1, "d": DEVICE, "e": error},
+            )
+    store.upgrade()
+    assert [e.held_by for e in EditQueue(store).find()] == [HoldReason.SEND_CAP, None, None]
+    store.close()

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncd.api import OpenAppClient, parse_retry_after
-from syncd.edits import KINDS, DoorRestrictionsEdit, Remote, Update, queue_edit
+from syncd.edits import KINDS, DoorRestrictionsEdit, EditProblem, Remote, Update, queue_edit
 from syncd.models import (
     DEVICE_ID,
     REDACTED,
@@ -130,15 +130,23 @@ def test_a_422_quoting_a_long_key_keeps_none_of_it() -> None:
 def test_an_entity_id_is_a_ulid_in_answers_and_edits(value: str) -> None:
     ulid = DEVICE_ID.fullmatch(value) is not None
     assert is_entity_id(value) == ulid
-    assert (KINDS["door_restrictions"].check({"add": [value]}) is None) == ulid
+    assert (payload_problem("door_restrictions", {"add": [value]}) is None) == ulid
 
 
 def test_door_edits_are_capped_in_count_and_bytes() -> None:
-    kind = KINDS["door_restrictions"]
     many = [f"01HENT{i:020d}" for i in range(20_001)]
-    assert "more than 20000 entities" in (kind.check({"entity_ids": many}) or "")
-    assert kind.check({"entity_ids": many[:20_000]}) is None
-    assert "more than an edit may be" in (kind.check({"entity_ids": many * 2}) or "")
+    assert "more than 20000 entities" in (payload_problem("door_restrictions", {"entity_ids": many}) or "")
+    assert payload_problem("door_restrictions", {"entity_ids": many[:20_000]}) is None
+    assert "more than an edit may be" in (payload_problem("door_restrictions", {"entity_ids": many * 2}) or "")
+
+
+def payload_problem(action: str, raw: object) -> str | None:
+    """What the kind's parse says is wrong with ``raw``, or None."""
+    try:
+        KINDS[action].parse(raw)
+    except EditProblem as exc:
+        return str(exc)
+    return None
 
 
 @QUICK
@@ -154,7 +162,7 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     if not add and not remove:
         return
     kind = DoorRestrictionsEdit()
-    payload = {"add": sorted(add), "remove": sorted(remove)}
+    payload = kind.parse({"add": sorted(add), "remove": sorted(remove)})
     remote = Remote(DEVICE, restrictions=DoorRestrictions(tuple(sorted(current)), "apartment_entity_ids", {}))
     target = sorted((current | add) - remove)
     problem = kind.unsendable(payload, remote)
@@ -165,7 +173,7 @@ def test_add_and_remove_never_change_whether_a_door_is_restricted(
     if problem is None:
         assert kind.target(payload, remote) == target
     # A whole list says what it means: it may change either way.
-    assert kind.unsendable({"entity_ids": sorted(add)}, remote) is None
+    assert kind.unsendable(kind.parse({"entity_ids": sorted(add)}), remote) is None
 
 
 # -- schemas --------------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
   already in flight costs one halving, not one per answer;
 - a ``Retry-After`` pauses every caller until it runs out, not just the request that got it: each
   waits it out in :meth:`RequestBudget.acquire` (the one that got it waits with its own retry delay);
+- after such a pause one request goes out alone, a probe: the concurrency is 1 until a request sent
+  after the pause succeeds, so a storm of 429s meets one request per pause, not every queued one at
+  once; another ``Retry-After`` starts the next pause, and again one probe after it;
 - after as many successes in a row as the current concurrency (one round), and at most once per
-  second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds.
+  second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds,
+  from a probe's success (1) back to 16, 15 seconds.
 
 Waits are bounded by the caller's deadline and end early on a stop.
 """
@@ -34,6 +38,7 @@ class Turn:
     """A request's place in the budget, handed back with its outcome."""
 
     generation: int  # how many decreases the budget had made when the request was sent
+    pauses: int = 0  # how many Retry-After pauses the budget had begun when the request was sent
 
 
 class RequestBudget:
@@ -56,6 +61,8 @@ class RequestBudget:
         self._successes = 0
         self._changed_at = clock()
         self._paused_until = 0.0
+        self._pauses = 0
+        self._probing = False  # after a pause: concurrency 1 until a request sent after it succeeds
         self._tokens = max(1.0, max_rate)
         self._refilled = clock()
         BUDGET_CONCURRENCY.set(self._limit)
@@ -64,6 +71,11 @@ class RequestBudget:
     def limit(self) -> int:
         """The concurrency allowed right now."""
         return self._limit
+
+    @property
+    def probing(self) -> bool:
+        """True from a Retry-After pause until a request sent after it succeeds."""
+        return self._probing
 
     @property
     def in_flight(self) -> int:
@@ -98,7 +110,7 @@ class RequestBudget:
                         if self.max_rate > 0:
                             self._tokens -= 1.0
                         BUDGET_IN_FLIGHT.set(self._in_flight)
-                        return Turn(self._decreases)
+                        return Turn(self._decreases, self._pauses)
                     if stop is not None and stop.is_set():
                         raise StoppedError(f"{what}: not sent, syncd is stopping")
                     if now >= deadline:
@@ -132,10 +144,20 @@ class RequestBudget:
                     self._limit = max(1, self._limit // 2)
                     self._successes = 0
                     self._changed_at = now
-                    BUDGET_CONCURRENCY.set(self._limit)
                     BUDGET_THROTTLED.inc()
                 if retry_after:
                     self._paused_until = max(self._paused_until, now + retry_after)
+                    self._pauses += 1
+                    self._probing = True
+                    self._limit = 1
+                BUDGET_CONCURRENCY.set(self._limit)
+            elif self._probing:
+                # Only a success of a request sent after the latest pause ends the probing (one
+                # sent before it says nothing about the server now); the growth counts from there.
+                if ok and turn.pauses == self._pauses:
+                    self._probing = False
+                    self._successes = 0
+                    self._changed_at = now
             elif ok and self._limit < self.max_concurrency:
                 self._successes += 1
                 if self._successes >= self._limit and now - self._changed_at >= GROWTH_PERIOD:

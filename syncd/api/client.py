@@ -37,7 +37,7 @@ from syncd.api.body import ACCEPT_ENCODING, read_body
 from syncd.api.budget import RequestBudget
 from syncd.api.pages import read_page
 from syncd.api.retry import parse_retry_after
-from syncd.api.transport import InFlight, guarded_transport
+from syncd.api.transport import Attempt, InFlight, guarded_transport
 from syncd.backoff import backoff_delay
 from syncd.config import ApiSettings
 from syncd.errors import (
@@ -428,22 +428,28 @@ class OpenAppClient:
                 if policy.max_attempts > 1:  # one attempt was all there was to be: nothing was given up
                     error.message = f"{error.message} (gave up after {attempt_number} attempts in {now - started:.1f}s)"
                 raise error
-            with self._lock:
-                self.retries += 1
-            HTTP_RETRIES.labels(operation).inc()
-            if error.retry_after is not None:
-                RETRY_AFTER_WAIT.labels(operation).inc(delay)
-            log.debug(
-                "retrying",
-                operation=operation,
-                org_id=org_id,
-                attempt=attempt_number,
-                delay=round(delay, 3),
-                error=str(error),
-            )
-            self._sleep(delay)
-            if self._stop is not None and self._stop.is_set():
-                raise StoppedError(f"{operation}: stopped while waiting to retry after: {error}")
+            self._wait_to_retry(operation, org_id, attempt_number, error, delay)
+
+    def _wait_to_retry(
+        self, operation: str, org_id: str | None, attempt_number: int, error: TransientError, delay: float
+    ) -> None:
+        """Count the retry, then wait ``delay`` seconds; StoppedError if syncd stopped meanwhile."""
+        with self._lock:
+            self.retries += 1
+        HTTP_RETRIES.labels(operation).inc()
+        if error.retry_after is not None:
+            RETRY_AFTER_WAIT.labels(operation).inc(delay)
+        log.debug(
+            "retrying",
+            operation=operation,
+            org_id=org_id,
+            attempt=attempt_number,
+            delay=round(delay, 3),
+            error=str(error),
+        )
+        self._sleep(delay)
+        if self._stop is not None and self._stop.is_set():
+            raise StoppedError(f"{operation}: stopped while waiting to retry after: {error}")
 
     def _attempt(
         self,
@@ -481,20 +487,8 @@ class OpenAppClient:
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise ConfigError(f"{operation}: invalid API URL: {self._scrub(exc)}") from None
             except httpx.TransportError as exc:
-                if attempt.aborted:
-                    raise StoppedError(f"{operation}: interrupted, syncd is stopping") from None
-                if attempt.expired:
-                    bound = "api.request_timeout" if own_limit <= give_up_at else "the retry or pass deadline"
-                    raise RequestTimeoutError(
-                        f"{operation}: no complete answer within {expires - started:.1f}s ({bound})"
-                    ) from None
-                unreachable = self._unreachable(operation, exc)
-                if unreachable is not None:
-                    raise unreachable from None
                 # Not chained: an httpx exception holds its request, auth header included.
-                raise TransportError(
-                    f"{operation}: {type(exc).__name__}: {self._scrub(exc) or 'connection failed'}"
-                ) from None
+                raise self._transport_failure(operation, exc, attempt, started, own_limit, give_up_at) from None
             except ResponseTooLargeError:
                 raise ResponseTooLargeError(
                     f"{operation}: the answer is larger than api.max_response_size "
@@ -512,6 +506,29 @@ class OpenAppClient:
         problem = read_problem(response.status_code, error_body, secrets)
         hint = parse_retry_after(response.headers.get("Retry-After"), self.settings.retry.max_retry_after)
         raise error_for_status(response.status_code, problem, operation, hint)
+
+    def _transport_failure(
+        self,
+        operation: str,
+        exc: httpx.TransportError,
+        attempt: Attempt,
+        started: float,
+        own_limit: float,
+        give_up_at: float,
+    ) -> SyncdError:
+        """What a request that got no answer comes to: stopped, out of time, unreachable, or a
+        transport error (retried)."""
+        if attempt.aborted:
+            return StoppedError(f"{operation}: interrupted, syncd is stopping")
+        if attempt.expired:
+            bound = "api.request_timeout" if own_limit <= give_up_at else "the retry or pass deadline"
+            return RequestTimeoutError(
+                f"{operation}: no complete answer within {attempt.expires - started:.1f}s ({bound})"
+            )
+        unreachable = self._unreachable(operation, exc)
+        if unreachable is not None:
+            return unreachable
+        return TransportError(f"{operation}: {type(exc).__name__}: {self._scrub(exc) or 'connection failed'}")
 
     def _unreachable(self, operation: str, exc: httpx.TransportError) -> UnreachableError | None:
         """A failed connect as what to check: the host and port ``api.base_url`` names, and why."""

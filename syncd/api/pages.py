@@ -11,7 +11,8 @@ array (or an ``{"items": [...]}`` envelope) is an :class:`InvalidResponseError`,
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import orjson
 
@@ -110,48 +111,97 @@ def children(body: bytes, start: int, end: int) -> tuple[bool, list[Span]] | Non
     opening = next(tokens, None)
     if opening is None or opening.group() not in _OPEN:
         return None
-    is_object = opening.group() == b"{"
-    close = b"}" if is_object else b"]"
-    spans: list[Span] = []
-    depth = 1
-    key: bytes | None = None
-    child_start = child_end = -1
-    expect = "key" if is_object else "value"  # at depth 1, in an object: key, then ':', then value
+    scan = _Scan(tokens, is_object=opening.group() == b"{")
     for match in tokens:
-        kind, token = match.lastgroup, match.group()
-        if kind == "bad":
-            return None
-        if depth > 1:
-            child_end = match.end()
+        step = scan.take(match)
+        if step == "closed" and not body[match.end() : end].strip():
+            return scan.is_object, scan.spans
+        if step != "more":
+            return None  # out of place, or text after the end
+    return None  # never closed
+
+
+class _Scan:
+    """The top level of one array or object, token by token: where each child starts and ends.
+
+    An object's child is a key, then ':', then a value; an array's is a value. A value runs until
+    the next ',' or the closing bracket; an array or object inside it is skipped whole (only its
+    brackets count).
+    """
+
+    def __init__(self, tokens: Iterator[re.Match[bytes]], is_object: bool) -> None:
+        self.tokens = tokens  # shared with the caller: a nested value's tokens are taken here
+        self.is_object = is_object
+        self.close = b"}" if is_object else b"]"
+        self.first: _Expect = "key" if is_object else "value"
+        self.expect: _Expect = self.first
+        self.spans: list[Span] = []
+        self.key: bytes | None = None
+        self.child_start = self.child_end = -1
+
+    def take(self, match: re.Match[bytes]) -> _Step:
+        """One more token: ``more`` to go on, ``closed`` at the closing bracket, ``refused`` when
+        the token cannot be where it is."""
+        token = match.group()
+        if match.lastgroup == "bad":
+            return "refused"
+        if token in (b",", self.close):
+            return self._end_child(token)
+        return _TAKE[self.expect](self, match)
+
+    def _end_child(self, token: bytes) -> _Step:
+        """A ',' or the closing bracket: the child before it is complete."""
+        if self.child_start >= 0:
+            self.spans.append((self.key, self.child_start, self.child_end))
+        elif token == b"," or self.spans or self.expect != self.first:
+            return "refused"  # an empty element: "[1,,2]", "[1,]", "{"a":}"
+        if token == self.close:
+            return "closed"
+        self.key, self.child_start, self.expect = None, -1, self.first
+        return "more"
+
+    def _take_key(self, match: re.Match[bytes]) -> _Step:
+        if match.lastgroup != "s":
+            return "refused"
+        self.key, self.expect = match.group(), "colon"
+        return "more"
+
+    def _take_colon(self, match: re.Match[bytes]) -> _Step:
+        if match.group() != b":":
+            return "refused"
+        self.expect = "value"
+        return "more"
+
+    def _take_value(self, match: re.Match[bytes]) -> _Step:
+        token = match.group()
+        if token in _CLOSE or token == b":":
+            return "refused"
+        if self.child_start < 0:
+            self.child_start = match.start()
+        self.child_end = match.end()
+        return self._skip_nested() if token in _OPEN else "more"
+
+    def _skip_nested(self) -> _Step:
+        """The tokens of an array or object inside a value, up to its closing bracket."""
+        depth = 1
+        for match in self.tokens:
+            token = match.group()
+            if match.lastgroup == "bad":
+                return "refused"
             if token in _OPEN:
                 depth += 1
             elif token in _CLOSE:
                 depth -= 1
-            continue
-        if token in (b",", close):
-            if child_start >= 0:
-                spans.append((key, child_start, child_end))
-            elif token == b"," or spans or expect != ("key" if is_object else "value"):
-                return None  # an empty element: "[1,,2]", "[1,]", "{"a":}"
-            if token == close:
-                return (is_object, spans) if not body[match.end() : end].strip() else None
-            key, child_start, expect = None, -1, "key" if is_object else "value"
-            continue
-        if expect == "key":
-            if kind != "s":
-                return None
-            key, expect = token, "colon"
-            continue
-        if expect == "colon":
-            if token != b":":
-                return None
-            expect = "value"
-            continue
-        if token in _CLOSE or token == b":":
-            return None
-        if child_start < 0:
-            child_start = match.start()
-        child_end = match.end()
-        if token in _OPEN:
-            depth += 1
-    return None
+                if depth == 0:
+                    self.child_end = match.end()
+                    return "more"
+        return "refused"  # never closed
+
+
+_Expect = Literal["key", "colon", "value"]
+_Step = Literal["more", "closed", "refused"]
+_TAKE: dict[_Expect, Callable[[_Scan, re.Match[bytes]], _Step]] = {
+    "key": _Scan._take_key,
+    "colon": _Scan._take_colon,
+    "value": _Scan._take_value,
+}

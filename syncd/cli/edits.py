@@ -24,9 +24,8 @@ from syncd.cli.args import (
 from syncd.cli.output import print_edits
 from syncd.cli.signals import stop_on_signals
 from syncd.config import Config
-from syncd.edits import KINDS, cancel_edit, edit_credentials, queue_edit, redacted
+from syncd.edits import KINDS, EditProblem, cancel_edit, edit_credentials, queue_edit, read_mirrored, redacted
 from syncd.errors import ConfigError
-from syncd.models import entity_id_problem
 from syncd.passes import instance_name, writeback_client
 from syncd.reconcile import Reconciler, requester
 from syncd.store import Store
@@ -224,7 +223,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {}
     with prepared_store(config) as store:
         if args.name:
-            current = (store.device(args.device_id) or {}).get("name") or {}
+            mirrored = read_mirrored(store, args.device_id)
+            current = mirrored.device.name if mirrored else {}
             payload["name"] = {**current, **dict(_locale_text(item) for item in args.name)}
         if args.zone_id is not None or args.clear_zone:
             payload["zone_id"] = None if args.clear_zone else args.zone_id
@@ -264,11 +264,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
     """Queue a soft delete, after a yes on a terminal (or --yes)."""
     config = load(args, with_key=False)
     with prepared_store(config) as store:
-        device = store.device(args.device_id)
+        mirrored = read_mirrored(store, args.device_id)
         if not args.yes:
             if not sys.stdin.isatty():
                 raise ConfigError("delete asks for confirmation on a terminal; not on one, confirm with --yes")
-            name = json.dumps((device or {}).get("name") or {}, ensure_ascii=False)
+            name = json.dumps(mirrored.device.name if mirrored else {}, ensure_ascii=False)
             answer = input(f"Soft-delete device {args.device_id} {name} in OpenApp? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing was queued")
@@ -303,7 +303,7 @@ def cmd_door_restrictions(args: argparse.Namespace) -> int:
             print("nothing was queued")
             return EXIT_FAILED
         queued = _queue(store, config, args.device_id, "door_restrictions", payload)
-    print(f"queued edit {queued}: {KINDS['door_restrictions'].describe(payload)} on {args.device_id}")
+    print(f"queued edit {queued}: {KINDS['door_restrictions'].summary(payload)} on {args.device_id}")
     _approval_note(config, "door_restrictions", queued)
     return EXIT_OK
 
@@ -314,23 +314,27 @@ def _confirm_unseen(store: Store, config: Config, device_id: str, payload: dict[
     terminal; elsewhere ConfigError (``--yes`` says it is meant)."""
     granted = payload.get("entity_ids") or payload.get("add") or []
     kind = KINDS["door_restrictions"]
-    device = store.device(device_id)
-    if not granted or kind.check(payload) or device is None or device["org_id"] not in org_ids(config):
+    mirrored = read_mirrored(store, device_id)
+    if not granted or mirrored is None or mirrored.device.org_id not in org_ids(config):
         return True  # nothing to ask, or queue_edit names the problem
-    if any(entity_id_problem(e) for e in granted) or kind.mirror_problem(device, payload, store):
+    try:
+        if kind.mirror_problem(mirrored, kind.parse(payload), store):
+            return True
+    except EditProblem:
         return True
-    unseen = PortalRestrictions(store).unseen_entities(device["org_id"], granted)
+    org_id = mirrored.device.org_id
+    unseen = PortalRestrictions(store).unseen_entities(org_id, granted)
     if not unseen:
         return True
     shown = ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
     what = f"entity id{'s' if len(unseen) > 1 else ''} {shown}"
     if not sys.stdin.isatty():
         raise ConfigError(
-            f"door-restrictions: {what} never seen on a door of org {device['org_id']} in the mirror "
+            f"door-restrictions: {what} never seen on a door of org {org_id} in the mirror "
             "(a typo?); not on a terminal, confirm with --yes"
         )
     print(
-        f"{what} never seen on a door of org {device['org_id']} in the mirror: a typo would let the wrong "
+        f"{what} never seen on a door of org {org_id} in the mirror: a typo would let the wrong "
         "entity in, or leave the right one out."
     )
     answer = input("Queue the edit anyway? [y/N] ")
@@ -356,8 +360,8 @@ def cmd_edits(args: argparse.Namespace) -> int:
     config = load(args, with_key=False)
     with prepared_store(config) as store:
         edits = EditQueue(store).find(args.status, args.device)
-        credentials = {e.id: edit_credentials(store, e) for e in edits if e.action == "update"}
-    shown = [(e, redacted(e.payload, credentials.get(e.id, ())), KINDS[e.action].describe(e.payload)) for e in edits]
+        credentials = {e.id: edit_credentials(store, e) for e in edits}
+    shown = [(e, redacted(e.payload, credentials[e.id]), KINDS[e.action].summary(e.payload)) for e in edits]
     print_edits(shown, sys.stdout)
     return EXIT_OK
 
@@ -415,7 +419,8 @@ def cmd_reconcile_once(args: argparse.Namespace) -> int:
     if results["paused"]:
         print("reconcile: OpenApp rejected the API key; the edits not attempted stay pending", file=sys.stderr)
     if results["held"]:
-        print("reconcile: soft deletes beyond writeback.max_deletes_per_hour wait (see `syncd edits`)", file=sys.stderr)
+        for rule in filter(None, (kind.hold_rule(config.writeback) for kind in KINDS.values())):
+            print(f"reconcile: {rule.capped} beyond writeback.{rule.setting} wait (see `syncd edits`)", file=sys.stderr)
     return EXIT_FAILED if results["failed"] or results["conflict"] or results["paused"] else EXIT_OK
 
 

@@ -13,7 +13,7 @@ from syncd.errors import ConfigError
 from syncd.models import DEVICE_STATES
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
-from syncd.store.edits import Edit
+from syncd.store.edits import Edit, EditStatus
 from syncd.store.schema import RUN_COUNTERS
 from syncd.sync import PassOutcome
 
@@ -237,29 +237,42 @@ def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
     headers = ("id", "device", "action", "status", "requested", "via", "by", "tries")
     table(headers, lines, out, text_columns=7)
     for e, payload, what in edits:
-        if payload:
-            verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
-            print(f"  {e.id}: {verb:<8}{what}: {json.dumps(payload, ensure_ascii=False)}", file=out)
-        elif e.action != "update":
-            print(f"  {e.id}: {PAYLOAD_VERBS.get(e.status.value, 'wanted'):<8}{what}", file=out)
-        for line in _approval_lines(e):
+        for line in (*_payload_lines(e, payload, what), *_approval_lines(e), *_attempt_lines(e)):
             print(f"  {e.id}: {line}", file=out)
-        if e.status.value == "pending" and e.next_attempt_at is not None:
-            answer = f" (last answer: HTTP {e.last_status_code})" if e.last_status_code else ""
-            print(f"  {e.id}: {'next':<8}attempt at {iso(e.next_attempt_at)}{answer}", file=out)
-        if e.status.value == "conflict" and isinstance(e.remote, dict):
-            for name, values in sorted(e.remote.items()):
-                if isinstance(values, dict):
-                    print(f"  {e.id}: {name}:", file=out)
-                    for label in ("base", "remote", "queued"):
-                        shown = json.dumps(values.get(label), ensure_ascii=False, default=str)
-                        print(f"  {e.id}:   {label:<7}{shown}", file=out)
-        if e.last_error and e.status.value != "succeeded":
-            print(
-                f"  {e.id}: {'held' if e.status.value == 'pending' and 'held:' in e.last_error else 'error':<8}"
-                f"{e.last_error}",
-                file=out,
-            )
+
+
+def _payload_lines(e: Edit, payload: Any, what: str) -> list[str]:
+    """What the edit does (and sets, credentials masked), by its status: queued, pushing, applied."""
+    verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
+    if payload:
+        return [f"{verb:<8}{what}: {json.dumps(payload, ensure_ascii=False)}"]
+    return [] if e.action == "update" else [f"{verb:<8}{what}"]
+
+
+def _attempt_lines(e: Edit) -> list[str]:
+    """When a pending edit is tried next, a conflict's base, remote and queued values, and the last
+    error (``held`` when the edit waits for its kind's cap on sends)."""
+    lines = []
+    if e.status is EditStatus.PENDING and e.next_attempt_at is not None:
+        answer = f" (last answer: HTTP {e.last_status_code})" if e.last_status_code else ""
+        lines.append(f"{'next':<8}attempt at {iso(e.next_attempt_at)}{answer}")
+    if e.status is EditStatus.CONFLICT and isinstance(e.remote, dict):
+        lines.extend(_conflict_lines(e.remote))
+    if e.last_error and e.status is not EditStatus.SUCCEEDED:
+        held = e.status is EditStatus.PENDING and e.held_by is not None
+        lines.append(f"{'held' if held else 'error':<8}{e.last_error}")
+    return lines
+
+
+def _conflict_lines(fields: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, values in sorted(fields.items()):
+        if isinstance(values, dict):
+            lines.append(f"{name}:")
+            for label in ("base", "remote", "queued"):
+                shown = json.dumps(values.get(label), ensure_ascii=False, default=str)
+                lines.append(f"  {label:<7}{shown}")
+    return lines
 
 
 def _approval_lines(e: Edit) -> list[str]:

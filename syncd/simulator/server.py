@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,7 +41,8 @@ class Fault:
     ``slow_reply`` (do the work at once, then wait ``delay`` seconds before answering) or ``lost``
     (do the work, then drop the connection with a TCP reset: the client never hears that it was done).
     ``times`` bounds how often it fires (None: forever); ``skip`` lets that many matches pass first;
-    ``rate`` fires it on that fraction of matches.
+    ``rate`` fires it on that fraction of matches; ``duration`` makes it a storm: from its first
+    firing (``first_fired_at``, monotonic) it fires for that many seconds, then never again.
     """
 
     kind: str = "status"
@@ -54,11 +56,16 @@ class Fault:
     rate: float = 1.0
     body: bytes | None = None
     fired: int = 0
+    duration: float | None = None
+    first_fired_at: float | None = None
 
     def matches(self, operation: str, org_id: str | None, rng: random.Random) -> bool:
         if self.operation not in (None, operation) or self.org_id not in (None, org_id):
             return False
         if self.times is not None and self.fired >= self.times:
+            return False
+        began = self.first_fired_at
+        if self.duration is not None and began is not None and time.monotonic() - began >= self.duration:
             return False
         if self.skip > 0:
             self.skip -= 1
@@ -66,6 +73,8 @@ class Fault:
         if self.rate < 1.0 and rng.random() >= self.rate:
             return False
         self.fired += 1
+        if self.first_fired_at is None:
+            self.first_fired_at = time.monotonic()
         return True
 
 
@@ -289,64 +298,91 @@ class Simulator:
         headers: Any,
         body: bytes,
     ) -> bytes:
-        world = self.world
         if operation == "status":  # the SDK's connect() probe
             return orjson.dumps({"status": "ok", "service": "openapp-simulator"})
         if operation == "get_door_restrictions":  # the spec declares no security here
             assert device_id is not None
-            return world.door_restrictions(device_id)
-        strict = self.strict_query
-        world.authorise(self._key(headers), org_id)
+            return self.world.door_restrictions(device_id)
+        self.world.authorise(self._key(headers), org_id)
         assert org_id is not None
-        if operation == "list_devices":
-            filters: dict[str, Any] = {
-                k: query[k] for k in ("integration_id", "device_kind", "external_id", "q") if query.get(k)
-            }
-            for flag in ("has_external_id", "has_go2rtc_channel", "include_stale"):
-                if flag in query and _flag(query, flag, required=False):
-                    filters[flag] = True
-            if (
-                "device_kind" in filters
-                or "has_external_id" in filters
-                or "has_go2rtc_channel" in filters
-                or "include_stale" in filters
-            ) and "integration_id" not in filters:
-                raise SimError(400, "this filter requires integration_id", "invalid_query")
-            if "external_id" in filters and "device_kind" not in filters:
-                raise SimError(400, "external_id requires integration_id and device_kind", "invalid_query")
-            filters.pop("include_stale", None)
-            return world.list_devices(
-                org_id,
-                include_deleted=_flag(query, "include_deleted", strict),
-                only_deleted=_flag(query, "only_deleted", strict),
-                include_metadata=_flag(query, "include_metadata", strict),
-                limit=_int(query, "limit", DEFAULT_LIMIT, MAX_LIMIT),
-                offset=_int(query, "offset", 0, 2**31 - 1),
-                filters=filters,
-            )
-        assert operation == "create_device" or device_id is not None
-        if operation == "get_device":
-            assert device_id is not None
-            return world.get_device(
-                org_id, device_id, _flag(query, "include_deleted", strict), _flag(query, "include_metadata", strict)
-            )
-        if operation == "create_device":
-            payload = _json_body(body)
-            if "org_id" in payload and payload["org_id"] != org_id:
-                raise SimError(403, "org_id does not match X-Org", "forbidden")
-            return orjson.dumps(world.device(org_id, world.create_device(org_id, payload)))
-        assert device_id is not None
-        if operation == "update_device":
-            return world.update_device(org_id, device_id, _json_body(body))
-        if operation == "delete_device":
-            return world.delete_device(org_id, device_id)
-        if operation == "hard_delete_device":
-            return world.purge_device(org_id, device_id)
-        if operation == "restore_device":
-            return world.restore_device(org_id, device_id)
-        if operation == "set_door_restrictions":
-            return world.set_door_restrictions(org_id, device_id, _json_body(body))
-        return world.metadata_definition(org_id, device_id)
+        return _OPERATIONS[operation](_Call(self.world, org_id, device_id, query, body, self.strict_query))
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """An authorised request, as an operation's handler reads it."""
+
+    world: World
+    org_id: str
+    device_id: str | None
+    query: dict[str, str]
+    body: bytes
+    strict: bool  # the output-option booleans are required (the `strict_query` mode)
+
+    @property
+    def device(self) -> str:
+        """The device id of the path (every operation on one device has one)."""
+        assert self.device_id is not None
+        return self.device_id
+
+    def flag(self, name: str) -> bool:
+        return _flag(self.query, name, self.strict)
+
+
+def _list_devices(call: _Call) -> bytes:
+    filters = _list_filters(call.query)  # its problems are answered before the options'
+    return call.world.list_devices(
+        call.org_id,
+        include_deleted=call.flag("include_deleted"),
+        only_deleted=call.flag("only_deleted"),
+        include_metadata=call.flag("include_metadata"),
+        limit=_int(call.query, "limit", DEFAULT_LIMIT, MAX_LIMIT),
+        offset=_int(call.query, "offset", 0, 2**31 - 1),
+        filters=filters,
+    )
+
+
+def _list_filters(query: dict[str, str]) -> dict[str, Any]:
+    """list_devices' filters, with the API's rules on which need which (400 otherwise)."""
+    filters: dict[str, Any] = {
+        k: query[k] for k in ("integration_id", "device_kind", "external_id", "q") if query.get(k)
+    }
+    for flag in ("has_external_id", "has_go2rtc_channel", "include_stale"):
+        if flag in query and _flag(query, flag, required=False):
+            filters[flag] = True
+    needs_integration = ("device_kind", "has_external_id", "has_go2rtc_channel", "include_stale")
+    if any(k in filters for k in needs_integration) and "integration_id" not in filters:
+        raise SimError(400, "this filter requires integration_id", "invalid_query")
+    if "external_id" in filters and "device_kind" not in filters:
+        raise SimError(400, "external_id requires integration_id and device_kind", "invalid_query")
+    filters.pop("include_stale", None)
+    return filters
+
+
+def _get_device(call: _Call) -> bytes:
+    return call.world.get_device(call.org_id, call.device, call.flag("include_deleted"), call.flag("include_metadata"))
+
+
+def _create_device(call: _Call) -> bytes:
+    payload = _json_body(call.body)
+    if "org_id" in payload and payload["org_id"] != call.org_id:
+        raise SimError(403, "org_id does not match X-Org", "forbidden")
+    return orjson.dumps(call.world.device(call.org_id, call.world.create_device(call.org_id, payload)))
+
+
+_OPERATIONS: dict[str, Callable[[_Call], bytes]] = {
+    "list_devices": _list_devices,
+    "get_device": _get_device,
+    "create_device": _create_device,
+    "update_device": lambda call: call.world.update_device(call.org_id, call.device, _json_body(call.body)),
+    "delete_device": lambda call: call.world.delete_device(call.org_id, call.device),
+    "hard_delete_device": lambda call: call.world.purge_device(call.org_id, call.device),
+    "restore_device": lambda call: call.world.restore_device(call.org_id, call.device),
+    "set_door_restrictions": lambda call: call.world.set_door_restrictions(
+        call.org_id, call.device, _json_body(call.body)
+    ),
+    "get_device_metadata_definition": lambda call: call.world.metadata_definition(call.org_id, call.device),
+}
 
 
 def _flag(query: dict[str, str], name: str, required: bool = True) -> bool:

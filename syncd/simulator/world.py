@@ -638,35 +638,50 @@ def _schema_problem(schema: dict[str, Any], value: Any, where: str) -> str | Non
         return f"{where} must be {schema['const']!r}"
     if "enum" in schema and value not in schema["enum"]:
         return f"{where} must be one of {', '.join(map(str, schema['enum']))}"
-    kind = schema.get("type")
-    if kind == "object":
-        if not isinstance(value, dict):
-            return f"{where} must be an object"
-        missing = [k for k in schema.get("required", ()) if k not in value]
-        if missing:
-            return f"{where} lacks {', '.join(missing)}"
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key not in properties:
-                if schema.get("additionalProperties") is False:
-                    return f"{where}.{key} is not a field of this provider"
-                continue
+    check = _TYPE_PROBLEMS.get(schema.get("type"))
+    return check(schema, value, where) if check is not None else None
+
+
+def _object_problem(schema: dict[str, Any], value: Any, where: str) -> str | None:
+    if not isinstance(value, dict):
+        return f"{where} must be an object"
+    missing = [k for k in schema.get("required", ()) if k not in value]
+    if missing:
+        return f"{where} lacks {', '.join(missing)}"
+    properties = schema.get("properties", {})
+    for key, item in value.items():
+        if key in properties:
             problem = _schema_problem(properties[key], item, f"{where}.{key}")
             if problem:
                 return problem
-    elif kind == "string":
-        if not isinstance(value, str):
-            return f"{where} must be a string"
-        if len(value) > schema.get("maxLength", len(value)):
-            return f"{where} is longer than {schema['maxLength']}"
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            return f"{where} must match {schema['pattern']}"
-    elif kind == "integer":
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{where} must be an integer"
-        if not schema.get("minimum", value) <= value <= schema.get("maximum", value):
-            return f"{where} must be within {schema.get('minimum')}..{schema.get('maximum')}"
+        elif schema.get("additionalProperties") is False:
+            return f"{where}.{key} is not a field of this provider"
     return None
+
+
+def _string_problem(schema: dict[str, Any], value: Any, where: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{where} must be a string"
+    if len(value) > schema.get("maxLength", len(value)):
+        return f"{where} is longer than {schema['maxLength']}"
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return f"{where} must match {schema['pattern']}"
+    return None
+
+
+def _integer_problem(schema: dict[str, Any], value: Any, where: str) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{where} must be an integer"
+    if not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        return f"{where} must be within {schema.get('minimum')}..{schema.get('maximum')}"
+    return None
+
+
+_TYPE_PROBLEMS: dict[Any, Callable[[dict[str, Any], Any, str], str | None]] = {
+    "object": _object_problem,
+    "string": _string_problem,
+    "integer": _integer_problem,
+}
 
 
 def _ulid_millis(ulid: str) -> int:

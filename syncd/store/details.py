@@ -26,7 +26,6 @@ from syncd.store.schema import (
     portal_restrictions,
 )
 from syncd.store.store import PageWriter, Session, Store
-from syncd.store.translate import translated
 
 ANSWERED = ("ok", "not_found", "not_a_portal")  # portal_restrictions.status after an answer
 
@@ -76,7 +75,7 @@ class PortalRestrictions:
             .join(d, d.c.id == p.c.device_id)
             .where(p.c.org_id == org_id)
         )
-        with translated("finding portals due for their door restrictions"), self.store.engine.connect() as conn:
+        with self.store.reading("finding portals due for their door restrictions") as conn:
             rows = {row.device_id: row for row in conn.execute(query)}
         candidates = dict(portals)
         for device_id, asked in rows.items():
@@ -103,14 +102,14 @@ class PortalRestrictions:
         restricted), or None when the mirror holds no answer of it."""
         p = portal_restrictions
         query = select(p.c.status).where(p.c.device_id == device_id)
-        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+        with self.store.reading("reading door restrictions") as conn:
             status = conn.execute(query).scalar()
         return self.entities(device_id) if status == "ok" else None
 
     def entities(self, device_id: str) -> list[str]:
         """The entities a portal is restricted to, as mirrored (sorted)."""
         query = select(door_restrictions.c.entity_id).where(door_restrictions.c.device_id == device_id)
-        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+        with self.store.reading("reading door restrictions") as conn:
             return sorted(conn.execute(query).scalars())
 
     def unseen_entities(self, org_id: str, entity_ids: Collection[str]) -> list[str]:
@@ -121,7 +120,7 @@ class PortalRestrictions:
         r, a = door_restrictions, door_access_intervals
         now = select(r.c.entity_id).where(r.c.org_id == org_id, r.c.entity_id.in_(wanted))
         ever = select(a.c.entity_id).where(a.c.org_id == org_id, a.c.entity_id.in_(wanted))
-        with translated("reading door restrictions"), self.store.engine.connect() as conn:
+        with self.store.reading("reading door restrictions") as conn:
             seen = set(conn.execute(now.union(ever)).scalars())
         return [e for e in wanted if e not in seen]
 
@@ -130,7 +129,7 @@ class PortalRestrictions:
         p, r = portal_restrictions, door_restrictions
         portals = select(p.c.org_id, func.count(), func.count().filter(p.c.restricted.is_(True))).group_by(p.c.org_id)
         grants = select(r.c.org_id, func.count()).group_by(r.c.org_id)
-        with translated("counting door restrictions"), self.store.engine.connect() as conn:
+        with self.store.reading("counting door restrictions") as conn:
             summary = {
                 org_id: {"portals": int(n), "restricted": int(restricted), "entities": 0}
                 for org_id, n, restricted in conn.execute(portals)
@@ -147,7 +146,7 @@ class PortalRestrictions:
             .order_by(device_changes.c.id.desc())
             .limit(limit)
         )
-        with translated("reading changes"), self.store.engine.connect() as conn:
+        with self.store.reading("reading changes") as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     def record(self, org_id: str, run_id: int, now: datetime, answers: Sequence[RestrictionsAnswer]) -> int:
@@ -356,7 +355,7 @@ class MetadataDefinitions:
         about or whose ``next_fetch_at`` has come; ones that failed last time after the others."""
         m = metadata_definitions
         query = select(m.c.integration_id, m.c.next_fetch_at, m.c.failures).where(m.c.org_id == org_id)
-        with translated("finding integrations due for their metadata definition"), self.store.engine.connect() as c:
+        with self.store.reading("finding integrations due for their metadata definition") as c:
             rows = {row.integration_id: row for row in c.execute(query)}
         due = []
         for integration_id, device_id in integrations.items():
@@ -370,7 +369,7 @@ class MetadataDefinitions:
         """The mirrored definition of an integration's provider, or None."""
         m = metadata_definitions
         query = select(m).where(m.c.org_id == org_id, m.c.integration_id == integration_id)
-        with translated("reading metadata definitions"), self.store.engine.connect() as conn:
+        with self.store.reading("reading metadata definitions") as conn:
             row = conn.execute(query).mappings().one_or_none()
             return dict(row) if row else None
 

@@ -1,4 +1,6 @@
-"""Each database's own SQL for the hot path of a pass, and its connection settings: one class each.
+"""Each database's own SQL and settings, one class each: the hot path of a pass, and everything
+else only one database has (locks, the shared schedule, a migration's guard). No other module of
+the store speaks SQL of one database.
 
 A :class:`Dialect` offers the same statements on SQLite and PostgreSQL (which devices of a page
 are known, their previous payloads, inserting, rewriting and touching devices, change rows, run
@@ -14,6 +16,7 @@ Timestamps arrive as syncd's canonical UTC text (``YYYY-MM-DD HH:MM:SS.ffffff``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,13 +26,12 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from sqlalchemy import URL, ColumnElement, Connection, Engine, Select, Table, event, false, func
+from sqlalchemy import URL, ColumnElement, Connection, Engine, Select, Table, event, false, func, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from syncd.errors import ConfigError, SchemaOutdatedError
 from syncd.models import Device, HistoryRow
-from syncd.store.locks import advisory_key
 from syncd.store.schema import RUN_COUNTERS, JSONDoc, UTCDateTime, device_changes, devices
 
 # Columns of `devices` that record what syncd saw, not what OpenApp said.
@@ -48,11 +50,19 @@ JSON_COLUMNS = frozenset(
 KnownDevice = Sequence[Any]
 
 
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for a name (PostgreSQL advisory locks take bigint)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 class Dialect:
     """The statements of a page, for one database; see the module docstring."""
 
     name: str
     p: str  # the driver's placeholder
+    pre_ping = True  # a server connection can drop; a file cannot
+    one_writer = False  # one write transaction at a time: this process's writers take turns
+    shares_schedule = False  # several daemons share the database, and with it the passes' schedule
 
     def __init__(self) -> None:
         content = CONTENT_COLUMNS[1:]  # all but the id
@@ -113,6 +123,26 @@ class Dialect:
     def page_transaction(self, conn: Connection, durable: bool) -> Any:
         """Settings of one page's transaction (see :meth:`syncd.store.store.Session.writer`)."""
         yield
+
+    def guard_migration(self, conn: Connection, key: int, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+        """Inside a migration's transaction: one migrator at a time, and bounded waits
+        (see :func:`syncd.store.migrate.guard`)."""
+
+    def try_lock(self, conn: Connection, key: int) -> bool:
+        """Take the session lock ``key`` on ``conn`` if it is free (databases with :meth:`lock_base` None)."""
+        raise NotImplementedError
+
+    def unlock(self, conn: Connection, key: int) -> None:
+        """Release the session lock ``key`` taken by :meth:`try_lock`."""
+        raise NotImplementedError
+
+    def claim_scheduled_pass(self, conn: Connection, org_id: str, interval: float, instance: str) -> float:
+        """See :meth:`syncd.store.store.Store.claim_scheduled_pass` (only when ``shares_schedule``)."""
+        raise NotImplementedError
+
+    def release_scheduled_pass(self, conn: Connection, org_id: str, instance: str) -> None:
+        """See :meth:`syncd.store.store.Store.release_scheduled_pass` (only when ``shares_schedule``)."""
+        raise NotImplementedError
 
     # -- values ---------------------------------------------------------------------------------
 
@@ -232,6 +262,8 @@ class SQLiteDialect(Dialect):
 
     name = "sqlite"
     p = "?"
+    pre_ping = False
+    one_writer = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -343,6 +375,7 @@ class PostgresDialect(Dialect):
 
     name = "postgresql"
     p = "%s"
+    shares_schedule = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -361,6 +394,47 @@ class PostgresDialect(Dialect):
         if not durable:
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         yield
+
+    def guard_migration(self, conn: Connection, key: int, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+        """A transaction-level advisory lock, and lock and statement timeouts for this transaction."""
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
+        conn.execute(text(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}"))
+
+    def try_lock(self, conn: Connection, key: int) -> bool:
+        """A session advisory lock: held until released or the session ends."""
+        return bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+
+    def unlock(self, conn: Connection, key: int) -> None:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+    def claim_scheduled_pass(self, conn: Connection, org_id: str, interval: float, instance: str) -> float:
+        """``org_schedule``, on the database's clock."""
+        last = conn.execute(
+            text(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at), instance FROM org_schedule "
+                "WHERE org_id = :org_id"
+            ),
+            {"org_id": org_id},
+        ).first()
+        # A start in the future (a clock set back, a hand edit) is stale, not recent: taken over.
+        if last is not None and last[0] is not None and last[1] != instance and 0 <= float(last[0]) < interval:
+            return interval - float(last[0])
+        conn.execute(
+            text(
+                "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
+                "VALUES (:org_id, clock_timestamp(), :instance) ON CONFLICT (org_id) DO UPDATE "
+                "SET pass_started_at = EXCLUDED.pass_started_at, instance = EXCLUDED.instance"
+            ),
+            {"org_id": org_id, "instance": instance},
+        )
+        return 0.0
+
+    def release_scheduled_pass(self, conn: Connection, org_id: str, instance: str) -> None:
+        conn.execute(
+            text("UPDATE org_schedule SET pass_started_at = NULL WHERE org_id = :org_id AND instance = :instance"),
+            {"org_id": org_id, "instance": instance},
+        )
 
     def slot(self, column: str) -> str:
         return f"{self.p}::jsonb" if column in JSON_COLUMNS else self.p

@@ -45,7 +45,6 @@ from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
 from syncd.store.schema import UTCDateTime, device_edits, devices
 from syncd.store.store import PageWriter, Store
-from syncd.store.translate import translated
 
 
 class EditStatus(StrEnum):
@@ -59,6 +58,12 @@ class EditStatus(StrEnum):
     CANCELLED = "cancelled"
     AWAITING_APPROVAL = "awaiting_approval"
     REJECTED = "rejected"
+
+
+class HoldReason(StrEnum):
+    """Why a pending edit waits unsent (``device_edits.held_by``): its kind's cap on sends."""
+
+    SEND_CAP = "send_cap"
 
 
 S = EditStatus
@@ -120,6 +125,7 @@ class Edit:
     rejected_by: str | None = None
     rejected_at: datetime | None = None
     reason: str | None = None
+    held_by: HoldReason | None = None  # set with the last_error of a hold, cleared with the next one written
     recheck: bool = False  # claimed again after its claimer's lease ran out
     unreadable: tuple[str, ...] = ()
 
@@ -170,7 +176,6 @@ class EditQueue:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._engine = store.engine
         self._dialect = dialect_for(store.dialect)
 
     # -- reading and queuing -----------------------------------------------------------------------
@@ -184,12 +189,12 @@ class EditQueue:
                 "status": S.AWAITING_APPROVAL.value,
                 "approval_requested_at": func.current_timestamp(),
             }
-        with translated("queuing an edit"), self._engine.begin() as conn:
+        with self.store.transaction("queuing an edit") as conn:
             return int(conn.execute(insert(device_edits).values(values).returning(device_edits.c.id)).scalar_one())
 
     def get(self, edit_id: int) -> Edit | None:
         """One edit, or None."""
-        with translated("reading an edit"), self._engine.connect() as conn:
+        with self.store.reading("reading an edit") as conn:
             row = conn.execute(_readable().where(device_edits.c.id == edit_id)).mappings().one_or_none()
             return _edit(row) if row else None
 
@@ -200,19 +205,19 @@ class EditQueue:
             query = query.where(device_edits.c.status == status)
         if device_id:
             query = query.where(device_edits.c.device_id == device_id)
-        with translated("listing edits"), self._engine.connect() as conn:
+        with self.store.reading("listing edits") as conn:
             return [_edit(row) for row in conn.execute(query).mappings()]
 
     def counts(self) -> dict[str, int]:
         """Edits by status."""
         query = select(device_edits.c.status, func.count()).group_by(device_edits.c.status)
-        with translated("counting edits"), self._engine.connect() as conn:
+        with self.store.reading("counting edits") as conn:
             return {status: int(n) for status, n in conn.execute(query)}
 
     def oldest_pending(self) -> datetime | None:
         """When the oldest pending edit was queued (None when none is)."""
         query = select(func.min(device_edits.c.created_at)).where(device_edits.c.status == "pending")
-        with translated("reading edits"), self._engine.connect() as conn:
+        with self.store.reading("reading edits") as conn:
             return conn.execute(query).scalar()
 
     def awaiting_approval(self) -> dict[str, tuple[int, float]]:
@@ -226,7 +231,7 @@ class EditQueue:
             .where(e.c.status == S.AWAITING_APPROVAL.value)
             .group_by(org)
         )
-        with translated("reading edits"), self._engine.connect() as conn:
+        with self.store.reading("reading edits") as conn:
             now = self._dialect.database_now(conn)
             return {
                 str(org_id): (int(n), max(0.0, (now - since).total_seconds()) if since else 0.0)
@@ -400,7 +405,7 @@ class EditQueue:
         allowed: ColumnElement[bool] = true()
         if needs_approval:
             allowed = or_(e.c.action.not_in(list(needs_approval)), e.c.approved_at.is_not(None))
-        with translated("claiming edits"), self._engine.begin() as conn:
+        with self.store.transaction("claiming edits") as conn:
             database_now = self._dialect.database_now(conn)  # leases: one clock for every host
             expired = e.c.claimed_at < database_now - lease
             stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), expired))
@@ -427,7 +432,7 @@ class EditQueue:
         """Hand claimed edits back untouched (the attempt is not counted)."""
         ids = list(edit_ids)
         if ids:
-            with translated("releasing edits"), self._engine.begin() as conn:
+            with self.store.transaction("releasing edits") as conn:
                 for edit_id in ids:
                     _move(conn, edit_id, "release", now, {"attempts": device_edits.c.attempts - 1})
 
@@ -500,7 +505,7 @@ class EditQueue:
         _note_credentials(values, edit, credentials)
         if payload is not None:
             values["payload"] = payload
-        with translated("failing an edit"), self._engine.begin() as conn:
+        with self.store.transaction("failing an edit") as conn:
             _move(conn, edit.id, "fail", now, values)
 
     def retry_later(
@@ -515,18 +520,20 @@ class EditQueue:
         """A transient failure: the edit is due again at ``at``."""
         values = {"next_attempt_at": at, "last_error": one_line(error, 2000), "last_status_code": status_code}
         _note_credentials(values, edit, credentials)
-        with translated("rescheduling an edit"), self._engine.begin() as conn:
+        with self.store.transaction("rescheduling an edit") as conn:
             _move(conn, edit.id, "retry_later", now, values)
 
     def hold(self, edit: Edit, now: datetime, until: datetime, reason: str, credentials: Iterable[str] = ()) -> None:
-        """Not pushed now (``reason``, e.g. a cap), due again at ``until``; the attempt is not counted."""
+        """Not pushed now: its kind's cap on sends is reached (``held_by`` send_cap, ``reason`` in
+        its last error); due again at ``until``; the attempt is not counted."""
         values = {
             "next_attempt_at": until,
             "last_error": one_line(reason, 2000),
+            "held_by": HoldReason.SEND_CAP.value,
             "attempts": device_edits.c.attempts - 1,
         }
         _note_credentials(values, edit, credentials)
-        with translated("holding an edit"), self._engine.begin() as conn:
+        with self.store.transaction("holding an edit") as conn:
             _move(conn, edit.id, "hold", now, values)
 
     def sending(self, edit: Edit, cap: SendCap | None = None, credentials: Iterable[str] = ()) -> Held | None:
@@ -582,6 +589,8 @@ def _apply(conn: Connection, event: str, now: datetime, values: Mapping[str, Any
     allowed, target = TRANSITIONS[event]
     e = device_edits
     changed = {**values, "status": target.value, "updated_at": now}
+    if "last_error" in values:  # a hold's reason goes with its message: another message ends the hold
+        changed.setdefault("held_by", None)
     if target is not S.IN_FLIGHT:
         changed.update(claimed_at=None)
     statement = update(e).where(e.c.status.in_([s.value for s in allowed]), *where).values(changed)
@@ -679,6 +688,7 @@ def _edit(row: Mapping[Any, Any], recheck: bool = False) -> Edit:
             values[column] = None
             unreadable.append(f"{column} {preview(text)} is not a timestamp")
     values["status"] = EditStatus(values["status"])
+    values["held_by"] = HoldReason(values["held_by"]) if values["held_by"] else None
     pointers = values["credential_pointers"]
     values["credential_pointers"] = tuple(
         p for p in (pointers if isinstance(pointers, list) else ()) if isinstance(p, str) and p.startswith("/")

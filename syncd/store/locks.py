@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from syncd.errors import AlreadyRunningError, LockLostError, StoreError
+from syncd.store.dialect import Dialect, advisory_key
 from syncd.store.translate import translated
 
 POLL = 0.2  # seconds between attempts while waiting for a lock
-
-
-def advisory_key(name: str) -> int:
-    """A stable signed 64-bit key for a name (PostgreSQL advisory locks take bigint)."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def lock_key(org_id: str) -> int:
@@ -86,16 +81,16 @@ class OrgLease:
         """Statements on the lock's connection: :func:`translated`, except that an error that ended
         the lock's session is LockLostError (and so is every later use)."""
         self.check()
-        try:
-            with translated(action):
-                yield
-        except StoreError as exc:
-            cause = exc.__cause__
-            disconnected = isinstance(cause, DBAPIError) and cause.connection_invalidated
-            if self.connection is None or not (disconnected or self._session_ended()):
-                raise
-            self._lost = _reason(cause)
-            raise self._error() from cause
+        with translated(action, self._lost_by):
+            yield
+
+    def _lost_by(self, exc: SQLAlchemyError) -> LockLostError | None:
+        """LockLostError if ``exc`` ended the lock's session (else None: a plain StoreError)."""
+        disconnected = isinstance(exc, DBAPIError) and exc.connection_invalidated
+        if self.connection is None or not (disconnected or self._session_ended()):
+            return None
+        self._lost = _reason(exc)
+        return self._error()
 
     def _session_ended(self) -> bool:
         conn = self.connection
@@ -124,8 +119,9 @@ def _reason(cause: BaseException | None) -> str:
 class OrgLocks:
     """Try-locks per org (and for the daemon) for one Store."""
 
-    def __init__(self, engine: Engine, sqlite_path: Path | None) -> None:
+    def __init__(self, engine: Engine, dialect: Dialect, sqlite_path: Path | None) -> None:
         self._engine = engine
+        self._dialect = dialect
         self._dir = Path(f"{sqlite_path}.locks") if sqlite_path is not None else None
 
     @contextlib.contextmanager
@@ -191,7 +187,7 @@ class OrgLocks:
             conn = self._engine.connect()
         try:
             with translated(f"locking org {org_id}"):
-                while not (acquired := conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()):
+                while not (acquired := self._dialect.try_lock(conn, key)):
                     conn.rollback()
                     if give_up():
                         break
@@ -208,7 +204,7 @@ class OrgLocks:
                         conn.rollback()
                 if not lease.lost:  # else the lock went with its session; do not reconnect to unlock
                     with contextlib.suppress(SQLAlchemyError):
-                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        self._dialect.unlock(conn, key)
                         conn.commit()
         finally:
             conn.close()

@@ -7,9 +7,10 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 import syncd.migrations  # type: ignore[import-not-found]  # installed from migrations/
+from syncd.store.dialect import dialect_for
 
 # Any fixed 64-bit number; it only has to be the same for every syncd sharing one database.
 UPGRADE_LOCK_KEY = 0x73796E6364  # "syncd"
@@ -51,8 +52,5 @@ def guard(connection: Connection, lock_timeout_ms: int = LOCK_TIMEOUT_MS) -> Non
     """On PostgreSQL, inside the migration's transaction: one migrator at a time (an advisory lock,
     so two instances starting together do not race), and lock and statement timeouts (so a busy
     database is never hung). Called by ``migrations/env.py`` for syncd and the alembic CLI alike."""
-    if connection.dialect.name != "postgresql":
-        return
-    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
-    connection.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}"))
-    connection.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
+    dialect = dialect_for(connection.dialect.name)
+    dialect.guard_migration(connection, UPGRADE_LOCK_KEY, lock_timeout_ms, STATEMENT_TIMEOUT_MS)

@@ -22,7 +22,6 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, literal, or_, se
 
 from syncd.store.schema import UTCDateTime, device_changes, devices, door_access_intervals, sync_runs
 from syncd.store.store import Store
-from syncd.store.translate import translated
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +108,7 @@ class Reports:
             .where(d.c.first_seen_at <= _moment(at), _in_org(d.c.org_id, org_id))
             .order_by(d.c.org_id, d.c.id)
         )
-        with translated("reading devices as of a time"), self.store.engine.connect() as conn:
+        with self.store.reading("reading devices as of a time") as conn:
             return [DeviceAsOf(**row) for row in conn.execute(query).mappings()]
 
     def door_access_as_of(self, at: datetime, org_id: str | None = None) -> list[AccessInterval]:
@@ -152,18 +151,18 @@ class Reports:
 
     def windows(self, at: datetime, org_ids: Iterable[str]) -> dict[str, ObservationWindow]:
         """The observation window of an answer about ``at``, for each org."""
-        with translated("reading passes"), self.store.engine.connect() as conn:
+        with self.store.reading("reading passes") as conn:
             return {org_id: _window(conn, org_id, at) for org_id in sorted(set(org_ids))}
 
     def entity_orgs(self, entity: str) -> list[str]:
         """The orgs in which the entity was ever on a portal's list."""
         a = door_access_intervals
         query = select(a.c.org_id).where(a.c.entity_id == entity).distinct().order_by(a.c.org_id)
-        with translated("reading door access"), self.store.engine.connect() as conn:
+        with self.store.reading("reading door access") as conn:
             return list(conn.execute(query).scalars())
 
     def _intervals(self, query: Select[Any]) -> list[AccessInterval]:
-        with translated("reading door access"), self.store.engine.connect() as conn:
+        with self.store.reading("reading door access") as conn:
             return [AccessInterval(**row) for row in conn.execute(query).mappings()]
 
 

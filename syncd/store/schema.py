@@ -36,7 +36,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -89,6 +89,7 @@ EDIT_STATUSES = (
     "rejected",
 )
 EDIT_SOURCES = ("cli", "sql")  # device_edits.requested_via
+EDIT_HOLDS = ("send_cap",)  # device_edits.held_by
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -292,7 +293,14 @@ device_edits = Table(
     ),
     CheckConstraint(_one_of("action", EDIT_ACTIONS), name="action"),
     CheckConstraint(_one_of("status", EDIT_STATUSES), name="status"),
+    Column(
+        "held_by",
+        String(16),
+        comment="why a pending edit waits unsent: send_cap (its kind's cap on sends, e.g. "
+        "writeback.max_deletes_per_hour; last_error says until when); NULL: not held",
+    ),
     CheckConstraint(_one_of("requested_via", EDIT_SOURCES), name="requested_via"),
+    CheckConstraint(_one_of("held_by", EDIT_HOLDS), name="held_by"),
     Index(None, "status", "next_attempt_at"),
     Index(None, "device_id", "id"),
     Index(None, "action", "sent_at"),

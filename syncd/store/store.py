@@ -81,18 +81,20 @@ class Store:
                 engine_url,
                 json_serializer=_json_dumps,
                 json_deserializer=orjson.loads,
-                pool_pre_ping=self._dialect.name != "sqlite",  # a server connection can drop; a file cannot
+                pool_pre_ping=self._dialect.pre_ping,
                 connect_args=connect_args,
             )
         except (ArgumentError, ImportError, ValueError) as exc:
             raise ConfigError(f"database.url {redact_url(url)!r} is not usable: {exc}") from None
         self._dialect.tune(self.engine, read_only)
         sqlite_path = self._dialect.lock_base(parsed)
-        self.locks = OrgLocks(self.engine, sqlite_path)
+        self.locks = OrgLocks(self.engine, self._dialect, sqlite_path)
         # SQLite has one writer at a time. Threads of this process queue here for their turn instead
-        # of in SQLite's busy handler, which sleeps up to 100 ms between tries.
+        # of in SQLite's busy handler, which sleeps up to 100 ms between tries: every write, and
+        # every transaction that takes SQLite's write lock, is in this turn (Store.transaction,
+        # Session.writer / transaction); reads are not (Store.reading, Session.reader).
         self._write_turn: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if sqlite_path is not None else contextlib.nullcontext()
+            threading.Lock() if self._dialect.one_writer else contextlib.nullcontext()
         )
         # Results of runs that could not be recorded when they ended; written before the next run starts.
         self._unrecorded: dict[int, dict[str, Any]] = {}
@@ -111,7 +113,7 @@ class Store:
             return
         store = Store(url)
         try:
-            with translated(f"connecting to {redact_url(store.url)}"), store.engine.connect() as conn:
+            with store.reading(f"connecting to {redact_url(store.url)}") as conn:
                 conn.execute(text("SELECT 1"))
         finally:
             store.close()
@@ -131,12 +133,12 @@ class Store:
         """Apply Alembic migrations up to ``revision``."""
         from syncd.store import migrate  # Alembic is only loaded when there is something to migrate
 
-        with translated("upgrading the schema"), self.engine.begin() as conn:
+        with self.transaction("upgrading the schema") as conn:
             migrate.upgrade(conn, revision)
 
     def schema_revision(self) -> str | None:
         """The schema revision the database is at (None for an empty database)."""
-        with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
+        with self.reading(f"connecting to {redact_url(self.url)}") as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -173,7 +175,7 @@ class Store:
         """
         with self._unrecorded_lock:
             unrecorded = dict(self._unrecorded)
-        with translated("starting a run"), self.engine.begin() as conn:
+        with self.transaction("starting a run") as conn:
             for run_id, values in unrecorded.items():
                 conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
             stale = conn.execute(
@@ -206,7 +208,7 @@ class Store:
         values = {"status": status, "finished_at": now, "error": None if error is None else one_line(error, 2000)}
         for delay in (*BOOKKEEPING_RETRIES, None):
             try:
-                with translated("recording the end of a run"), self.engine.begin() as conn:
+                with self.transaction("recording the end of a run") as conn:
                     conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
                 return
             except StoreError:
@@ -226,43 +228,22 @@ class Store:
         back: its timer already spaces its passes, and the claim is stamped a little after the timer
         fired. A start later than the database's clock now is taken over like one an interval old.
         SQLite has one daemon per file: always 0.0."""
-        if self.dialect != "postgresql":
+        if not self._dialect.shares_schedule:
             return 0.0
-        with translated("claiming a scheduled pass"), self.engine.begin() as conn:
-            last = conn.execute(
-                text(
-                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - pass_started_at), instance FROM org_schedule "
-                    "WHERE org_id = :org_id"
-                ),
-                {"org_id": org_id},
-            ).first()
-            # A start in the future (a clock set back, a hand edit) is stale, not recent: taken over.
-            if last is not None and last[0] is not None and last[1] != instance and 0 <= float(last[0]) < interval:
-                return interval - float(last[0])
-            conn.execute(
-                text(
-                    "INSERT INTO org_schedule (org_id, pass_started_at, instance) "
-                    "VALUES (:org_id, clock_timestamp(), :instance) ON CONFLICT (org_id) DO UPDATE "
-                    "SET pass_started_at = EXCLUDED.pass_started_at, instance = EXCLUDED.instance"
-                ),
-                {"org_id": org_id, "instance": instance},
-            )
-        return 0.0
+        with self.transaction("claiming a scheduled pass") as conn:
+            return self._dialect.claim_scheduled_pass(conn, org_id, interval, instance)
 
     def release_scheduled_pass(self, org_id: str, instance: str) -> None:
         """A scheduled pass that was stopped does not count: the next daemon whose timer fires runs one."""
-        if self.dialect != "postgresql":
+        if not self._dialect.shares_schedule:
             return
-        with translated("releasing a scheduled pass"), self.engine.begin() as conn:
-            conn.execute(
-                text("UPDATE org_schedule SET pass_started_at = NULL WHERE org_id = :org_id AND instance = :instance"),
-                {"org_id": org_id, "instance": instance},
-            )
+        with self.transaction("releasing a scheduled pass") as conn:
+            self._dialect.release_scheduled_pass(conn, org_id, instance)
 
     def has_succeeded(self, org_id: str) -> bool:
         """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
         query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
-        with translated("reading runs"), self.engine.connect() as conn:
+        with self.reading("reading runs") as conn:
             return conn.execute(query.limit(1)).first() is not None
 
     def last_success_size(self, org_id: str) -> int | None:
@@ -274,13 +255,13 @@ class Store:
             .order_by(sync_runs.c.id.desc())
             .limit(1)
         )
-        with translated("reading runs"), self.engine.connect() as conn:
+        with self.reading("reading runs") as conn:
             size = conn.execute(seen).scalar()
         return None if size is None else int(size)
 
     def run(self, run_id: int) -> dict[str, Any]:
         """One sync_runs row as a dict."""
-        with translated("reading a run"), self.engine.connect() as conn:
+        with self.reading("reading a run") as conn:
             return dict(conn.execute(select(sync_runs).where(sync_runs.c.id == run_id)).mappings().one())
 
     def runs(self, org_id: str | None = None, last: int = 20, failed: bool = False) -> list[dict[str, Any]]:
@@ -291,7 +272,7 @@ class Store:
             query = query.where(sync_runs.c.org_id == org_id)
         if failed:
             query = query.where(sync_runs.c.status.in_(("failed", "aborted")))
-        with translated("reading past runs"), self.engine.connect() as conn:
+        with self.reading("reading past runs") as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- devices ---------------------------------------------------------------------------
@@ -310,7 +291,7 @@ class Store:
             yield Session(lease.connection, self._write_turn, self._dialect, lease)  # the lease closes it
             return
         with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
-            yield Session(conn, self._write_turn, self._dialect)
+            yield Session(conn, self._write_turn, self._dialect)  # its transactions say how they write
 
     @contextmanager
     def writer(self, action: str = "writing devices") -> Iterator[PageWriter]:
@@ -322,8 +303,17 @@ class Store:
     @contextmanager
     def transaction(self, action: str) -> Iterator[Connection]:
         """A write transaction for the store's own modules, in this process's turn to write on SQLite;
-        a database error in it is StoreError naming ``action``."""
+        a database error in it is StoreError naming ``action``. Every write of the store goes
+        through it or through a :class:`Session`'s writer and transaction."""
         with self._write_turn, translated(action), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def reading(self, action: str) -> Iterator[Connection]:
+        """A connection for reads only (on SQLite its transactions do not take the write lock, so
+        they wait for no writer); a database error in it is StoreError naming ``action``."""
+        with translated(action), self.engine.connect() as conn:
+            conn.execution_options(syncd_read_only=True)
             yield conn
 
     def live_ids_except(
@@ -338,7 +328,7 @@ class Store:
             query = query.where(devices.c.integration_id == integration_id)
         if device_kind:
             query = query.where(devices.c.device_metadata["kind"].as_string() == device_kind)
-        with translated("listing devices"), self.engine.connect() as conn:
+        with self.reading("listing devices") as conn:
             rows = conn.execution_options(yield_per=5000).execute(query).scalars()
             return [device_id for device_id in rows if device_id not in seen]
 
@@ -348,7 +338,7 @@ class Store:
         if org_id is not None:
             query = query.where(devices.c.org_id == org_id)
         counts: dict[str, dict[str, int]] = {}
-        with translated("counting devices"), self.engine.connect() as conn:
+        with self.reading("counting devices") as conn:
             for org, state, count in conn.execute(query):
                 counts.setdefault(org, {})[state] = int(count)
         return counts
@@ -358,7 +348,7 @@ class Store:
         query = select(func.max(sync_runs.c.finished_at, type_=UTCDateTime())).where(
             sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded"
         )
-        with translated("reading runs"), self.engine.connect() as conn:
+        with self.reading("reading runs") as conn:
             return conn.execute(query).scalar()
 
     def last_successes(self) -> dict[str, datetime]:
@@ -368,7 +358,7 @@ class Store:
             .where(sync_runs.c.status == "succeeded")
             .group_by(sync_runs.c.org_id)
         )
-        with translated("reading runs"), self.engine.connect() as conn:
+        with self.reading("reading runs") as conn:
             return {str(org_id): finished for org_id, finished in conn.execute(query)}
 
     def org_overview(self) -> dict[str, dict[str, Any]]:
@@ -376,7 +366,7 @@ class Store:
         pass finished) and ``devices`` (counts by state)."""
         newest = select(func.max(sync_runs.c.id)).group_by(sync_runs.c.org_id)
         overview: dict[str, dict[str, Any]] = {}
-        with translated("reading the status"), self.engine.connect() as conn:
+        with self.reading("reading the status") as conn:
             for row in conn.execute(select(sync_runs).where(sync_runs.c.id.in_(newest))).mappings():
                 overview.setdefault(row["org_id"], {})["last_run"] = dict(row)
         for org_id, finished in self.last_successes().items():
@@ -387,14 +377,14 @@ class Store:
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         """One mirrored device row as a dict, or None."""
-        with translated("reading a device"), self.engine.connect() as conn:
+        with self.reading("reading a device") as conn:
             row = conn.execute(select(devices).where(devices.c.id == device_id)).mappings().one_or_none()
             return dict(row) if row else None
 
     def devices_of(self, org_id: str) -> list[dict[str, Any]]:
         """Every mirrored device row of an org, by id."""
         query = select(devices).where(devices.c.org_id == org_id).order_by(devices.c.id)
-        with translated("reading devices"), self.engine.connect() as conn:
+        with self.reading("reading devices") as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     def changes(self, org_id: str | None = None, run_id: int | None = None) -> list[dict[str, Any]]:
@@ -404,7 +394,7 @@ class Store:
             query = query.where(device_changes.c.org_id == org_id)
         if run_id is not None:
             query = query.where(device_changes.c.run_id == run_id)
-        with translated("reading changes"), self.engine.connect() as conn:
+        with self.reading("reading changes") as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
 
