@@ -31,7 +31,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -81,7 +81,7 @@ class DetailReads:
         settings: SyncSettings,
         run_id: int,
         inventory: Inventory,
-        seen: set[str],
+        saw: Callable[[Collection[str]], set[str]],
         deadline: float,
         stop: threading.Event,
         log: Any,
@@ -94,7 +94,7 @@ class DetailReads:
         self.settings = settings
         self.run_id = run_id
         self.inventory = inventory
-        self.seen = seen  # every device the scan saw
+        self.saw = saw  # which of some ids the scan took
         self.deadline = deadline
         self.stop = stop
         self.log = log  # the pass's, its context bound
@@ -126,7 +126,7 @@ class DetailReads:
         if self.org.device_kind not in (None, PORTAL_KIND):
             return Counter()  # the scan took only devices of another kind
         interval = self.settings.door_restrictions_interval
-        due = self.restrictions.due(self.org.id, utcnow(), self.inventory.portals, self.seen)
+        due = self.restrictions.due(self.org.id, utcnow(), self.inventory.portals, self.saw)
         if not due:
             return Counter()
         self.log.debug("asking portals for their door restrictions", portals=len(due))

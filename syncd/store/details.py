@@ -9,7 +9,7 @@ answers per transaction.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,12 +63,14 @@ class PortalRestrictions:
         self.store = store
         self.session = session
 
-    def due(self, org_id: str, now: datetime, portals: Mapping[str, str], seen: Collection[str]) -> list[DuePortal]:
+    def due(
+        self, org_id: str, now: datetime, portals: Mapping[str, str], saw: Callable[[Collection[str]], set[str]]
+    ) -> list[DuePortal]:
         """Of ``portals`` (the active portals a pass saw, with their fingerprints): those never
         answered, changed since the last answer, or whose ``next_fetch_at`` has come. Likewise the
-        devices in ``seen`` (what the pass's scan saw) that were asked before but no longer say
-        they are portals, until OpenApp answers that they are not (400). New and changed ones
-        first, portals that failed last time after all others (oldest attempt first)."""
+        devices the pass's scan took (``saw``: which of some ids it took) that were asked before but
+        no longer say they are portals, until OpenApp answers that they are not (400). New and
+        changed ones first, portals that failed last time after all others (oldest attempt first)."""
         p, d = portal_restrictions, devices
         query = (
             select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state)
@@ -78,10 +80,13 @@ class PortalRestrictions:
         with self.store.reading("finding portals due for their door restrictions") as conn:
             rows = {row.device_id: row for row in conn.execute(query)}
         candidates = dict(portals)
-        for device_id, asked in rows.items():
-            former = device_id not in portals and asked.status != "not_a_portal"
-            if former and asked.state == "active" and device_id in seen:
-                candidates[device_id] = asked.now_fingerprint
+        former = [
+            device_id
+            for device_id, asked in rows.items()
+            if device_id not in portals and asked.status != "not_a_portal" and asked.state == "active"
+        ]
+        for device_id in saw(former):
+            candidates[device_id] = rows[device_id].now_fingerprint
         due = []
         for device_id, fingerprint in candidates.items():
             row = rows.get(device_id)

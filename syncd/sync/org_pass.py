@@ -57,6 +57,7 @@ class OrgPass:
         history = History(org_id, run_id, baseline=not self.store.has_succeeded(org_id))
         max_pages = page_limit(self.options, self.store, self.client.settings.page_size)
         session = held.enter_context(self.store.session(lease))
+        held.enter_context(session.seen_ids())
         self._writes = writes = PageWrites(session)
         scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages)
         sweep = PurgeSweep(self.client, self.store, self.options, bounds, self.book, scan, history, writes)
@@ -87,7 +88,7 @@ class OrgPass:
             options.settings,
             book.run_id,
             scan.inventory,
-            scan.seen,
+            scan.saw,
             bounds.deadline,
             bounds.stop,
             book.log,

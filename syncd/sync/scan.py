@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,7 +43,8 @@ def page_limit(options: PassOptions, store: Store, page_size: int) -> int:
 
 class Scan:
     """The scan of one pass; :meth:`run` once, and :meth:`apply` for a device purge detection
-    re-fetched. ``seen``: every device taken; ``inventory``: what the reads after the scan ask about."""
+    re-fetched. ``seen_count``: how many devices it took (their ids are in the session's
+    :meth:`~syncd.store.Session.seen_ids`, not in memory); ``inventory``: what the reads after the scan ask about."""
 
     def __init__(
         self,
@@ -64,7 +66,7 @@ class Scan:
         self.history = history
         self.writes = writes
         self.max_pages = max_pages  # list pages this pass reads at most before it calls the list endless
-        self.seen: set[str] = set()
+        self.seen_count = 0
         self.inventory = Inventory()
         self._touch_after = timedelta(seconds=options.settings.last_seen_resolution)
 
@@ -84,7 +86,7 @@ class Scan:
                 self._check_length()
                 self.apply(page.items, page.offset)
                 if self.options.on_progress:
-                    self.options.on_progress(org.id, self.book.counts["pages"], len(self.seen))
+                    self.options.on_progress(org.id, self.book.counts["pages"], self.seen_count)
         return not self.bounds.stopped
 
     def _check_length(self) -> None:
@@ -92,7 +94,7 @@ class Scan:
         if pages >= self.max_pages:
             raise PassRefusedError(
                 f"list_devices kept sending full pages: stopped after {pages} pages "
-                f"({len(self.seen)} devices) and purged nothing; a list this long is taken for a server fault "
+                f"({self.seen_count} devices) and purged nothing; a list this long is taken for a server fault "
                 f"(the limit: sync.max_pages, and {PAGE_GROWTH_FACTOR}x the pages of the last successful pass "
                 f"plus {PAGE_GROWTH_MARGIN}). If the org really has that many devices, confirm with "
                 f"`syncd run-once --org {self.options.org.id} --max-pages N`"
@@ -104,9 +106,11 @@ class Scan:
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
         problems_before = len(self.book.problems)
         taken = self._take(items, offset, counts)
-        self.seen.update(taken)
-        counts["devices_seen"] = len(taken)
         with self.session.reader() as reader:
+            for device_id in reader.mark_seen(taken.keys()):
+                self._listed_twice(device_id, taken.pop(device_id)[1], counts)
+            self.seen_count += len(taken)
+            counts["devices_seen"] = len(taken)
             inserts, updates, touches = self._sort(reader, taken, now, counts)
             previous = reader.previous([d.id for d in updates])
         counts["unreadable"] = len(self.book.problems) - problems_before
@@ -137,16 +141,23 @@ class Scan:
                     self.book.log.warning(
                         "rejected a device of another org", device_id=device_id, device_org_id=preview(device_org_id)
                     )
-            elif device_id in taken or device_id in self.seen:
-                # Offset paging over a list that changes repeats devices; the first copy is the one taken.
-                counts["duplicates"] += 1
-                if counts["duplicates"] + counted["duplicates"] <= MAX_LOGGED_PROBLEMS:
-                    self.book.log.info(
-                        "a device was listed twice; the first copy was taken", device_id=device_id, position=position
-                    )
+            elif device_id in taken:  # listed twice in this page (earlier pages: see apply)
+                self._listed_twice(device_id, position, counts)
             else:
                 taken[device_id] = (item, position)
         return taken
+
+    def _listed_twice(self, device_id: str, position: int | None, counts: Counter[str]) -> None:
+        """Offset paging over a list that changes repeats devices; the first copy is the one taken."""
+        counts["duplicates"] += 1
+        if counts["duplicates"] + self.book.counts["duplicates"] <= MAX_LOGGED_PROBLEMS:
+            self.book.log.info(
+                "a device was listed twice; the first copy was taken", device_id=device_id, position=position
+            )
+
+    def saw(self, ids: Collection[str]) -> set[str]:
+        """Those of ``ids`` this scan took."""
+        return self.session.seen_among(ids)
 
     def _sort(
         self, reader: PageReader, taken: Taken, now: datetime, counts: Counter[str]
