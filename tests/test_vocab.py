@@ -165,6 +165,7 @@ def test_the_parsers_read_each_form_of_a_check() -> None:
 
 def test_the_other_copies_are_the_enums() -> None:
     assert set(KINDS) == set(EditAction)  # one EditKind class per action
+    assert all(KINDS[a].action is a for a in EditAction)  # the classes name their action by the enum
     meta = next(f.metadata for f in fields(WritebackSettings) if f.name == "require_approval")
     assert tuple(meta["choices"]) == tuple(EditAction)
     # A pass's outcome is how its run ended, or skipped (no run); the metrics count those that ran.
