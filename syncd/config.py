@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
 
 from syncd.errors import ConfigError
+from syncd.vocab import EditAction
 
 MAX_PAGE_SIZE = 200
 MIB = 1024 * 1024
@@ -61,8 +62,6 @@ class Secret:
 
 
 Kind = Literal["int", "number", "duration", "size", "bool", "choice", "choices", "string"]
-# The kinds of local edit (syncd.edits.KINDS; a test keeps the two in step).
-EDIT_KINDS = ("update", "restore", "delete", "door_restrictions")
 
 
 def setting(
@@ -265,7 +264,7 @@ class WritebackSettings(Section):
         "auto", "choice", choices=("auto", "apartment_entity_ids", "listing_entity_ids")
     )
     # Kinds of edit pushed only once a second person approved them (`syncd edits approve ID`).
-    require_approval: tuple[str, ...] = setting((), "choices", choices=EDIT_KINDS)
+    require_approval: tuple[str, ...] = setting((), "choices", choices=tuple(EditAction))
     approval_ttl: float = setting(7 * 86400.0, "duration", minimum=60)  # unapproved this long: cancelled
 
 

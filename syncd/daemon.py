@@ -49,8 +49,8 @@ from syncd.notify import Notifier
 from syncd.passes import instance_name, locked_pass, make_pass, writeback_client
 from syncd.reconcile import Reconciler
 from syncd.store import Store
-from syncd.store.schema import EDIT_STATUSES
 from syncd.sync import PassOutcome
+from syncd.vocab import EditStatus, PassStatus, RunTrigger
 
 log = structlog.get_logger(__name__)
 
@@ -220,10 +220,9 @@ class Daemon:
             results = self.reconciler.run_once()
             if results:
                 log.debug("write-back round", **results)
-            for status in EDIT_STATUSES:
-                EDIT_QUEUE.labels(status).set(0)
-            for status, count in self.reconciler.queue.counts().items():
-                EDIT_QUEUE.labels(status).set(count)
+            counts = self.reconciler.queue.counts()
+            for status in EditStatus:
+                EDIT_QUEUE.labels(status).set(counts.get(status, 0))
             oldest = self.reconciler.queue.oldest_pending()
             EDIT_QUEUE_OLDEST.set((self.clock.now() - oldest).total_seconds() if oldest else 0)
             show_awaiting_approval(self.reconciler.queue.awaiting_approval(), {o.id for o in self.config.orgs})
@@ -251,7 +250,7 @@ class Daemon:
                 org,
                 self.client,
                 self.store,
-                trigger="scheduled",
+                trigger=RunTrigger.SCHEDULED,
                 instance=self.instance,
                 stop=self.stop,
             )
@@ -293,7 +292,7 @@ class Daemon:
 
     def _record(self, org: OrgSettings, outcome: PassOutcome, interval: float) -> None:
         """This daemon's pass: the key accepted again, the org's verdict on the Board, its backoff."""
-        if outcome.status != "skipped" and self.auth.accepted():
+        if outcome.status != PassStatus.SKIPPED and self.auth.accepted():
             log.info("OpenApp accepted the API key again: syncing resumed")
         verdict = self.board.record(
             org.id, outcome.status, interval, self.config.sync.failure_backoff_max, self.stop.is_set()

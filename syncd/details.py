@@ -61,6 +61,7 @@ from syncd.store.details import (
     PortalRestrictions,
     RestrictionsAnswer,
 )
+from syncd.vocab import RestrictionStatus
 
 BATCH = 50
 BATCH_ENTITIES = 20_000
@@ -138,7 +139,7 @@ class DetailReads:
             failures = portal.failures + 1
             again = retry_at(failures, interval)
             return RestrictionsAnswer(
-                portal.device_id, portal.fingerprint, "failed", again, error=str(exc), failures=failures
+                portal.device_id, portal.fingerprint, RestrictionStatus.FAILED, again, error=str(exc), failures=failures
             )
 
         changed = 0
@@ -157,15 +158,15 @@ class DetailReads:
         try:
             restrictions = self.client.get_door_restrictions(self.org.id, portal.device_id, deadline=self.deadline)
         except NotFoundError as exc:  # gone since the scan: purge detection will tell; restrictions kept
-            return self._answer(portal, "not_found", interval, error=str(exc))
+            return self._answer(portal, RestrictionStatus.NOT_FOUND, interval, error=str(exc))
         except RejectedError as exc:
             if exc.status != 400:
                 raise
-            return self._answer(portal, "not_a_portal", interval, error=str(exc))
-        return self._answer(portal, "ok", interval, restrictions=restrictions)
+            return self._answer(portal, RestrictionStatus.NOT_A_PORTAL, interval, error=str(exc))
+        return self._answer(portal, RestrictionStatus.OK, interval, restrictions=restrictions)
 
     @staticmethod
-    def _answer(portal: DuePortal, status: str, interval: float, **found: Any) -> RestrictionsAnswer:
+    def _answer(portal: DuePortal, status: RestrictionStatus, interval: float, **found: Any) -> RestrictionsAnswer:
         stretch = 1.0 if portal.answered else 1.0 + spread(portal.device_id)
         next_fetch_at = utcnow() + timedelta(seconds=interval * stretch)
         return RestrictionsAnswer(portal.device_id, portal.fingerprint, status, next_fetch_at, **found)

@@ -31,7 +31,6 @@ from syncd.models import (
     PORTAL_KIND,
     REDACTED,
     Device,
-    DeviceState,
     DoorRestrictions,
     check_device_id,
     entity_id_problem,
@@ -58,6 +57,7 @@ from syncd.schemas import (
 from syncd.store import Store
 from syncd.store.details import DefinitionAnswer, MetadataDefinitions, PortalRestrictions, RestrictionsAnswer
 from syncd.store.edits import Edit, EditQueue, Held, SendCap
+from syncd.vocab import DeviceState, EditAction, EditSource, RestrictionStatus
 
 EDITABLE_FIELDS = ("name", "zone_id", "external_id", "device_metadata")
 MAX_EDIT_BYTES = 1024 * 1024  # an edit larger than this is a mistake, not a device
@@ -138,7 +138,7 @@ class Mirrored:
 def read_mirrored(store: Store, device_id: str) -> Mirrored | None:
     """The mirrored device, or None when the mirror has no such device."""
     row = store.device(device_id)
-    return None if row is None else Mirrored(parse_device(row["raw"]), row["state"])
+    return None if row is None else Mirrored(parse_device(row["raw"]), DeviceState(row["state"]))
 
 
 @dataclass
@@ -300,7 +300,7 @@ class Update(EditKind[UpdatePayload]):
     bounded in time); its write-only credential fields are kept when left out, and cleared only
     when named in ``clear_credentials``."""
 
-    action = "update"
+    action = EditAction.UPDATE
     usage = "any of name, zone_id, external_id, device_metadata (and clear_credentials)"
 
     def validate(self, raw: object) -> UpdatePayload:
@@ -489,14 +489,14 @@ def _check_metadata(metadata: dict[str, Any], remote: Remote, cleared: set[str])
 class Restore(EditKind[NoPayload]):
     """restore_device: undo a soft delete. Already active counts as done."""
 
-    action = "restore"
+    action = EditAction.RESTORE
     usage = "no payload"
 
     def validate(self, raw: object) -> NoPayload:
         return _no_payload(self.action, raw)
 
     def mirror_problem(self, mirrored: Mirrored, payload: NoPayload, store: Store) -> str | None:
-        if mirrored.state != "deleted":
+        if mirrored.state != DeviceState.DELETED:
             return f"it is not soft-deleted (state {mirrored.state}); nothing to restore"
         return None
 
@@ -521,14 +521,14 @@ class Delete(EditKind[NoPayload]):
     Its hold rule: at most ``writeback.max_deletes_per_hour`` DELETEs are sent per hour (every one
     sent counts, answered or not); more wait."""
 
-    action = "delete"
+    action = EditAction.DELETE
     usage = "no payload"
 
     def validate(self, raw: object) -> NoPayload:
         return _no_payload(self.action, raw)
 
     def mirror_problem(self, mirrored: Mirrored, payload: NoPayload, store: Store) -> str | None:
-        if mirrored.state == "deleted":
+        if mirrored.state == DeviceState.DELETED:
             return "it is already soft-deleted"
         return None
 
@@ -560,7 +560,7 @@ class DoorRestrictionsEdit(EditKind[DoorRestrictionsPayload]):
     mirror's list or OpenApp's live one says so. Only a whole list does that (``entity_ids: []``,
     ``syncd door-restrictions ID --unrestrict``; ``--set E1 ...``)."""
 
-    action = "door_restrictions"
+    action = EditAction.DOOR_RESTRICTIONS
     usage = '{"entity_ids": [...]} or {"add": [...], "remove": [...]}'
     # OpenApp's restrictions answer is 404 for a device that is gone and 400 for one that is no
     # portal, so the device is not read first: two requests per edit, not three.
@@ -582,7 +582,7 @@ class DoorRestrictionsEdit(EditKind[DoorRestrictionsPayload]):
         kind = metadata.get("kind") if isinstance(metadata, dict) else None
         if kind != PORTAL_KIND:
             return f"door restrictions exist only for {PORTAL_KIND} devices; this one is {preview(kind)}"
-        if mirrored.state != "active":
+        if mirrored.state != DeviceState.ACTIVE:
             return f"the portal is {mirrored.state}"
         listed = PortalRestrictions(store).mirrored_list(mirrored.device.id)
         if listed is not None and payload.entity_ids is None:
@@ -707,7 +707,9 @@ def _restrictions(remote: Remote) -> DoorRestrictions:
 
 def _portal_outcome(device: Device, restrictions: DoorRestrictions) -> Outcome:
     """The portal and its new list, as the mirror records an answer (asked again at the next pass)."""
-    return Outcome(device, RestrictionsAnswer(device.id, device.fingerprint, "ok", utcnow(), restrictions))
+    return Outcome(
+        device, RestrictionsAnswer(device.id, device.fingerprint, RestrictionStatus.OK, utcnow(), restrictions)
+    )
 
 
 def _added_and_removed(payload: DoorRestrictionsPayload, current: Collection[str]) -> list[str]:
@@ -787,7 +789,7 @@ def queue_edit(
             "base": kind.base(parsed, mirrored, store),
             "base_updated_at": mirrored.device.updated_at,
             "requested_by": requested_by,
-            "requested_via": "cli",
+            "requested_via": EditSource.CLI,
             "credential_pointers": credentials or None,
         },
         awaiting_approval=action in needs_approval,
@@ -802,7 +804,7 @@ def _editable(store: Store, device_id: str, orgs: Collection[str]) -> Mirrored:
     if mirrored.device.org_id not in orgs:
         org = preview(mirrored.device.org_id)
         raise ConfigError(f"device {device_id} belongs to org {org}, which is not configured")
-    if mirrored.state == "purged":
+    if mirrored.state == DeviceState.PURGED:
         raise ConfigError(f"device {device_id} was purged from OpenApp; it cannot be edited")
     return mirrored
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from syncd.backoff import backoff_ceiling
 from syncd.metrics import AUTH_PAUSED, LAST_SUCCESS, ORG_FAILING
+from syncd.vocab import PassStatus
 
 MIN_MAX_AGE = 300.0  # seconds: below this, ordinary jitter and retries would flap the check
 
@@ -87,17 +88,17 @@ class Board:
                 self._orgs.setdefault(org_id, OrgHealth()).last_success = when
                 LAST_SUCCESS.labels(org_id).set(when.timestamp())
 
-    def record(self, org_id: str, status: str, interval: float, backoff_max: float, stopping: bool) -> Verdict:
+    def record(self, org_id: str, status: PassStatus, interval: float, backoff_max: float, stopping: bool) -> Verdict:
         """Take a pass's outcome (``status`` of :class:`~syncd.sync.PassOutcome`) into account."""
         with self._lock:
             self._totals[status] += 1
             org = self._orgs.setdefault(org_id, OrgHealth())
-            if status == "succeeded":
+            if status == PassStatus.SUCCEEDED:
                 failures, org.failures = org.failures, 0
                 org.last_success = self.clock()
                 ORG_FAILING.labels(org_id).set(0)
                 return Verdict(recovered_after=failures)
-            if status == "skipped" or (status == "aborted" and stopping):
+            if status == PassStatus.SKIPPED or (status == PassStatus.ABORTED and stopping):
                 return Verdict(failures=org.failures)
             org.failures += 1
             ORG_FAILING.labels(org_id).set(1)

@@ -9,9 +9,10 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
-from syncd.models import CHANGE_KINDS, DEVICE_STATES
+from syncd.vocab import ChangeKind, DeviceState, PassStatus
 
-PASS_STATUSES = ("succeeded", "failed", "aborted")
+# PASS_DURATION's statuses: those of a pass that ran (a skipped one has no duration).
+PASS_STATUSES = tuple(s for s in PassStatus if s is not PassStatus.SKIPPED)
 
 HTTP_REQUESTS = Counter(
     "syncd_http_requests", "OpenApp API responses by operation and HTTP status", ["operation", "status"]
@@ -83,7 +84,7 @@ def track_org(org_id: str, max_age: float) -> None:
     AWAITING_APPROVAL.labels(org_id).set(0)
     AWAITING_APPROVAL_OLDEST.labels(org_id).set(0)
     PURGES_REFUSED.labels(org_id).inc(0)
-    for kind in CHANGE_KINDS:
+    for kind in ChangeKind:
         CHANGES.labels(org_id, kind).inc(0)
 
 
@@ -112,8 +113,8 @@ def forget_org(org_id: str) -> None:
         with contextlib.suppress(KeyError):
             metric.remove(org_id)
     pairs: tuple[tuple[Counter | Gauge | Histogram, tuple[str, ...]], ...] = (
-        (CHANGES, CHANGE_KINDS),
-        (DEVICES, DEVICE_STATES),
+        (CHANGES, tuple(ChangeKind)),
+        (DEVICES, tuple(DeviceState)),
         (PASS_DURATION, PASS_STATUSES),
     )
     for labelled, values in pairs:

@@ -15,20 +15,15 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 from urllib.parse import quote, quote_plus
 
 import orjson
 from xxhash import xxh3_128_hexdigest
 
 from syncd.errors import InvalidDeviceError
+from syncd.vocab import ChangeKind, ChangeSource, DeviceState
 
-DeviceState = Literal["active", "deleted", "purged"]
-DEVICE_STATES: tuple[DeviceState, ...] = get_args(DeviceState)
-# device_changes.change: what happened to a device. "observed": first seen by an org's first
-# (baseline) pass, which cannot tell a device created now from one that existed already;
-# "restrictions": a portal's door restrictions changed.
-CHANGE_KINDS = ("observed", "created", "updated", "deleted", "restored", "purged", "restrictions")
 # What every device_changes row of a device kind (all but "restrictions") records of the device as
 # it was after the change: enough to answer "what did the fleet look like at time T" from history.
 HISTORY_FIELDS = ("state", "name", "zone_id", "integration_id", "external_id", "device_metadata")
@@ -42,6 +37,10 @@ UNDETERMINED_LOCALE = "und"
 DEVICE_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 ID_LENGTH = 64  # the mirror's id columns (org_id, integration_id, zone_id) are VARCHAR(64)
 MAX_NESTING = 254  # the deepest JSON nesting orjson writes (it reads up to 1024)
+
+
+# Bound once: looking up an enum's member costs more than the rest of Device.state, read per device.
+_DELETED, _ACTIVE = DeviceState.DELETED, DeviceState.ACTIVE
 
 
 def _lifecycle(index: int, doc: str) -> property:
@@ -89,7 +88,7 @@ class Device:
     @property
     def state(self) -> DeviceState:
         """``deleted`` when OpenApp reports a soft delete, else ``active``."""
-        return "deleted" if self.lifecycle[2] is not None else "active"
+        return _DELETED if self.lifecycle[2] is not None else _ACTIVE
 
 
 def encode(raw: dict[str, Any]) -> tuple[bytes, str]:
@@ -529,11 +528,11 @@ def same_json(a: Any, b: Any) -> bool:
     return False
 
 
-def change_kind(old_state: str, new_state: str) -> str:
+def change_kind(old_state: str, new_state: str) -> ChangeKind:
     """The device_changes kind for a rewrite from ``old_state`` to ``new_state``."""
     if old_state == new_state:
-        return "updated"
-    return "deleted" if new_state == "deleted" else "restored"
+        return ChangeKind.UPDATED
+    return ChangeKind.DELETED if new_state == DeviceState.DELETED else ChangeKind.RESTORED
 
 
 class HistoryRow(NamedTuple):
@@ -546,9 +545,9 @@ class HistoryRow(NamedTuple):
     org_id: str
     run_id: int | None
     observed_at: datetime
-    change: str  # one of CHANGE_KINDS
+    change: ChangeKind
     diff: dict[str, Any] | None  # {field: {"old": ..., "new": ...}}; None for a first row
-    source: str  # "sync", or "local_edit" when edit_id is set
+    source: ChangeSource  # local_edit when edit_id is set
     edit_id: int | None
     requested_by: str | None
     approved_by: str | None
@@ -561,11 +560,14 @@ class HistoryRow(NamedTuple):
     device_metadata: Any
 
 
+_CHANGE_KINDS = frozenset(ChangeKind)  # a set: one lookup per row, a plain string included
+
+
 def history_row(
     device_id: str,
     org_id: str,
     observed_at: datetime,
-    change: str,
+    change: ChangeKind,
     diff: dict[str, Any] | None,
     after: Device | Mapping[str, Any] | None,
     *,
@@ -579,10 +581,10 @@ def history_row(
     (None only for ``restrictions``); ``edit_id``: the local edit whose push made the change (its
     row's source is ``local_edit``), and ``provenance`` its ``requested_by`` / ``approved_by``.
     """
-    if change not in CHANGE_KINDS:
+    if change not in _CHANGE_KINDS:
         raise ValueError(f"unknown change kind {change!r}")
-    if (after is None) != (change == "restrictions"):
-        raise ValueError(f"a {change!r} row {'records' if after is None else 'has no'} the device's values")
+    if (after is None) != (change == ChangeKind.RESTRICTIONS):
+        raise ValueError(f"a {str(change)!r} row {'records' if after is None else 'has no'} the device's values")
     if after is None:
         values: tuple[Any, ...] = (None,) * len(HISTORY_FIELDS)
     elif isinstance(after, Device):
@@ -604,7 +606,7 @@ def history_row(
         observed_at,
         change,
         diff,
-        "sync" if edit_id is None else "local_edit",
+        ChangeSource.SYNC if edit_id is None else ChangeSource.LOCAL_EDIT,
         edit_id,
         by.get("requested_by"),
         by.get("approved_by"),

@@ -21,6 +21,7 @@ from syncd.errors import ConfigError, SyncdError
 from syncd.models import utcnow
 from syncd.store import Store
 from syncd.sync import OrgPass, PassOptions, PassOutcome, ProgressCallback
+from syncd.vocab import PassStatus, RunTrigger
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,7 @@ def make_pass(
     client: OpenAppClient,
     store: Store,
     *,
-    trigger: str,
+    trigger: RunTrigger,
     instance: str,
     stop: threading.Event,
     allow_mass_purge: bool = False,
@@ -127,7 +128,7 @@ def run_once(
             org,
             client,
             store,
-            trigger="run-once",
+            trigger=RunTrigger.RUN_ONCE,
             instance=instance,
             stop=stop,
             allow_mass_purge=allow_mass_purge,
@@ -161,7 +162,7 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
     org_id = options.org.id
     now = utcnow()
     if options.stop.is_set():
-        return PassOutcome(org_id, None, "aborted", now, now, error="stopped before the pass began")
+        return PassOutcome(org_id, None, PassStatus.ABORTED, now, now, error="stopped before the pass began")
     try:
         with store.locks.org(org_id, wait=wait, stop=options.stop) as lease:
             if lease:
@@ -170,22 +171,24 @@ def locked_pass(org_pass: OrgPass, wait: float = 0.0, spacing: float | None = No
                     return PassOutcome(
                         org_id,
                         None,
-                        "skipped",
+                        PassStatus.SKIPPED,
                         now,
                         utcnow(),
                         error=f"another syncd started a pass of this org {spacing - due_in:.0f}s ago",
                         due_in=due_in,
                     )
                 outcome = org_pass.run(lease)
-                if spacing and (outcome.status == "aborted" or outcome.run_id is None):
+                if spacing and (outcome.status == PassStatus.ABORTED or outcome.run_id is None):
                     _release_claim(store, org_id, options.instance)
                 return outcome
     except SyncdError as exc:
         log.error("pass could not start", org_id=org_id, error=str(exc))
-        return PassOutcome(org_id, None, "failed", now, utcnow(), error=f"could not start: {exc}", exception=exc)
+        return PassOutcome(
+            org_id, None, PassStatus.FAILED, now, utcnow(), error=f"could not start: {exc}", exception=exc
+        )
     now = utcnow()
     log.warning("org skipped: another syncd pass holds it", org_id=org_id, waited=wait)
-    return PassOutcome(org_id, None, "skipped", now, now, error="another syncd pass of this org is running")
+    return PassOutcome(org_id, None, PassStatus.SKIPPED, now, now, error="another syncd pass of this org is running")
 
 
 def _release_claim(store: Store, org_id: str, instance: str) -> None:

@@ -51,6 +51,7 @@ from syncd.metrics import EDIT_RESULTS
 from syncd.models import Device, change_kind, check_device_id, describe_change, masked, parse_device, preview, utcnow
 from syncd.store import Store
 from syncd.store.edits import Edit, EditQueue, Held
+from syncd.vocab import EditResult
 
 log = structlog.get_logger(__name__)
 WRITEBACK = "write-back"  # who asks the AuthGate
@@ -127,7 +128,7 @@ class Reconciler:
                     raise
                 results[result] += 1
                 EDIT_RESULTS.labels(result).inc()
-                if result in ("paused", "stopped"):
+                if result in (EditResult.PAUSED, EditResult.STOPPED):
                     self.queue.release([e.id for e in fresh[index + 1 :]], utcnow())
                     return
 
@@ -141,15 +142,15 @@ class Reconciler:
         if changed.approved:
             log.info("edits approved in SQL are pending", edits=changed.approved)
         if changed.expired:
-            results["expired"] += len(changed.expired)
-            EDIT_RESULTS.labels("expired").inc(len(changed.expired))
+            results[EditResult.EXPIRED] += len(changed.expired)
+            EDIT_RESULTS.labels(EditResult.EXPIRED).inc(len(changed.expired))
             log.warning(
                 "edits cancelled: nobody approved them within writeback.approval_ttl", edit_ids=list(changed.expired)
             )
 
     # -- one edit ----------------------------------------------------------------------------------
 
-    def _process(self, edit: Edit) -> str:
+    def _process(self, edit: Edit) -> EditResult:
         """Decide and push one edit. Whatever goes wrong with it costs this edit only: a bug
         (any exception syncd did not foresee) fails it, or retries it when its write may have gone
         out, logged once with its traceback; only a database failure ends the round (the edit's
@@ -163,7 +164,7 @@ class Reconciler:
         except Exception as exc:
             return self._bug(edit, exc, attempt, edit_log)
 
-    def _decide(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> str:
+    def _decide(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> EditResult:
         problem = self._problem(edit, attempt)
         if problem:
             return self._fail(edit, problem, edit_log)
@@ -175,14 +176,14 @@ class Reconciler:
             return self._pause(edit, exc)
         except StoppedError:  # only reads are interrupted: nothing was pushed
             self.queue.release([edit.id], utcnow())
-            return "stopped"
+            return EditResult.STOPPED
         except NotFoundError as exc:
             return self._fail(edit, "the device no longer exists in OpenApp (purged)", edit_log, exc, attempt)
         except TransientError as exc:
             return self._retry_later(edit, exc, edit_log, attempt)
         except ClaimLostError as exc:  # its lease ran out and another reconciler has it now
             edit_log.warning("edit left to the reconciler that claimed it since", error=str(exc))
-            return "lost"
+            return EditResult.LOST
         except StoreError:
             raise
         except SyncdError as exc:  # permanent API errors, unreadable answers
@@ -219,7 +220,7 @@ class Reconciler:
         )
         return None
 
-    def _send(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> str:
+    def _send(self, edit: Edit, attempt: _Attempt, edit_log: Any) -> EditResult:
         """Read what the edit needs; then it is done already, in conflict, unsendable, held by its
         kind's hold rule, or pushed."""
         kind, payload = attempt.kind, attempt.payload
@@ -247,7 +248,7 @@ class Reconciler:
         attempt.remote = remote = Remote(device)
         return attempt.kind.read(attempt.payload, remote, self._reading(edit, attempt))
 
-    def _unsent(self, edit: Edit, attempt: _Attempt, remote: Remote, edit_log: Any) -> str | None:
+    def _unsent(self, edit: Edit, attempt: _Attempt, remote: Remote, edit_log: Any) -> EditResult | None:
         """The edit's end when it must not be sent now (a conflict, or unsendable), else None."""
         kind, payload = attempt.kind, attempt.payload
         if self.settings.conflict_policy == "detect":
@@ -271,17 +272,17 @@ class Reconciler:
         except InvalidResponseError as exc:
             raise InvalidResponseError(f"get_device: {exc}") from exc
 
-    def _hold(self, edit: Edit, rule: HoldRule, held: Held, edit_log: Any, attempt: _Attempt) -> str:
+    def _hold(self, edit: Edit, rule: HoldRule, held: Held, edit_log: Any, attempt: _Attempt) -> EditResult:
         """The kind's cap is reached: the edit waits, unsent, until a slot frees (the attempt is not counted)."""
         now = utcnow()
         until = now + held.wait
         self.queue.hold(edit, now, until, rule.reason(held, until), attempt.credentials())
         edit_log.warning(f"{rule.capped} held by the hourly cap", sent_last_hour=held.count, cap=rule.cap.limit)
-        return "held"
+        return EditResult.HELD
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _succeed(self, edit: Edit, attempt: _Attempt, outcome: Outcome) -> str:
+    def _succeed(self, edit: Edit, attempt: _Attempt, outcome: Outcome) -> EditResult:
         now = utcnow()
         kind, payload, mirrored = attempt.kind, attempt.payload, attempt.ready()
         remote = attempt.remote
@@ -303,11 +304,11 @@ class Reconciler:
         log.info("edit applied", edit_id=edit.id, device_id=edit.device_id, what=kind.describe(payload))
         if self.auth.accepted():
             log.info("OpenApp accepted the API key again: write-back resumed")
-        return "succeeded"
+        return EditResult.SUCCEEDED
 
     def _conflict(
         self, edit: Edit, fields: dict[str, dict[str, Any]], remote: Remote, edit_log: Any, attempt: _Attempt
-    ) -> str:
+    ) -> EditResult:
         when = remote.device.updated_at.isoformat() if remote.device.updated_at else "?"
         message = (
             f"OpenApp changed {', '.join(fields)} since the edit was queued (device updated at {when}); "
@@ -316,7 +317,7 @@ class Reconciler:
         )
         self.queue.conflict(edit, utcnow(), message, fields, remote.device, attempt.credentials())
         edit_log.warning("edit conflicts with a remote change", fields=sorted(fields))
-        return "conflict"
+        return EditResult.CONFLICT
 
     def _fail(
         self,
@@ -325,7 +326,7 @@ class Reconciler:
         edit_log: Any,
         exc: SyncdError | None = None,
         attempt: _Attempt | None = None,
-    ) -> str:
+    ) -> EditResult:
         """The edit failed. Its credential pointers are recorded, and once its write went out
         (refused, say) its credential values are redacted as after a success."""
         kept = attempt.stored() if attempt is not None else None
@@ -333,9 +334,9 @@ class Reconciler:
         credentials = attempt.credentials() if attempt else ()
         self.queue.fail(edit, utcnow(), reason, exc.status if exc else None, credentials=credentials, payload=kept)
         edit_log.warning("edit failed", error=reason)
-        return "failed"
+        return EditResult.FAILED
 
-    def _retry_later(self, edit: Edit, exc: TransientError, edit_log: Any, attempt: _Attempt) -> str:
+    def _retry_later(self, edit: Edit, exc: TransientError, edit_log: Any, attempt: _Attempt) -> EditResult:
         if edit.attempts >= self.settings.max_attempts:
             return self._fail(edit, f"gave up after {edit.attempts} attempts: {exc}", edit_log, exc, attempt)
         delay = (
@@ -348,15 +349,15 @@ class Reconciler:
         later = now + timedelta(seconds=delay)
         self.queue.retry_later(edit, now, later, error, exc.status, attempt.credentials())
         edit_log.debug("edit will be retried", attempt=edit.attempts, delay=round(delay, 2), error=error)
-        return "retrying"
+        return EditResult.RETRYING
 
-    def _pause(self, edit: Edit, exc: AuthError) -> str:
+    def _pause(self, edit: Edit, exc: AuthError) -> EditResult:
         self.queue.release([edit.id], utcnow())
         if self.auth.rejected(max(self.settings.interval, 30.0)):
             log.error("OpenApp rejected the API key: write-back is paused (no attempts are used up)", error=str(exc))
-        return "paused"
+        return EditResult.PAUSED
 
-    def _bug(self, edit: Edit, exc: Exception, attempt: _Attempt, edit_log: Any) -> str:
+    def _bug(self, edit: Edit, exc: Exception, attempt: _Attempt, edit_log: Any) -> EditResult:
         """An exception syncd did not foresee: the edit fails (nothing was sent), or is retried
         later when its write may have gone out (the next attempt first looks whether it applied),
         up to ``writeback.max_attempts``. Its traceback is logged once per kind of bug."""
@@ -374,7 +375,7 @@ class Reconciler:
             self.queue.retry_later(
                 edit, now, later, f"{error}; its write may have gone out", None, attempt.credentials()
             )
-            return "retrying"
+            return EditResult.RETRYING
         suffix = "; nothing was sent" if not attempt.sent else ""
         return self._fail(edit, error + suffix, edit_log, attempt=attempt)
 

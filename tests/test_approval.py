@@ -20,8 +20,8 @@ from sqlalchemy import text
 
 from syncd.api import OpenAppClient
 from syncd.cli import main
-from syncd.config import EDIT_KINDS, WritebackSettings, build_config
-from syncd.edits import KINDS, queue_edit
+from syncd.config import WritebackSettings, build_config
+from syncd.edits import queue_edit
 from syncd.errors import ConfigError
 from syncd.metrics import AWAITING_APPROVAL, AWAITING_APPROVAL_OLDEST, show_awaiting_approval
 from syncd.simulator import Simulator, World
@@ -61,7 +61,6 @@ def sql(store: Store, statement: str, **params: object) -> None:
 
 
 def test_require_approval_names_known_kinds_only() -> None:
-    assert set(EDIT_KINDS) == set(KINDS)
     assert WritebackSettings().require_approval == () and WritebackSettings().approval_ttl == 7 * 86400
     base = {"api": {"base_url": "http://x/api/v1", "api_key_env": "K"}, "orgs": [{"id": "a"}]}
     config = build_config({**base, "writeback": {"require_approval": ["Delete"], "approval_ttl": "2d"}}, {"K": "k"})

@@ -37,7 +37,8 @@ from syncd.models import parse_device
 from syncd.reconcile import Reconciler
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
-from syncd.store.edits import EditQueue, HoldReason, SendCap
+from syncd.store.edits import EditQueue, SendCap
+from syncd.vocab import HoldReason
 
 from .conftest import API_KEY
 from .test_cli import KEY_ENV, write_config

@@ -53,6 +53,7 @@ FLOORS = {
     "syncd.models": 3,
     "syncd.config": 3,
     "syncd.errors": 1,
+    "syncd.vocab": 1,
     "syncd.backoff": 1,
     "syncd.logs": 1,
     "syncd.notify": 1,

@@ -31,10 +31,11 @@ from syncd.reconcile import Reconciler
 from syncd.simulator import Fault, Simulator, World
 from syncd.store import Store
 from syncd.store.dialect import SEEN_TABLE
-from syncd.store.edits import TRANSITIONS, EditQueue, EditStatus, SendCap
+from syncd.store.edits import TRANSITIONS, EditQueue, SendCap
 from syncd.store.reports import Reports
 from syncd.store.schema import portal_restrictions
 from syncd.sync import OrgPass, PassOptions
+from syncd.vocab import EditStatus
 
 from .test_details import E1, portals
 from .test_writeback import FAST, ORGS

@@ -31,6 +31,7 @@ from syncd.errors import (
     UnreachableError,
 )
 from syncd.store import Store, redact_url
+from syncd.vocab import DeviceState
 
 
 def add_commands(commands: Commands) -> None:
@@ -182,7 +183,9 @@ def _mirrored_devices(config: Config) -> dict[str, int]:
         return {}
     finally:
         store.close()
-    return {org: sum(n for state, n in by_state.items() if state != "purged") for org, by_state in counts.items()}
+    return {
+        org: sum(n for state, n in by_state.items() if state != DeviceState.PURGED) for org, by_state in counts.items()
+    }
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from syncd.passes import instance_name, writeback_client
 from syncd.reconcile import Reconciler, requester
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
-from syncd.store.edits import EditQueue, EditStatus
+from syncd.store.edits import EditQueue
+from syncd.vocab import EditAction, EditResult, EditStatus
 
 EDITS_HELP = (
     "List the write-back queue, oldest first: per edit its kind, status, attempts, when and by whom it "
@@ -242,11 +243,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "nothing to change: give --name, --zone-id/--clear-zone, --external-id, --metadata-json "
                 "or --clear-credential"
             )
-        queued = _queue(store, config, args.device_id, "update", payload)
+        queued = _queue(store, config, args.device_id, EditAction.UPDATE, payload)
         edit = EditQueue(store).get(queued)
         shown = redacted(payload, edit_credentials(store, edit) if edit else ())
     print(f"queued edit {queued}: update {args.device_id} {json.dumps(shown, ensure_ascii=False)}")
-    _approval_note(config, "update", queued)
+    _approval_note(config, EditAction.UPDATE, queued)
     return EXIT_OK
 
 
@@ -254,9 +255,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Queue the restore of a soft-deleted device."""
     config = load(args, with_key=False)
     with prepared_store(config) as store:
-        queued = _queue(store, config, args.device_id, "restore", None)
+        queued = _queue(store, config, args.device_id, EditAction.RESTORE, None)
     print(f"queued edit {queued}: restore {args.device_id}")
-    _approval_note(config, "restore", queued)
+    _approval_note(config, EditAction.RESTORE, queued)
     return EXIT_OK
 
 
@@ -273,9 +274,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing was queued")
                 return EXIT_FAILED
-        queued = _queue(store, config, args.device_id, "delete", None)
+        queued = _queue(store, config, args.device_id, EditAction.DELETE, None)
     print(f"queued edit {queued}: soft delete {args.device_id}")
-    _approval_note(config, "delete", queued)
+    _approval_note(config, EditAction.DELETE, queued)
     return EXIT_OK
 
 
@@ -302,9 +303,9 @@ def cmd_door_restrictions(args: argparse.Namespace) -> int:
         if not args.yes and not _confirm_unseen(store, config, args.device_id, payload):
             print("nothing was queued")
             return EXIT_FAILED
-        queued = _queue(store, config, args.device_id, "door_restrictions", payload)
-    print(f"queued edit {queued}: {KINDS['door_restrictions'].summary(payload)} on {args.device_id}")
-    _approval_note(config, "door_restrictions", queued)
+        queued = _queue(store, config, args.device_id, EditAction.DOOR_RESTRICTIONS, payload)
+    print(f"queued edit {queued}: {KINDS[EditAction.DOOR_RESTRICTIONS].summary(payload)} on {args.device_id}")
+    _approval_note(config, EditAction.DOOR_RESTRICTIONS, queued)
     return EXIT_OK
 
 
@@ -313,7 +314,7 @@ def _confirm_unseen(store: Store, config: Config, device_id: str, payload: dict[
     a portal of the device's org: a typo there locks someone out or lets someone in. Asks on a
     terminal; elsewhere ConfigError (``--yes`` says it is meant)."""
     granted = payload.get("entity_ids") or payload.get("add") or []
-    kind = KINDS["door_restrictions"]
+    kind = KINDS[EditAction.DOOR_RESTRICTIONS]
     mirrored = read_mirrored(store, device_id)
     if not granted or mirrored is None or mirrored.device.org_id not in org_ids(config):
         return True  # nothing to ask, or queue_edit names the problem
@@ -416,12 +417,13 @@ def cmd_reconcile_once(args: argparse.Namespace) -> int:
         counts = EditQueue(store).counts()
     done = ", ".join(f"{n} {kind}" for kind, n in sorted(results.items())) or "nothing was due"
     print(f"reconcile: {done}; queue now: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"))
-    if results["paused"]:
+    if results[EditResult.PAUSED]:
         print("reconcile: OpenApp rejected the API key; the edits not attempted stay pending", file=sys.stderr)
-    if results["held"]:
+    if results[EditResult.HELD]:
         for rule in filter(None, (kind.hold_rule(config.writeback) for kind in KINDS.values())):
             print(f"reconcile: {rule.capped} beyond writeback.{rule.setting} wait (see `syncd edits`)", file=sys.stderr)
-    return EXIT_FAILED if results["failed"] or results["conflict"] or results["paused"] else EXIT_OK
+    failed = results[EditResult.FAILED] or results[EditResult.CONFLICT] or results[EditResult.PAUSED]
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _locale_text(item: str) -> tuple[str, str]:

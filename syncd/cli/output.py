@@ -10,17 +10,19 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from syncd.errors import ConfigError
-from syncd.models import DEVICE_STATES
 from syncd.store import Store
 from syncd.store.details import PortalRestrictions
-from syncd.store.edits import Edit, EditStatus
+from syncd.store.edits import Edit
 from syncd.store.schema import RUN_COUNTERS
 from syncd.sync import PassOutcome
+from syncd.vocab import DeviceState, EditAction, EditStatus, PassStatus
 
 SUMMARY_COLUMNS = tuple(c for c in RUN_COUNTERS if not c.endswith(("requests", "failures")))
 DETAIL_FAILURES = {"restriction_failures": "door restrictions", "definition_failures": "metadata definitions"}
 # What the payload line of an edit says it does, by the edit's status.
-PAYLOAD_VERBS = {"pending": "queued", "in_flight": "pushing", "succeeded": "applied"}
+PAYLOAD_VERBS = {EditStatus.PENDING: "queued", EditStatus.IN_FLIGHT: "pushing", EditStatus.SUCCEEDED: "applied"}
+# A command's passes that count as ok: succeeded, or skipped (another syncd ran the org's pass).
+PASSED = (PassStatus.SUCCEEDED, PassStatus.SKIPPED)
 REQUESTER_WIDTH = 20  # the `by` column of `syncd edits` (the whole table stays within about 120 columns)
 
 
@@ -111,9 +113,9 @@ def totals(outcomes: Sequence[PassOutcome], seconds: float) -> dict[str, Any]:
     """What the passes of one command came to: orgs ok (succeeded or skipped) and failed (failed or
     aborted), devices seen, device changes written, and the command's wall time."""
     return {
-        "orgs_ok": sum(o.status in ("succeeded", "skipped") for o in outcomes),
-        "orgs_failed": sum(o.status not in ("succeeded", "skipped") for o in outcomes),
-        "orgs_skipped": sum(o.status == "skipped" for o in outcomes),
+        "orgs_ok": sum(o.status in PASSED for o in outcomes),
+        "orgs_failed": sum(o.status not in PASSED for o in outcomes),
+        "orgs_skipped": sum(o.status == PassStatus.SKIPPED for o in outcomes),
         "devices": sum(o.counts["devices_seen"] for o in outcomes),
         "changes": sum(o.counts[c] for o in outcomes for c in CHANGE_COUNTERS),
         "seconds": round(seconds, 1),
@@ -206,11 +208,11 @@ def print_status(report: list[dict[str, Any]], out: TextIO) -> None:
             f"{r['last_pass_seconds']}" if r["last_pass_seconds"] is not None else "-",
             r["last_pass_status"] or "-",
             age(r["last_success_age_seconds"]),
-            *(str(r["devices"][s]) for s in DEVICE_STATES),
+            *(str(r["devices"][s]) for s in DeviceState),
         )
         for r in report
     ]
-    headers = ("org", "health", "last pass", "seconds", "result", "last success", *DEVICE_STATES)
+    headers = ("org", "health", "last pass", "seconds", "result", "last success", *DeviceState)
     table(headers, rows, out, text_columns=5)
     for r in report:
         if r["last_error"]:
@@ -243,10 +245,10 @@ def print_edits(edits: Sequence[tuple[Edit, Any, str]], out: TextIO) -> None:
 
 def _payload_lines(e: Edit, payload: Any, what: str) -> list[str]:
     """What the edit does (and sets, credentials masked), by its status: queued, pushing, applied."""
-    verb = PAYLOAD_VERBS.get(e.status.value, "wanted")
+    verb = PAYLOAD_VERBS.get(e.status, "wanted")
     if payload:
         return [f"{verb:<8}{what}: {json.dumps(payload, ensure_ascii=False)}"]
-    return [] if e.action == "update" else [f"{verb:<8}{what}"]
+    return [] if e.action == EditAction.UPDATE else [f"{verb:<8}{what}"]
 
 
 def _attempt_lines(e: Edit) -> list[str]:
@@ -278,7 +280,7 @@ def _conflict_lines(fields: dict[str, Any]) -> list[str]:
 def _approval_lines(e: Edit) -> list[str]:
     """An edit's approval, rejection or wait for one, and why it ended unsent."""
     lines = []
-    if e.status.value == "awaiting_approval":
+    if e.status is EditStatus.AWAITING_APPROVAL:
         since = iso(e.approval_requested_at) or "?"
         lines.append(
             f"{'awaits':<8}approval since {since}: `syncd edits approve {e.id}` by another person than "
@@ -295,8 +297,8 @@ def _approval_lines(e: Edit) -> list[str]:
 
 def print_state_counts(counts: dict[str, dict[str, int]], out: TextIO) -> None:
     """Devices by state per org."""
-    rows = [(org, *(str(by_state.get(s, 0)) for s in DEVICE_STATES)) for org, by_state in sorted(counts.items())]
-    table(("org", *DEVICE_STATES), rows, out)
+    rows = [(org, *(str(by_state.get(s, 0)) for s in DeviceState)) for org, by_state in sorted(counts.items())]
+    table(("org", *DeviceState), rows, out)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, text_columns: int = 2) -> None:

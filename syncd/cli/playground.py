@@ -30,6 +30,7 @@ from syncd.cli.signals import stop_on_signals
 from syncd.config import ApiSettings, Config, DatabaseSettings, OrgSettings, Secret
 from syncd.errors import ConfigError, SyncdError
 from syncd.store import Store
+from syncd.vocab import PassStatus
 
 
 def add_commands(commands: Commands) -> None:
@@ -216,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print_door_restrictions(store, sys.stdout)
             print(f'\nQuery it yourself: sqlite3 {db} "SELECT change, count(*) FROM device_changes GROUP BY change"')
             print(f'                   sqlite3 {db} "SELECT * FROM portal_access LIMIT 10"')
-    return EXIT_OK if all(o.status == "succeeded" for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(o.status == PassStatus.SUCCEEDED for o in outcomes) else EXIT_FAILED
 
 
 def _start_afresh(db: Path) -> bool:

@@ -20,6 +20,7 @@ from syncd.cli.output import table
 from syncd.errors import ConfigError
 from syncd.models import is_device_id, is_entity_id, parse_timestamp
 from syncd.store.reports import AccessInterval, DeviceAsOf, ObservationWindow, Reports
+from syncd.vocab import DeviceState
 
 FORMATS = ("table", "csv", "json")
 DEVICE_COLUMNS = ("org_id", "device_id", "state", "name", "zone_id", "integration_id", "external_id", "since", "change")
@@ -122,7 +123,7 @@ def cmd_as_of(args: argparse.Namespace) -> int:
         fleet = [
             d
             for d in reports.devices_as_of(args.at, args.org)
-            if d.org_id in orgs and (args.include_purged or d.state != "purged")
+            if d.org_id in orgs and (args.include_purged or d.state != DeviceState.PURGED)
         ]
     rows = [_device_row(d, windows[d.org_id]) for d in fleet]
     if args.format == "table":

@@ -23,7 +23,7 @@ from syncd.cli.args import (
     prepared_store,
     seconds,
 )
-from syncd.cli.output import Progress, outcomes_json, print_summary, print_totals
+from syncd.cli.output import PASSED, Progress, outcomes_json, print_summary, print_totals
 from syncd.cli.signals import daemon_signals, stop_on_signals
 from syncd.config import Config, OrgSettings
 from syncd.passes import passes_at_once, run_once, select_orgs, tune_for_bulk_work
@@ -109,7 +109,7 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     else:
         print_summary(outcomes, sys.stdout, wide=args.wide)
         print_totals(outcomes, seconds, sys.stdout)
-    return EXIT_OK if all(o.status in ("succeeded", "skipped") for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(o.status in PASSED for o in outcomes) else EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:

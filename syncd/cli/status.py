@@ -21,8 +21,8 @@ from syncd.cli.args import (
     prepared_store,
 )
 from syncd.cli.output import iso, print_runs, print_status
-from syncd.models import DEVICE_STATES
 from syncd.store.edits import EditQueue
+from syncd.vocab import DeviceState
 
 
 def add_commands(commands: Commands) -> None:
@@ -122,6 +122,6 @@ def _org_report(org_id: str, name: str | None, info: dict[str, Any], max_age: fl
         "last_success_at": iso(success),
         "last_success_age_seconds": round(age) if age is not None else None,
         "max_age_seconds": max_age,
-        "devices": {s: info.get("devices", {}).get(s, 0) for s in DEVICE_STATES},
+        "devices": {s: info.get("devices", {}).get(s, 0) for s in DeviceState},
         "last_error": last_run.get("error"),
     }

@@ -26,8 +26,10 @@ from syncd.store.schema import (
     portal_restrictions,
 )
 from syncd.store.store import PageWriter, Session, Store
+from syncd.vocab import ChangeKind, DeviceState, RestrictionStatus
 
-ANSWERED = ("ok", "not_found", "not_a_portal")  # portal_restrictions.status after an answer
+# portal_restrictions.status after an answer
+ANSWERED = (RestrictionStatus.OK, RestrictionStatus.NOT_FOUND, RestrictionStatus.NOT_A_PORTAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,7 @@ class RestrictionsAnswer:
 
     device_id: str
     fingerprint: str
-    status: str
+    status: RestrictionStatus
     next_fetch_at: datetime
     restrictions: DoorRestrictions | None = None
     error: str | None = None
@@ -83,7 +85,9 @@ class PortalRestrictions:
         former = [
             device_id
             for device_id, asked in rows.items()
-            if device_id not in portals and asked.status != "not_a_portal" and asked.state == "active"
+            if device_id not in portals
+            and asked.status != RestrictionStatus.NOT_A_PORTAL
+            and asked.state == DeviceState.ACTIVE
         ]
         for device_id in saw(former):
             candidates[device_id] = rows[device_id].now_fingerprint
@@ -109,7 +113,7 @@ class PortalRestrictions:
         query = select(p.c.status).where(p.c.device_id == device_id)
         with self.store.reading("reading door restrictions") as conn:
             status = conn.execute(query).scalar()
-        return self.entities(device_id) if status == "ok" else None
+        return self.entities(device_id) if status == RestrictionStatus.OK else None
 
     def entities(self, device_id: str) -> list[str]:
         """The entities a portal is restricted to, as mirrored (sorted)."""
@@ -147,7 +151,7 @@ class PortalRestrictions:
         """The newest ``restrictions`` rows of device_changes, newest first."""
         query = (
             select(device_changes)
-            .where(device_changes.c.change == "restrictions")
+            .where(device_changes.c.change == ChangeKind.RESTRICTIONS)
             .order_by(device_changes.c.id.desc())
             .limit(limit)
         )
@@ -205,7 +209,7 @@ def write_answers(
                     answer.device_id,
                     org_id,
                     now,
-                    "restrictions",
+                    ChangeKind.RESTRICTIONS,
                     diff,
                     None,
                     run_id=run_id,
@@ -239,10 +243,10 @@ def _record_access(
     what still is, open what is new. An answer that said nothing (failed, 404) moves nothing."""
     who: dict[str, set[str | None]] = {}
     for answer in answers:
-        if answer.status == "ok":
+        if answer.status == RestrictionStatus.OK:
             assert answer.restrictions is not None
             who[answer.device_id] = set(answer.restrictions.entity_ids) or {ANYONE}
-        elif answer.status == "not_a_portal":
+        elif answer.status == RestrictionStatus.NOT_A_PORTAL:
             who[answer.device_id] = set()  # nobody passes through what is not a door
     if not who:
         return
@@ -293,17 +297,17 @@ def _plan(
         "next_fetch_at": answer.next_fetch_at,
         "failures": answer.failures,
     }
-    if answer.status == "failed":
+    if answer.status == RestrictionStatus.FAILED:
         # What the mirror holds (and what the last answer said) stays; only the attempt is recorded.
         values["last_error"] = one_line(answer.error or "failed", 2000)
         if old_status is None:
-            values["status"] = "failed"
+            values["status"] = RestrictionStatus.FAILED
         return values, set(), [], None
     values.update(status=answer.status, fetched_at=now, device_fingerprint=answer.fingerprint, last_error=None)
-    if answer.status == "not_found":  # gone since the scan: what the mirror holds stays
+    if answer.status == RestrictionStatus.NOT_FOUND:  # gone since the scan: what the mirror holds stays
         return values, set(), [], None
     new: list[str] | None = None
-    if answer.status == "ok":
+    if answer.status == RestrictionStatus.OK:
         assert answer.restrictions is not None
         new = list(answer.restrictions.entity_ids)
         values.update(
@@ -314,7 +318,7 @@ def _plan(
     wanted = set(new or ())
     gone, added = held - wanted, sorted(wanted - held)
     answered_before = old_status in ANSWERED
-    old = None if old_status == "not_a_portal" else sorted(held)
+    old = None if old_status == RestrictionStatus.NOT_A_PORTAL else sorted(held)
     if not answered_before:
         if new is not None:
             values["changed_at"] = now  # the first list

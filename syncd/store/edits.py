@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -45,26 +44,7 @@ from syncd.store.details import RestrictionsAnswer, write_answers
 from syncd.store.dialect import dialect_for
 from syncd.store.schema import UTCDateTime, device_edits, devices
 from syncd.store.store import PageWriter, Store
-
-
-class EditStatus(StrEnum):
-    """Where an edit is in its life (``device_edits.status``)."""
-
-    PENDING = "pending"
-    IN_FLIGHT = "in_flight"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CONFLICT = "conflict"
-    CANCELLED = "cancelled"
-    AWAITING_APPROVAL = "awaiting_approval"
-    REJECTED = "rejected"
-
-
-class HoldReason(StrEnum):
-    """Why a pending edit waits unsent (``device_edits.held_by``): its kind's cap on sends."""
-
-    SEND_CAP = "send_cap"
-
+from syncd.vocab import ChangeKind, EditSource, EditStatus, HoldReason
 
 S = EditStatus
 # Every change of an edit's status: the statuses it may come from, and the one it goes to.
@@ -117,7 +97,7 @@ class Edit:
     requested_by: str | None
     sent_at: datetime | None = None
     credential_pointers: tuple[str, ...] = ()  # JSON Pointers (anything else a row holds is dropped)
-    requested_via: str = "sql"
+    requested_via: str = EditSource.SQL
     requested_at: datetime | None = None
     approval_requested_at: datetime | None = None
     approved_by: str | None = None
@@ -216,7 +196,7 @@ class EditQueue:
 
     def oldest_pending(self) -> datetime | None:
         """When the oldest pending edit was queued (None when none is)."""
-        query = select(func.min(device_edits.c.created_at)).where(device_edits.c.status == "pending")
+        query = select(func.min(device_edits.c.created_at)).where(device_edits.c.status == S.PENDING.value)
         with self.store.reading("reading edits") as conn:
             return conn.execute(query).scalar()
 
@@ -401,17 +381,17 @@ class EditQueue:
         # A time written by hand that the database cannot read makes its row due, so it fails clearly.
         unreadable = self._dialect.unreadable_time(e.c.next_attempt_at)
         when = or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now, unreadable)
-        due = and_(e.c.status == "pending", when, ~blocked)
+        due = and_(e.c.status == S.PENDING.value, when, ~blocked)
         allowed: ColumnElement[bool] = true()
         if needs_approval:
             allowed = or_(e.c.action.not_in(list(needs_approval)), e.c.approved_at.is_not(None))
         with self.store.transaction("claiming edits") as conn:
             database_now = self._dialect.database_now(conn)  # leases: one clock for every host
             expired = e.c.claimed_at < database_now - lease
-            stale = and_(e.c.status == "in_flight", or_(e.c.claimed_at.is_(None), expired))
+            stale = and_(e.c.status == S.IN_FLIGHT.value, or_(e.c.claimed_at.is_(None), expired))
             query = select(e.c.id, e.c.status).where(or_(due, stale), allowed).order_by(e.c.id).limit(limit)
             query = self._dialect.lock_for_claim(query, e)
-            picked = {row.id: row.status == "in_flight" for row in conn.execute(query)}
+            picked = {row.id: row.status == S.IN_FLIGHT for row in conn.execute(query)}
             if not picked:
                 return []
             conn.execute(
@@ -442,7 +422,7 @@ class EditQueue:
         now: datetime,
         *,
         device: Device | None = None,
-        change: tuple[str, dict[str, Any]] | None = None,
+        change: tuple[ChangeKind, dict[str, Any]] | None = None,
         restrictions: RestrictionsAnswer | None = None,
         rebase: Mapping[str, tuple[Any, Any]] | None = None,
         payload: Any = None,
@@ -631,7 +611,7 @@ def _mirror_device(
     writer: PageWriter,
     edit_id: int,
     device: Device,
-    change: tuple[str, dict[str, Any]] | None,
+    change: tuple[ChangeKind, dict[str, Any]] | None,
     now: datetime,
     provenance: Mapping[str, str | None],
 ) -> None:

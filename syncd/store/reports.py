@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, literal, or_, se
 
 from syncd.store.schema import UTCDateTime, device_changes, devices, door_access_intervals, sync_runs
 from syncd.store.store import Store
+from syncd.vocab import RunStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,7 @@ def _intervals() -> Select[Any]:
 
 def _window(conn: Connection, org_id: str, at: datetime) -> ObservationWindow:
     r = sync_runs
-    ok = and_(r.c.org_id == org_id, r.c.status == "succeeded")
+    ok = and_(r.c.org_id == org_id, r.c.status == RunStatus.SUCCEEDED)
     before = conn.execute(
         select(r.c.id, r.c.started_at).where(ok, r.c.finished_at <= _moment(at)).order_by(r.c.finished_at.desc())
     ).first()

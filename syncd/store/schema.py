@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -25,7 +26,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeEngine
 
-from syncd.models import CHANGE_KINDS, DEVICE_STATES
+from syncd.vocab import (
+    ChangeKind,
+    ChangeSource,
+    DeviceState,
+    EditAction,
+    EditSource,
+    EditStatus,
+    HoldReason,
+    RestrictionStatus,
+    RunStatus,
+    RunTrigger,
+)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -74,23 +86,6 @@ class JSONDoc(TypeDecorator[Any]):
 # Autoincrement ids: BIGINT on PostgreSQL, INTEGER (rowid alias) on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-RUN_STATUSES = ("running", "succeeded", "failed", "aborted")
-RUN_TRIGGERS = ("scheduled", "run-once")
-CHANGE_SOURCES = ("sync", "local_edit")
-EDIT_ACTIONS = ("update", "restore", "delete", "door_restrictions")
-EDIT_STATUSES = (
-    "pending",
-    "in_flight",
-    "succeeded",
-    "failed",
-    "conflict",
-    "cancelled",
-    "awaiting_approval",
-    "rejected",
-)
-EDIT_SOURCES = ("cli", "sql")  # device_edits.requested_via
-EDIT_HOLDS = ("send_cap",)  # device_edits.held_by
-
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC on the Python side on both databases.
@@ -116,8 +111,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _one_of(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _one_of(column: str, values: type[StrEnum]) -> str:
+    """The CHECK text that holds a column to its vocabulary (``tests/test_vocab.py`` reads it back)."""
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
 
 devices = Table(
@@ -148,7 +144,7 @@ devices = Table(
     Column("last_changed_at", UTCDateTime, nullable=False),
     Column("fingerprint", String(32), nullable=False, comment="digest of raw, for change detection"),
     Column("raw", JSONDoc, nullable=False, comment="the DeviceResponse as last received"),
-    CheckConstraint(_one_of("state", DEVICE_STATES), name="state"),
+    CheckConstraint(_one_of("state", DeviceState), name="state"),
     Index(None, "org_id", "state"),
 )
 
@@ -180,8 +176,8 @@ sync_runs = Table(
     Column("restriction_failures", Integer, nullable=False, server_default="0"),
     Column("definition_requests", Integer, nullable=False, server_default="0"),
     Column("definition_failures", Integer, nullable=False, server_default="0"),
-    CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
-    CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
+    CheckConstraint(_one_of("status", RunStatus), name="status"),
+    CheckConstraint(_one_of("trigger", RunTrigger), name="trigger"),
     Index(None, "org_id", "started_at"),
     Index(None, "status"),
 )
@@ -209,7 +205,7 @@ device_changes = Table(
     Column("observed_at", UTCDateTime, nullable=False),
     Column("change", String(16), nullable=False),
     Column("diff", JSONDoc, comment="{field: {old, new}} of what changed; NULL for 'created'"),
-    Column("source", String(16), nullable=False, server_default="sync", comment="sync, or local_edit"),
+    Column("source", String(16), nullable=False, server_default=ChangeSource.SYNC.value, comment="sync, or local_edit"),
     Column("edit_id", BigId, comment="the device_edits row, for local edits"),
     Column("requested_by", String(255), comment="local edits: who queued the edit (device_edits.requested_by)"),
     Column("approved_by", String(255), comment="local edits: who approved it, when its kind needed an approval"),
@@ -221,7 +217,7 @@ device_changes = Table(
     Column("integration_id", String(64)),
     Column("external_id", Text),
     Column("device_metadata", JSONDoc),
-    CheckConstraint(_one_of("change", CHANGE_KINDS), name="change"),
+    CheckConstraint(_one_of("change", ChangeKind), name="change"),
     Index(None, "org_id", "observed_at"),
     Index(None, "device_id", "observed_at"),
     Index(None, "run_id"),
@@ -233,11 +229,11 @@ device_edits = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("device_id", String(64), nullable=False),
     Column("org_id", String(64), comment="taken from the mirror when omitted"),
-    Column("action", String(32), nullable=False, server_default="update"),
+    Column("action", String(32), nullable=False, server_default=EditAction.UPDATE.value),
     Column("payload", JSONDoc, comment="UpdateDeviceRequest fields: name, zone_id, external_id, device_metadata"),
     Column("base", JSONDoc, comment="the mirror's values of the fields the edit sets, when it was queued"),
     Column("base_updated_at", UTCDateTime, comment="the mirror's updated_at when queued"),
-    Column("status", String(32), nullable=False, server_default="pending"),
+    Column("status", String(32), nullable=False, server_default=EditStatus.PENDING.value),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", UTCDateTime, comment="NULL: due now"),
     Column("last_status_code", Integer),
@@ -267,7 +263,7 @@ device_edits = Table(
         comment="JSON Pointers of credential values in payload.device_metadata (found when queued and when "
         "pushed): masked in output, and replaced by ******** once pushed",
     ),
-    Column("requested_via", String(8), nullable=False, server_default="sql", comment="cli or sql"),
+    Column("requested_via", String(8), nullable=False, server_default=EditSource.SQL.value, comment="cli or sql"),
     Column(
         "requested_at",
         UTCDateTime,
@@ -291,16 +287,16 @@ device_edits = Table(
         comment="why the edit ended unsent by a person's or a rule's decision: a rejection's reason, or that no "
         "approval came within writeback.approval_ttl",
     ),
-    CheckConstraint(_one_of("action", EDIT_ACTIONS), name="action"),
-    CheckConstraint(_one_of("status", EDIT_STATUSES), name="status"),
+    CheckConstraint(_one_of("action", EditAction), name="action"),
+    CheckConstraint(_one_of("status", EditStatus), name="status"),
     Column(
         "held_by",
         String(16),
         comment="why a pending edit waits unsent: send_cap (its kind's cap on sends, e.g. "
         "writeback.max_deletes_per_hour; last_error says until when); NULL: not held",
     ),
-    CheckConstraint(_one_of("requested_via", EDIT_SOURCES), name="requested_via"),
-    CheckConstraint(_one_of("held_by", EDIT_HOLDS), name="held_by"),
+    CheckConstraint(_one_of("requested_via", EditSource), name="requested_via"),
+    CheckConstraint(_one_of("held_by", HoldReason), name="held_by"),
     Index(None, "status", "next_attempt_at"),
     Index(None, "device_id", "id"),
     Index(None, "action", "sent_at"),
@@ -309,8 +305,6 @@ device_edits = Table(
 # Door restrictions: one row per portal syncd has asked (portal_restrictions), one per portal and
 # entity it restricts to (door_restrictions). An answered portal without door_restrictions rows is
 # not restricted.
-RESTRICTION_STATUSES = ("ok", "not_a_portal", "not_found", "failed")
-
 portal_restrictions = Table(
     "portal_restrictions",
     metadata,
@@ -328,7 +322,7 @@ portal_restrictions = Table(
     Column("device_fingerprint", String(32), comment="devices.fingerprint when last asked"),
     Column("last_error", Text),
     Column("failures", Integer, nullable=False, server_default="0", comment="failed attempts in a row"),
-    CheckConstraint(_one_of("status", RESTRICTION_STATUSES), name="status"),
+    CheckConstraint(_one_of("status", RestrictionStatus), name="status"),
     Index(None, "org_id", "next_fetch_at"),
 )
 

@@ -30,6 +30,7 @@ from syncd.store.schema import (
     sync_runs,
 )
 from syncd.store.translate import translated
+from syncd.vocab import DeviceState, RunStatus, RunTrigger
 
 __all__ = ["KnownDevice", "PageReader", "PageWriter", "Session", "Store", "normalise_url", "redact_url"]
 
@@ -166,7 +167,7 @@ class Store:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def start_run(self, org_id: str, trigger: str, instance: str, now: datetime) -> tuple[int, int]:
+    def start_run(self, org_id: str, trigger: RunTrigger, instance: str, now: datetime) -> tuple[int, int]:
         """Open a ``running`` row; earlier ``running`` rows of the org are marked ``aborted``.
 
         Returns the new run id and how many stale runs were closed. Results of runs of this process
@@ -180,16 +181,16 @@ class Store:
                 conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(values))
             stale = conn.execute(
                 update(sync_runs)
-                .where(sync_runs.c.org_id == org_id, sync_runs.c.status == "running")
+                .where(sync_runs.c.org_id == org_id, sync_runs.c.status == RunStatus.RUNNING)
                 .values(
-                    status="aborted",
+                    status=RunStatus.ABORTED,
                     finished_at=now,
                     error="interrupted: the syncd process running the pass ended before it finished",
                 )
             ).rowcount
             run_id = conn.execute(
                 insert(sync_runs)
-                .values(org_id=org_id, trigger=trigger, instance=instance, started_at=now, status="running")
+                .values(org_id=org_id, trigger=trigger, instance=instance, started_at=now, status=RunStatus.RUNNING)
                 .returning(sync_runs.c.id)
             ).scalar_one()
         with self._unrecorded_lock:
@@ -197,7 +198,7 @@ class Store:
                 self._unrecorded.pop(recorded, None)
         return int(run_id), stale
 
-    def finish_run(self, run_id: int, status: str, now: datetime, error: str | None = None) -> None:
+    def finish_run(self, run_id: int, status: RunStatus, now: datetime, error: str | None = None) -> None:
         """Close a run with its final status.
 
         The database may just have failed (perhaps why the pass did), so this is tried again on
@@ -242,7 +243,7 @@ class Store:
 
     def has_succeeded(self, org_id: str) -> bool:
         """Whether any pass of the org has succeeded (before that, passes load the baseline)."""
-        query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
+        query = select(sync_runs.c.id).where(sync_runs.c.org_id == org_id, sync_runs.c.status == RunStatus.SUCCEEDED)
         with self.reading("reading runs") as conn:
             return conn.execute(query.limit(1)).first() is not None
 
@@ -251,7 +252,7 @@ class Store:
         Only a successful pass counts: a failed one may have seen a server that never stopped."""
         seen = (
             select(sync_runs.c.devices_seen)
-            .where(sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded")
+            .where(sync_runs.c.org_id == org_id, sync_runs.c.status == RunStatus.SUCCEEDED)
             .order_by(sync_runs.c.id.desc())
             .limit(1)
         )
@@ -271,7 +272,7 @@ class Store:
         if org_id is not None:
             query = query.where(sync_runs.c.org_id == org_id)
         if failed:
-            query = query.where(sync_runs.c.status.in_(("failed", "aborted")))
+            query = query.where(sync_runs.c.status.in_((RunStatus.FAILED, RunStatus.ABORTED)))
         with self.reading("reading past runs") as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
 
@@ -330,7 +331,7 @@ class Store:
     def last_success(self, org_id: str) -> datetime | None:
         """When the org's newest successful pass finished (None: none has)."""
         query = select(func.max(sync_runs.c.finished_at, type_=UTCDateTime())).where(
-            sync_runs.c.org_id == org_id, sync_runs.c.status == "succeeded"
+            sync_runs.c.org_id == org_id, sync_runs.c.status == RunStatus.SUCCEEDED
         )
         with self.reading("reading runs") as conn:
             return conn.execute(query).scalar()
@@ -339,7 +340,7 @@ class Store:
         """When each org's newest successful pass finished."""
         query = (
             select(sync_runs.c.org_id, func.max(sync_runs.c.finished_at, type_=UTCDateTime()))
-            .where(sync_runs.c.status == "succeeded")
+            .where(sync_runs.c.status == RunStatus.SUCCEEDED)
             .group_by(sync_runs.c.org_id)
         )
         with self.reading("reading runs") as conn:
@@ -463,7 +464,7 @@ class Session:
         (inside :meth:`seen_ids`); streamed, so only those are held in memory."""
         seen = table(SEEN_TABLE, column("id"))
         query = select(devices.c.id).where(
-            devices.c.org_id == org_id, devices.c.state != "purged", devices.c.id.not_in(select(seen.c.id))
+            devices.c.org_id == org_id, devices.c.state != DeviceState.PURGED, devices.c.id.not_in(select(seen.c.id))
         )
         if integration_id:
             query = query.where(devices.c.integration_id == integration_id)
@@ -537,7 +538,9 @@ class PageWriter(PageReader):
     def mark_purged(self, device_id: str, at: datetime, run_id: int) -> None:
         """Record that OpenApp no longer has this device (a purged portal lets nobody through)."""
         self._conn.execute(
-            update(devices).where(devices.c.id == device_id).values(state="purged", purged_at=at, last_changed_at=at)
+            update(devices)
+            .where(devices.c.id == device_id)
+            .values(state=DeviceState.PURGED, purged_at=at, last_changed_at=at)
         )
         a = door_access_intervals
         self._conn.execute(

@@ -11,9 +11,10 @@ import structlog
 
 from syncd.errors import InvalidDeviceError, MassPurgeRefusedError, StoppedError, StoreError, SyncdError
 from syncd.metrics import CHANGES, DEVICES, LAST_SUCCESS, PASS_DURATION, PURGES_REFUSED
-from syncd.models import CHANGE_KINDS, DEVICE_STATES, one_line, utcnow
+from syncd.models import one_line, utcnow
 from syncd.store import Store
 from syncd.sync.options import Bounds, PassOptions
+from syncd.vocab import ChangeKind, DeviceState, PassStatus, RunStatus, RunTrigger
 
 log = structlog.get_logger("syncd.sync")  # one logger for the pass, whichever of its parts writes the line
 
@@ -26,7 +27,7 @@ class PassOutcome:
 
     org_id: str
     run_id: int | None  # None when the pass was skipped
-    status: str  # succeeded | failed | aborted | skipped
+    status: PassStatus
     started_at: datetime
     finished_at: datetime
     counts: Counter[str] = field(default_factory=Counter)
@@ -44,12 +45,12 @@ class PassOutcome:
 class Ending:
     """How a started pass ended, before it is recorded."""
 
-    status: str  # succeeded | failed | aborted
+    status: RunStatus  # succeeded, failed or aborted: never running
     error: str | None = None
     exception: SyncdError | None = None
 
 
-SUCCEEDED = Ending("succeeded")
+SUCCEEDED = Ending(RunStatus.SUCCEEDED)
 
 
 class Bookkeeping:
@@ -66,7 +67,7 @@ class Bookkeeping:
         self.problems: list[InvalidDeviceError] = []
         self.log = log.bind(org_id=self.org_id)
 
-    def start(self, trigger: str, instance: str) -> PassOutcome | None:
+    def start(self, trigger: RunTrigger, instance: str) -> PassOutcome | None:
         """Open the run's row: None, or the ``failed`` outcome of a pass that could not start."""
         self.started = utcnow()
         try:
@@ -74,7 +75,7 @@ class Bookkeeping:
         except SyncdError as exc:
             self.log.error("pass could not start", error=str(exc))
             error = f"could not start: {exc}"
-            return PassOutcome(self.org_id, None, "failed", self.started, utcnow(), error=error, exception=exc)
+            return PassOutcome(self.org_id, None, PassStatus.FAILED, self.started, utcnow(), error=error, exception=exc)
         self.log = self.log.bind(run_id=self.run_id)
         if stale:
             self.log.warning("closed interrupted runs", count=stale)
@@ -89,7 +90,7 @@ class Bookkeeping:
 
     def unreadable(self, what: str) -> Ending:
         """A pass failed by its unreadable devices (``what`` became of them)."""
-        return Ending("failed", f"{len(self.problems)} device(s) {what}; first: {self.problems[0]}")
+        return Ending(RunStatus.FAILED, f"{len(self.problems)} device(s) {what}; first: {self.problems[0]}")
 
     def purged(self, device_id: str) -> None:
         """Count a device purge detection found gone (its own transaction bumped the run's row)."""
@@ -99,21 +100,21 @@ class Bookkeeping:
     def ending_of(self, exc: Exception, bounds: Bounds) -> Ending:
         """How an exception ends the pass. Call it in the ``except`` block: a bug is logged with its traceback."""
         if isinstance(exc, StoppedError):
-            return Ending("aborted", str(exc))
+            return Ending(RunStatus.ABORTED, str(exc))
         if isinstance(exc, MassPurgeRefusedError):
             PURGES_REFUSED.labels(self.org_id).inc()
-            return Ending("failed", str(exc), exc)
+            return Ending(RunStatus.FAILED, str(exc), exc)
         if isinstance(exc, SyncdError):
-            return Ending("failed", bounds.explain(exc), exc)
+            return Ending(RunStatus.FAILED, bounds.explain(exc), exc)
         self.log.exception("pass crashed")  # a bug must not leave the run 'running' forever
-        return Ending("failed", one_line(f"internal error: {type(exc).__name__}: {exc}"))
+        return Ending(RunStatus.FAILED, one_line(f"internal error: {type(exc).__name__}: {exc}"))
 
     def finish(self, ending: Ending) -> PassOutcome:
         """Close the run's row, set the metrics, log the result; the pass's outcome."""
         finished = utcnow()
         status, error = ending.status, ending.error
         outcome = PassOutcome(
-            self.org_id, self.run_id, status, self.started, finished, self.counts, error, ending.exception
+            self.org_id, self.run_id, PassStatus(status), self.started, finished, self.counts, error, ending.exception
         )
         try:
             self.store.finish_run(self.run_id, status, finished, error)
@@ -124,12 +125,12 @@ class Bookkeeping:
                 error=error,
                 bookkeeping_error=str(exc),
             )
-            outcome.status = "failed"
+            outcome.status = PassStatus.FAILED
             outcome.error = f"{error or f'the pass {status}'}; and its result could not be recorded: {exc}"
             outcome.exception = outcome.exception or exc
         self._record_metrics(outcome)
         counts = {k: v for k, v in sorted(self.counts.items()) if v}
-        if outcome.status == "succeeded":
+        if outcome.status == PassStatus.SUCCEEDED:
             self.log.info("pass succeeded", seconds=round(outcome.seconds, 2), **counts)
         else:
             self.log.warning(f"pass {outcome.status}", error=outcome.error, seconds=round(outcome.seconds, 2), **counts)
@@ -138,14 +139,14 @@ class Bookkeeping:
     def _record_metrics(self, outcome: PassOutcome) -> None:
         org_id = self.org_id
         PASS_DURATION.labels(org_id, outcome.status).observe(outcome.seconds)
-        for kind in CHANGE_KINDS:
+        for kind in ChangeKind:
             if self.counts[kind]:
                 CHANGES.labels(org_id, kind).inc(self.counts[kind])
-        if outcome.status == "succeeded":
+        if outcome.status == PassStatus.SUCCEEDED:
             LAST_SUCCESS.labels(org_id).set(outcome.finished_at.timestamp())
         try:
             by_state = self.store.state_counts(org_id).get(org_id, {})
         except StoreError:
             return  # the gauges keep their last values; the pass's outcome says what failed
-        for state in DEVICE_STATES:
+        for state in DeviceState:
             DEVICES.labels(org_id, state).set(by_state.get(state, 0))

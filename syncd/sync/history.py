@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from syncd.models import Device, HistoryRow, change_kind, describe_change, history_row
+from syncd.vocab import ChangeKind, DeviceState
 
 
 @dataclass(slots=True)
@@ -29,7 +30,7 @@ class History:
         from one that existed: it records what it saw as ``observed``, not ``created``."""
         self.org_id = org_id
         self.run_id = run_id
-        self.first = "observed" if baseline else "created"
+        self.first = ChangeKind.OBSERVED if baseline else ChangeKind.CREATED
 
     def created(self, inserts: Sequence[Device], now: datetime) -> list[HistoryRow]:
         """The rows of devices new to the mirror."""
@@ -63,7 +64,8 @@ class History:
 
     def purged(self, device_id: str, mirrored: Mapping[str, Any], now: datetime) -> HistoryRow:
         """The row of a device found purged; ``mirrored``: its history fields as the mirror has them."""
-        diff = {"state": {"old": mirrored["state"], "new": "purged"}}
+        gone = DeviceState.PURGED
+        diff = {"state": {"old": mirrored["state"], "new": gone}}
         return history_row(
-            device_id, self.org_id, now, "purged", diff, {**mirrored, "state": "purged"}, run_id=self.run_id
+            device_id, self.org_id, now, ChangeKind.PURGED, diff, {**mirrored, "state": gone}, run_id=self.run_id
         )

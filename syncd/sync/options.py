@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from syncd.config import OrgSettings, SyncSettings
 from syncd.errors import SyncdError, TransientError
+from syncd.vocab import RunTrigger
 
 ProgressCallback = Callable[[str, int, int], None]  # (org id, pages read, devices seen)
 
@@ -20,7 +21,7 @@ class PassOptions:
 
     org: OrgSettings
     settings: SyncSettings
-    trigger: str = "run-once"  # recorded on the sync_runs row: run-once, schedule, ...
+    trigger: RunTrigger = RunTrigger.RUN_ONCE  # recorded on the sync_runs row
     instance: str = "syncd"  # host:pid, recorded on the sync_runs row
     allow_mass_purge: bool = False  # the operator confirmed a purge above sync.max_purge_fraction
     # An operator's limit on the list pages of this pass, instead of the one derived from the org's

@@ -14,6 +14,7 @@ from syncd.sync.options import Bounds, PassOptions
 from syncd.sync.purges import PurgeSweep
 from syncd.sync.scan import Scan, page_limit
 from syncd.sync.writes import PageWrites
+from syncd.vocab import RunStatus
 
 
 class OrgPass:
@@ -62,17 +63,17 @@ class OrgPass:
         scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages)
         sweep = PurgeSweep(self.client, self.store, self.options, bounds, self.book, scan, history, writes)
         ending = self._scan_and_sweep(scan, sweep)
-        if ending.status != "aborted" and not bounds.stopped:
+        if ending.status != RunStatus.ABORTED and not bounds.stopped:
             self._read_details(scan, bounds, session, writes)
         return ending
 
     def _scan_and_sweep(self, scan: Scan, sweep: PurgeSweep) -> Ending:
         if not scan.run():
-            return Ending("aborted", "stopped before the scan finished")
+            return Ending(RunStatus.ABORTED, "stopped before the scan finished")
         if self.book.problems:
             return self.book.unreadable("could not be read, so purge detection was skipped")
         if not sweep.run():
-            return Ending("aborted", "stopped during purge detection")
+            return Ending(RunStatus.ABORTED, "stopped during purge detection")
         if self.book.problems:
             return self.book.unreadable("could not be confirmed; purge detection is incomplete")
         return SUCCEEDED
@@ -111,8 +112,8 @@ class OrgPass:
             if self._writes is not None:
                 self._writes.flush()
         except SyncdError as exc:
-            if ending.status != "failed":  # the first error is the one that tells what happened
-                ending = Ending("failed", str(exc), exc)
+            if ending.status != RunStatus.FAILED:  # the first error is the one that tells what happened
+                ending = Ending(RunStatus.FAILED, str(exc), exc)
         finally:
             try:
                 held.close()

@@ -13,6 +13,7 @@ from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
 from syncd.sync.scan import Scan
 from syncd.sync.writes import PageWrites
+from syncd.vocab import DeviceState
 
 
 class PurgeSweep:
@@ -53,7 +54,7 @@ class PurgeSweep:
         org, seen = self.options.org, self.scan.seen_count
         if not (org.integration_id or org.device_kind):
             by_state = self.store.state_counts(org.id).get(org.id, {})
-            if sum(n for state, n in by_state.items() if state != "purged") == seen:
+            if sum(n for state, n in by_state.items() if state != DeviceState.PURGED) == seen:
                 # Every device the scan saw is now live in the mirror, so equal counts mean nothing is
                 # missing. (With filters, a server that ignores one could break that; compare ids then.)
                 return []

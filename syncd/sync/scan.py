@@ -19,6 +19,7 @@ from syncd.sync.bookkeeping import MAX_LOGGED_PROBLEMS, Bookkeeping
 from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
 from syncd.sync.writes import PageWrites, PreparedPage
+from syncd.vocab import DeviceState
 
 # A list may run this far past the org's size at its last successful pass before a pass calls it
 # endless: 10x the pages, plus 1,000. (Before a first success only sync.max_pages bounds it.)
@@ -170,6 +171,7 @@ class Scan:
         touches: list[str] = []
         org_id, inventory = self.options.org.id, self.inventory
         known: dict[str, KnownDevice] = reader.known(taken.keys(), now - self._touch_after)
+        purged, active = DeviceState.PURGED, DeviceState.ACTIVE  # looked up once, not per device
         for device_id, (item, position) in taken.items():
             try:
                 encoded = encode(item)
@@ -177,7 +179,7 @@ class Scan:
                 self.book.problem(InvalidDeviceError(str(exc), position=position, device_id=device_id))
                 continue
             existing = known.get(device_id)
-            if existing is not None and existing[0] == encoded[1] and existing[1] != "purged":
+            if existing is not None and existing[0] == encoded[1] and existing[1] != purged:
                 counts["unchanged"] += 1
                 if existing[2]:  # stale: last seen before the resolution
                     touches.append(device_id)
@@ -190,6 +192,6 @@ class Scan:
                     continue
                 (updates if existing is not None else inserts).append(device)
                 state = device.state
-            if state == "active":
+            if state == active:
                 inventory.note(device_id, item, encoded[1])
         return inserts, updates, touches
