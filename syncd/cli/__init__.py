@@ -9,10 +9,10 @@ Exit codes: 0 success, 1 a pass or command failed, 2 bad configuration or usage,
     parser     the argument parser; each command module adds its own subcommands
     args       argument types, the options every command takes, loading the configuration and the mirror
     run        run-once, run (the daemon)
-    status     status
-    edits      edit, restore, edits (retry, cancel), reconcile-once
+    status     status, runs
+    edits      edit, restore, delete, door-restrictions, edits (retry, cancel, approve, reject), reconcile-once
     report     report as-of, report door-access (the past, from the mirror's history)
-    admin      check-config, db upgrade / current
+    admin      check-config (and its --online probe), db upgrade / current
     playground simulate, demo
     output     tables and progress lines
     signals    SIGTERM / SIGINT for the commands that run passes or edits
