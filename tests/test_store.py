@@ -340,19 +340,3 @@ def test_a_migration_behind_a_long_reader_gives_up_instead_of_hanging(postgres_d
         upgrade.join(timeout=60)
     assert done.is_set() and store.schema_revision() == SCHEMA_REVISION
     store.close()
-
-
-def test_the_ids_a_pass_saw_are_its_connections_own_and_only_while_it_runs(store: Store, mirrored: str) -> None:
-    ids = sorted(device["id"] for device in store.devices_of(mirrored))
-    with store.session() as session:
-        with session.seen_ids():
-            with session.reader() as reader:
-                assert reader.mark_seen(ids[:3]) == set()
-            with session.reader() as reader:
-                assert reader.mark_seen([ids[2], ids[3]]) == {ids[2]}  # listed twice: on an earlier page
-            assert session.seen_among([ids[0], ids[5], "not-a-device"]) == {ids[0]}
-            assert sorted(session.unseen_live_ids(mirrored, None, None)) == ids[4:]
-            with store.session() as other, other.seen_ids():  # another pass, on another connection
-                assert other.seen_among(ids) == set()
-        with pytest.raises(StoreError):  # dropped when the pass ends
-            session.seen_among(ids[:1])

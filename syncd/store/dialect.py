@@ -49,10 +49,6 @@ JSON_COLUMNS = frozenset(
 # driver hands it over: building an object per device costs more than the comparison it serves.
 KnownDevice = Sequence[Any]
 
-# The ids a pass's scan took: a temporary table of the pass's own connection (each connection has
-# its own, gone with it), so that a pass's memory does not grow with its org's size.
-SEEN_TABLE = "syncd_pass_seen"
-
 
 def advisory_key(name: str) -> int:
     """A stable signed 64-bit key for a name (PostgreSQL advisory locks take bigint)."""
@@ -67,7 +63,6 @@ class Dialect:
     pre_ping = True  # a server connection can drop; a file cannot
     one_writer = False  # one write transaction at a time: this process's writers take turns
     shares_schedule = False  # several daemons share the database, and with it the passes' schedule
-    seen_table_options = ""  # how SEEN_TABLE is stored
 
     def __init__(self) -> None:
         content = CONTENT_COLUMNS[1:]  # all but the id
@@ -235,26 +230,6 @@ class Dialect:
             (self.time(seen_at), *self.id_params(ids)),
         )
 
-    # -- the ids a pass's scan took (SEEN_TABLE) ------------------------------------------------------
-
-    def create_seen(self, conn: Connection) -> None:
-        """An empty SEEN_TABLE on ``conn`` (one left by an earlier pass on it is dropped)."""
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {SEEN_TABLE}")
-        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {SEEN_TABLE} (id text PRIMARY KEY){self.seen_table_options}")
-
-    def add_seen(self, conn: Connection, ids: Collection[str]) -> set[str]:
-        """Record ``ids`` in SEEN_TABLE; those that were not there yet."""
-        raise NotImplementedError
-
-    def seen_among(self, conn: Connection, ids: Collection[str]) -> set[str]:
-        """Those of ``ids`` in SEEN_TABLE."""
-        sql = f"SELECT id FROM {SEEN_TABLE} WHERE {self.id_in(ids)}"
-        return set(conn.exec_driver_sql(sql, self.id_params(ids)).scalars())
-
-    def drop_seen(self, conn: Connection) -> None:
-        """Drop SEEN_TABLE (its rows would otherwise last as long as the connection)."""
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {SEEN_TABLE}")
-
     def add_history(self, conn: Connection, rows: Sequence[HistoryRow]) -> None:
         """Append device_changes rows."""
         self.insert_many(conn, self.insert_change_sql, self.history_values(rows))
@@ -289,7 +264,6 @@ class SQLiteDialect(Dialect):
     p = "?"
     pre_ping = False
     one_writer = True
-    seen_table_options = " WITHOUT ROWID"  # the id is the row: one b-tree, not two
 
     def __init__(self) -> None:
         super().__init__()
@@ -381,14 +355,6 @@ class SQLiteDialect(Dialect):
             conn.exec_driver_sql(sql, (self.time(seen_before), *self.id_params(ids))).scalar_one()
         )
         return known
-
-    def add_seen(self, conn: Connection, ids: Collection[str]) -> set[str]:
-        # "WHERE true": SQLite's parser needs it between INSERT ... SELECT and ON CONFLICT.
-        sql = (
-            f"INSERT INTO {SEEN_TABLE} (id) SELECT value FROM json_each(?) WHERE true "
-            "ON CONFLICT DO NOTHING RETURNING id"
-        )
-        return set(conn.exec_driver_sql(sql, (orjson.dumps(list(ids)).decode(),)).scalars())
 
     def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
         self.insert_many(conn, self.insert_device_sql, [self.device_values(d) for d in new], lead=(self.time(now),))
@@ -499,10 +465,6 @@ class PostgresDialect(Dialect):
     def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
         sql = f"SELECT id, fingerprint, state, last_seen_at < %s FROM devices WHERE {self.id_in(ids)}"
         return {row[0]: row[1:] for row in conn.exec_driver_sql(sql, (seen_before, *self.id_params(ids)))}
-
-    def add_seen(self, conn: Connection, ids: Collection[str]) -> set[str]:
-        sql = f"INSERT INTO {SEEN_TABLE} (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING id"
-        return set(conn.exec_driver_sql(sql, (list(ids),)).scalars())
 
     def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
         """COPY: much cheaper than INSERTs for both sides."""

@@ -12,14 +12,14 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, column, create_engine, func, insert, inspect, select, table, text, update
+from sqlalchemy import Connection, Engine, create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
 from syncd.models import HISTORY_FIELDS, Device, HistoryRow, one_line
-from syncd.store.dialect import SEEN_TABLE, Dialect, KnownDevice, dialect_for
+from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLease, OrgLocks
 from syncd.store.schema import (
     SCHEMA_REVISION,
@@ -317,6 +317,17 @@ class Store:
             conn.execution_options(syncd_read_only=True)
             yield conn
 
+    def live_ids(self, org_id: str, integration_id: str | None = None, device_kind: str | None = None) -> Iterator[str]:
+        """Ids of the org's non-purged devices (within the filters), streamed: read a few thousand
+        at a time while the caller goes through them (the connection is held until it has)."""
+        query = select(devices.c.id).where(devices.c.org_id == org_id, devices.c.state != DeviceState.PURGED)
+        if integration_id:
+            query = query.where(devices.c.integration_id == integration_id)
+        if device_kind:
+            query = query.where(devices.c.device_metadata["kind"].as_string() == device_kind)
+        with self.reading("listing devices") as conn:
+            yield from conn.execute(query.execution_options(yield_per=5000)).scalars()
+
     def state_counts(self, org_id: str | None = None) -> dict[str, dict[str, int]]:
         """``{org_id: {state: count}}`` over the whole mirror, or one org."""
         query = select(devices.c.org_id, devices.c.state, func.count()).group_by(devices.c.org_id, devices.c.state)
@@ -437,42 +448,6 @@ class Session:
         with self._write_turn, self._guarded(action), self._conn.begin():
             yield self._conn
 
-    @contextmanager
-    def seen_ids(self) -> Iterator[None]:
-        """The ids a pass's scan took (:meth:`PageReader.mark_seen`), held in a temporary table of this
-        session's connection for the block: a pass's memory does not grow with its org. A table the
-        block could not drop (its connection lost) goes with the connection, or the next pass on it."""
-        # A temporary table is the connection's own: on SQLite its writes take no lock of the
-        # database file, so they need no write turn, and a read transaction (plain BEGIN) holds them.
-        with self.reader():
-            self._dialect.create_seen(self._conn)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(StoreError), self.reader():
-                self._dialect.drop_seen(self._conn)
-
-    def seen_among(self, ids: Collection[str]) -> set[str]:
-        """Those of ``ids`` the pass's scan took (inside :meth:`seen_ids`)."""
-        if not ids:
-            return set()
-        with self.reader():
-            return self._dialect.seen_among(self._conn, ids)
-
-    def unseen_live_ids(self, org_id: str, integration_id: str | None, device_kind: str | None) -> list[str]:
-        """Ids of the org's non-purged devices (within the filters) the pass's scan did not take
-        (inside :meth:`seen_ids`); streamed, so only those are held in memory."""
-        seen = table(SEEN_TABLE, column("id"))
-        query = select(devices.c.id).where(
-            devices.c.org_id == org_id, devices.c.state != DeviceState.PURGED, devices.c.id.not_in(select(seen.c.id))
-        )
-        if integration_id:
-            query = query.where(devices.c.integration_id == integration_id)
-        if device_kind:
-            query = query.where(devices.c.device_metadata["kind"].as_string() == device_kind)
-        with self.reader():
-            return list(self._conn.execute(query.execution_options(yield_per=5000)).scalars())
-
 
 class PageReader:
     """The reads one page of a pass needs, inside one open transaction (in the dialect's own SQL)."""
@@ -489,13 +464,6 @@ class PageReader:
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""
         return self._dialect.previous(self._conn, ids) if ids else {}
-
-    def mark_seen(self, ids: Collection[str]) -> set[str]:
-        """Record ``ids`` as taken by the pass's scan (inside :meth:`Session.seen_ids`); those it had
-        taken before (a device listed twice: offset paging over a list that changes repeats some)."""
-        if not ids:
-            return set()
-        return set(ids) - self._dialect.add_seen(self._conn, ids)
 
     def history_values(self, device_id: str) -> dict[str, Any]:
         """The mirrored device's :data:`~syncd.models.HISTORY_FIELDS`, as its history rows record them."""

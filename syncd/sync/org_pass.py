@@ -7,7 +7,7 @@ import contextlib
 from syncd.api import OpenAppClient
 from syncd.details import DetailReads
 from syncd.errors import LockLostError, StoreError, SyncdError
-from syncd.store import OrgLease, Session, Store
+from syncd.store import OrgLease, SeenIds, Session, Store
 from syncd.sync.bookkeeping import SUCCEEDED, Bookkeeping, Ending, PassOutcome
 from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
@@ -58,9 +58,9 @@ class OrgPass:
         history = History(org_id, run_id, baseline=not self.store.has_succeeded(org_id))
         max_pages = page_limit(self.options, self.store, self.client.settings.page_size)
         session = held.enter_context(self.store.session(lease))
-        held.enter_context(session.seen_ids())
+        seen = held.enter_context(SeenIds())
         self._writes = writes = PageWrites(session)
-        scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages)
+        scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages, seen)
         sweep = PurgeSweep(self.client, self.store, self.options, bounds, self.book, scan, history, writes)
         ending = self._scan_and_sweep(scan, sweep)
         if ending.status != RunStatus.ABORTED and not bounds.stopped:

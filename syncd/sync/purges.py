@@ -51,14 +51,15 @@ class PurgeSweep:
 
     def _missing(self) -> list[str]:
         """The org's live mirrored devices (within its filters) the scan did not see."""
-        org, seen = self.options.org, self.scan.seen_count
+        org, seen = self.options.org, self.scan.distinct
         if not (org.integration_id or org.device_kind):
             by_state = self.store.state_counts(org.id).get(org.id, {})
             if sum(n for state, n in by_state.items() if state != DeviceState.PURGED) == seen:
                 # Every device the scan saw is now live in the mirror, so equal counts mean nothing is
                 # missing. (With filters, a server that ignores one could break that; compare ids then.)
                 return []
-        missing = self.scan.session.unseen_live_ids(org.id, org.integration_id, org.device_kind)
+        live = self.store.live_ids(org.id, org.integration_id, org.device_kind)
+        missing = list(self.scan.seen.unseen(live))
         foreign = [device_id for device_id in missing if not is_device_id(device_id)]
         if foreign:
             # Rows an older syncd took from a hostile list, or written by hand: never put into a URL.
@@ -75,7 +76,7 @@ class PurgeSweep:
         everything is (unless the operator confirmed with --allow-mass-purge)."""
         if self.options.allow_mass_purge:
             return
-        seen = self.scan.seen_count
+        seen = self.scan.distinct
         live = len(missing) + seen
         fraction = self.options.settings.max_purge_fraction
         if not seen:

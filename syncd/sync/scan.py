@@ -14,7 +14,7 @@ from typing import Any
 from syncd.api import OpenAppClient
 from syncd.errors import InvalidDeviceError, PassRefusedError
 from syncd.models import Device, Inventory, encode, identify, parse_device, preview, utcnow
-from syncd.store import KnownDevice, PageReader, Session, Store
+from syncd.store import KnownDevice, PageReader, SeenIds, Session, Store
 from syncd.sync.bookkeeping import MAX_LOGGED_PROBLEMS, Bookkeeping
 from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
@@ -44,8 +44,8 @@ def page_limit(options: PassOptions, store: Store, page_size: int) -> int:
 
 class Scan:
     """The scan of one pass; :meth:`run` once, and :meth:`apply` for a device purge detection
-    re-fetched. ``seen_count``: how many devices it took (their ids are in the session's
-    :meth:`~syncd.store.Session.seen_ids`, not in memory); ``inventory``: what the reads after the scan ask about."""
+    re-fetched. ``seen``: the ids it took (out of memory: :class:`~syncd.store.SeenIds`);
+    ``inventory``: what the reads after the scan ask about."""
 
     def __init__(
         self,
@@ -57,8 +57,10 @@ class Scan:
         history: History,
         writes: PageWrites,
         max_pages: int,
+        seen: SeenIds,
     ) -> None:
-        """``session``: the pass's connection, which pages are read through; ``max_pages``: see :func:`page_limit`."""
+        """``session``: the pass's connection, which pages are read through; ``max_pages``: see
+        :func:`page_limit`; ``seen``: where the ids it takes go."""
         self.client = client
         self.options = options
         self.bounds = bounds
@@ -67,7 +69,8 @@ class Scan:
         self.history = history
         self.writes = writes
         self.max_pages = max_pages  # list pages this pass reads at most before it calls the list endless
-        self.seen_count = 0
+        self.seen = seen
+        self.distinct = 0  # devices taken, each once: known when the last page is in
         self.inventory = Inventory()
         self._touch_after = timedelta(seconds=options.settings.last_seen_resolution)
 
@@ -87,15 +90,19 @@ class Scan:
                 self._check_length()
                 self.apply(page.items, page.offset)
                 if self.options.on_progress:
-                    self.options.on_progress(org.id, self.book.counts["pages"], self.seen_count)
-        return not self.bounds.stopped
+                    self.options.on_progress(org.id, self.book.counts["pages"], self.book.counts["devices_seen"])
+        if self.bounds.stopped:
+            return False
+        self.distinct = self._settle()
+        return True
 
     def _check_length(self) -> None:
         pages = self.book.counts["pages"]
         if pages >= self.max_pages:
             raise PassRefusedError(
                 f"list_devices kept sending full pages: stopped after {pages} pages "
-                f"({self.seen_count} devices) and purged nothing; a list this long is taken for a server fault "
+                f"({self.book.counts['devices_seen']} devices) and purged nothing; a list this long is taken "
+                "for a server fault "
                 f"(the limit: sync.max_pages, and {PAGE_GROWTH_FACTOR}x the pages of the last successful pass "
                 f"plus {PAGE_GROWTH_MARGIN}). If the org really has that many devices, confirm with "
                 f"`syncd run-once --org {self.options.org.id} --max-pages N`"
@@ -107,11 +114,9 @@ class Scan:
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
         problems_before = len(self.book.problems)
         taken = self._take(items, offset, counts)
+        self.seen.add(taken.keys())
+        counts["devices_seen"] = len(taken)
         with self.session.reader() as reader:
-            for device_id in reader.mark_seen(taken.keys()):
-                self._listed_twice(device_id, taken.pop(device_id)[1], counts)
-            self.seen_count += len(taken)
-            counts["devices_seen"] = len(taken)
             inserts, updates, touches = self._sort(reader, taken, now, counts)
             previous = reader.previous([d.id for d in updates])
         counts["unreadable"] = len(self.book.problems) - problems_before
@@ -142,23 +147,36 @@ class Scan:
                     self.book.log.warning(
                         "rejected a device of another org", device_id=device_id, device_org_id=preview(device_org_id)
                     )
-            elif device_id in taken:  # listed twice in this page (earlier pages: see apply)
-                self._listed_twice(device_id, position, counts)
+            elif device_id in taken:  # twice in this page (on an earlier page too: see settle)
+                # Offset paging over a list that changes repeats devices; the first copy is the one taken.
+                counts["duplicates"] += 1
+                if counts["duplicates"] + counted["duplicates"] <= MAX_LOGGED_PROBLEMS:
+                    self.book.log.info(
+                        "a device was listed twice; the first copy was taken", device_id=device_id, position=position
+                    )
             else:
                 taken[device_id] = (item, position)
         return taken
 
-    def _listed_twice(self, device_id: str, position: int | None, counts: Counter[str]) -> None:
-        """Offset paging over a list that changes repeats devices; the first copy is the one taken."""
-        counts["duplicates"] += 1
-        if counts["duplicates"] + self.book.counts["duplicates"] <= MAX_LOGGED_PROBLEMS:
+    def _settle(self) -> int:
+        """Once the last page is in: how many distinct devices the scan took. A device listed again on
+        a later page (offset paging over a list that changes) was compared again, its later copy being
+        the newer listing, but is counted once in ``devices_seen`` and its repeats in ``duplicates``."""
+        settled = self.seen.settle()
+        if settled.repeats:
             self.book.log.info(
-                "a device was listed twice; the first copy was taken", device_id=device_id, position=position
+                "devices were listed on more than one page: each copy was compared, the device counted once",
+                repeats=settled.repeats,
+                first=list(settled.repeated[:5]),
             )
+            fixed = Counter(devices_seen=-settled.repeats, duplicates=settled.repeats)
+            self.book.counts.update(fixed)
+            self.writes.count(self.history.run_id, fixed)
+        return settled.distinct
 
     def saw(self, ids: Collection[str]) -> set[str]:
         """Those of ``ids`` this scan took."""
-        return self.session.seen_among(ids)
+        return self.seen.among(ids)
 
     def _sort(
         self, reader: PageReader, taken: Taken, now: datetime, counts: Counter[str]
