@@ -16,10 +16,10 @@ from syncd.simulator import Simulator, World
 from .conftest import API_KEY
 
 SMALL, LARGE = 50_000, 150_000
-# Peak RSS may grow by this much from SMALL to LARGE devices: the noise of a Python process (SQLite's
-# page caches, 2 MB a connection, are full at both sizes). Measured 2026-12-05: +1.1 to +3.4 MB with
-# the seen ids in a temporary table; +17 MB expected of the Python set of them it replaced (175 bytes
-# a device: +7.9 MB from 5,000 to 50,000).
+# Peak RSS may grow by this much from SMALL to LARGE devices: page caches filling up (the scratch file
+# of seen ids, 4 MB; SQLite's, 2 MB a connection) and the noise of a Python process. Measured
+# 2026-12-05 with the seen ids in a scratch file: +3.0 and +3.3 MB (70.6 MB at 150,000, 70.9 MB at
+# 300,000: the caches are full); the Python set of them it replaced: 175 bytes a device, +17 MB here.
 GROWTH_BOUND_MB = 6.0
 # Runs its arguments as a child and prints that child's peak RSS (KiB), measured from a small process.
 LAUNCHER = (
