@@ -18,9 +18,17 @@ Then it pushes 1,000 queued edits of each kind (rename, soft delete, restore, do
 add) through the write-back reconciler (in this process): without faults, with 10% of requests
 answered 429 (Retry-After: 1) and with the answers of 20% of the writes lost (applied, then the
 connection reset): edits per second, requests per edit, conflicts (none is expected).
+With --postgres-url, a daemons block runs first (alone with --only-daemons): --daemons `syncd run`
+processes sharing one PostgreSQL, --daemon-orgs ORGSxDEVICES (default 3 on 30 x 250, sync.interval
+--daemon-interval 4 s, --daemon-latency-ms added by the simulator): after every org's first sync, a
+steady window of --daemon-steady seconds: scans per org per interval, starved orgs, gaps, overlapping
+passes, and what one daemon re-syncs per second while busy (what it keeps fresh in 15 minutes); then,
+up to 10,000 devices or with --daemon-kill, how soon a SIGKILLed daemon's orgs are scanned again.
 
     .venv/bin/python bench/bench_sync.py [--postgres-url postgresql://postgres@127.0.0.1/test] [--scaling]
         [--repeat N] [--quick]
+    .venv/bin/python bench/bench_sync.py --postgres-url URL --only-daemons --daemon-orgs 1000x1000
+        --daemon-interval 180 --daemon-steady 900 [--daemon-latency-ms 50] [--daemons 3]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -413,84 +422,284 @@ def latency_block(workdir: Path, devices: int, repeat: int, latency_ms: float) -
             )
 
 
-def daemons_block(workdir: Path, pg_url: str, interval: float = 4.0, steady: float = 24.0) -> None:
-    """Three `syncd run` daemons on one PostgreSQL, 30 orgs x 250 devices: complete scans per org
-    per interval (from the simulator's request log), overlapping passes of an org, and how soon the
-    orgs a killed daemon had scanned are scanned again."""
-    from syncd.simulator import Simulator, World
+@dataclass(frozen=True)
+class DaemonsShape:
+    """What the daemons block runs: the world, the daemons and the windows it measures."""
 
-    world = World(seed=30)
-    orgs = world.seed(30, 250)
-    world.add_key(KEY)
-    db = fresh_database("postgresql", workdir, pg_url)
-    print(f"\nthree daemons, one PostgreSQL, 30 orgs x 250 devices, sync.interval {interval:.0f}s", flush=True)
+    orgs: int = 30
+    devices: int = 250
+    interval: float = 4.0
+    steady: float = 24.0
+    latency_ms: float = 0.0
+    daemons: int = 3
+    concurrency: int = 4
+    kill: bool | None = None  # None: only for a small world (KILL_UP_TO devices), as it costs 3 intervals
+
+    @property
+    def total(self) -> int:
+        return self.orgs * self.devices
+
+    @property
+    def kills(self) -> bool:
+        return self.kill if self.kill is not None else self.total <= KILL_UP_TO
+
+
+KILL_UP_TO = 10_000
+FIRST_PASSES_WITHIN = 3600.0  # seconds the daemons may take to sync every org a first time
+FRESH_FOR = 900.0  # the interval the capacity line extrapolates to: 15 minutes
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of one org as the simulator saw it: its list pages, from one syncd instance."""
+
+    started: float
+    finished: float
+    user_agent: str
+
+
+def passes_by_org(log: list[Any], orgs: list[str]) -> dict[str, list[Pass]]:
+    """Each org's passes from the request log (list pages)."""
+    pages: dict[str, list[Any]] = {org: [] for org in orgs}
+    for r in log:
+        if r.org_id in pages:
+            pages[r.org_id].append(r)
+    return {org: org_passes(requests) for org, requests in pages.items()}
+
+
+def org_passes(requests: list[Any]) -> list[Pass]:
+    """One org's passes: one instance's pages of the org, asked several at once (so not always
+    offset 0 first); an offset asked again, or another instance, begins a new pass."""
+    passes: list[Pass] = []
+    offsets: set[int | None] = set()
+    for r in sorted(requests, key=lambda r: r.started):
+        if not passes or passes[-1].user_agent != r.user_agent or r.offset in offsets:
+            passes.append(Pass(r.started, r.finished, r.user_agent))
+            offsets = set()
+        else:
+            passes[-1] = replace(passes[-1], finished=max(passes[-1].finished, r.finished))
+        offsets.add(r.offset)
+    return passes
+
+
+def daemons_config(path: Path, url: str, db: str, orgs: list[str], shape: DaemonsShape) -> None:
+    path.write_text(
+        f'[api]\nbase_url = "{url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
+        f'[sync]\ninterval = {shape.interval:g}\nconcurrency = {shape.concurrency}\n[logging]\nlevel = "warning"\n'
+        + "".join(f'[[orgs]]\nid = "{o}"\n' for o in orgs)
+    )
+
+
+def start_daemons(config: Path, count: int) -> list[subprocess.Popen[bytes]]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "syncd", "run", "--config", str(config)],
+            env={**os.environ, "SYNCD_API_KEY": KEY},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+
+
+def orgs_synced(db: str) -> int:
+    """Orgs with at least one finished pass (none while the daemons are still creating the tables)."""
+    with psycopg.connect(db) as conn:
+        try:
+            row = conn.execute("SELECT count(DISTINCT org_id) FROM sync_runs WHERE finished_at IS NOT NULL").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+    return int(row[0]) if row else 0
+
+
+def wait_for_first_passes(db: str, shape: DaemonsShape) -> None:
+    """Until every org has been synced once and one more interval has passed (at least two intervals
+    from the start: the daemons' timers settled)."""
+    started = time.monotonic()
+    while orgs_synced(db) < shape.orgs:
+        if time.monotonic() - started > FIRST_PASSES_WITHIN:
+            raise SystemExit(f"the daemons did not sync every org within {FIRST_PASSES_WITHIN:.0f} s")
+        time.sleep(min(1.0, shape.interval / 4))
+    synced = time.monotonic()
+    print(f"  first sync of every org by the daemons: {synced - started:.1f} s", flush=True)
+    time.sleep(max(started + 2 * shape.interval, synced + shape.interval) - synced)
+
+
+@dataclass(frozen=True)
+class Busy:
+    """One instance's succeeded passes in a window: devices seen, seconds with a pass running (the
+    union of its passes) and the passes' own seconds summed."""
+
+    devices: int
+    busy: float
+    pass_seconds: float
+
+
+def busy_by_instance(db: str, since: datetime, until: datetime) -> dict[str, Busy]:
+    """Each syncd instance's passes started in [since, until), from sync_runs."""
+    from sqlalchemy import select
+
+    from syncd.store import Store
+    from syncd.store.schema import sync_runs
+    from syncd.vocab import RunStatus
+
+    store = Store(db)
     try:
-        with Simulator(world, log_size=1_000_000) as sim:
-            config = workdir / "daemons.toml"
-            config.write_text(
-                f'[api]\nbase_url = "{sim.url}"\napi_key_env = "SYNCD_API_KEY"\n[database]\nurl = "{db}"\n'
-                f'[sync]\ninterval = "{interval:.0f}s"\nconcurrency = 4\n[logging]\nlevel = "warning"\n'
-                + "".join(f'[[orgs]]\nid = "{o}"\n' for o in orgs)
-            )
-            env = {**os.environ, "SYNCD_API_KEY": KEY}
-            daemons = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "syncd", "run", "--config", str(config)],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for _ in range(3)
-            ]
-            try:
-                time.sleep(2 * interval)  # every org's first pass, and the daemons' timers settled
-                steady_from = time.monotonic()
-                time.sleep(steady)
-                steady_to = time.monotonic()
-                daemons[0].kill()
-                daemons[0].wait(timeout=30)
-                killed_at = time.monotonic()
-                time.sleep(3 * interval)
-            finally:
-                for proc in daemons[1:]:
-                    proc.terminate()
-                for proc in daemons[1:]:
-                    proc.wait(timeout=60)
-            log = sim.requests("list_devices")
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(sync_runs.c.instance, sync_runs.c.started_at, sync_runs.c.finished_at, sync_runs.c.devices_seen)
+                .where(sync_runs.c.started_at >= since, sync_runs.c.started_at < until)
+                .where(sync_runs.c.status == RunStatus.SUCCEEDED)
+                .order_by(sync_runs.c.started_at)
+            ).all()
     finally:
-        drop_database(db, pg_url)
-    killed = f":{daemons[0].pid})"
-    scans = overlaps = 0
-    takeover: list[float] = []
+        store.close()
+    found: dict[str, Busy] = {}
+    ends: dict[str, datetime] = {}
+    for r in rows:
+        seconds = (r.finished_at - r.started_at).total_seconds()
+        # Rows come by start: the union grows by the part of this pass after the instance's latest end.
+        end = ends.get(r.instance, r.started_at)
+        extra = max((r.finished_at - max(end, r.started_at)).total_seconds(), 0.0)
+        ends[r.instance] = max(end, r.finished_at)
+        before = found.get(r.instance, Busy(0, 0.0, 0.0))
+        found[r.instance] = Busy(before.devices + r.devices_seen, before.busy + extra, before.pass_seconds + seconds)
+    return found
+
+
+def steady_report(
+    orgs: list[str], passes: dict[str, list[Pass]], window: tuple[float, float], shape: DaemonsShape
+) -> None:
+    """Scans per org per interval, starved orgs, gaps between scans, and the devices kept fresh."""
+    since, until = window
+    intervals = (until - since) / shape.interval
+    counts: list[int] = []
+    rates: list[float] = []
+    gaps: list[float] = []
+    shortest: list[float] = []
     for org in orgs:
-        # A pass: one instance's pages of the org (asked several at once, so not always offset 0 first).
-        passes: list[tuple[float, float, str]] = []
-        offsets: set[int | None] = set()
-        for r in sorted((r for r in log if r.org_id == org), key=lambda r: r.started):
-            if not passes or passes[-1][2] != r.user_agent or r.offset in offsets:
-                passes.append((r.started, r.finished, r.user_agent))
-                offsets = set()
-            else:
-                passes[-1] = (passes[-1][0], max(passes[-1][1], r.finished), r.user_agent)
-            offsets.add(r.offset)
-        scans += sum(1 for start, _, _ in passes if steady_from <= start < steady_to)
-        overlaps += sum(1 for a, b in itertools.pairwise(passes) if a[1] > b[0] and killed not in a[2])
-        before_kill = [p for p in passes if p[0] < killed_at]
-        if before_kill and killed in before_kill[-1][2]:  # the killed daemon had this org last
-            after = [p[0] for p in passes if p[0] >= killed_at]
-            takeover.append((after[0] - before_kill[-1][0]) if after else float("inf"))
-    per_interval = scans / len(orgs) / ((steady_to - steady_from) / interval)
+        starts = [p.started for p in passes[org] if p.started < until]
+        inside = [s for s in starts if s >= since]
+        counts.append(len(inside))
+        if len(inside) > 1:  # from the mean gap between its scans: no rounding at the window's edges
+            rates.append(shape.interval * (len(inside) - 1) / (inside[-1] - inside[0]))
+        around = starts[len(starts) - len(inside) - 1 :] if len(starts) > len(inside) else inside
+        steps = [b - a for a, b in itertools.pairwise(around)]
+        gaps.append(max([*steps, until - starts[-1]] if starts else [until - since]))
+        shortest.extend(b - a for a, b in itertools.pairwise(inside))
+    scanned = sum(1 for c in counts if c)
     print(
-        f"  complete scans per org per interval: {per_interval:.2f} (target <= 1.2; one daemon alone makes 1), "
-        f"overlapping passes of one org: {overlaps}",
+        f"  steady window {until - since:.0f} s ({intervals:.1f} intervals): complete scans per org per interval "
+        f"mean {sum(counts) / len(orgs) / intervals:.2f}, max {max(rates, default=0.0):.2f} (an org's mean gap, "
+        f"noisy under 5 intervals; target <= 1.2, one daemon alone makes 1); starved orgs (never scanned): "
+        f"{len(orgs) - scanned} (target 0)",
         flush=True,
     )
+    print(
+        f"  longest gap between two scans of one org: {max(gaps):.1f} s ({max(gaps) / shape.interval:.2f} intervals), "
+        f"shortest {min(shortest, default=float('nan')):.1f} s; devices of the orgs scanned per daemon per "
+        f"interval: {scanned * shape.devices / shape.daemons:,.0f}",
+        flush=True,
+    )
+
+
+def capacity_report(busy: dict[str, Busy], window: float, shape: DaemonsShape) -> None:
+    """What one daemon re-syncs per second while it has a pass running, and what that keeps fresh."""
+    if not busy:
+        print("  capacity: no succeeded pass in the steady window", flush=True)
+        return
+    rates = [b.devices / b.busy for b in busy.values() if b.busy > 0]
+    per_pass = sum(b.devices for b in busy.values()) / sum(b.pass_seconds for b in busy.values())
+    in_flight = sum(b.pass_seconds for b in busy.values()) / sum(b.busy for b in busy.values())
+    rate = statistics.mean(rates)
+    print(
+        f"  capacity: one daemon re-synced {rate:,.0f} devices/s while busy (mean of {len(rates)} daemons, lowest "
+        f"{min(rates):,.0f}; busy {sum(b.busy for b in busy.values()) / len(busy) / window:.0%} of the window, "
+        f"{in_flight:.1f} passes in flight on average, sync.concurrency {shape.concurrency}; "
+        f"one pass alone {per_pass:,.0f} devices/s): at that rate it keeps {rate * FRESH_FOR:,.0f} devices fresh "
+        f"at a {FRESH_FOR / 60:.0f}-minute interval; {per_pass * shape.concurrency * FRESH_FOR:,.0f} if "
+        f"{shape.concurrency} passes ran at once without slowing each other (latency-bound)",
+        flush=True,
+    )
+
+
+def takeover_report(
+    orgs: list[str], passes: dict[str, list[Pass]], killed: str, killed_at: float, interval: float
+) -> None:
+    """How soon the orgs the killed daemon had scanned last were scanned again."""
+    takeover: list[float] = []
+    for org in orgs:
+        before_kill = [p for p in passes[org] if p.started < killed_at]
+        if before_kill and killed in before_kill[-1].user_agent:
+            after = [p.started for p in passes[org] if p.started >= killed_at]
+            takeover.append((after[0] - before_kill[-1].started) if after else float("inf"))
     if takeover:
         print(
             f"  the killed daemon's {len(takeover)} orgs were scanned again {max(takeover):.1f} s at most after "
-            f"their last pass (interval {interval:.0f} s; target: within one interval of the kill)",
+            f"their last pass (interval {interval:g} s; target: within one interval of the kill)",
             flush=True,
         )
+
+
+def daemons_block(workdir: Path, pg_url: str, shape: DaemonsShape) -> None:
+    """``shape.daemons`` `syncd run` daemons on one PostgreSQL (default 3, 30 orgs x 250 devices):
+    in a steady window after every org's first sync, complete scans per org per interval (from the
+    simulator's request log), starved orgs, gaps between scans, overlapping passes of an org, and
+    each daemon's re-sync rate while busy (from sync_runs); then, for a small world, how soon the
+    orgs a SIGKILLed daemon had scanned are scanned again."""
+    from syncd.simulator import Simulator, World
+
+    world = World(seed=30)
+    orgs = world.seed(shape.orgs, shape.devices, portal_fraction=0.02)  # as `syncd simulate` does
+    world.add_key(KEY)
+    db = fresh_database("postgresql", workdir, pg_url)
+    print(
+        f"\n{shape.daemons} daemons, one PostgreSQL, {shape.orgs:,} orgs x {shape.devices:,} devices "
+        f"({shape.total:,}), sync.interval {shape.interval:g}s, sync.concurrency {shape.concurrency}, "
+        f"{shape.latency_ms:g} ms added per request",
+        flush=True,
+    )
+    killed, killed_at = None, 0.0
+    try:
+        with Simulator(world, log_size=2_000_000) as sim:
+            sim.latency = shape.latency_ms / 1000
+            config = workdir / "daemons.toml"
+            daemons_config(config, sim.url, db, orgs, shape)
+            daemons = start_daemons(config, shape.daemons)
+            try:
+                wait_for_first_passes(db, shape)
+                steady_from, since = time.monotonic(), datetime.now(UTC)
+                time.sleep(shape.steady)
+                steady_to, until = time.monotonic(), datetime.now(UTC)
+                if shape.kills:
+                    daemons[0].kill()
+                    daemons[0].wait(timeout=30)
+                    killed, killed_at = f":{daemons[0].pid})", time.monotonic()
+                    time.sleep(3 * shape.interval)
+            finally:
+                for proc in daemons:
+                    proc.terminate()
+                for proc in daemons:
+                    proc.wait(timeout=60)
+            log = sim.requests("list_devices")
+            busy = busy_by_instance(db, since, until)
+    finally:
+        drop_database(db, pg_url)
+    passes = passes_by_org(log, orgs)
+    overlaps = sum(
+        1
+        for org in orgs
+        for a, b in itertools.pairwise(passes[org])
+        if a.finished > b.started and not (killed and killed in a.user_agent)
+    )
+    steady_report(orgs, passes, (steady_from, steady_to), shape)
+    print(f"  overlapping passes of one org: {overlaps} (target 0)", flush=True)
+    capacity_report(busy, steady_to - steady_from, shape)
+    if killed:
+        takeover_report(orgs, passes, killed, killed_at, shape.interval)
+    else:
+        why = "--no-daemon-kill" if shape.kill is False else f"over {KILL_UP_TO:,} devices; --daemon-kill runs it"
+        print(f"  SIGKILL takeover skipped ({why})", flush=True)
 
 
 def throttled_block(workdir: Path, trees: list[tuple[str, Path | None]], devices: int = 5_000) -> None:
@@ -925,6 +1134,35 @@ def shape_option(text: str) -> tuple[int, int] | None:
     return int(found.group(1)), int(found.group(2))
 
 
+def daemon_shape_option(text: str) -> tuple[int, int]:
+    """--daemon-orgs: ORGSxDEVICES."""
+    shape = shape_option(text)
+    if shape is None:
+        raise argparse.ArgumentTypeError("the daemons block needs a world: ORGSxDEVICES, e.g. 1000x100")
+    return shape
+
+
+def daemons_shape(args: argparse.Namespace) -> DaemonsShape:
+    orgs, devices = args.daemon_orgs
+    if args.daemons < 1 or args.daemon_concurrency < 1:
+        raise SystemExit("--daemons and --daemon-concurrency must be at least 1")
+    if args.daemon_interval < 1 or args.daemon_steady <= 0 or args.daemon_latency_ms < 0:
+        raise SystemExit(
+            "--daemon-interval is at least 1 (sync.interval's minimum), --daemon-steady positive, "
+            "--daemon-latency-ms not negative"
+        )
+    return DaemonsShape(
+        orgs,
+        devices,
+        args.daemon_interval,
+        args.daemon_steady,
+        args.daemon_latency_ms,
+        args.daemons,
+        args.daemon_concurrency,
+        args.daemon_kill,
+    )
+
+
 def shares_option(text: str) -> list[float]:
     """--portal-shares: comma-separated fractions."""
     try:
@@ -988,8 +1226,39 @@ def main() -> None:
         default=50.0,
         help="latency the simulator adds to every request in the latency block, against 0 (default 50)",
     )
+    parser.add_argument("--only-daemons", action="store_true", help="run only the daemons block (needs --postgres-url)")
     parser.add_argument(
-        "--only-daemons", action="store_true", help="run only the three-daemons block (needs --postgres-url)"
+        "--daemon-orgs",
+        type=daemon_shape_option,
+        default=(DaemonsShape.orgs, DaemonsShape.devices),
+        metavar="ORGSxDEVICES",
+        help="the daemons block's world (default 30x250)",
+    )
+    parser.add_argument(
+        "--daemons", type=int, default=DaemonsShape.daemons, help="`syncd run` daemons in the daemons block (3)"
+    )
+    parser.add_argument(
+        "--daemon-interval", type=float, default=DaemonsShape.interval, help="their sync.interval in seconds (4)"
+    )
+    parser.add_argument(
+        "--daemon-steady",
+        type=float,
+        default=DaemonsShape.steady,
+        help="seconds of the steady window measured after every org's first sync (24)",
+    )
+    parser.add_argument(
+        "--daemon-concurrency", type=int, default=DaemonsShape.concurrency, help="their sync.concurrency (4)"
+    )
+    parser.add_argument(
+        "--daemon-latency-ms",
+        type=float,
+        default=DaemonsShape.latency_ms,
+        help="latency the simulator adds to every request in the daemons block (default 0)",
+    )
+    parser.add_argument(
+        "--daemon-kill",
+        action=argparse.BooleanOptionalAction,
+        help=f"SIGKILL a daemon after the steady window, time the takeover (default: up to {KILL_UP_TO:,} devices)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per sync figure; the median run is reported (default 3)"
@@ -1017,7 +1286,7 @@ def main() -> None:
                 portal_block(Path(tmp), kinds, args.postgres_url, args.portal_devices, args.portal_shares)
             return
         if args.postgres_url and not (args.only_edits or args.only_restrictions or args.only_latency):
-            daemons_block(Path(tmp), args.postgres_url)
+            daemons_block(Path(tmp), args.postgres_url, daemons_shape(args))
         if args.only_daemons:
             return
         if not (args.only_edits or args.only_restrictions):
