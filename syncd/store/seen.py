@@ -110,15 +110,11 @@ class SeenIds:
     # -- on the thread ------------------------------------------------------------------------------
 
     def _call(self, function: Callable[..., T], *args: object) -> T:
-        future = self._worker.submit(function, *args)
+        return self._collect(self._worker.submit(function, *args))
+
+    def _collect(self, future: Future[T]) -> T:
         try:
             return future.result()
-        except sqlite3.Error as exc:
-            raise StoreError(f"keeping the ids a pass saw: {exc}") from exc
-
-    def _collect(self, future: Future[int]) -> None:
-        try:
-            future.result()
         except sqlite3.Error as exc:
             raise StoreError(f"keeping the ids a pass saw: {exc}") from exc
 
