@@ -250,17 +250,27 @@ class Inventory:
 
     portals: dict[str, str] = dataclasses.field(default_factory=dict)  # active portal id -> its fingerprint
     integrations: dict[str, str] = dataclasses.field(default_factory=dict)  # -> its lowest active device id
+    # The portals noted since the last take_fresh(), for a reader that asks about them during the
+    # scan; None: no such reader (nothing is kept twice).
+    fresh: dict[str, str] | None = None
 
     def note(self, device_id: str, raw: dict[str, Any], fingerprint: str) -> None:
         """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint)."""
         metadata = raw.get("device_metadata")
         if metadata.__class__ is dict and metadata.get("kind") == PORTAL_KIND:
             self.portals[device_id] = fingerprint
+            if self.fresh is not None:
+                self.fresh[device_id] = fingerprint
         integration = raw.get("integration_id")
         if integration.__class__ is str and 0 < len(integration) <= ID_LENGTH:
             known = self.integrations.get(integration)
             if known is None or device_id < known:
                 self.integrations[integration] = device_id
+
+    def take_fresh(self) -> dict[str, str]:
+        """The portals noted since the last call (with their fingerprints); from now on, keep them."""
+        fresh, self.fresh = self.fresh or {}, {}
+        return fresh
 
 
 # Door restrictions arrive under the public spec's key or the SDK's newer models' key (CONTRACT.md §9).

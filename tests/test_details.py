@@ -400,3 +400,54 @@ def test_a_fault_in_one_phase_spares_the_other_and_the_pass(
 
     monkeypatch.setattr(details_module.DetailReads, "run", bug)
     assert sync(org).status == "succeeded"  # the scan and purge detection stand
+
+
+def large_world() -> World:
+    """One org of 1,500 devices, a fifth of them portals (300): thirty pages of 50."""
+    w = World(seed=7)
+    w.seed(orgs=1, devices_per_org=1500, portal_fraction=0.2)
+    w.add_key(API_KEY)
+    return w
+
+
+def test_door_restrictions_are_asked_while_the_scan_reads_on(store: Store) -> None:
+    world = large_world()
+    org = next(iter(world.orgs))
+    with Simulator(world, strict_query=True) as sim, OpenAppClient(api_settings(sim, page_size=50)) as client:
+        outcome = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
+        assert outcome.status == "succeeded", outcome.error
+        asked = sim.requests("get_door_restrictions")
+        last_page = max(r.started for r in sim.requests("list_devices"))
+        during = [r for r in asked if r.started < last_page]
+        # Each portal asked once in the pass, many before the scan's last page was asked for.
+        assert sorted(r.device_id for r in asked) == sorted(portals(world, org))
+        assert outcome.counts["restriction_requests"] == len(asked) == len(portals(world, org))
+        assert len(during) >= details_module.BATCH // 2
+        assert_details_match(store, world, org)
+        again = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
+        assert again.counts["restriction_requests"] == 0  # all answered: nothing due inside the interval
+
+
+def test_a_fault_while_the_scan_reads_on_leaves_the_rest_for_after_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = large_world()
+    org = next(iter(world.orgs))
+    calls = 0
+    due_among = details_module.PortalRestrictions.due_among
+
+    def failing_once_some_were_asked(self: Any, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise StoreError("database error while finding portals due for their door restrictions: disk I/O error")
+        return due_among(self, *args)
+
+    monkeypatch.setattr(details_module.PortalRestrictions, "due_among", failing_once_some_were_asked)
+    with Simulator(world, strict_query=True) as sim, OpenAppClient(api_settings(sim, page_size=50)) as client:
+        outcome = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
+        assert outcome.status == "succeeded", outcome.error
+        assert calls == 3  # no more asking during the scan after the fault
+        asked = [r.device_id for r in sim.requests("get_door_restrictions")]
+        assert sorted(asked) == sorted(portals(world, org))  # the rest asked after the scan, none twice
+        assert_details_match(store, world, org)

@@ -7,10 +7,11 @@ thread) still parses and writes one answer after the other, in the order asked.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
+K = TypeVar("K")
 T = TypeVar("T")
 
 
@@ -56,3 +57,45 @@ def in_order(
             room = width
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Ahead(Generic[K, T]):
+    """Tasks handed in over time by one consumer, up to ``width`` running at once on threads of
+    their own; their finished futures handed back in the order given, with or without waiting.
+
+    For requests whose need is learnt bit by bit while the consumer does other work (a pass's door
+    restrictions, asked while its scan goes on). The consumer bounds what it hands in (:meth:`__len__`).
+    """
+
+    def __init__(self, width: int, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, width), thread_name_prefix=name)
+        self._pending: deque[tuple[K, Future[T]]] = deque()
+
+    def __len__(self) -> int:
+        """Tasks handed in whose futures were not handed back yet."""
+        return len(self._pending)
+
+    def submit(self, key: K, task: Callable[[], T]) -> None:
+        """Start ``task`` when a thread is free."""
+        self._pending.append((key, self._pool.submit(task)))
+
+    def finished(self) -> Iterator[tuple[K, Future[T]]]:
+        """The futures finished so far, in the order given, up to the first one still running."""
+        while self._pending and self._pending[0][1].done():
+            yield self._pending.popleft()
+
+    def drop_waiting(self) -> None:
+        """Cancel the tasks no thread has started yet; those started are still handed back by :meth:`rest`."""
+        self._pending = deque((key, future) for key, future in self._pending if not future.cancel())
+
+    def rest(self) -> Iterator[tuple[K, Future[T]]]:
+        """Every future not handed back yet, in the order given, each once finished."""
+        while self._pending:
+            key, future = self._pending.popleft()
+            future.exception()  # waits until it is done
+            yield key, future
+
+    def close(self) -> None:
+        """Cancel what has not started; wait for what has (each bounded by its request's deadline)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()

@@ -73,14 +73,7 @@ class PortalRestrictions:
         devices the pass's scan took (``saw``: which of some ids it took) that were asked before but
         no longer say they are portals, until OpenApp answers that they are not (400). New and
         changed ones first, portals that failed last time after all others (oldest attempt first)."""
-        p, d = portal_restrictions, devices
-        query = (
-            select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state)
-            .join(d, d.c.id == p.c.device_id)
-            .where(p.c.org_id == org_id)
-        )
-        with self.store.reading("finding portals due for their door restrictions") as conn:
-            rows = {row.device_id: row for row in conn.execute(query)}
+        rows = self._asked(org_id)
         candidates = dict(portals)
         former = [
             device_id
@@ -91,20 +84,40 @@ class PortalRestrictions:
         ]
         for device_id in saw(former):
             candidates[device_id] = rows[device_id].now_fingerprint
-        due = []
-        for device_id, fingerprint in candidates.items():
-            row = rows.get(device_id)
-            if row is None:
-                due.append(((0, False, "", device_id), DuePortal(device_id, fingerprint, False)))
-                continue
-            same = row.device_fingerprint == fingerprint
-            failing = row.failures > 0
-            if (same or failing) and row.next_fetch_at > now:
-                continue  # a portal backing off after failures waits, changed or not (at most an interval)
-            order = (int(failing), same, str(row.attempted_at) if failing else "", device_id)
-            due.append((order, DuePortal(device_id, fingerprint, row.status in ANSWERED, row.failures)))
+        due = [
+            entry
+            for device_id, fingerprint in candidates.items()
+            if (entry := _due(rows.get(device_id), device_id, fingerprint, now))
+        ]
         due.sort(key=lambda item: item[0])
         return [portal for _, portal in due]
+
+    def due_among(self, org_id: str, now: datetime, portals: Mapping[str, str]) -> list[DuePortal]:
+        """Of ``portals`` (some active portals a pass's scan has just seen, with their fingerprints),
+        those due by the rules of :meth:`due`, but none that failed last time: those are asked after
+        all others, once the scan is over. One indexed read."""
+        rows = self._asked(org_id, portals)
+        due = [
+            entry
+            for device_id, fingerprint in portals.items()
+            if (entry := _due(rows.get(device_id), device_id, fingerprint, now)) and not entry[1].failures
+        ]
+        due.sort(key=lambda item: item[0])
+        return [portal for _, portal in due]
+
+    def _asked(self, org_id: str, ids: Collection[str] | None = None) -> dict[str, Any]:
+        """The org's portal_restrictions rows (only those of ``ids``, when given), with the device's
+        fingerprint and state now, by device id."""
+        p, d = portal_restrictions, devices
+        query = (
+            select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state)
+            .join(d, d.c.id == p.c.device_id)
+            .where(p.c.org_id == org_id)
+        )
+        if ids is not None:
+            query = query.where(p.c.device_id.in_(list(ids)))
+        with self.store.reading("finding portals due for their door restrictions") as conn:
+            return {row.device_id: row for row in conn.execute(query)}
 
     def mirrored_list(self, device_id: str) -> list[str] | None:
         """The entities a portal is restricted to by OpenApp's last answer (sorted; empty: not
@@ -165,6 +178,19 @@ class PortalRestrictions:
             return 0
         with (self.session or self.store).writer(action="writing door restrictions") as writer:
             return write_answers(writer, org_id, now, answers, run_id=run_id)
+
+
+def _due(row: Any, device_id: str, fingerprint: str, now: datetime) -> tuple[tuple[Any, ...], DuePortal] | None:
+    """``(order, portal)`` when the portal is due (``row``: its portal_restrictions row, if any), else None.
+    New and changed ones first, those that failed last time after all others (oldest attempt first)."""
+    if row is None:
+        return (0, False, "", device_id), DuePortal(device_id, fingerprint, False)
+    same = row.device_fingerprint == fingerprint
+    failing = row.failures > 0
+    if (same or failing) and row.next_fetch_at > now:
+        return None  # a portal backing off after failures waits, changed or not (at most an interval)
+    order = (int(failing), same, str(row.attempted_at) if failing else "", device_id)
+    return order, DuePortal(device_id, fingerprint, row.status in ANSWERED, row.failures)
 
 
 def write_answers(

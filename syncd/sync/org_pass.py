@@ -61,10 +61,14 @@ class OrgPass:
         seen = held.enter_context(SeenIds())
         self._writes = writes = PageWrites(session)
         scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages, seen)
+        reads = self._detail_reads(scan, bounds, session)
+        held.callback(reads.close)
+        reads.during_scan()
+        scan.after_page = reads.after_page
         sweep = PurgeSweep(self.client, self.store, self.options, bounds, self.book, scan, history, writes)
         ending = self._scan_and_sweep(scan, sweep)
         if ending.status != RunStatus.ABORTED and not bounds.stopped:
-            self._read_details(scan, bounds, session, writes)
+            self._read_details(reads, writes)
         return ending
 
     def _scan_and_sweep(self, scan: Scan, sweep: PurgeSweep) -> Ending:
@@ -78,23 +82,28 @@ class OrgPass:
             return self.book.unreadable("could not be confirmed; purge detection is incomplete")
         return SUCCEEDED
 
-    def _read_details(self, scan: Scan, bounds: Bounds, session: Session, writes: PageWrites) -> None:
-        """Door restrictions and metadata definitions (:mod:`syncd.details`), after the scan and
-        purge detection: what goes wrong there is logged and counted, never the pass's failure."""
-        options, book = self.options, self.book
-        reads = DetailReads(
+    def _detail_reads(self, scan: Scan, bounds: Bounds, session: Session) -> DetailReads:
+        """Door restrictions and metadata definitions (:mod:`syncd.details`): some door
+        restrictions are asked while the scan goes on, the rest after purge detection."""
+        options = self.options
+        return DetailReads(
             self.client,
             self.store,
             options.org,
             options.settings,
-            book.run_id,
+            self.book.run_id,
             scan.inventory,
             scan.saw,
             bounds.deadline,
             bounds.stop,
-            book.log,
+            self.book.log,
             session,
         )
+
+    def _read_details(self, reads: DetailReads, writes: PageWrites) -> None:
+        """The reads after the scan and purge detection: what goes wrong there is logged and
+        counted, never the pass's failure."""
+        book = self.book
         try:
             counts = reads.run()
         except LockLostError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -70,6 +70,8 @@ class Scan:
         self.writes = writes
         self.max_pages = max_pages  # list pages this pass reads at most before it calls the list endless
         self.seen = seen
+        # Called once each page is written (the pass sets it: door restrictions asked meanwhile).
+        self.after_page: Callable[[], None] | None = None
         self.distinct = 0  # devices taken, each once: known when the last page is in
         self.inventory = Inventory()
         self._touch_after = timedelta(seconds=options.settings.last_seen_resolution)
@@ -89,6 +91,8 @@ class Scan:
                 self.bounds.check_deadline()
                 self._check_length()
                 self.apply(page.items, page.offset)
+                if self.after_page:
+                    self.after_page()
                 if self.options.on_progress:
                     self.options.on_progress(org.id, self.book.counts["pages"], self.book.counts["devices_seen"])
         if self.bounds.stopped:
