@@ -70,8 +70,11 @@ from syncd.store.details import (
 )
 from syncd.vocab import RestrictionStatus
 
-BATCH = 50
+# Answers per transaction: each costs a few statements whatever its size (0.4 ms an answer at 500
+# on PostgreSQL, 2.3 ms at 50).
+BATCH = 500
 BATCH_ENTITIES = 20_000
+CHECK = 50  # portals the scan listed, checked for being due at a time (the first early request waits for these)
 EARLY_BACKLOG = 4  # during the scan, at most this many times the width asked and not taken yet
 EARLY_CANDIDATES = 1_000  # portals the scan listed, waiting to be checked for being due
 MAX_FAILURES_IN_A_ROW = 5  # a few doors may be unreachable (error_code door_unreachable); five is OpenApp
@@ -204,7 +207,7 @@ class DetailReads:
 
     def _offer(self) -> None:
         """Ask about the portals the scan listed that are due, as many as the backlog has room for.
-        They are checked for being due a batch at a time; those the backlog has no room for wait,
+        They are checked for being due :data:`CHECK` at a time; those the backlog has no room for wait,
         up to :data:`EARLY_CANDIDATES` (more stay due for after the scan)."""
         assert self._early is not None
         self._candidates.update(self.inventory.take_fresh())
@@ -213,8 +216,8 @@ class DetailReads:
         # The first request goes alone, since its answer may end them all (a refused key).
         backlog = EARLY_BACKLOG * self._early_width if self._portals.tally.requests else 1
         while len(self._early) < backlog:
-            if not self._due and len(self._candidates) >= BATCH:
-                batch = dict(itertools.islice(self._candidates.items(), BATCH))
+            if not self._due and len(self._candidates) >= CHECK:
+                batch = dict(itertools.islice(self._candidates.items(), CHECK))
                 for device_id in batch:
                     del self._candidates[device_id]
                 self._due.extend(self.restrictions.due_among(self.org.id, utcnow(), batch))

@@ -422,7 +422,7 @@ def test_door_restrictions_are_asked_while_the_scan_reads_on(store: Store) -> No
         # Each portal asked once in the pass, many before the scan's last page was asked for.
         assert sorted(r.device_id for r in asked) == sorted(portals(world, org))
         assert outcome.counts["restriction_requests"] == len(asked) == len(portals(world, org))
-        assert len(during) >= details_module.BATCH // 2
+        assert len(during) >= details_module.CHECK // 2
         assert_details_match(store, world, org)
         again = OrgPass(client, store, PassOptions(OrgSettings(org), SyncSettings())).run()
         assert again.counts["restriction_requests"] == 0  # all answered: nothing due inside the interval
