@@ -247,8 +247,10 @@ def write_answers(
         conn.execute(insert(p), new_rows)
     if entity_rows:
         conn.execute(insert(r), entity_rows)
+        writer.grew(r.name, len(entity_rows))
     writer.add_history(changes)
-    _record_access(conn, org_id, now, answers, checked_at, run_id=run_id, edit_id=edit_id)
+    opened = _record_access(conn, org_id, now, answers, checked_at, run_id=run_id, edit_id=edit_id)
+    writer.grew(door_access_intervals.name, opened)
     return len(changes)
 
 
@@ -264,9 +266,10 @@ def _record_access(
     *,
     run_id: int | None,
     edit_id: int | None,
-) -> None:
+) -> int:
     """Move door_access_intervals on to what the answers say: close what is no longer so, confirm
-    what still is, open what is new. An answer that said nothing (failed, 404) moves nothing."""
+    what still is, open what is new (returns how many were opened). An answer that said nothing
+    (failed, 404) moves nothing."""
     who: dict[str, set[str | None]] = {}
     for answer in answers:
         if answer.status == RestrictionStatus.OK:
@@ -275,7 +278,7 @@ def _record_access(
         elif answer.status == RestrictionStatus.NOT_A_PORTAL:
             who[answer.device_id] = set()  # nobody passes through what is not a door
     if not who:
-        return
+        return 0
     a = door_access_intervals
     is_open = a.c.valid_to.is_(None)
     current = conn.execute(select(a.c.id, a.c.device_id, a.c.entity_id).where(a.c.device_id.in_(who), is_open)).all()
@@ -306,6 +309,7 @@ def _record_access(
     ]
     if opened:
         conn.execute(insert(a), opened)
+    return len(opened)
 
 
 # A new portal_restrictions row: every column a plan does not set is NULL (one executemany for a batch).

@@ -63,6 +63,15 @@ class Dialect:
     pre_ping = True  # a server connection can drop; a file cannot
     one_writer = False  # one write transaction at a time: this process's writers take turns
     shares_schedule = False  # several daemons share the database, and with it the passes' schedule
+    keeps_statistics = False  # the store analyzes the tables a pass grows (syncd.store.statistics)
+
+    def analyze(self, conn: Connection, table: str, lock_timeout_ms: int) -> None:
+        """Refresh the planner's statistics of a table (where :attr:`keeps_statistics`)."""
+        raise NotImplementedError
+
+    def analyzed_rows(self, conn: Connection, table: str) -> float | None:
+        """The table's rows as of its last statistics (where :attr:`keeps_statistics`)."""
+        raise NotImplementedError
 
     def __init__(self) -> None:
         content = CONTENT_COLUMNS[1:]  # all but the id
@@ -376,6 +385,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     p = "%s"
     shares_schedule = True
+    keeps_statistics = True  # see syncd.store.statistics
 
     def __init__(self) -> None:
         super().__init__()
@@ -476,6 +486,18 @@ class PostgresDialect(Dialect):
             super().add_history(conn, rows)
         else:
             self._copy(conn, self.copy_change_sql, self.history_values(rows))
+
+    def analyze(self, conn: Connection, table: str, lock_timeout_ms: int) -> None:
+        """ANALYZE one of syncd's tables (its name is ours, never input), not waiting for its lock
+        longer than ``lock_timeout_ms`` (a VACUUM or another daemon's ANALYZE holds it)."""
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        conn.exec_driver_sql(f"ANALYZE {table}")
+
+    def analyzed_rows(self, conn: Connection, table: str) -> float | None:
+        """The table's rows as of its last ANALYZE (negative or None: never analyzed)."""
+        found = conn.execute(text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table})
+        rows = found.scalar_one_or_none()
+        return None if rows is None else float(rows)
 
     def _copy(self, conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         """COPY ... FROM STDIN: psycopg's own API, beneath SQLAlchemy, so its errors are wrapped as

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -29,6 +30,7 @@ from syncd.store.schema import (
     door_access_intervals,
     sync_runs,
 )
+from syncd.store.statistics import PlannerStatistics
 from syncd.store.translate import translated
 from syncd.vocab import DeviceState, RunStatus, RunTrigger
 
@@ -97,6 +99,7 @@ class Store:
         self._write_turn: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._dialect.one_writer else contextlib.nullcontext()
         )
+        self.statistics = PlannerStatistics(self._dialect) if self._dialect.keeps_statistics else None
         # Results of runs that could not be recorded when they ended; written before the next run starts.
         self._unrecorded: dict[int, dict[str, Any]] = {}
         self._unrecorded_lock = threading.Lock()
@@ -289,10 +292,11 @@ class Store:
         """
         if lease is not None and lease.connection is not None:
             lease.check()
-            yield Session(lease.connection, self._write_turn, self._dialect, lease)  # the lease closes it
+            # the lease closes it
+            yield Session(lease.connection, self._write_turn, self._dialect, lease, self.statistics)
             return
         with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
-            yield Session(conn, self._write_turn, self._dialect)  # its transactions say how they write
+            yield Session(conn, self._write_turn, self._dialect, statistics=self.statistics)  # its transactions say how
 
     @contextmanager
     def writer(self, action: str = "writing devices") -> Iterator[PageWriter]:
@@ -403,11 +407,13 @@ class Session:
         write_turn: contextlib.AbstractContextManager[Any],
         dialect: Dialect,
         lease: OrgLease | None = None,
+        statistics: PlannerStatistics | None = None,
     ) -> None:
         self._conn = conn
         self._write_turn = write_turn
         self._dialect = dialect
         self._lease = lease  # set when ``conn`` is the connection holding the org's lock
+        self._statistics = statistics  # PostgreSQL's: the tables a write grew may need an ANALYZE
 
     def _guarded(self, action: str) -> contextlib.AbstractContextManager[None]:
         """Database errors become StoreError naming ``action``; on the lock's connection, one that
@@ -439,7 +445,10 @@ class Session:
             self._conn.begin(),
             self._dialect.page_transaction(self._conn, durable),
         ):
-            yield PageWriter(self._conn, self._dialect)
+            writer = PageWriter(self._conn, self._dialect)
+            yield writer
+        if self._statistics is not None:
+            self._statistics.after_commit(self._conn, writer.inserted)
 
     @contextmanager
     def transaction(self, action: str) -> Iterator[Connection]:
@@ -473,6 +482,15 @@ class PageReader:
 
 class PageWriter(PageReader):
     """The statements that write one page, inside one open transaction."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        super().__init__(conn, dialect)
+        self.inserted: Counter[str] = Counter()  # rows inserted, by table (see syncd.store.statistics)
+
+    def grew(self, table: str, rows: int) -> None:
+        """Count rows inserted into ``table``, a table whose lookups by a batch of ids need the
+        planner's statistics (devices and device_changes are looked up by their primary keys)."""
+        self.inserted[table] += rows
 
     def execute(self, statement: Executable) -> None:
         """Run one Core statement in this transaction."""
