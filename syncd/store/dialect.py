@@ -65,14 +65,6 @@ class Dialect:
     shares_schedule = False  # several daemons share the database, and with it the passes' schedule
     keeps_statistics = False  # the store analyzes the tables a pass grows (syncd.store.statistics)
 
-    def analyze(self, conn: Connection, table: str, lock_timeout_ms: int) -> None:
-        """Refresh the planner's statistics of a table (where :attr:`keeps_statistics`)."""
-        raise NotImplementedError
-
-    def analyzed_rows(self, conn: Connection, table: str) -> float | None:
-        """The table's rows as of its last statistics (where :attr:`keeps_statistics`)."""
-        raise NotImplementedError
-
     def __init__(self) -> None:
         content = CONTENT_COLUMNS[1:]  # all but the id
         self.update_device_sql = (
@@ -251,6 +243,14 @@ class Dialect:
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run an INSERT for many rows."""
         conn.exec_driver_sql(sql, rows)
+
+    def analyze(self, conn: Connection, table: str, lock_timeout_ms: int) -> None:
+        """Refresh the planner's statistics of a table (where :attr:`keeps_statistics`)."""
+        raise NotImplementedError
+
+    def analyzed_rows(self, conn: Connection, table: str) -> float | None:
+        """The table's rows as of its last statistics (where :attr:`keeps_statistics`)."""
+        raise NotImplementedError
 
     def bump_run(self, conn: Connection, run_id: int, counters: Mapping[str, int]) -> None:
         """Add to a run's counters."""

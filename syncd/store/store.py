@@ -292,11 +292,11 @@ class Store:
         """
         if lease is not None and lease.connection is not None:
             lease.check()
-            # the lease closes it
-            yield Session(lease.connection, self._write_turn, self._dialect, lease, self.statistics)
+            yield Session(lease.connection, self._write_turn, self._dialect, lease, self.statistics)  # lease closes it
             return
         with translated(f"connecting to {redact_url(self.url)}"), self.engine.connect() as conn:
-            yield Session(conn, self._write_turn, self._dialect, statistics=self.statistics)  # its transactions say how
+            # its transactions say how they write
+            yield Session(conn, self._write_turn, self._dialect, statistics=self.statistics)
 
     @contextmanager
     def writer(self, action: str = "writing devices") -> Iterator[PageWriter]:
