@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -79,11 +79,10 @@ class Dialect:
             f"INSERT INTO device_changes ({', '.join(CHANGE_COLUMNS)}) "
             f"VALUES ({', '.join(self.slot(col) for col in CHANGE_COLUMNS)})"
         )
-        # How each column of a change row is encoded, decided once (a first pass after a baseline
-        # can write a change row for every device).
-        self._change_encoders: tuple[Callable[[Any], Any] | None, ...] = tuple(
-            self.time if col in TIME_COLUMNS else self.json if col in JSON_COLUMNS else None for col in CHANGE_COLUMNS
-        )
+        # Where a change row has values to encode, decided once (a first pass after a baseline can
+        # write a change row for every device): the positions of its timestamps and of its JSON.
+        self._change_times = tuple(i for i, col in enumerate(CHANGE_COLUMNS) if col in TIME_COLUMNS)
+        self._change_jsons = tuple(i for i, col in enumerate(CHANGE_COLUMNS) if col in JSON_COLUMNS)
 
     # -- engine ---------------------------------------------------------------------------------
 
@@ -237,8 +236,22 @@ class Dialect:
 
     def history_values(self, rows: Sequence[HistoryRow]) -> list[tuple[Any, ...]]:
         """device_changes rows as the driver takes them (a HistoryRow is in CHANGE_COLUMNS order)."""
-        encoders = self._change_encoders
-        return [tuple(v if encode is None else encode(v) for v, encode in zip(r, encoders, strict=True)) for r in rows]
+        times, jsons, json = self._change_times, self._change_jsons, self.json
+        encoded: dict[datetime, Any] = {}  # the rows of a page share one time: each is encoded once
+        values = []
+        for row in rows:
+            out = list(row)
+            for i in times:
+                moment = out[i]
+                if moment is not None:
+                    text = encoded.get(moment)
+                    if text is None:
+                        text = encoded[moment] = self.time(moment)
+                    out[i] = text
+            for i in jsons:
+                out[i] = json(out[i])
+            values.append(tuple(out))
+        return values
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Run an INSERT for many rows."""
