@@ -22,11 +22,15 @@ RETRY_AFTER_WAIT = Counter(
     "syncd_retry_after_wait_seconds", "Seconds waited because OpenApp sent Retry-After", ["operation"]
 )
 BUDGET_CONCURRENCY = Gauge(
-    "syncd_api_concurrency_limit", "Requests to OpenApp allowed in flight now (halved on 429/503, grown back after)"
+    "syncd_api_concurrency_limit",
+    "Requests to OpenApp allowed in flight now (halved on 429/503, lowered while answers queue)",
 )
 BUDGET_IN_FLIGHT = Gauge("syncd_api_requests_in_flight", "Requests to OpenApp in flight now")
 BUDGET_WAIT = Counter("syncd_api_budget_wait_seconds", "Seconds requests waited for a turn in the request budget")
 BUDGET_THROTTLED = Counter("syncd_api_budget_decreases", "Times a 429 or 503 halved the request concurrency")
+BUDGET_QUEUEING = Counter(
+    "syncd_api_budget_queueing_decreases", "Times round trips grown by queueing lowered the request concurrency"
+)
 LAST_SUCCESS = Gauge("syncd_org_last_success_timestamp_seconds", "End of the org's last successful pass", ["org_id"])
 PASS_DURATION = Histogram(
     "syncd_pass_duration_seconds",

@@ -324,3 +324,99 @@ def test_a_storm_of_429s_meets_one_probe_per_pause_not_every_queued_request() ->
     assert sum(1 for offset in offsets if offset >= 0.5) <= 2, offsets
     assert storm.fired == len(during)
     assert all(answered[n] > 0 for n in range(8)), answered  # nobody starves after the storm
+
+
+def answer_together(budget: RequestBudget, clock: Clock, round_trips: list[float]) -> None:
+    """As many requests as ``round_trips`` (at most the limit) sent at once, each answered (a success)
+    after its round trip."""
+    round_trips = round_trips[: budget.limit]
+    sent_at = clock.now
+    turns = [budget.acquire(deadline=1e9, what="list_devices") for _ in round_trips]
+    for turn, took in sorted(zip(turns, round_trips, strict=True), key=lambda pair: pair[1]):
+        clock.now = sent_at + took
+        budget.release(turn, ok=True)
+
+
+def test_round_trips_that_grow_with_what_is_in_flight_lower_the_limit_to_what_travels() -> None:
+    """A server a few milliseconds away that answers one request at a time: the k-th of those sent
+    together waits for the k-1 before it. The limit falls to what keeps it busy, not to 1."""
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock)
+    answer_together(budget, clock, [0.002])  # alone: the fastest round trip
+    answer_together(budget, clock, [0.002 * k for k in range(1, 9)])
+    assert budget.limit == 3  # once for the round: 1 travelling, about 2 more
+    answer_together(budget, clock, [0.002 * k for k in range(1, 4)])
+    assert budget.limit == 2
+    for _ in range(5):  # one travelling and one queued behind it: kept there, not lowered, not grown
+        answer_together(budget, clock, [0.002, 0.004])
+    assert budget.limit == 2
+    assert not budget.probing
+
+
+def test_round_trips_that_barely_grow_leave_the_limit_at_its_maximum() -> None:
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock)
+    answer_together(budget, clock, [0.050])
+    for round_number in range(20):  # 50 ms away, a few ms of jitter with 16 in flight
+        answer_together(budget, clock, [0.050 + 0.0005 * ((k * 7 + round_number) % 11) for k in range(16)])
+    assert budget.limit == 16
+
+
+def test_the_limit_grows_back_a_round_at_a_time_once_the_queue_is_gone_but_only_while_it_is_used() -> None:
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    answer_together(budget, clock, [0.002])
+    answer_together(budget, clock, [0.002 * k for k in range(1, 9)])
+    lowered = budget.limit
+    assert lowered < 8
+    for _ in range(10):  # one at a time: the limit is not what holds anything back
+        answer_together(budget, clock, [0.002])
+    assert budget.limit == lowered
+    for expected in range(lowered + 1, 9):  # the limit in use, answers as fast as alone: one more a round
+        answer_together(budget, clock, [0.002] * budget.limit)
+        assert budget.limit == expected
+    answer_together(budget, clock, [0.002] * 8)
+    assert budget.limit == 8
+
+
+def test_an_operations_round_trips_are_set_against_its_own_fastest() -> None:
+    """A page of 200 devices takes longer than a door-restriction read: that is no queue."""
+    clock = Clock()
+    budget = RequestBudget(8, clock=clock)
+    for what, took in (("get_door_restrictions", 0.001), ("list_devices", 0.020)):
+        turn = budget.acquire(deadline=1e9, what=what)
+        clock.now += took
+        budget.release(turn, ok=True)
+    sent_at = clock.now
+    turns = [budget.acquire(deadline=1e9, what="list_devices") for _ in range(8)]
+    clock.now = sent_at + 0.021
+    for turn in turns:
+        budget.release(turn, ok=True)
+    assert budget.limit == 8
+
+
+def test_a_lasting_slowdown_stops_counting_as_a_queue_once_the_fastest_round_trip_ages_out() -> None:
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock)
+    answer_together(budget, clock, [0.010])
+    answer_together(budget, clock, [0.050] * 16)  # 40 ms more at once: taken for a queue
+    lowered = budget.limit
+    assert lowered < 16
+    for _ in range(25):  # a second apart, the slower path stays: the old fastest ages out
+        clock.now += 1.0
+        answer_together(budget, clock, [0.050] * budget.limit)
+    assert budget.limit > lowered
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0005, 0.5), min_size=1, max_size=40), max_size=40),
+    st.integers(1, 32),
+)
+def test_round_trips_alone_keep_the_limit_between_two_and_the_maximum(rounds: list[list[float]], maximum: int) -> None:
+    clock = Clock()
+    budget = RequestBudget(maximum, clock=clock)
+    for round_trips in rounds:
+        answer_together(budget, clock, round_trips)
+        assert min(2, maximum) <= budget.limit <= maximum
+    assert budget.in_flight == 0

@@ -16,21 +16,53 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
   second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds,
   from a probe's success (1) back to 16, 15 seconds.
 
+It also follows the round trips, like TCP Vegas: concurrency only helps while the answers come back
+as fast as when little was in flight. Each successful answer's round trip is set against the fastest
+of its operation over the last ten to twenty seconds; the requests that were in flight with it times
+the share of its round trip that was waiting is how many of them queued somewhere (at the server, or
+in this process waiting to be read) rather than travelled. More than a few queued (``_most_queued``)
+lowers the limit, at once, to what was travelling plus a little (never below 2); none queued while
+the limit was used grows it by one a round. So against a server a few milliseconds away, which
+answers one request at a time, about 2 or 3 are in flight - as many as help - and a storm of 429s
+meets that many, not every request the windows would allow; at 50 ms the round trips barely grow
+with what is in flight and the limit stays at ``api.max_concurrency``.
+
 Waits are bounded by the caller's deadline and end early on a stop.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from syncd.errors import RequestTimeoutError, StoppedError
-from syncd.metrics import BUDGET_CONCURRENCY, BUDGET_IN_FLIGHT, BUDGET_THROTTLED, BUDGET_WAIT, RETRY_AFTER_WAIT
+from syncd.metrics import (
+    BUDGET_CONCURRENCY,
+    BUDGET_IN_FLIGHT,
+    BUDGET_QUEUEING,
+    BUDGET_THROTTLED,
+    BUDGET_WAIT,
+    RETRY_AFTER_WAIT,
+)
 
 POLL = 0.1  # seconds between looks at the stop event while waiting for a turn
-GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency
+GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency after a 429 or 503
+FASTEST_WINDOW = 10.0  # seconds: an operation's fastest round trip is the least of this window and the last
+DELAY_FLOOR = 2  # the round trips alone never lower the concurrency below this
+
+
+def _least_queued(limit: int) -> float:
+    """Requests queued (by the round trips) below which the limit may grow: 0.5 up to a limit of 2,
+    1 at 5, 1.8 at 16."""
+    return max(0.5, 1.5 * math.log10(limit))
+
+
+def _most_queued(limit: int) -> float:
+    """Requests queued above which the limit falls: 1.5 up to a limit of 3, 3.6 at 16."""
+    return max(1.5, 3.0 * math.log10(limit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +71,10 @@ class Turn:
 
     generation: int  # how many decreases the budget had made when the request was sent
     pauses: int = 0  # how many Retry-After pauses the budget had begun when the request was sent
+    what: str = "request"  # the operation, whose round trips are compared with each other
+    sent_at: float = 0.0  # when the turn was given (the budget's clock)
+    in_flight: int = 1  # requests in flight with this one, itself included, when it was sent
+    changes: int = 0  # how many times the limit had changed when the request was sent
 
 
 class RequestBudget:
@@ -63,6 +99,10 @@ class RequestBudget:
         self._paused_until = 0.0
         self._pauses = 0
         self._probing = False  # after a pause: concurrency 1 until a request sent after it succeeds
+        self._cautious = False  # after a 429 or 503, until back at the maximum: grow at most once a second
+        self._changes = 0
+        self._fastest: dict[str, tuple[float, float]] = {}  # operation -> (this window's, the last one's)
+        self._window_ends = clock() + FASTEST_WINDOW
         self._tokens = max(1.0, max_rate)
         self._refilled = clock()
         BUDGET_CONCURRENCY.set(self._limit)
@@ -110,7 +150,7 @@ class RequestBudget:
                         if self.max_rate > 0:
                             self._tokens -= 1.0
                         BUDGET_IN_FLIGHT.set(self._in_flight)
-                        return Turn(self._decreases, self._pauses)
+                        return Turn(self._decreases, self._pauses, what, now, self._in_flight, self._changes)
                     if stop is not None and stop.is_set():
                         raise StoppedError(f"{what}: not sent, syncd is stopping")
                     if now >= deadline:
@@ -139,18 +179,7 @@ class RequestBudget:
             self._in_flight -= 1
             now = self._clock()
             if throttled:
-                if turn.generation == self._decreases:  # one halving per round of requests
-                    self._decreases += 1
-                    self._limit = max(1, self._limit // 2)
-                    self._successes = 0
-                    self._changed_at = now
-                    BUDGET_THROTTLED.inc()
-                if retry_after:
-                    self._paused_until = max(self._paused_until, now + retry_after)
-                    self._pauses += 1
-                    self._probing = True
-                    self._limit = 1
-                BUDGET_CONCURRENCY.set(self._limit)
+                self._throttled(turn, now, retry_after)
             elif self._probing:
                 # Only a success of a request sent after the latest pause ends the probing (one
                 # sent before it says nothing about the server now); the growth counts from there.
@@ -158,16 +187,68 @@ class RequestBudget:
                     self._probing = False
                     self._successes = 0
                     self._changed_at = now
-            elif ok and self._limit < self.max_concurrency:
-                self._successes += 1
-                if self._successes >= self._limit and now - self._changed_at >= GROWTH_PERIOD:
-                    self._limit += 1
-                    self._successes = 0
-                    self._changed_at = now
-                    BUDGET_CONCURRENCY.set(self._limit)
+            elif ok:
+                self._succeeded(turn, now)
             BUDGET_IN_FLIGHT.set(self._in_flight)
             self._cond.notify_all()
             return now + retry_after if throttled and retry_after else now
+
+    def _throttled(self, turn: Turn, now: float, retry_after: float | None) -> None:
+        """A 429 or 503: halve (once a round), and pause for its Retry-After. Called with the lock held."""
+        self._cautious = True
+        if turn.generation == self._decreases:  # one halving per round of requests
+            self._decreases += 1
+            self._set_limit(max(1, self._limit // 2), now)
+            BUDGET_THROTTLED.inc()
+        if retry_after:
+            self._paused_until = max(self._paused_until, now + retry_after)
+            self._pauses += 1
+            self._probing = True
+            self._set_limit(1, now)
+
+    def _succeeded(self, turn: Turn, now: float) -> None:
+        """A success: lower the limit if the round trips show a queue, else count it towards growth.
+        Called with the lock held."""
+        queued = self._queued(turn, now)
+        if queued > _most_queued(self._limit):
+            if turn.changes == self._changes and self._limit > DELAY_FLOOR:  # once a round
+                travelling = turn.in_flight - queued
+                lowered = max(DELAY_FLOOR, min(self._limit - 1, math.ceil(travelling + _least_queued(self._limit))))
+                self._set_limit(lowered, now)
+                BUDGET_QUEUEING.inc()
+            return
+        if queued >= _least_queued(self._limit) or self._limit >= self.max_concurrency:
+            return
+        if self._cautious:  # back from a 429 or 503: a round of successes, at most once a second
+            self._successes += 1
+            if self._successes >= self._limit and now - self._changed_at >= GROWTH_PERIOD:
+                self._set_limit(self._limit + 1, now)
+                self._cautious = self._limit < self.max_concurrency
+        elif turn.in_flight >= self._limit and turn.changes == self._changes:
+            # Once a round, and only when the limit was what held the requests back: otherwise
+            # nothing says more would help.
+            self._set_limit(self._limit + 1, now)
+
+    def _queued(self, turn: Turn, now: float) -> float:
+        """How many of the requests in flight with ``turn`` were queued rather than travelling, by its
+        round trip against its operation's fastest (0 without a round trip to go by)."""
+        if now >= self._window_ends:
+            self._fastest = {what: (math.inf, current) for what, (current, _) in self._fastest.items()}
+            self._window_ends = now + FASTEST_WINDOW
+        took = now - turn.sent_at
+        current, last = self._fastest.get(turn.what, (math.inf, math.inf))
+        self._fastest[turn.what] = (min(current, took), last)
+        fastest = min(current, last, took)
+        if took <= 0 or fastest <= 0:
+            return 0.0
+        return turn.in_flight * (1.0 - fastest / took)
+
+    def _set_limit(self, limit: int, now: float) -> None:
+        self._limit = limit
+        self._successes = 0
+        self._changed_at = now
+        self._changes += 1
+        BUDGET_CONCURRENCY.set(limit)
 
     def _wait_needed(self, now: float) -> float:
         """Seconds to wait for room under the limits (0: none). Called with the lock held."""
