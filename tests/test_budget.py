@@ -30,7 +30,7 @@ class Clock:
 
 def test_a_throttled_round_halves_the_concurrency_once_then_it_grows_back() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     turns = [budget.acquire(deadline=1e9) for _ in range(8)]
     assert budget.in_flight == 8
     for turn in turns:  # a burst of 429s from requests sent in the same round: one halving
@@ -101,7 +101,7 @@ def test_a_request_with_a_shorter_retry_after_still_waits_out_the_longer_pause()
 
 def test_a_429_of_a_request_sent_before_a_growth_still_halves() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     budget.release(budget.acquire(deadline=1e9), throttled=True)
     assert budget.limit == 4
     in_flight = budget.acquire(deadline=1e9)  # sent after the decrease, answered after the growth
@@ -145,7 +145,7 @@ def goes_out_now(budget: RequestBudget, clock: Clock) -> bool:
 
 def test_after_a_retry_after_pause_one_probe_goes_out_alone_and_the_others_wait_for_its_answer() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     turns = [budget.acquire(deadline=1e9) for _ in range(8)]
     for turn in turns:  # a storm meets every request in flight
         budget.release(turn, throttled=True, retry_after=1.0)
@@ -176,7 +176,7 @@ def test_after_a_retry_after_pause_one_probe_goes_out_alone_and_the_others_wait_
 
 def test_only_the_success_of_a_request_sent_after_the_pause_ends_the_probing() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     sent_before = budget.acquire(deadline=1e9)
     budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=1.0)
     clock.now += 1.0
@@ -193,7 +193,7 @@ def test_only_the_success_of_a_request_sent_after_the_pause_ends_the_probing() -
 
 def test_a_request_waiting_behind_the_probe_honours_its_deadline_and_a_stop() -> None:
     clock = Clock()
-    budget = RequestBudget(4, clock=clock)
+    budget = RequestBudget(4, clock=clock, start=4)
     budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=2.0)
     clock.now += 2.0
     probe = budget.acquire(deadline=clock.now)
@@ -211,7 +211,7 @@ def test_a_request_waiting_behind_the_probe_honours_its_deadline_and_a_stop() ->
 
 def test_a_throttled_answer_without_retry_after_halves_but_sends_no_probe() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     budget.release(budget.acquire(deadline=1e9), throttled=True)  # a 503 without Retry-After
     assert budget.limit == 4 and not budget.probing
     assert goes_out_now(budget, clock)
@@ -341,7 +341,7 @@ def test_round_trips_that_grow_with_what_is_in_flight_lower_the_limit_to_what_tr
     """A server a few milliseconds away that answers one request at a time: the k-th of those sent
     together waits for the k-1 before it. The limit falls to what keeps it busy, not to 1."""
     clock = Clock()
-    budget = RequestBudget(16, clock=clock)
+    budget = RequestBudget(16, clock=clock, start=16)
     answer_together(budget, clock, [0.002])  # alone: the fastest round trip
     answer_together(budget, clock, [0.002 * k for k in range(1, 9)])
     assert budget.limit == 3  # once for the round: 1 travelling, about 2 more
@@ -355,7 +355,7 @@ def test_round_trips_that_grow_with_what_is_in_flight_lower_the_limit_to_what_tr
 
 def test_round_trips_that_barely_grow_leave_the_limit_at_its_maximum() -> None:
     clock = Clock()
-    budget = RequestBudget(16, clock=clock)
+    budget = RequestBudget(16, clock=clock, start=16)
     answer_together(budget, clock, [0.050])
     for round_number in range(20):  # 50 ms away, a few ms of jitter with 16 in flight
         answer_together(budget, clock, [0.050 + 0.0005 * ((k * 7 + round_number) % 11) for k in range(16)])
@@ -364,7 +364,7 @@ def test_round_trips_that_barely_grow_leave_the_limit_at_its_maximum() -> None:
 
 def test_the_limit_grows_back_a_round_at_a_time_once_the_queue_is_gone_but_only_while_it_is_used() -> None:
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     answer_together(budget, clock, [0.002])
     answer_together(budget, clock, [0.002 * k for k in range(1, 9)])
     lowered = budget.limit
@@ -382,7 +382,7 @@ def test_the_limit_grows_back_a_round_at_a_time_once_the_queue_is_gone_but_only_
 def test_an_operations_round_trips_are_set_against_its_own_fastest() -> None:
     """A page of 200 devices takes longer than a door-restriction read: that is no queue."""
     clock = Clock()
-    budget = RequestBudget(8, clock=clock)
+    budget = RequestBudget(8, clock=clock, start=8)
     for what, took in (("get_door_restrictions", 0.001), ("list_devices", 0.020)):
         turn = budget.acquire(deadline=1e9, what=what)
         clock.now += took
@@ -397,7 +397,7 @@ def test_an_operations_round_trips_are_set_against_its_own_fastest() -> None:
 
 def test_a_lasting_slowdown_stops_counting_as_a_queue_once_the_fastest_round_trip_ages_out() -> None:
     clock = Clock()
-    budget = RequestBudget(16, clock=clock)
+    budget = RequestBudget(16, clock=clock, start=16)
     answer_together(budget, clock, [0.010])
     answer_together(budget, clock, [0.050] * 16)  # 40 ms more at once: taken for a queue
     lowered = budget.limit
@@ -420,3 +420,32 @@ def test_round_trips_alone_keep_the_limit_between_two_and_the_maximum(rounds: li
         answer_together(budget, clock, round_trips)
         assert min(2, maximum) <= budget.limit <= maximum
     assert budget.in_flight == 0
+
+
+def test_the_limit_starts_at_two_and_doubles_a_round_until_a_queue_shows_then_grows_by_one() -> None:
+    clock = Clock()
+    budget = RequestBudget(32, clock=clock)
+    assert budget.limit == 2
+    answer_together(budget, clock, [0.050])  # one alone: the limit was not used, so no growth
+    assert budget.limit == 2
+    for expected in (4, 8, 16):  # 50 ms away, answers as fast with more in flight: doubled a round
+        answer_together(budget, clock, [0.050] * budget.limit)
+        assert budget.limit == expected
+    answer_together(budget, clock, [0.050 + 0.004 * k for k in range(16)])  # up to 110 ms: a queue
+    lowered = budget.limit
+    assert lowered < 16
+    answer_together(budget, clock, [0.050] * budget.limit)  # slow start is over: one more a round
+    assert budget.limit == lowered + 1
+
+
+def test_a_429_ends_the_slow_start() -> None:
+    clock = Clock()
+    budget = RequestBudget(32, clock=clock)
+    answer_together(budget, clock, [0.050] * 2)
+    assert budget.limit == 4
+    budget.release(budget.acquire(deadline=1e9), throttled=True)
+    assert budget.limit == 2
+    for _ in range(5):  # back from a 429: a round of successes, at most one more a second
+        clock.now += 1.0
+        answer_together(budget, clock, [0.050] * budget.limit)
+    assert budget.limit == 7

@@ -22,7 +22,9 @@ of its operation over the last ten to twenty seconds; the requests that were in 
 the share of its round trip that was waiting is how many of them queued somewhere (at the server, or
 in this process waiting to be read) rather than travelled. More than a few queued (``_most_queued``)
 lowers the limit, at once, to what was travelling plus a little (never below 2); none queued while
-the limit was used grows it by one a round. So against a server a few milliseconds away, which
+the limit was used grows it by one a round. The limit starts at 2 and doubles a round at a time
+until a queue or a 429 shows or it reaches the maximum (slow start), so the first requests of a
+process do not all go out at once either. So against a server a few milliseconds away, which
 answers one request at a time, about 2 or 3 are in flight - as many as help - and a storm of 429s
 meets that many, not every request the windows would allow; at 50 ms the round trips barely grow
 with what is in flight and the limit stays at ``api.max_concurrency``.
@@ -52,6 +54,7 @@ POLL = 0.1  # seconds between looks at the stop event while waiting for a turn
 GROWTH_PERIOD = 1.0  # seconds at least between two increases of the concurrency after a 429 or 503
 FASTEST_WINDOW = 10.0  # seconds: an operation's fastest round trip is the least of this window and the last
 DELAY_FLOOR = 2  # the round trips alone never lower the concurrency below this
+SLOW_START = 2  # the first limit, doubled each round until a queue or a 429 shows
 
 
 def _least_queued(limit: int) -> float:
@@ -85,13 +88,16 @@ class RequestBudget:
         max_concurrency: int,
         max_rate: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        start: int = SLOW_START,
     ) -> None:
-        """``max_rate``: requests started per second at most (0: no limit)."""
+        """``max_rate``: requests started per second at most (0: no limit). ``start``: the first
+        limit, doubled a round at a time while the round trips show no queue (slow start)."""
         self.max_concurrency = max(1, max_concurrency)
         self.max_rate = max_rate
         self._clock = clock
         self._cond = threading.Condition()
-        self._limit = self.max_concurrency
+        self._limit = max(1, min(start, self.max_concurrency))
+        self._slow_start = self._limit < self.max_concurrency  # until the first decrease or the maximum
         self._in_flight = 0
         self._decreases = 0
         self._successes = 0
@@ -196,6 +202,7 @@ class RequestBudget:
     def _throttled(self, turn: Turn, now: float, retry_after: float | None) -> None:
         """A 429 or 503: halve (once a round), and pause for its Retry-After. Called with the lock held."""
         self._cautious = True
+        self._slow_start = False
         if turn.generation == self._decreases:  # one halving per round of requests
             self._decreases += 1
             self._set_limit(max(1, self._limit // 2), now)
@@ -215,6 +222,7 @@ class RequestBudget:
                 travelling = turn.in_flight - queued
                 lowered = max(DELAY_FLOOR, min(self._limit - 1, math.ceil(travelling + _least_queued(self._limit))))
                 self._set_limit(lowered, now)
+                self._slow_start = False
                 BUDGET_QUEUEING.inc()
             return
         if queued >= _least_queued(self._limit) or self._limit >= self.max_concurrency:
@@ -227,7 +235,8 @@ class RequestBudget:
         elif turn.in_flight >= self._limit and turn.changes == self._changes:
             # Once a round, and only when the limit was what held the requests back: otherwise
             # nothing says more would help.
-            self._set_limit(self._limit + 1, now)
+            grown = self._limit * 2 if self._slow_start else self._limit + 1
+            self._set_limit(min(grown, self.max_concurrency), now)
 
     def _queued(self, turn: Turn, now: float) -> float:
         """How many of the requests in flight with ``turn`` were queued rather than travelling, by its
