@@ -449,3 +449,28 @@ def test_a_429_ends_the_slow_start() -> None:
         clock.now += 1.0
         answer_together(budget, clock, [0.050] * budget.limit)
     assert budget.limit == 7
+
+
+def test_many_callers_behind_a_low_limit_each_get_their_turns_and_never_more_than_it() -> None:
+    """Each answer wakes as many waiters as may go, not all of them: every caller still gets its
+    turns, and the limit holds."""
+    budget = RequestBudget(2, start=2)
+    most = [0]
+    lock = threading.Lock()
+
+    def caller() -> None:
+        for _ in range(20):
+            turn = budget.acquire(deadline=time.monotonic() + 10)
+            with lock:
+                most[0] = max(most[0], budget.in_flight)
+            time.sleep(0.001)
+            budget.release(turn, ok=True)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=caller) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert most[0] <= 2 and budget.in_flight == 0
+    assert time.monotonic() - started < 5.0  # 240 turns of 1 ms, two at a time
