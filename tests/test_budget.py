@@ -280,7 +280,7 @@ def test_a_burst_of_429s_is_followed_by_fewer_requests_per_second_not_more() -> 
                 t.join(timeout=10)
         log = sim.requests("get_device")
     per_second = Counter(math.floor(r.started - burst_at) for r in log if r.started >= burst_at - 1)
-    assert limit_before == 8 and limit_after < 8
+    assert limit_after < limit_before
     assert per_second[0] < per_second[-1], per_second
     assert sum(1 for r in log if r.status == 429) == 8
 
@@ -410,16 +410,71 @@ def test_a_lasting_slowdown_stops_counting_as_a_queue_once_the_fastest_round_tri
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.lists(st.floats(0.0005, 0.5), min_size=1, max_size=40), max_size=40),
+    st.lists(
+        st.tuples(st.lists(st.floats(0.0005, 0.5), min_size=1, max_size=40), st.sampled_from(["", "429", "pause"])),
+        max_size=40,
+    ),
     st.integers(1, 32),
 )
-def test_round_trips_alone_keep_the_limit_between_two_and_the_maximum(rounds: list[list[float]], maximum: int) -> None:
+def test_round_trips_and_429s_keep_the_limit_within_its_bounds(
+    rounds: list[tuple[list[float], str]], maximum: int
+) -> None:
     clock = Clock()
     budget = RequestBudget(maximum, clock=clock)
-    for round_trips in rounds:
+    throttled = False
+    for round_trips, answer in rounds:
         answer_together(budget, clock, round_trips)
-        assert min(2, maximum) <= budget.limit <= maximum
+        assert 1 <= budget.limit <= maximum
+        if not throttled:  # the round trips alone never take it below 2
+            assert min(2, maximum) <= budget.limit
+        if answer:
+            throttled = True
+            budget.release(budget.acquire(deadline=1e9), throttled=True, retry_after=1.0 if answer == "pause" else None)
+            clock.now += 1.0
+            assert 1 <= budget.limit <= maximum
+            assert not budget.probing or budget.limit == 1
     assert budget.in_flight == 0
+
+
+def test_a_short_last_page_is_no_yardstick_for_full_pages() -> None:
+    """Round trips are compared with those of answers of about the same size: a page of 3 devices
+    that comes back in 3 ms does not make every full page of 20 ms look queued."""
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock, start=16)
+    for _ in range(10):
+        sent_at = clock.now
+        turns = [budget.acquire(deadline=1e9, what="list_devices") for _ in range(16)]
+        short, *full = turns
+        clock.now = sent_at + 0.003
+        budget.release(short, ok=True, size=2_000)
+        clock.now = sent_at + 0.020
+        for turn in full:
+            budget.release(turn, ok=True, size=150_000)
+    assert budget.limit == 16
+
+
+def test_after_an_idle_gap_the_fastest_round_trip_of_before_it_is_forgotten() -> None:
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock, start=16)
+    answer_together(budget, clock, [0.002])  # then nothing for five minutes; the path is slower now
+    clock.now += 300.0
+    answer_together(budget, clock, [0.020])
+    answer_together(budget, clock, [0.020] * 16)
+    assert budget.limit == 16
+
+
+def test_a_429_to_a_request_sent_before_a_lowering_by_the_round_trips_does_not_halve_it_again() -> None:
+    clock = Clock()
+    budget = RequestBudget(16, clock=clock, start=16)
+    answer_together(budget, clock, [0.002])
+    sent_before = budget.acquire(deadline=1e9)
+    answer_together(budget, clock, [0.002 * k for k in range(1, 9)])
+    lowered = budget.limit
+    assert lowered < 15
+    budget.release(sent_before, throttled=True)
+    assert budget.limit == lowered
+    budget.release(budget.acquire(deadline=1e9), throttled=True)  # one sent after it does
+    assert budget.limit == lowered // 2
 
 
 def test_the_limit_starts_at_two_and_doubles_a_round_until_a_queue_shows_then_grows_by_one() -> None:
@@ -452,8 +507,7 @@ def test_a_429_ends_the_slow_start() -> None:
 
 
 def test_many_callers_behind_a_low_limit_each_get_their_turns_and_never_more_than_it() -> None:
-    """Each answer wakes as many waiters as may go, not all of them: every caller still gets its
-    turns, and the limit holds."""
+    """Every caller still gets its turns, and no more than the limit are ever in flight at once."""
     budget = RequestBudget(2, start=2)
     most = [0]
     lock = threading.Lock()

@@ -14,20 +14,21 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
   once; another ``Retry-After`` starts the next pause, and again one probe after it;
 - after as many successes in a row as the current concurrency (one round), and at most once per
   second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds,
-  from a probe's success (1) back to 16, 15 seconds.
+  from a probe's success (1) back to 16, 15 seconds (unless the round trips show a queue first:
+  from then on they say when it grows, as below).
 
 It also follows the round trips, like TCP Vegas: concurrency only helps while the answers come back
 as fast as when little was in flight. Each successful answer's round trip is set against the fastest
-of its operation over the last ten to twenty seconds; the requests that were in flight with it times
-the share of its round trip that was waiting is how many of them queued somewhere (at the server, or
-in this process waiting to be read) rather than travelled. More than a few queued (``_most_queued``)
-lowers the limit, at once, to what was travelling plus a little (never below 2); none queued while
-the limit was used grows it by one a round. The limit starts at 2 and doubles a round at a time
-until a queue or a 429 shows or it reaches the maximum (slow start), so the first requests of a
-process do not all go out at once either. So against a server a few milliseconds away, which
-answers one request at a time, about 2 or 3 are in flight - as many as help - and a storm of 429s
-meets that many, not every request the windows would allow; at 50 ms the round trips barely grow
-with what is in flight and the limit stays at ``api.max_concurrency``.
+of its operation and size (within a factor of 2) over the last ten to twenty seconds; the requests
+that were in flight with it times the share of its round trip that was waiting is how many of them
+queued somewhere (at the server, or in this process waiting to be read) rather than travelled. More
+than a few queued (``_most_queued``) lowers the limit, at once, to what was travelling plus a little
+(never below 2); none queued while the limit was used grows it by one a round. The limit starts at 2
+and doubles a round at a time until a queue or a 429 shows or it reaches the maximum (slow start),
+so the first requests of a process do not all go out at once either. So against a server a few
+milliseconds away, which answers one request at a time, about 2 or 3 are in flight - as many as help
+- and a storm of 429s meets that many, not every request the windows would allow; at 50 ms the round
+trips barely grow with what is in flight and the limit stays at ``api.max_concurrency``.
 
 Waits are bounded by the caller's deadline and end early on a stop.
 """
@@ -105,9 +106,11 @@ class RequestBudget:
         self._paused_until = 0.0
         self._pauses = 0
         self._probing = False  # after a pause: concurrency 1 until a request sent after it succeeds
-        self._cautious = False  # after a 429 or 503, until back at the maximum: grow at most once a second
+        # After a 429 or 503, until back at the maximum or a queue shows: grow at most once a second.
+        self._cautious = False
         self._changes = 0
-        self._fastest: dict[str, tuple[float, float]] = {}  # operation -> (this window's, the last one's)
+        # (operation, answer size's bit length) -> fastest round trip (this window's, the last one's)
+        self._fastest: dict[tuple[str, int], tuple[float, float]] = {}
         self._window_ends = clock() + FASTEST_WINDOW
         self._tokens = max(1.0, max_rate)
         self._refilled = clock()
@@ -175,10 +178,17 @@ class RequestBudget:
                     RETRY_AFTER_WAIT.labels(what).inc(paused)
 
     def release(
-        self, turn: Turn, *, throttled: bool = False, retry_after: float | None = None, ok: bool = False
+        self,
+        turn: Turn,
+        *,
+        throttled: bool = False,
+        retry_after: float | None = None,
+        ok: bool = False,
+        size: int = 0,
     ) -> float:
         """Hand a turn back. ``throttled``: OpenApp answered 429 or 503 (``retry_after``: its hint in
-        seconds); ``ok``: a successful answer. Anything else (other errors) leaves the limit alone.
+        seconds); ``ok``: a successful answer, of ``size`` bytes (its round trip is compared with
+        those of answers of about that size). Anything else (other errors) leaves the limit alone.
         Returns when the pause this answer asked for ends (on the budget's clock; now when it asked
         for none): the caller waits that out itself, and any longer pause at :meth:`acquire`."""
         with self._cond:
@@ -194,7 +204,7 @@ class RequestBudget:
                     self._successes = 0
                     self._changed_at = now
             elif ok:
-                self._succeeded(turn, now)
+                self._succeeded(turn, now, size)
             BUDGET_IN_FLIGHT.set(self._in_flight)
             self._cond.notify_all()
             return now + retry_after if throttled and retry_after else now
@@ -213,16 +223,18 @@ class RequestBudget:
             self._probing = True
             self._set_limit(1, now)
 
-    def _succeeded(self, turn: Turn, now: float) -> None:
+    def _succeeded(self, turn: Turn, now: float, size: int) -> None:
         """A success: lower the limit if the round trips show a queue, else count it towards growth.
         Called with the lock held."""
-        queued = self._queued(turn, now)
+        queued = self._queued(turn, now, size)
         if queued > _most_queued(self._limit):
             if turn.changes == self._changes and self._limit > DELAY_FLOOR:  # once a round
                 travelling = turn.in_flight - queued
                 lowered = max(DELAY_FLOOR, min(self._limit - 1, math.ceil(travelling + _least_queued(self._limit))))
+                self._decreases += 1  # a 429 to a request sent before this does not halve it again
                 self._set_limit(lowered, now)
                 self._slow_start = False
+                self._cautious = False  # the round trips hold the limit now; they say when to grow
                 BUDGET_QUEUEING.inc()
             return
         if queued >= _least_queued(self._limit) or self._limit >= self.max_concurrency:
@@ -238,19 +250,23 @@ class RequestBudget:
             grown = self._limit * 2 if self._slow_start else self._limit + 1
             self._set_limit(min(grown, self.max_concurrency), now)
 
-    def _queued(self, turn: Turn, now: float) -> float:
+    def _queued(self, turn: Turn, now: float, size: int) -> float:
         """How many of the requests in flight with ``turn`` were queued rather than travelling, by its
-        round trip against its operation's fastest (0 without a round trip to go by)."""
+        round trip against the fastest of its operation and size (within a factor of 2) in the last
+        10-20 seconds (0 without a round trip to go by)."""
         if now >= self._window_ends:
-            self._fastest = {what: (math.inf, current) for what, (current, _) in self._fastest.items()}
+            idle = now >= self._window_ends + FASTEST_WINDOW  # nothing to carry over from before a gap
+            self._fastest = {
+                key: (math.inf, math.inf if idle else fastest) for key, (fastest, _) in self._fastest.items()
+            }
             self._window_ends = now + FASTEST_WINDOW
         took = now - turn.sent_at
-        current, last = self._fastest.get(turn.what, (math.inf, math.inf))
-        self._fastest[turn.what] = (min(current, took), last)
-        fastest = min(current, last, took)
-        if took <= 0 or fastest <= 0:
+        if took <= 0:  # a clock too coarse to tell: no round trip to go by
             return 0.0
-        return turn.in_flight * (1.0 - fastest / took)
+        key = (turn.what, size.bit_length())
+        current, last = self._fastest.get(key, (math.inf, math.inf))
+        self._fastest[key] = (min(current, took), last)
+        return turn.in_flight * (1.0 - min(current, last, took) / took)
 
     def _set_limit(self, limit: int, now: float) -> None:
         self._limit = limit

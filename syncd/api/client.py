@@ -416,7 +416,7 @@ class OpenAppClient:
                 self.budget.release(turn)
                 raise
             else:
-                self.budget.release(turn, ok=True)
+                self.budget.release(turn, ok=True, size=len(answer))
                 return answer
             delay = (
                 error.retry_after
