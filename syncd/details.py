@@ -213,8 +213,10 @@ class DetailReads:
         self._candidates.update(self.inventory.take_fresh())
         while len(self._candidates) > EARLY_CANDIDATES:
             self._candidates.popitem()
-        # The first request goes alone, since its answer may end them all (a refused key).
+        # The first request goes alone, since its answer may end them all (a refused key). No more
+        # are asked than the request budget lets travel: the rest would only wait on threads of their own.
         backlog = EARLY_BACKLOG * self._early_width if self._portals.tally.requests else 1
+        backlog = max(1, min(backlog, self.client.budget.limit))
         while len(self._early) < backlog:
             if not self._due and len(self._candidates) >= CHECK:
                 batch = dict(itertools.islice(self._candidates.items(), CHECK))
@@ -335,7 +337,8 @@ class DetailReads:
         """Ask about each item in turn (see the module's rules), as many at once as the request
         budget allows (for the waiting), the answers taken in order here by ``phase``."""
         todo = list(items)
-        asked = in_order((ask(item) for item in todo), self.client.budget.max_concurrency, phase.what)
+        budget = self.client.budget
+        asked = in_order((ask(item) for item in todo), budget.max_concurrency, phase.what, allowed=lambda: budget.limit)
         with contextlib.closing(asked):
             for item, asking in zip(todo, asked, strict=False):
                 if not self._goes_on(phase) or not phase.take(item, asking):

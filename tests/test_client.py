@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from syncd.api import OpenAppClient
+from syncd.api.ahead import in_order
 from syncd.api.client import error_for_status, read_problem
 from syncd.config import Secret
 from syncd.errors import (
@@ -522,6 +523,31 @@ def test_pages_are_asked_ahead_and_handed_over_in_order(sim: Simulator, world: W
         before = len(sim.log)
         assert [p.offset for p in client.list_device_pages(org)] == list(range(0, 500, 50))
     assert max_in_flight(sim.requests("list_devices")[before:]) == 1
+
+
+def test_no_more_tasks_run_ahead_than_allowed_now() -> None:
+    allowed = [2]
+    running, peaks, lock = [0], [], threading.Lock()
+
+    def task(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peaks.append((allowed[0], running[0]))
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+        return i
+
+    tasks = (lambda i=i: task(i) for i in range(40))
+    results = []
+    for future in in_order(tasks, 8, "test", first_alone=False, allowed=lambda: allowed[0]):
+        results.append(future.result())
+        if len(results) == 20:
+            allowed[0] = 5  # the budget grew: more may run from now on
+    assert results == list(range(40))  # in order, each once
+    assert max(running for limit, running in peaks if limit == 2) <= 2
+    assert max(running for limit, running in peaks if limit == 5) > 2  # and more did
+    assert max(running for _, running in peaks) <= 5
 
 
 def test_a_failed_page_ends_the_list_in_order(sim: Simulator) -> None:

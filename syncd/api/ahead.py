@@ -16,9 +16,17 @@ T = TypeVar("T")
 
 
 def in_order(
-    tasks: Iterable[Callable[[], T]], width: int, name: str, first_alone: bool = True
+    tasks: Iterable[Callable[[], T]],
+    width: int,
+    name: str,
+    first_alone: bool = True,
+    allowed: Callable[[], int] | None = None,
 ) -> Generator[Future[T], None, None]:
     """Run ``tasks`` up to ``width`` at a time; yield each one's finished future, in order.
+
+    ``allowed``: asked before each start, how many may be under way now (at least one), when
+    fewer than ``width``: a request budget's limit. A task started beyond it would only wait at the
+    budget on a thread of its own, and every answer would wake it for nothing.
 
     ``first_alone``: the first task runs by itself, and the others only once its answer is handed
     over, since that answer may end the whole list (a short first page, a rejected key): then one
@@ -43,6 +51,8 @@ def in_order(
     try:
         exhausted = False
         while True:
+            if allowed is not None:
+                room = max(1, min(room, allowed()))
             while not exhausted and len(pending) < room:
                 upcoming = next(source, None)
                 if upcoming is None:

@@ -275,7 +275,8 @@ class OpenAppClient:
         while offset <= MAX_OFFSET:
             # One round asks the offsets up to the total known when it started; when devices are
             # added during the scan, a later answer's total is larger and the next round goes on.
-            with contextlib.closing(in_order(offsets(offset), width, "page")) as pages:
+            asked = in_order(offsets(offset), width, "page", allowed=lambda: self.budget.limit)
+            with contextlib.closing(asked) as pages:
                 for answer in pages:
                     items, total = answer.result()
                     if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
@@ -315,7 +316,7 @@ class OpenAppClient:
                 yield functools.partial(self.get_device, org_id, device_id, deadline=deadline)
 
         width = concurrency or self.budget.max_concurrency
-        with contextlib.closing(in_order(calls(), width, "get-device")) as answers:
+        with contextlib.closing(in_order(calls(), width, "get-device", allowed=lambda: self.budget.limit)) as answers:
             yield from zip(ids, answers, strict=False)
 
     def get_device(self, org_id: str, device_id: str, *, deadline: float | None = None) -> dict[str, Any]:
