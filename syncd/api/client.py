@@ -30,6 +30,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 import structlog
+from xxhash import xxh3_128_hexdigest
 
 from syncd import __version__
 from syncd.api.ahead import in_order
@@ -86,10 +87,12 @@ STOP_POLL = 0.5  # seconds between looks at the stop event by the thread that in
 
 @dataclass(frozen=True, slots=True)
 class DevicePage:
-    """One page of list_devices: its offset and the raw items, not yet parsed."""
+    """One page of list_devices: its offset, the raw items (not yet parsed), and a digest of the
+    body as received (the same body, byte for byte, digests the same)."""
 
     offset: int
     items: list[Any]
+    digest: str
 
 
 def error_for_status(status: int, problem: ApiProblem, operation: str, retry_after: float | None) -> SyncdError:
@@ -259,11 +262,12 @@ class OpenAppClient:
             params["device_kind"] = device_kind
         known_end: list[int] = []  # the latest answer's total: no offset at or past it is asked
 
-        def fetch(offset: int) -> tuple[list[Any], int | None]:
+        def fetch(offset: int) -> tuple[list[Any], int | None, str]:
             page_params = {**params, "limit": limit, "offset": offset}
-            return read_page(self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline))
+            body = self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline)
+            return (*read_page(body), xxh3_128_hexdigest(body))
 
-        def offsets(start: int) -> Iterator[Callable[[], tuple[list[Any], int | None]]]:
+        def offsets(start: int) -> Iterator[Callable[[], tuple[list[Any], int | None, str]]]:
             offset = start
             while offset <= MAX_OFFSET and not (known_end and offset >= known_end[0]):
                 yield functools.partial(fetch, offset)
@@ -278,13 +282,13 @@ class OpenAppClient:
             asked = in_order(offsets(offset), width, "page", allowed=lambda: self.budget.limit)
             with contextlib.closing(asked) as pages:
                 for answer in pages:
-                    items, total = answer.result()
+                    items, total, digest = answer.result()
                     if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
                         raise InvalidResponseError(
                             f"list_devices: the page at offset {offset} repeats the previous one; "
                             "the server ignores 'offset'"
                         )
-                    yield DevicePage(offset, items)
+                    yield DevicePage(offset, items, digest)
                     offset += limit
                     if len(items) < limit or (total is not None and offset >= total):
                         return
