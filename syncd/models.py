@@ -169,6 +169,16 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
     return device_id, org_id
 
 
+def is_listed_deleted(raw: dict[str, Any]) -> bool:
+    """Whether a listed device that :func:`parse_device` reads is soft-deleted (its ``state``
+    ``deleted``), without parsing it: ``deleted_at`` set, at the top or in ``metadata``."""
+    value = raw.get("deleted_at")
+    if value is None:
+        storage = raw.get("metadata")
+        value = storage.get("deleted_at") if isinstance(storage, dict) else None
+    return value is not None
+
+
 def parse_device(
     raw: object,
     position: int | None = None,
@@ -241,6 +251,16 @@ def credentials_set(value: object) -> list[str] | bool | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class PageRecord:
+    """A list page a pass compared whole with the mirror: at ``offset``, the ``digest`` of its body;
+    every device on it was last seen at ``seen_since`` or later."""
+
+    offset: int
+    digest: str
+    seen_since: datetime
+
+
 PORTAL_KIND = "virtual_access_portal"  # device_metadata.kind of the only devices with door restrictions
 
 
@@ -254,10 +274,13 @@ class Inventory:
     # scan; None: no such reader (nothing is kept twice).
     fresh: dict[str, str] | None = None
 
-    def note(self, device_id: str, raw: dict[str, Any], fingerprint: str) -> None:
-        """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint)."""
+    def note(self, device_id: str, raw: dict[str, Any], fingerprint: str | None = None) -> None:
+        """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint, which is
+        computed here when not given and needed)."""
         metadata = raw.get("device_metadata")
         if metadata.__class__ is dict and metadata.get("kind") == PORTAL_KIND:
+            if fingerprint is None:
+                fingerprint = encode(raw)[1]
             self.portals[device_id] = fingerprint
             if self.fresh is not None:
                 self.fresh[device_id] = fingerprint

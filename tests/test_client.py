@@ -550,6 +550,15 @@ def test_no_more_tasks_run_ahead_than_allowed_now() -> None:
     assert max(running for _, running in peaks) <= 5
 
 
+def test_each_page_carries_the_digest_of_its_body(sim: Simulator, world: World, org: str) -> None:
+    with OpenAppClient(api_settings(sim, page_size=200)) as client:
+        before = [p.digest for p in client.list_device_pages(org)]
+        assert [p.digest for p in client.list_device_pages(org)] == before  # the same bodies
+        world.update_device(org, world.ids(org)[250], {"external_id": "ext-moved"})
+        after = [p.digest for p in client.list_device_pages(org)]
+    assert len(set(before)) == 3 and [a == b for a, b in zip(before, after, strict=True)] == [True, False, True]
+
+
 def test_a_failed_page_ends_the_list_in_order(sim: Simulator) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         offset = int(request.url.params["offset"])

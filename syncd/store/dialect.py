@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from syncd.errors import ConfigError, SchemaOutdatedError
-from syncd.models import Device, HistoryRow
+from syncd.models import Device, HistoryRow, PageRecord
 from syncd.store.schema import RUN_COUNTERS, JSONDoc, UTCDateTime, device_changes, devices
 
 # Columns of `devices` that record what syncd saw, not what OpenApp said.
@@ -196,8 +196,11 @@ class Dialect:
 
     # -- statements -----------------------------------------------------------------------------
 
-    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
-        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored."""
+    def known(
+        self, conn: Connection, ids: Collection[str], seen_before: datetime
+    ) -> tuple[dict[str, KnownDevice], datetime | None]:
+        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored, and the oldest
+        ``last_seen_at`` among them that is not stale (None: none)."""
         raise NotImplementedError
 
     def previous(self, conn: Connection, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
@@ -271,6 +274,28 @@ class Dialect:
         if bumps:
             sets = ", ".join(f"{name} = {name} + {self.p}" for name, _ in bumps)
             conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {self.p}", (*(n for _, n in bumps), run_id))
+
+    def record_pages(
+        self, conn: Connection, org_id: str, scope: str, generation: int, pages: Sequence[PageRecord]
+    ) -> None:
+        """Remember list pages compared whole (each replaces what its offset held)."""
+        p = self.p
+        conn.exec_driver_sql(
+            "INSERT INTO list_pages (org_id, page_offset, scope, digest, generation, seen_since) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (org_id, page_offset) DO UPDATE SET "
+            "scope = excluded.scope, digest = excluded.digest, generation = excluded.generation, "
+            "seen_since = excluded.seen_since",
+            [(org_id, r.offset, scope, r.digest, generation, self.time(r.seen_since)) for r in pages],
+        )
+
+    def bump_generation(self, conn: Connection, org_id: str) -> None:
+        """Retire the org's list pages: its devices were written otherwise than by a page's compare."""
+        conn.exec_driver_sql(f"DELETE FROM list_pages WHERE org_id = {self.p}", (org_id,))
+        conn.exec_driver_sql(
+            f"INSERT INTO org_generations (org_id, generation) VALUES ({self.p}, 1) "
+            "ON CONFLICT (org_id) DO UPDATE SET generation = org_generations.generation + 1",
+            (org_id,),
+        )
 
 
 # PostgreSQL: history rows from this many on are loaded with COPY (a page of a baseline pass), fewer
@@ -366,17 +391,18 @@ class SQLiteDialect(Dialect):
     def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
         return tuple(ids)
 
-    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
+    def known(
+        self, conn: Connection, ids: Collection[str], seen_before: datetime
+    ) -> tuple[dict[str, KnownDevice], datetime | None]:
         # One JSON object instead of a row per device: the sqlite3 module gives the GIL away at
         # every row it steps through, and getting it back behind busy threads is what costs.
         sql = (
-            "SELECT json_group_object(id, json_array(fingerprint, state, last_seen_at < ?)) "
-            f"FROM devices WHERE {self.id_in(ids)}"
+            "SELECT json_group_object(id, json_array(fingerprint, state, last_seen_at < ?1)), "
+            f"min(CASE WHEN last_seen_at >= ?1 THEN last_seen_at END) FROM devices WHERE {self.id_in(ids)}"
         )
-        known: dict[str, KnownDevice] = orjson.loads(
-            conn.exec_driver_sql(sql, (self.time(seen_before), *self.id_params(ids))).scalar_one()
-        )
-        return known
+        found, oldest = conn.exec_driver_sql(sql, (self.time(seen_before), *self.id_params(ids))).one()
+        known: dict[str, KnownDevice] = orjson.loads(found)
+        return known, None if oldest is None else datetime.fromisoformat(oldest).replace(tzinfo=UTC)
 
     def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
         self.insert_many(conn, self.insert_device_sql, [self.device_values(d) for d in new], lead=(self.time(now),))
@@ -485,9 +511,18 @@ class PostgresDialect(Dialect):
     def id_params(self, ids: Collection[str]) -> tuple[Any, ...]:
         return (list(ids),)
 
-    def known(self, conn: Connection, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
-        sql = f"SELECT id, fingerprint, state, last_seen_at < %s FROM devices WHERE {self.id_in(ids)}"
-        return {row[0]: row[1:] for row in conn.exec_driver_sql(sql, (seen_before, *self.id_params(ids)))}
+    def known(
+        self, conn: Connection, ids: Collection[str], seen_before: datetime
+    ) -> tuple[dict[str, KnownDevice], datetime | None]:
+        sql = f"SELECT id, fingerprint, state, last_seen_at FROM devices WHERE {self.id_in(ids)}"
+        known: dict[str, KnownDevice] = {}
+        oldest: datetime | None = None
+        for device_id, fingerprint, state, last_seen in conn.exec_driver_sql(sql, self.id_params(ids)):
+            stale = last_seen < seen_before
+            known[device_id] = (fingerprint, state, stale)
+            if not stale and (oldest is None or last_seen < oldest):
+                oldest = last_seen
+        return known, oldest
 
     def insert_devices(self, conn: Connection, new: Sequence[Device], now: datetime) -> None:
         """COPY: much cheaper than INSERTs for both sides."""

@@ -619,6 +619,7 @@ def _mirror_device(
         writer.update_devices([device], now)
     else:
         writer.insert_devices([device], now)
+    writer.bump_generation(device.org_id)  # the list pages recorded before do not show this write
     if change is not None:
         kind, diff = change
         writer.add_history(

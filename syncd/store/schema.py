@@ -48,7 +48,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -193,6 +193,34 @@ org_schedule = Table(
     ),
     Column("instance", String(255), comment="host:pid of the syncd that started it"),
     comment="PostgreSQL: which daemon last started a scheduled pass of each org, and when",
+)
+
+# syncd's own bookkeeping (not for reports): what lets a pass take a list page it has compared
+# before without comparing it again device by device (syncd.sync.unchanged).
+list_pages = Table(
+    "list_pages",
+    metadata,
+    Column("org_id", String(64), primary_key=True),
+    Column("page_offset", Integer, primary_key=True),
+    Column("scope", String(32), nullable=False, comment="digest of how the page was asked for and read"),
+    Column("digest", String(32), nullable=False, comment="xxh3-128 of the page's body as received"),
+    Column("generation", BigInteger, nullable=False, comment="org_generations.generation when it was compared"),
+    Column(
+        "seen_since",
+        UTCDateTime,
+        nullable=False,
+        comment="the oldest last_seen_at of the page's devices when it was compared",
+    ),
+    comment="syncd's own: list pages compared whole with the mirror, each with the body it had then",
+)
+
+org_generations = Table(
+    "org_generations",
+    metadata,
+    Column("org_id", String(64), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+    comment="syncd's own: bumped by every write to an org's devices that is not a list page's compare "
+    "(purges, pushed edits, devices confirmed one by one); list_pages of an older generation are not trusted",
 )
 
 device_changes = Table(

@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
-from syncd.models import HISTORY_FIELDS, Device, HistoryRow, one_line
+from syncd.models import HISTORY_FIELDS, Device, HistoryRow, PageRecord, one_line
 from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLease, OrgLocks
 from syncd.store.schema import (
@@ -28,6 +28,8 @@ from syncd.store.schema import (
     device_changes,
     devices,
     door_access_intervals,
+    list_pages,
+    org_generations,
     sync_runs,
 )
 from syncd.store.statistics import PlannerStatistics
@@ -465,10 +467,28 @@ class PageReader:
         self._conn = conn
         self._dialect = dialect
 
-    def known(self, ids: Collection[str], seen_before: datetime) -> dict[str, KnownDevice]:
-        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored; ``stale`` when last
-        seen before ``seen_before``."""
-        return self._dialect.known(self._conn, ids, seen_before) if ids else {}
+    def known(self, ids: Collection[str], seen_before: datetime) -> tuple[dict[str, KnownDevice], datetime | None]:
+        """``{id: (fingerprint, state, stale)}`` of those ids already mirrored, ``stale`` when last
+        seen before ``seen_before``; and the oldest ``last_seen_at`` among them not stale (None: none)."""
+        return self._dialect.known(self._conn, ids, seen_before) if ids else ({}, None)
+
+    def generation(self, org_id: str) -> int:
+        """The org's generation (see :meth:`PageWriter.bump_generation`)."""
+        g = org_generations
+        found = self._conn.execute(select(g.c.generation).where(g.c.org_id == org_id)).scalar_one_or_none()
+        return found or 0
+
+    def page_records(self, org_id: str, scope: str, generation: int, start: int, count: int) -> list[PageRecord]:
+        """Up to ``count`` list pages of the org compared under ``scope`` and ``generation``, from
+        offset ``start`` on, by offset."""
+        lp = list_pages
+        query = (
+            select(lp.c.page_offset, lp.c.digest, lp.c.seen_since)
+            .where(lp.c.org_id == org_id, lp.c.page_offset >= start, lp.c.scope == scope, lp.c.generation == generation)
+            .order_by(lp.c.page_offset)
+            .limit(count)
+        )
+        return [PageRecord(*row) for row in self._conn.execute(query)]
 
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""
@@ -542,3 +562,14 @@ class PageWriter(PageReader):
     def bump_run(self, run_id: int, counters: Mapping[str, int]) -> None:
         """Add to a run's counters (committed with the page they describe)."""
         self._dialect.bump_run(self._conn, run_id, counters)
+
+    def record_pages(self, org_id: str, scope: str, generation: int, pages: Sequence[PageRecord]) -> None:
+        """Remember list pages the pass compared whole under ``generation`` (see :meth:`bump_generation`)."""
+        if pages:
+            self._dialect.record_pages(self._conn, org_id, scope, generation, pages)
+
+    def bump_generation(self, org_id: str) -> None:
+        """Call with every write to an org's devices that is not a list page's compare (a purge, a
+        pushed edit, a device confirmed on its own): the list pages recorded until then are not
+        trusted any more, since the mirror may no longer hold what they listed."""
+        self._dialect.bump_generation(self._conn, org_id)

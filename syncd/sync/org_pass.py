@@ -13,6 +13,7 @@ from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
 from syncd.sync.purges import PurgeSweep
 from syncd.sync.scan import Scan, page_limit
+from syncd.sync.unchanged import UnchangedPages
 from syncd.sync.writes import PageWrites
 from syncd.vocab import RunStatus
 
@@ -59,8 +60,12 @@ class OrgPass:
         max_pages = page_limit(self.options, self.store, self.client.settings.page_size)
         session = held.enter_context(self.store.session(lease))
         seen = held.enter_context(SeenIds())
-        self._writes = writes = PageWrites(session)
-        scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages, seen)
+        settings = self.options.settings
+        unchanged = UnchangedPages(
+            session, self.options.org, self.client.settings.page_size, settings.last_seen_resolution
+        )
+        self._writes = writes = PageWrites(session, unchanged)
+        scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages, seen, unchanged)
         reads = self._detail_reads(scan, bounds, session)
         held.callback(reads.close)
         reads.during_scan()

@@ -13,11 +13,22 @@ from typing import Any
 
 from syncd.api import OpenAppClient
 from syncd.errors import InvalidDeviceError, PassRefusedError
-from syncd.models import Device, Inventory, encode, identify, parse_device, preview, utcnow
-from syncd.store import KnownDevice, PageReader, SeenIds, Session, Store
+from syncd.models import (
+    Device,
+    Inventory,
+    PageRecord,
+    encode,
+    identify,
+    is_listed_deleted,
+    parse_device,
+    preview,
+    utcnow,
+)
+from syncd.store import PageReader, SeenIds, Session, Store
 from syncd.sync.bookkeeping import MAX_LOGGED_PROBLEMS, Bookkeeping
 from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
+from syncd.sync.unchanged import UnchangedPages
 from syncd.sync.writes import PageWrites, PreparedPage
 from syncd.vocab import DeviceState
 
@@ -58,9 +69,11 @@ class Scan:
         writes: PageWrites,
         max_pages: int,
         seen: SeenIds,
+        unchanged: UnchangedPages,
     ) -> None:
         """``session``: the pass's connection, which pages are read through; ``max_pages``: see
-        :func:`page_limit`; ``seen``: where the ids it takes go."""
+        :func:`page_limit`; ``seen``: where the ids it takes go; ``unchanged``: the pages compared
+        whole before, which it may take without comparing them again."""
         self.client = client
         self.options = options
         self.bounds = bounds
@@ -70,6 +83,7 @@ class Scan:
         self.writes = writes
         self.max_pages = max_pages  # list pages this pass reads at most before it calls the list endless
         self.seen = seen
+        self.unchanged = unchanged
         # Called once each page is written (the pass sets it: door restrictions asked meanwhile).
         self.after_page: Callable[[], None] | None = None
         self.distinct = 0  # devices taken, each once: known when the last page is in
@@ -90,7 +104,7 @@ class Scan:
                     return False
                 self.bounds.check_deadline()
                 self._check_length()
-                self.apply(page.items, page.offset)
+                self.apply(page.items, page.offset, page.digest)
                 if self.after_page:
                     self.after_page()
                 if self.options.on_progress:
@@ -112,27 +126,61 @@ class Scan:
                 f"`syncd run-once --org {self.options.org.id} --max-pages N`"
             )
 
-    def apply(self, items: list[Any], offset: int | None) -> None:
-        """Compare one page (or one re-fetched device: ``offset`` None) with the mirror and hand its writes over."""
+    def apply(self, items: list[Any], offset: int | None, digest: str | None = None) -> None:
+        """Compare one page (or one re-fetched device: ``offset`` None) with the mirror and hand its
+        writes over; a page compared whole before (``digest``: its body's) is taken unchanged."""
         now = utcnow()
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
+        if offset is not None and digest is not None and self._take_unchanged(items, offset, digest, now, counts):
+            return
         problems_before = len(self.book.problems)
         taken = self._take(items, offset, counts)
         self.seen.add(taken.keys())
         counts["devices_seen"] = len(taken)
         with self.session.reader() as reader:
-            inserts, updates, touches = self._sort(reader, taken, now, counts)
+            inserts, updates, touches, oldest = self._sort(reader, taken, now, counts)
             previous = reader.previous([d.id for d in updates])
         counts["unreadable"] = len(self.book.problems) - problems_before
         rows = self.history.created(inserts, now)
         counts["created"] += len(inserts)
         compared = self.history.compare(updates, previous, now, counts)
         rows += compared.rows
+        written = [d.id for group in (inserts, compared.changed, compared.refreshes) for d in group]
+        self.unchanged.wrote(written)
+        if offset is not None and digest is not None and len(taken) == len(items) and not counts["unreadable"]:
+            # Devices written or touched were seen now; the others, at the oldest last sight known.
+            self.unchanged.compared(PageRecord(offset, digest, min(now, oldest or now)))
         page = PreparedPage(
-            self.history.run_id, now, inserts, compared.changed, compared.refreshes, touches, rows, counts
+            self.history.run_id,
+            now,
+            inserts,
+            compared.changed,
+            compared.refreshes,
+            touches,
+            rows,
+            counts,
+            alone=offset is None,
         )
         self.writes.submit(page)
         self.book.counts.update(counts)
+
+    def _take_unchanged(self, items: list[Any], offset: int, digest: str, now: datetime, counts: Counter[str]) -> bool:
+        """Take a page compared whole before (see :mod:`.unchanged`) without comparing its devices:
+        False when it was not, or lists a device this pass wrote."""
+        if not self.unchanged.recorded(offset, digest, now):
+            return False
+        ids = [item["id"] for item in items]  # the same body was read whole before: every item is a device
+        if self.unchanged.lists_written(ids):
+            return False
+        self.seen.add(ids)
+        counts.update(devices_seen=len(ids), unchanged=len(ids), pages_unchanged=1)
+        inventory = self.inventory
+        for device_id, item in zip(ids, items, strict=True):
+            if not is_listed_deleted(item):
+                inventory.note(device_id, item)
+        self.writes.submit(PreparedPage(self.history.run_id, now, [], [], [], [], [], counts))
+        self.book.counts.update(counts)
+        return True
 
     def _take(self, items: list[Any], offset: int | None, counts: Counter[str]) -> Taken:
         """The items of a page to compare: readable, of this org, each device once."""
@@ -176,6 +224,7 @@ class Scan:
             fixed = Counter(devices_seen=-settled.repeats, duplicates=settled.repeats)
             self.book.counts.update(fixed)
             self.writes.count(self.history.run_id, fixed)
+            self.writes.retire_pages()  # a list that shifted under the scan: its pages are not to be trusted
         return settled.distinct
 
     def saw(self, ids: Collection[str]) -> set[str]:
@@ -184,15 +233,16 @@ class Scan:
 
     def _sort(
         self, reader: PageReader, taken: Taken, now: datetime, counts: Counter[str]
-    ) -> tuple[list[Device], list[Device], list[str]]:
-        """``(inserts, updates, touches)``: the devices new to the mirror and those whose payload
-        differs from it, parsed; the ids of unchanged devices last seen longer ago than
-        ``sync.last_seen_resolution``. Active devices are noted in the inventory."""
+    ) -> tuple[list[Device], list[Device], list[str], datetime | None]:
+        """``(inserts, updates, touches, oldest)``: the devices new to the mirror and those whose
+        payload differs from it, parsed; the ids of unchanged devices last seen longer ago than
+        ``sync.last_seen_resolution``; the oldest last sight of the others. Active devices are noted
+        in the inventory."""
         inserts: list[Device] = []
         updates: list[Device] = []
         touches: list[str] = []
         org_id, inventory = self.options.org.id, self.inventory
-        known: dict[str, KnownDevice] = reader.known(taken.keys(), now - self._touch_after)
+        known, oldest = reader.known(taken.keys(), now - self._touch_after)
         purged, active = DeviceState.PURGED, DeviceState.ACTIVE  # looked up once, not per device
         for device_id, (item, position) in taken.items():
             try:
@@ -216,4 +266,4 @@ class Scan:
                 state = device.state
             if state == active:
                 inventory.note(device_id, item, encoded[1])
-        return inserts, updates, touches
+        return inserts, updates, touches, oldest

@@ -10,6 +10,7 @@ from datetime import datetime
 from syncd.models import Device, HistoryRow, utcnow
 from syncd.store import Session
 from syncd.sync.history import History
+from syncd.sync.unchanged import UnchangedPages
 
 
 @dataclass
@@ -24,6 +25,7 @@ class PreparedPage:
     touches: list[str]
     changes: list[HistoryRow]
     counts: Counter[str]
+    alone: bool = False  # a device confirmed on its own, not a list page: retires the org's recorded pages
 
 
 class PageWrites:
@@ -38,8 +40,11 @@ class PageWrites:
     a running pass lag a little, and a page's devices and counters still commit together.
     """
 
-    def __init__(self, session: Session, progress_interval: float = 1.0) -> None:
+    def __init__(self, session: Session, unchanged: UnchangedPages, progress_interval: float = 1.0) -> None:
+        """``unchanged``: the pass's recorded pages; those it compared whole are recorded with the commits."""
         self._session = session
+        self._unchanged = unchanged
+        self._retire = False  # the org's recorded pages are to be retired with the next commit
         self._progress_interval = progress_interval
         self._held: Counter[str] = Counter()  # counters of pages that wrote nothing, not yet committed
         self._held_run: int | None = None
@@ -63,9 +68,13 @@ class PageWrites:
         self._held_run = run_id
 
     def flush(self) -> None:
-        """Commit the counters held back."""
+        """Commit the counters held back (and the pages compared whole)."""
         if self._held_run is not None:
             self._commit(None)
+
+    def retire_pages(self) -> None:
+        """Retire the org's recorded pages with the next commit (:meth:`flush` at the latest)."""
+        self._retire = True
 
     def purge(self, history: History, device_id: str) -> None:
         """Mark a device purged, with its history row and the run's counters, in one transaction of its own."""
@@ -73,6 +82,7 @@ class PageWrites:
         with self._session.writer(durable=False) as writer:
             row = history.purged(device_id, writer.history_values(device_id), now)
             writer.mark_purged(device_id, now, history.run_id)
+            writer.bump_generation(history.org_id)
             writer.add_history([row])
             writer.bump_run(history.run_id, {"purged": 1, "requests": 1})
 
@@ -85,7 +95,11 @@ class PageWrites:
                 writer.refresh_devices(page.refreshes, page.now)
                 writer.add_history(page.changes)
                 writer.touch(page.touches, page.now)
+            if self._retire or (page is not None and page.alone):
+                writer.bump_generation(self._unchanged.org_id)
+            self._unchanged.write_into(writer)
             writer.bump_run(self._held_run, self._held)
         self._held.clear()
         self._held_run = None
+        self._retire = False
         self._counted_at = time.monotonic()

@@ -1,0 +1,102 @@
+"""List pages a pass need not compare again.
+
+The API has no changed-since filter, so every pass reads every page; most pages of a re-sync are,
+byte for byte, what the previous pass read. A page compared whole with the mirror is recorded
+(``list_pages``: its offset, the digest of its body, until when its devices count as seen). A later
+pass given the same body at that offset takes its devices as seen and unchanged without comparing
+them one by one: their ids still go to purge detection, the active ones to the inventory.
+
+What keeps the mirror exact:
+
+- the digest is of the whole body as received, under a scope: the org's filters, the page size and
+  :data:`READ_VERSION` (how syncd reads a page);
+- a page is recorded only when every item on it was taken (none unreadable, of another org or listed
+  twice on it);
+- every other write to the org's devices (a purge, a pushed edit, a device confirmed on its own)
+  bumps the org's generation in the same transaction, and only records of the current generation
+  are read. The pass reads the generation once, before it compares anything, and records under it:
+  a write that lands during the pass retires what the pass records too;
+- ``seen_since``: a page is compared again once a device on it is due a new ``last_seen_at``
+  (the oldest last sight of its devices is older than ``sync.last_seen_resolution``);
+- within a pass, a page that lists a device an earlier page of the same pass wrote (the list
+  shifting under offset paging) is compared, not taken: the later copy wins, as without this. Past
+  :data:`WRITTEN_KEPT` such devices the pass stops taking pages (its memory stays bounded); a pass
+  that met devices listed on more than one page retires the org's pages.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+import orjson
+from xxhash import xxh3_128_hexdigest
+
+from syncd.config import OrgSettings
+from syncd.models import PageRecord
+from syncd.store import PageWriter, Session
+
+READ_VERSION = 1  # bump when syncd reads a page differently: pages recorded before are compared again
+RECORDS_READ = 500  # recorded pages read from the database at a time, by offset
+WRITTEN_KEPT = 20_000  # devices written by this pass kept to check later pages against
+
+
+class UnchangedPages:
+    """One pass's use of recorded pages: which pages it may take unchanged (:meth:`recorded`), and
+    the pages it compared whole, held until :meth:`write_into` a page's transaction."""
+
+    def __init__(self, session: Session, org: OrgSettings, page_size: int, resolution: float) -> None:
+        """``resolution``: ``sync.last_seen_resolution``, in seconds."""
+        self.org_id = org.id
+        self._resolution = timedelta(seconds=resolution)
+        self.scope = xxh3_128_hexdigest(orjson.dumps([READ_VERSION, org.integration_id, org.device_kind, page_size]))
+        self._session = session
+        with session.reader() as reader:
+            self.generation = reader.generation(org.id)  # before any page is compared: see the docstring
+        self._ahead: deque[PageRecord] = deque()  # recorded pages read, not yet asked about
+        self._read_from: int | None = 0  # the next offset to read recorded pages from; None: all read
+        self._written: set[str] | None = set()  # None: too many to keep, no page is taken any more
+        self._held: list[PageRecord] = []
+
+    def recorded(self, offset: int, digest: str, now: datetime) -> bool:
+        """Whether the page at ``offset`` with body ``digest`` was compared whole before, under this
+        generation, and its devices are still fresh. Ask in increasing offsets."""
+        if self._written is None:
+            return False
+        record = self._record_at(offset)
+        return record is not None and record.digest == digest and record.seen_since > now - self._resolution
+
+    def lists_written(self, ids: Iterable[str]) -> bool:
+        """Whether any of ``ids`` was written by a page of this pass."""
+        return self._written is None or not self._written.isdisjoint(ids)
+
+    def wrote(self, ids: Iterable[str]) -> None:
+        """Devices a page of this pass wrote."""
+        if self._written is not None:
+            self._written.update(ids)
+            if len(self._written) > WRITTEN_KEPT:
+                self._written = None
+
+    def compared(self, record: PageRecord) -> None:
+        """A page compared whole: to record, with the next write."""
+        self._held.append(record)
+
+    def write_into(self, writer: PageWriter) -> None:
+        """Record the pages held, in ``writer``'s transaction."""
+        if self._held:
+            writer.record_pages(self.org_id, self.scope, self.generation, self._held)
+            self._held = []
+
+    def _record_at(self, offset: int) -> PageRecord | None:
+        while True:
+            while self._ahead and self._ahead[0].offset < offset:
+                self._ahead.popleft()
+            if self._ahead or self._read_from is None:
+                break
+            start = max(offset, self._read_from)
+            with self._session.reader() as reader:
+                found = reader.page_records(self.org_id, self.scope, self.generation, start, RECORDS_READ)
+            self._ahead.extend(found)
+            self._read_from = found[-1].offset + 1 if len(found) == RECORDS_READ else None
+        return self._ahead[0] if self._ahead and self._ahead[0].offset == offset else None
