@@ -171,12 +171,13 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
 
 def is_listed_deleted(raw: dict[str, Any]) -> bool:
     """Whether a listed device that :func:`parse_device` reads is soft-deleted (its ``state``
-    ``deleted``), without parsing it: ``deleted_at`` set, at the top or in ``metadata``."""
+    ``deleted``), without parsing the rest: ``deleted_at`` at the top or, when that is null, in
+    ``metadata``, read as a timestamp (an empty one is none). ValueError where parse_device fails on it."""
     value = raw.get("deleted_at")
     if value is None:
         storage = raw.get("metadata")
         value = storage.get("deleted_at") if isinstance(storage, dict) else None
-    return value is not None
+    return value is not None and utc_text(value) is not None
 
 
 def parse_device(

@@ -19,6 +19,7 @@ from syncd.errors import StoreError
 from syncd.models import (
     HISTORY_FIELDS,
     LIFECYCLE_FIELDS,
+    PageRecord,
     encode,
     history_row,
     normalise_name,
@@ -417,15 +418,18 @@ def test_a_page_that_fails_to_commit_takes_its_counts_with_it(store: Store, org:
     run_id, _ = store.start_run(org, "run-once", "test", now)
     broken = history_row("01HK153X0038NZ3ZA2MABNBN61", org, now, "restrictions", {}, None, run_id=run_id)  # no device
     with store.session() as session:
-        unchanged = UnchangedPages(session, OrgSettings(org), 200, 86400)
+        unchanged = UnchangedPages(session, OrgSettings(org), 200, 86400, run_id)
         writes = PageWrites(session, unchanged, progress_interval=3600)
         writes.submit(PreparedPage(run_id, now, [], [], [], [], [], Counter(pages=1, unchanged=200)))  # held back
+        unchanged.compared(PageRecord(200, "digest", now))  # the failing page, compared whole
         with pytest.raises(StoreError, match="database error while writing devices"):
             writes.submit(PreparedPage(run_id, now, [], [], [], [], [broken], Counter(pages=1, updated=1)))
         writes.flush()
     run = store.run(run_id)
     assert (run["pages"], run["unchanged"], run["updated"]) == (1, 200, 0)
     assert store.changes() == []
+    with store.engine.connect() as conn:
+        assert conn.execute(select(list_pages)).all() == []  # nor is the page recorded
 
 
 def test_an_interrupted_first_pass_leaves_a_baseline_not_history(

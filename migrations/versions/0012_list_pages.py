@@ -29,6 +29,13 @@ def upgrade() -> None:
         sa.Column(
             "generation", sa.BigInteger(), nullable=False, comment="org_generations.generation when it was compared"
         ),
+        sa.Column("run_id", sa.BigInteger(), nullable=False, comment="the sync_runs row of the pass that compared it"),
+        sa.Column(
+            "settled",
+            sa.Boolean(),
+            nullable=False,
+            comment="that pass read its whole list and met no device on more than one page: the page is trusted",
+        ),
         sa.Column(
             "seen_since",
             sa.DateTime(timezone=True),

@@ -276,16 +276,22 @@ class Dialect:
             conn.exec_driver_sql(f"UPDATE sync_runs SET {sets} WHERE id = {self.p}", (*(n for _, n in bumps), run_id))
 
     def record_pages(
-        self, conn: Connection, org_id: str, scope: str, generation: int, pages: Sequence[PageRecord]
+        self, conn: Connection, org_id: str, scope: str, generation: int, run_id: int, pages: Sequence[PageRecord]
     ) -> None:
-        """Remember list pages compared whole (each replaces what its offset held)."""
+        """Remember list pages compared whole, not settled yet (each replaces what its offset held)."""
         p = self.p
         conn.exec_driver_sql(
-            "INSERT INTO list_pages (org_id, page_offset, scope, digest, generation, seen_since) "
-            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (org_id, page_offset) DO UPDATE SET "
+            "INSERT INTO list_pages (org_id, page_offset, scope, digest, generation, run_id, settled, seen_since) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, FALSE, {p}) ON CONFLICT (org_id, page_offset) DO UPDATE SET "
             "scope = excluded.scope, digest = excluded.digest, generation = excluded.generation, "
-            "seen_since = excluded.seen_since",
-            [(org_id, r.offset, scope, r.digest, generation, self.time(r.seen_since)) for r in pages],
+            "run_id = excluded.run_id, settled = FALSE, seen_since = excluded.seen_since",
+            [(org_id, r.offset, scope, r.digest, generation, run_id, self.time(r.seen_since)) for r in pages],
+        )
+
+    def settle_pages(self, conn: Connection, org_id: str, run_id: int) -> None:
+        """Trust the list pages a run recorded."""
+        conn.exec_driver_sql(
+            f"UPDATE list_pages SET settled = TRUE WHERE org_id = {self.p} AND run_id = {self.p}", (org_id, run_id)
         )
 
     def bump_generation(self, conn: Connection, org_id: str) -> None:

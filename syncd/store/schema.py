@@ -205,6 +205,13 @@ list_pages = Table(
     Column("scope", String(32), nullable=False, comment="digest of how the page was asked for and read"),
     Column("digest", String(32), nullable=False, comment="xxh3-128 of the page's body as received"),
     Column("generation", BigInteger, nullable=False, comment="org_generations.generation when it was compared"),
+    Column("run_id", BigInteger, nullable=False, comment="the sync_runs row of the pass that compared it"),
+    Column(
+        "settled",
+        Boolean,
+        nullable=False,
+        comment="that pass read its whole list and met no device on more than one page: the page is trusted",
+    ),
     Column(
         "seen_since",
         UTCDateTime,

@@ -479,12 +479,18 @@ class PageReader:
         return found or 0
 
     def page_records(self, org_id: str, scope: str, generation: int, start: int, count: int) -> list[PageRecord]:
-        """Up to ``count`` list pages of the org compared under ``scope`` and ``generation``, from
-        offset ``start`` on, by offset."""
+        """Up to ``count`` settled list pages of the org compared under ``scope`` and ``generation``,
+        from offset ``start`` on, by offset."""
         lp = list_pages
         query = (
             select(lp.c.page_offset, lp.c.digest, lp.c.seen_since)
-            .where(lp.c.org_id == org_id, lp.c.page_offset >= start, lp.c.scope == scope, lp.c.generation == generation)
+            .where(
+                lp.c.org_id == org_id,
+                lp.c.page_offset >= start,
+                lp.c.scope == scope,
+                lp.c.generation == generation,
+                lp.c.settled,
+            )
             .order_by(lp.c.page_offset)
             .limit(count)
         )
@@ -563,10 +569,15 @@ class PageWriter(PageReader):
         """Add to a run's counters (committed with the page they describe)."""
         self._dialect.bump_run(self._conn, run_id, counters)
 
-    def record_pages(self, org_id: str, scope: str, generation: int, pages: Sequence[PageRecord]) -> None:
-        """Remember list pages the pass compared whole under ``generation`` (see :meth:`bump_generation`)."""
+    def record_pages(self, org_id: str, scope: str, generation: int, run_id: int, pages: Sequence[PageRecord]) -> None:
+        """Remember list pages run ``run_id`` compared whole under ``generation`` (see
+        :meth:`bump_generation`); not trusted until :meth:`settle_pages`."""
         if pages:
-            self._dialect.record_pages(self._conn, org_id, scope, generation, pages)
+            self._dialect.record_pages(self._conn, org_id, scope, generation, run_id, pages)
+
+    def settle_pages(self, org_id: str, run_id: int) -> None:
+        """Trust the list pages run ``run_id`` recorded: its scan read the whole list, no device twice."""
+        self._dialect.settle_pages(self._conn, org_id, run_id)
 
     def bump_generation(self, org_id: str) -> None:
         """Call with every write to an org's devices that is not a list page's compare (a purge, a

@@ -60,10 +60,8 @@ class OrgPass:
         max_pages = page_limit(self.options, self.store, self.client.settings.page_size)
         session = held.enter_context(self.store.session(lease))
         seen = held.enter_context(SeenIds())
-        settings = self.options.settings
-        unchanged = UnchangedPages(
-            session, self.options.org, self.client.settings.page_size, settings.last_seen_resolution
-        )
+        resolution = self.options.settings.last_seen_resolution
+        unchanged = UnchangedPages(session, self.options.org, self.client.settings.page_size, resolution, run_id)
         self._writes = writes = PageWrites(session, unchanged)
         scan = Scan(self.client, self.options, bounds, self.book, session, history, writes, max_pages, seen, unchanged)
         reads = self._detail_reads(scan, bounds, session)

@@ -169,15 +169,22 @@ class Scan:
         False when it was not, or lists a device this pass wrote."""
         if not self.unchanged.recorded(offset, digest, now):
             return False
+        if any(item.__class__ is not dict for item in items):  # read otherwise than when it was recorded
+            return False
         ids = [item["id"] for item in items]  # the same body was read whole before: every item is a device
         if self.unchanged.lists_written(ids):
+            return False
+        try:
+            active = [
+                (device_id, item) for device_id, item in zip(ids, items, strict=True) if not is_listed_deleted(item)
+            ]
+        except ValueError:
             return False
         self.seen.add(ids)
         counts.update(devices_seen=len(ids), unchanged=len(ids), pages_unchanged=1)
         inventory = self.inventory
-        for device_id, item in zip(ids, items, strict=True):
-            if not is_listed_deleted(item):
-                inventory.note(device_id, item)
+        for device_id, item in active:
+            inventory.note(device_id, item)
         self.writes.submit(PreparedPage(self.history.run_id, now, [], [], [], [], [], counts))
         self.book.counts.update(counts)
         return True
@@ -225,6 +232,8 @@ class Scan:
             self.book.counts.update(fixed)
             self.writes.count(self.history.run_id, fixed)
             self.writes.retire_pages()  # a list that shifted under the scan: its pages are not to be trusted
+        else:
+            self.unchanged.settle()
         return settled.distinct
 
     def saw(self, ids: Collection[str]) -> set[str]:

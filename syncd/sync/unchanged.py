@@ -8,10 +8,13 @@ them one by one: their ids still go to purge detection, the active ones to the i
 
 What keeps the mirror exact:
 
-- the digest is of the whole body as received, under a scope: the org's filters, the page size and
-  :data:`READ_VERSION` (how syncd reads a page);
+- the digest is of the whole body as received, under a scope: the org's filters, the page size,
+  :data:`READ_VERSION` (how syncd reads a page) and the versions of syncd and orjson;
 - a page is recorded only when every item on it was taken (none unreadable, of another org or listed
-  twice on it);
+  twice on it), and trusted only once the pass that recorded it has read its whole list and met no
+  device listed on more than one page (``settled``): a pass cut short, or one that met the list
+  shifting under it (where a later page may have overwritten what an earlier one wrote), leaves
+  its pages untrusted;
 - every other write to the org's devices (a purge, a pushed edit, a device confirmed on its own)
   bumps the org's generation in the same transaction, and only records of the current generation
   are read. The pass reads the generation once, before it compares anything, and records under it:
@@ -22,6 +25,10 @@ What keeps the mirror exact:
   shifting under offset paging) is compared, not taken: the later copy wins, as without this. Past
   :data:`WRITTEN_KEPT` such devices the pass stops taking pages (its memory stays bounded); a pass
   that met devices listed on more than one page retires the org's pages.
+
+A write by another process that lands while a pass runs retires the org's pages in the database at
+once, but the pass may still take pages by the records it read before (at most :data:`RECORDS_READ`
+ahead): as if that write had come after the pass read those pages. The next pass compares them.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from datetime import datetime, timedelta
 import orjson
 from xxhash import xxh3_128_hexdigest
 
+from syncd import __version__
 from syncd.config import OrgSettings
 from syncd.models import PageRecord
 from syncd.store import PageWriter, Session
@@ -46,11 +54,13 @@ class UnchangedPages:
     """One pass's use of recorded pages: which pages it may take unchanged (:meth:`recorded`), and
     the pages it compared whole, held until :meth:`write_into` a page's transaction."""
 
-    def __init__(self, session: Session, org: OrgSettings, page_size: int, resolution: float) -> None:
-        """``resolution``: ``sync.last_seen_resolution``, in seconds."""
+    def __init__(self, session: Session, org: OrgSettings, page_size: int, resolution: float, run_id: int) -> None:
+        """``resolution``: ``sync.last_seen_resolution``, in seconds; ``run_id``: the pass's run."""
         self.org_id = org.id
+        self.run_id = run_id
         self._resolution = timedelta(seconds=resolution)
-        self.scope = xxh3_128_hexdigest(orjson.dumps([READ_VERSION, org.integration_id, org.device_kind, page_size]))
+        reading = [READ_VERSION, __version__, orjson.__version__, org.integration_id, org.device_kind, page_size]
+        self.scope = xxh3_128_hexdigest(orjson.dumps(reading))
         self._session = session
         with session.reader() as reader:
             self.generation = reader.generation(org.id)  # before any page is compared: see the docstring
@@ -58,6 +68,7 @@ class UnchangedPages:
         self._read_from: int | None = 0  # the next offset to read recorded pages from; None: all read
         self._written: set[str] | None = set()  # None: too many to keep, no page is taken any more
         self._held: list[PageRecord] = []
+        self._settled = False  # the scan read its whole list and met no device twice: trust its pages
 
     def recorded(self, offset: int, digest: str, now: datetime) -> bool:
         """Whether the page at ``offset`` with body ``digest`` was compared whole before, under this
@@ -82,11 +93,28 @@ class UnchangedPages:
         """A page compared whole: to record, with the next write."""
         self._held.append(record)
 
+    def settle(self) -> None:
+        """The scan read the whole list and met no device on more than one page: its pages are to
+        be trusted from the next write on."""
+        self._settled = True
+
+    def forget_held(self) -> None:
+        """The pages held are not to be recorded (the write that was to carry them failed)."""
+        self._held = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether :meth:`write_into` has anything to write."""
+        return bool(self._held) or self._settled
+
     def write_into(self, writer: PageWriter) -> None:
-        """Record the pages held, in ``writer``'s transaction."""
+        """Record the pages held (and, once settled, trust this pass's pages), in ``writer``'s transaction."""
         if self._held:
-            writer.record_pages(self.org_id, self.scope, self.generation, self._held)
+            writer.record_pages(self.org_id, self.scope, self.generation, self.run_id, self._held)
             self._held = []
+        if self._settled:
+            writer.settle_pages(self.org_id, self.run_id)
+            self._settled = False
 
     def _record_at(self, offset: int) -> PageRecord | None:
         while True:

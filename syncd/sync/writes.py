@@ -60,6 +60,7 @@ class PageWrites:
                 self._commit(page)
             except BaseException:
                 self._held.subtract(page.counts)  # the page was rolled back, and its counts with it
+                self._unchanged.forget_held()  # and the pages compared with it are not to be recorded
                 raise
 
     def count(self, run_id: int, counts: Counter[str]) -> None:
@@ -68,8 +69,8 @@ class PageWrites:
         self._held_run = run_id
 
     def flush(self) -> None:
-        """Commit the counters held back (and the pages compared whole)."""
-        if self._held_run is not None:
+        """Commit the counters held back (and what the pass's recorded pages have to write)."""
+        if self._held_run is not None or self._unchanged.pending:
             self._commit(None)
 
     def retire_pages(self) -> None:
@@ -87,7 +88,6 @@ class PageWrites:
             writer.bump_run(history.run_id, {"purged": 1, "requests": 1})
 
     def _commit(self, page: PreparedPage | None) -> None:
-        assert self._held_run is not None
         with self._session.writer(durable=False) as writer:
             if page is not None:
                 writer.insert_devices(page.inserts, page.now)
@@ -98,7 +98,8 @@ class PageWrites:
             if self._retire or (page is not None and page.alone):
                 writer.bump_generation(self._unchanged.org_id)
             self._unchanged.write_into(writer)
-            writer.bump_run(self._held_run, self._held)
+            if self._held_run is not None:
+                writer.bump_run(self._held_run, self._held)
         self._held.clear()
         self._held_run = None
         self._retire = False
