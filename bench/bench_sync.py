@@ -784,18 +784,46 @@ def scaling_line(case: str, child: Child, devices: int, longest: float | None = 
     )
 
 
+def ratio_pairs(workdir: Path, url: str, kind: str, pg_url: str | None, pairs: int) -> tuple[list[float], list[float]]:
+    """``pairs`` alternated pairs of each comparison, every one whole processes: a no-change re-sync
+    against fetching and parsing the same pages, and a first sync of the devices alone (on a fresh
+    database) against the bare reference loop. Each pair's ratio, in the order measured."""
+    resyncs: list[float] = []
+    firsts: list[float] = []
+    db = fresh_database(kind, workdir, pg_url)
+    try:
+        write_config(workdir / "pairs.toml", url, db, 1, DEVICES_ONLY)
+        run_once_child(workdir / "pairs.toml")
+        for _ in range(pairs):
+            fetched = reference_child(url, workdir, fetch_only=True).seconds
+            resyncs.append(run_once_child(workdir / "pairs.toml").seconds / fetched)
+    finally:
+        drop_database(db, pg_url)
+    for _ in range(pairs):
+        reference = reference_child(url, workdir).seconds
+        db = fresh_database(kind, workdir, pg_url)
+        try:
+            write_config(workdir / "pairs.toml", url, db, 1, DEVICES_ONLY)
+            firsts.append(run_once_child(workdir / "pairs.toml").seconds / reference)
+        finally:
+            drop_database(db, pg_url)
+    return resyncs, firsts
+
+
 def scaling_block(
     workdir: Path,
     kinds: list[str],
     pg_url: str | None,
     sizes: list[int],
     many_orgs: tuple[int, int] | None,
+    pairs: int,
 ) -> None:
     """How cost grows (issue 21): 1 org x each of ``sizes`` on each database, first sync (also of the
     devices alone, which the reference loop mirrors) and no-change re-sync, every figure a child
     process's own (wall seconds, devices/s, peak RSS); the bare reference loop and a fetch-and-parse
     loop at the same sizes; ``many_orgs`` (orgs, devices each) with run-once's default concurrency,
-    and its longest org; then the ratios."""
+    and its longest org; then the ratios, each the median of ``pairs`` alternated pairs (at the
+    smallest size, where pairs are cheap; the single runs above otherwise)."""
     print(
         "\nscaling: whole `syncd run-once` processes (start-up included), one run each, "
         "2% portals unless 'devices only'",
@@ -824,11 +852,16 @@ def scaling_block(
                     finally:
                         drop_database(db, pg_url)
                 per_device[(kind, size)] = measured["first sync"].seconds / size
+                resyncs = [measured["re-sync"].seconds / fetched.seconds]
+                firsts = [measured["first sync, devices only"].seconds / reference.seconds]
+                if size == min(sizes) and pairs > 1:
+                    more = ratio_pairs(workdir, url, kind, pg_url, pairs - 1)
+                    resyncs, firsts = resyncs + more[0], firsts + more[1]
                 ratios.append(
-                    f"{kind} 1 x {size:,}: re-sync / fetch and parse "
-                    f"{measured['re-sync'].seconds / fetched.seconds:.2f}x (target <= 1.2), first sync of the "
-                    f"devices / reference loop {measured['first sync, devices only'].seconds / reference.seconds:.2f}x "
-                    "(target <= 1.5)"
+                    f"{kind} 1 x {size:,}: re-sync / fetch and parse {statistics.median(resyncs):.2f}x "
+                    f"(target <= 1.2; {', '.join(f'{r:.2f}' for r in resyncs)}), first sync of the devices / "
+                    f"reference loop {statistics.median(firsts):.2f}x "
+                    f"(target <= 1.5; {', '.join(f'{r:.2f}' for r in firsts)})"
                 )
         finally:
             sim.terminate()
@@ -1287,7 +1320,7 @@ def main() -> None:
             throttled_block(Path(tmp), trees)
             return
         if args.scaling:
-            scaling_block(Path(tmp), kinds, args.postgres_url, args.sizes, args.many_orgs)
+            scaling_block(Path(tmp), kinds, args.postgres_url, args.sizes, args.many_orgs, args.repeat)
             if args.portal_shares:
                 portal_block(Path(tmp), kinds, args.postgres_url, args.portal_devices, args.portal_shares)
             return
