@@ -5,8 +5,9 @@ definitions").
 Rules:
 - it can never make the scan or purge detection fail or skip: door restrictions of the portals a
   page lists are asked while the scan reads on (:meth:`DetailReads.after_page`, on the pass's
-  thread between pages; the requests on threads of their own, at most ``api.max_concurrency`` less
-  ``api.page_concurrency`` at once, so the pages keep theirs), and the rest after purge detection:
+  thread between pages; the requests on threads of their own, at most half ``api.max_concurrency``
+  at once, and no more waiting than the request budget lets through, which the pages share), and
+  the rest after purge detection:
   those that failed last time, former portals, and what the scan went faster than. A fault while
   the scan goes on ends the asking during the scan, never the scan;
 - OpenApp has no bulk endpoint: one request per portal (as many in flight as ``api.max_concurrency``
@@ -126,7 +127,7 @@ class DetailReads:
         """Ask about portals as the scan lists them (when door restrictions are mirrored at all)."""
         if not self.settings.door_restrictions or not self._takes_portals():
             return
-        self._early_width = max(1, self.client.budget.max_concurrency - self.client.settings.page_concurrency)
+        self._early_width = max(1, self.client.budget.max_concurrency // 2)
         self._early = Ahead(self._early_width, "restrictions")
         self.inventory.fresh = {}
 
