@@ -131,6 +131,20 @@ def test_first_refreshes_are_spread_over_an_interval(sync: Syncer, store: Store,
     assert offsets[-1] - offsets[0] > 0.6 * hour  # not all at once
 
 
+def test_portals_due_among_a_batch_go_by_the_rows_of_the_org_asked_about(
+    sync: Syncer, store: Store, world: World
+) -> None:
+    first, second = list(world.orgs)
+    sync(first)
+    sync(second)  # every portal of both orgs just asked: none due
+    mine, theirs = portals(world, first)[:3], portals(world, second)[:2]
+    restrictions = details_module.PortalRestrictions(store)
+    batch = {device_id: store.device(device_id)["fingerprint"] for device_id in mine + theirs}
+    due = restrictions.due_among(first, utcnow(), batch)
+    # Another org's row says nothing about this org: its portals count as never asked here.
+    assert sorted(p.device_id for p in due) == sorted(theirs)
+
+
 def test_an_org_without_portals_asks_no_restrictions(store: Store, client: OpenAppClient, world: World) -> None:
     bare = World(seed=4)
     org = bare.seed(1, 300, portal_fraction=0.0)[0]

@@ -109,15 +109,13 @@ class PortalRestrictions:
         """The org's portal_restrictions rows (only those of ``ids``, when given), with the device's
         fingerprint and state now, by device id."""
         p, d = portal_restrictions, devices
-        query = (
-            select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state)
-            .join(d, d.c.id == p.c.device_id)
-            .where(p.c.org_id == org_id)
-        )
-        if ids is not None:
-            query = query.where(p.c.device_id.in_(list(ids)))
+        query = select(p, d.c.fingerprint.label("now_fingerprint"), d.c.state).join(d, d.c.id == p.c.device_id)
+        # Some ids: looked up by them alone, their org checked here. With the org in the WHERE
+        # clause too, SQLite's planner walks the org's index instead, every row of the org's
+        # portals for each batch: quadratic, 30 ms a batch of 50 at 19,000 portals.
+        query = query.where(p.c.org_id == org_id) if ids is None else query.where(p.c.device_id.in_(list(ids)))
         with self.store.reading("finding portals due for their door restrictions") as conn:
-            return {row.device_id: row for row in conn.execute(query)}
+            return {row.device_id: row for row in conn.execute(query) if row.org_id == org_id}
 
     def mirrored_list(self, device_id: str) -> list[str] | None:
         """The entities a portal is restricted to by OpenApp's last answer (sorted; empty: not
