@@ -125,7 +125,7 @@ def test_pages_are_compared_again_when_their_devices_are_due_a_last_seen(
 
 
 def test_a_page_with_an_unreadable_device_is_never_taken_unchanged(
-    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+    sync: Syncer, store: Store, world: World, org: str
 ) -> None:
     sync(org)
     world.update_device(org, world.ids(org)[5], {"external_id": "nul\u0000"})  # cannot be stored
@@ -187,9 +187,7 @@ def test_a_page_listing_a_device_this_pass_wrote_is_compared(
         assert pages.lists_written(["E"]) and not pages.recorded(0, "d0", utcnow())
 
 
-def test_a_pass_cut_short_leaves_its_pages_untrusted(
-    client: OpenAppClient, sync: Syncer, store: Store, world: World, org: str
-) -> None:
+def test_a_pass_cut_short_leaves_its_pages_untrusted(sync: Syncer, store: Store, org: str) -> None:
     stop = threading.Event()
     cut = sync(org, stop=stop, on_progress=lambda org_id, pages, seen: pages == 2 and stop.set())
     assert cut.status == "aborted" and recorded_pages(store, org) == 2
