@@ -169,17 +169,6 @@ def identify(item: object, position: int | None = None) -> tuple[str, str]:
     return device_id, org_id
 
 
-def is_listed_deleted(raw: dict[str, Any]) -> bool:
-    """Whether a listed device that :func:`parse_device` reads is soft-deleted (its ``state``
-    ``deleted``), without parsing the rest: ``deleted_at`` at the top or, when that is null, in
-    ``metadata``, read as a timestamp (an empty one is none). ValueError where parse_device fails on it."""
-    value = raw.get("deleted_at")
-    if value is None:
-        storage = raw.get("metadata")
-        value = storage.get("deleted_at") if isinstance(storage, dict) else None
-    return value is not None and utc_text(value) is not None
-
-
 def parse_device(
     raw: object,
     position: int | None = None,
@@ -253,13 +242,27 @@ def credentials_set(value: object) -> list[str] | bool | None:
 
 
 @dataclass(frozen=True, slots=True)
+class PageShape:
+    """What paging needs of a list page read before: the ``digest`` of its body, how many items it
+    held (``count``), the answer's ``total`` if it gave one, its first device's id."""
+
+    digest: str
+    count: int
+    total: int | None
+    first_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class PageRecord:
-    """A list page a pass compared whole with the mirror: at ``offset``, the ``digest`` of its body;
-    every device on it was last seen at ``seen_since`` or later."""
+    """A list page a pass compared whole with the mirror: at ``offset``, the ``shape`` of its body;
+    every device on it was last seen at ``seen_since`` or later; ``summary``: what a later pass
+    takes from it instead of reading it (its ids, active portals and integrations, encoded by
+    :mod:`syncd.sync.unchanged`)."""
 
     offset: int
-    digest: str
+    shape: PageShape
     seen_since: datetime
+    summary: bytes
 
 
 PORTAL_KIND = "virtual_access_portal"  # device_metadata.kind of the only devices with door restrictions
@@ -287,6 +290,17 @@ class Inventory:
                 self.fresh[device_id] = fingerprint
         integration = raw.get("integration_id")
         if integration.__class__ is str and 0 < len(integration) <= ID_LENGTH:
+            known = self.integrations.get(integration)
+            if known is None or device_id < known:
+                self.integrations[integration] = device_id
+
+    def merge(self, portals: dict[str, str], integrations: dict[str, str]) -> None:
+        """Take in what :meth:`note` took of other devices (another inventory's ``portals`` and
+        ``integrations``)."""
+        self.portals.update(portals)
+        if self.fresh is not None:
+            self.fresh.update(portals)
+        for integration, device_id in integrations.items():
             known = self.integrations.get(integration)
             if known is None or device_id < known:
                 self.integrations[integration] = device_id

@@ -34,7 +34,7 @@ from syncd.errors import (
     TransportError,
     UnreachableError,
 )
-from syncd.models import UnreadableItem
+from syncd.models import PageShape, UnreadableItem
 from syncd.simulator import Fault, Simulator, World
 
 from .conftest import API_KEY, FAST_RETRY, api_settings
@@ -581,3 +581,41 @@ def test_many_devices_are_confirmed_at_once(sim: Simulator, world: World, org: s
         answers = [(device_id, answer.result()["id"]) for device_id, answer in client.get_devices(org, ids)]
     assert answers == [(i, i) for i in ids]
     assert max_in_flight(sim.requests("get_device")) == 4
+
+
+def test_a_page_whose_body_is_known_is_handed_over_unread(sim: Simulator) -> None:
+    bodies = [
+        orjson.dumps({"items": [device(0), device(1)], "total": 5}),
+        orjson.dumps({"items": [device(2), device(3)], "total": 5}),
+        orjson.dumps({"items": [device(4)], "total": 5}),
+    ]
+    with OpenAppClient(api_settings(sim, page_size=2), transport=fake_list(bodies)) as client:
+        first = list(client.list_device_pages("O"))
+        assert not any(page.known for page in first)
+        # What a pass recorded: the middle page as it was, the last one with a body since changed.
+        known = {
+            2: PageShape(first[1].digest, 2, 5, device(2)["id"]),
+            4: PageShape("another body", 1, 5, device(4)["id"]),
+        }
+        pages = list(client.list_device_pages("O", known=known))
+    shapes = [(p.offset, p.known, p.count, p.total) for p in pages]
+    assert shapes == [(0, False, 2, 5), (2, True, 2, 5), (4, False, 1, 5)]
+    middle = pages[1]
+    assert middle._items is None and middle._body == bodies[1]  # not read when it arrived
+    assert [item["id"] for item in middle.items] == [device(2)["id"], device(3)["id"]]  # read when asked
+    assert middle._body is None
+
+
+def test_a_known_page_is_paged_by_its_shape(sim: Simulator) -> None:
+    bodies = [orjson.dumps([device(0), device(1)]), orjson.dumps([device(2)]), orjson.dumps([device(9)])]
+    with OpenAppClient(api_settings(sim, page_size=2, page_concurrency=1), transport=fake_list(bodies)) as client:
+        digests = [p.digest for p in client.list_device_pages("O")]
+        known = {0: PageShape(digests[0], 2, None, device(0)["id"]), 2: PageShape(digests[1], 1, None, device(2)["id"])}
+        assert [p.offset for p in client.list_device_pages("O", known=known)] == [0, 2]  # the short one ends it
+        # The shape, not the body, is what paging goes by (the body is not read): a full page goes on.
+        full = {2: PageShape(digests[1], 2, None, device(2)["id"])}
+        assert [p.offset for p in client.list_device_pages("O", known=full)] == [0, 2, 4]
+        # A known page that repeats the previous one's first device: the server ignores 'offset'.
+        repeated = {2: PageShape(digests[1], 2, None, device(0)["id"])}
+        with pytest.raises(InvalidResponseError, match="repeats the previous one"):
+            list(client.list_device_pages("O", known=repeated))

@@ -20,6 +20,7 @@ from syncd.models import (
     HISTORY_FIELDS,
     LIFECYCLE_FIELDS,
     PageRecord,
+    PageShape,
     encode,
     history_row,
     normalise_name,
@@ -34,6 +35,7 @@ from syncd.store.schema import devices, door_restrictions, list_pages, metadata_
 from syncd.sync import OrgPass, PageWrites, PassOptions, PassOutcome, PreparedPage, UnchangedPages
 from syncd.sync import scan as scan_module
 from syncd.sync.scan import Scan
+from syncd.sync.unchanged import PageSummary
 
 from .conftest import API_KEY, FAST_RETRY, Syncer, api_settings
 
@@ -421,7 +423,8 @@ def test_a_page_that_fails_to_commit_takes_its_counts_with_it(store: Store, org:
         unchanged = UnchangedPages(session, OrgSettings(org), 200, 86400, run_id)
         writes = PageWrites(session, unchanged, progress_interval=3600)
         writes.submit(PreparedPage(run_id, now, [], [], [], [], [], Counter(pages=1, unchanged=200)))  # held back
-        unchanged.compared(PageRecord(200, "digest", now))  # the failing page, compared whole
+        summary = PageSummary([], {}, {}).encode()
+        unchanged.compared(PageRecord(200, PageShape("digest", 0, None, None), now, summary))  # compared whole
         with pytest.raises(StoreError, match="database error while writing devices"):
             writes.submit(PreparedPage(run_id, now, [], [], [], [], [broken], Counter(pages=1, updated=1)))
         writes.flush()

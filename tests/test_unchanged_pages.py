@@ -5,30 +5,33 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from syncd.api import OpenAppClient
+from syncd.api import client as client_module
 from syncd.config import OrgSettings, SyncSettings
 from syncd.edits import queue_edit
-from syncd.errors import InvalidDeviceError
-from syncd.models import PageRecord, is_listed_deleted, parse_device, utcnow
+from syncd.models import PageRecord, PageShape, utcnow
 from syncd.simulator import Simulator, World
 from syncd.store import Store
-from syncd.store.schema import list_pages, org_generations
+from syncd.store.schema import list_pages, metadata_definitions, org_generations, portal_restrictions
 from syncd.sync import unchanged as unchanged_module
-from syncd.sync.unchanged import UnchangedPages
+from syncd.sync.unchanged import PageSummary, UnchangedPages
 
 from .conftest import Syncer, api_settings
 from .test_sync import assert_mirror_matches
 from .test_writeback import ORGS, active, reconciler
 
 PAGES = 3  # the world fixture's 450 devices an org, at 200 a page
+
+
+def record(offset: int, digest: str, seen_since: datetime, ids: list[str] | None = None) -> PageRecord:
+    """A page compared whole, as a pass records it."""
+    ids = ids if ids is not None else [f"device-at-{offset}"]
+    return PageRecord(offset, PageShape(digest, len(ids), None, ids[0]), seen_since, PageSummary(ids, {}, {}).encode())
 
 
 def generation(store: Store, org: str) -> int:
@@ -148,8 +151,8 @@ def test_recorded_pages_are_asked_for_in_order_a_batch_at_a_time(
 
         writing = pages()
         for offset in (0, 200, 400, 800, 1000):
-            writing.compared(PageRecord(offset, f"d{offset}", now))
-        writing.compared(PageRecord(1200, "d1200", now - timedelta(hours=2)))  # its devices are due a sight
+            writing.compared(record(offset, f"d{offset}", now))
+        writing.compared(record(1200, "d1200", now - timedelta(hours=2)))  # its devices are due a sight
         with session.writer() as writer:
             writing.write_into(writer)
         assert not pages().recorded(0, "d0", now)  # recorded, not settled: the pass may yet meet a shift
@@ -157,8 +160,10 @@ def test_recorded_pages_are_asked_for_in_order_a_batch_at_a_time(
         with session.writer() as writer:
             writing.write_into(writer)
         reading = pages()
+        assert set(reading.shapes) == {0, 200, 400, 800, 1000}  # the stale one is read when it comes
         asked = {offset: reading.recorded(offset, f"d{offset}", now) for offset in range(0, 1400, 200)}
-        assert asked == {0: True, 200: True, 400: True, 600: False, 800: True, 1000: True, 1200: False}
+        assert {offset for offset, summary in asked.items() if summary} == {0, 200, 400, 800, 1000}
+        assert asked[400] == PageSummary(["device-at-400"], {}, {})
         assert not pages().recorded(0, "another body", now)
         assert not pages(page_size=100).recorded(0, "d0", now)
         assert not pages(OrgSettings(org, integration_id="01HK153X00FVA1WBZBH50MRD1W")).recorded(0, "d0", now)
@@ -175,7 +180,7 @@ def test_a_page_listing_a_device_this_pass_wrote_is_compared(
     run_id, _ = store.start_run(org, "run-once", "test", utcnow())
     with store.session() as session:
         pages = UnchangedPages(session, OrgSettings(org), 200, 3600, run_id)
-        pages.compared(PageRecord(0, "d0", utcnow()))
+        pages.compared(record(0, "d0", utcnow()))
         pages.settle()
         with session.writer() as writer:
             pages.write_into(writer)
@@ -196,24 +201,66 @@ def test_a_pass_cut_short_leaves_its_pages_untrusted(sync: Syncer, store: Store,
     assert sync(org).counts["pages_unchanged"] == PAGES
 
 
-def raw_device(deleted: Any, stored: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {"id": "01HK153X00A51YDGZK74D2Q3RZ", "org_id": "O", "name": "Gate", "deleted_at": deleted}
-    if stored is not None:
-        raw["metadata"] = stored
-    return raw
+def test_a_re_sync_reads_no_unchanged_page(
+    sync: Syncer, world: World, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync(org)
+    read: list[bytes] = []
+    real = client_module.read_page
+    # (Offsets past the end, asked ahead, are empty pages: read, and of no interest here.)
+    monkeypatch.setattr(client_module, "read_page", lambda body: (body != b"[]" and read.append(body)) or real(body))
+    again = sync(org)
+    assert again.counts["pages_unchanged"] == PAGES and read == []  # not even parsed as JSON
+    world.update_device(org, world.ids(org)[300], {"name": {"en": "Renamed on page 2"}})
+    changed = sync(org)
+    assert changed.counts["pages_unchanged"] == PAGES - 1 and len(read) == 1
+    assert b"Renamed on page 2" in read[0]
 
 
-moments = st.one_of(st.none(), st.just("2024-05-01T10:00:00Z"), st.just(""), st.just("garbage"))
+def test_portals_and_integrations_of_unchanged_pages_are_still_asked_about(
+    sim: Simulator, sync: Syncer, store: Store, world: World, org: str
+) -> None:
+    first = sync(org)
+    assert first.counts["restriction_requests"] > 0 and first.counts["definition_requests"] > 0
+    again = sync(org)
+    assert again.counts["pages_unchanged"] == PAGES and again.counts["restriction_requests"] == 0
+    with store.engine.begin() as conn:  # time passes: every portal and integration is due again
+        conn.execute(update(portal_restrictions).values(next_fetch_at=utcnow() - timedelta(seconds=1)))
+        conn.execute(update(metadata_definitions).values(next_fetch_at=utcnow() - timedelta(seconds=1)))
+    due = sync(org)
+    assert due.counts["pages_unchanged"] == PAGES  # taken by their records, yet every portal was known
+    assert due.counts["restriction_requests"] == first.counts["restriction_requests"]
+    assert due.counts["definition_requests"] == first.counts["definition_requests"]
 
 
-@given(
-    top=moments,
-    stored=st.one_of(st.none(), st.just([]), st.builds(lambda m: {"deleted_at": m}, moments)),
+def test_a_summary_not_written_by_syncd_is_not_taken(sync: Syncer, store: Store, world: World, org: str) -> None:
+    sync(org)
+    with store.engine.begin() as conn:
+        conn.execute(update(list_pages).where(list_pages.c.page_offset == 200).values(summary=b'[["a"], {}, {}]'))
+    outcome = sync(org)
+    assert outcome.status == "succeeded" and outcome.counts["pages_unchanged"] == PAGES - 1
+    assert outcome.counts["devices_seen"] == 450 and outcome.counts["purged"] == 0
+    assert_mirror_matches(store, world, org)
+    assert sync(org).counts["pages_unchanged"] == PAGES  # recorded again, as compared
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"not json",
+        b"{}",
+        b'[["A"], {}]',
+        b'[["A", "B"], {}, {}]',  # two ids for a page of one
+        b"[[1], {}, {}]",
+        b'[["A"], {"P": 1}, {}]',
+        b'[["A"], {}, []]',
+        b'[["A"], [], {}]',
+    ],
 )
-def test_listed_deleted_agrees_with_the_parsed_state(top: Any, stored: Any) -> None:
-    raw = raw_device(top, stored)
-    try:
-        state = parse_device(raw).state
-    except InvalidDeviceError:
-        return  # an unreadable device is never on a page taken unchanged
-    assert is_listed_deleted(raw) == (state == "deleted")
+def test_a_summary_is_read_only_as_syncd_writes_it(stored: bytes) -> None:
+    assert PageSummary.decode(stored, 1) is None
+
+
+def test_a_summary_reads_back_as_written() -> None:
+    summary = PageSummary(["A", "B"], {"B": "f"}, {"I": "A"})
+    assert PageSummary.decode(summary.encode(), 2) == summary

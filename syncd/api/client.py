@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -63,6 +63,7 @@ from syncd.metrics import HTTP_REQUESTS, HTTP_RETRIES, RETRY_AFTER_WAIT
 from syncd.models import (
     DoorRestrictions,
     MetadataDefinition,
+    PageShape,
     check_device_id,
     masked,
     one_line,
@@ -85,14 +86,32 @@ PLAIN_HTTP_REPLIES = frozenset(
 STOP_POLL = 0.5  # seconds between looks at the stop event by the thread that interrupts requests
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DevicePage:
-    """One page of list_devices: its offset, the raw items (not yet parsed), and a digest of the
-    body as received (the same body, byte for byte, digests the same)."""
+    """One page of list_devices: its offset, a digest of the body as received (the same body, byte
+    for byte, digests the same), how many items it held, the answer's total if it gave one, and the
+    raw items (not yet parsed as devices).
+
+    A page whose body is one the caller said it knew (``known``) is not read when it arrives: its
+    count, total and first id are the known ones, and :attr:`items` reads the body only if asked."""
 
     offset: int
-    items: list[Any]
     digest: str
+    count: int
+    total: int | None
+    first_id: object  # the first item's id (None: no first item, or one without an id)
+    known: bool
+    _items: list[Any] | None
+    _body: bytes | None = None
+
+    @property
+    def items(self) -> list[Any]:
+        """The raw items (read from the body the first time, for a known page)."""
+        if self._items is None:
+            assert self._body is not None
+            self._items = read_page(self._body)[0]
+            self._body = None
+        return self._items
 
 
 def error_for_status(status: int, problem: ApiProblem, operation: str, retry_after: float | None) -> SyncdError:
@@ -242,6 +261,7 @@ class OpenAppClient:
         page_size: int | None = None,
         deadline: float | None = None,
         concurrency: int | None = None,
+        known: Mapping[int, PageShape] | None = None,
     ) -> Generator[DevicePage, None, None]:
         """Every page of list_devices for an org, soft-deleted devices included, in order.
 
@@ -253,6 +273,8 @@ class OpenAppClient:
         for one that cannot be read alone); the caller parses them so that one bad device does not
         cost the page.
         ``deadline``: a ``time.monotonic()`` value no request may outlast (the pass's own deadline).
+        ``known``: pages the caller has read before, by offset: one whose body digests the same is
+        handed over unread (see :class:`DevicePage`).
         """
         limit = page_size or self.settings.page_size
         params: dict[str, Any] = {"include_deleted": "true", "only_deleted": "false", "include_metadata": "true"}
@@ -262,15 +284,11 @@ class OpenAppClient:
             params["device_kind"] = device_kind
         known_end: list[int] = []  # the latest answer's total: no offset at or past it is asked
 
-        def fetch(offset: int) -> tuple[list[Any], int | None, str]:
-            page_params = {**params, "limit": limit, "offset": offset}
-            body = self._send("list_devices", "GET", "/devices", org_id, page_params, deadline=deadline)
-            return (*read_page(body), xxh3_128_hexdigest(body))
-
-        def offsets(start: int) -> Iterator[Callable[[], tuple[list[Any], int | None, str]]]:
+        def offsets(start: int) -> Iterator[Callable[[], DevicePage]]:
             offset = start
             while offset <= MAX_OFFSET and not (known_end and offset >= known_end[0]):
-                yield functools.partial(fetch, offset)
+                page_params = {**params, "limit": limit, "offset": offset}
+                yield functools.partial(self._device_page, org_id, page_params, deadline, known)
                 offset += limit
 
         offset = 0
@@ -282,19 +300,32 @@ class OpenAppClient:
             asked = in_order(offsets(offset), width, "page", allowed=lambda: self.budget.limit)
             with contextlib.closing(asked) as pages:
                 for answer in pages:
-                    items, total, digest = answer.result()
-                    if items and offset and _item_id(items[0]) is not None and _item_id(items[0]) == previous_first:
+                    page = answer.result()
+                    if page.count and offset and page.first_id is not None and page.first_id == previous_first:
                         raise InvalidResponseError(
                             f"list_devices: the page at offset {offset} repeats the previous one; "
                             "the server ignores 'offset'"
                         )
-                    yield DevicePage(offset, items, digest)
+                    yield page
                     offset += limit
-                    if len(items) < limit or (total is not None and offset >= total):
+                    if page.count < limit or (page.total is not None and offset >= page.total):
                         return
-                    known_end[:] = [] if total is None else [total]
-                    previous_first = _item_id(items[0])
+                    known_end[:] = [] if page.total is None else [page.total]
+                    previous_first = page.first_id
         raise InvalidResponseError(f"list_devices: more than {MAX_OFFSET} devices; refusing to page further")
+
+    def _device_page(
+        self, org_id: str, params: dict[str, Any], deadline: float | None, known: Mapping[int, PageShape] | None
+    ) -> DevicePage:
+        """One list_devices page (``params`` name its offset), read unless ``known`` knows its body."""
+        offset = params["offset"]
+        body = self._send("list_devices", "GET", "/devices", org_id, params, deadline=deadline)
+        digest = xxh3_128_hexdigest(body)
+        shape = known.get(offset) if known else None
+        if shape is not None and shape.digest == digest:
+            return DevicePage(offset, digest, shape.count, shape.total, shape.first_id, True, None, body)
+        items, total = read_page(body)
+        return DevicePage(offset, digest, len(items), total, _item_id(items[0]) if items else None, False, items)
 
     def probe_status(self) -> None:
         """``GET /status``, the probe the official SDK makes when it connects (no org, no key needed)."""

@@ -281,11 +281,29 @@ class Dialect:
         """Remember list pages compared whole, not settled yet (each replaces what its offset held)."""
         p = self.p
         conn.exec_driver_sql(
-            "INSERT INTO list_pages (org_id, page_offset, scope, digest, generation, run_id, settled, seen_since) "
-            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, FALSE, {p}) ON CONFLICT (org_id, page_offset) DO UPDATE SET "
-            "scope = excluded.scope, digest = excluded.digest, generation = excluded.generation, "
-            "run_id = excluded.run_id, settled = FALSE, seen_since = excluded.seen_since",
-            [(org_id, r.offset, scope, r.digest, generation, run_id, self.time(r.seen_since)) for r in pages],
+            "INSERT INTO list_pages (org_id, page_offset, scope, digest, generation, run_id, settled, seen_since, "
+            f"item_count, total, first_id, summary) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, FALSE, {p}, {p}, {p}, {p}, "
+            f"{p}) "
+            "ON CONFLICT (org_id, page_offset) DO UPDATE SET scope = excluded.scope, digest = excluded.digest, "
+            "generation = excluded.generation, run_id = excluded.run_id, settled = FALSE, "
+            "seen_since = excluded.seen_since, item_count = excluded.item_count, total = excluded.total, "
+            "first_id = excluded.first_id, summary = excluded.summary",
+            [
+                (
+                    org_id,
+                    r.offset,
+                    scope,
+                    r.shape.digest,
+                    generation,
+                    run_id,
+                    self.time(r.seen_since),
+                    r.shape.count,
+                    r.shape.total,
+                    r.shape.first_id,
+                    r.summary,
+                )
+                for r in pages
+            ],
         )
 
     def settle_pages(self, conn: Connection, org_id: str, run_id: int) -> None:

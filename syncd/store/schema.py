@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -48,7 +49,7 @@ NAMING = {
 }
 metadata = MetaData(naming_convention=NAMING)
 # The newest migration in migrations/versions (a test keeps the two in step).
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 
 
 class JSONDoc(TypeDecorator[Any]):
@@ -217,6 +218,15 @@ list_pages = Table(
         UTCDateTime,
         nullable=False,
         comment="the oldest last_seen_at of the page's devices when it was compared",
+    ),
+    Column("item_count", Integer, nullable=False, comment="how many items the page held"),
+    Column("total", BigInteger, nullable=True, comment="the answer's total, if it gave one"),
+    Column("first_id", String(64), nullable=True, comment="the id of the page's first device"),
+    Column(
+        "summary",
+        LargeBinary,
+        nullable=False,
+        comment="what a pass takes from the page instead of reading it: its device ids, active portals, integrations",
     ),
     comment="syncd's own: list pages compared whole with the mirror, each with the body it had then",
 )

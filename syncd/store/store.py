@@ -16,10 +16,10 @@ import orjson
 from sqlalchemy import Connection, Engine, create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ColumnElement, Executable
 
 from syncd.errors import ConfigError, SchemaOutdatedError, StoreError
-from syncd.models import HISTORY_FIELDS, Device, HistoryRow, PageRecord, one_line
+from syncd.models import HISTORY_FIELDS, Device, HistoryRow, PageRecord, PageShape, one_line
 from syncd.store.dialect import Dialect, KnownDevice, dialect_for
 from syncd.store.locks import OrgLease, OrgLocks
 from syncd.store.schema import (
@@ -478,23 +478,46 @@ class PageReader:
         found = self._conn.execute(select(g.c.generation).where(g.c.org_id == org_id)).scalar_one_or_none()
         return found or 0
 
+    def page_shapes(self, org_id: str, scope: str, generation: int, seen_after: datetime) -> dict[int, PageShape]:
+        """The settled list pages of the org compared under ``scope`` and ``generation`` whose devices
+        were all seen after ``seen_after``: each offset's :class:`PageShape` (a page costs ~300 bytes
+        here: 1.5 MB for an org of 1,000,000 devices)."""
+        lp = list_pages
+        query = select(lp.c.page_offset, lp.c.digest, lp.c.item_count, lp.c.total, lp.c.first_id).where(
+            lp.c.seen_since > seen_after, *self._trusted_pages(org_id, scope, generation)
+        )
+        return {
+            offset: PageShape(digest, count, total, first)
+            for offset, digest, count, total, first in self._conn.execute(query)
+        }
+
     def page_records(self, org_id: str, scope: str, generation: int, start: int, count: int) -> list[PageRecord]:
         """Up to ``count`` settled list pages of the org compared under ``scope`` and ``generation``,
         from offset ``start`` on, by offset."""
         lp = list_pages
         query = (
-            select(lp.c.page_offset, lp.c.digest, lp.c.seen_since)
-            .where(
-                lp.c.org_id == org_id,
-                lp.c.page_offset >= start,
-                lp.c.scope == scope,
-                lp.c.generation == generation,
-                lp.c.settled,
+            select(
+                lp.c.page_offset,
+                lp.c.digest,
+                lp.c.item_count,
+                lp.c.total,
+                lp.c.first_id,
+                lp.c.seen_since,
+                lp.c.summary,
             )
+            .where(lp.c.page_offset >= start, *self._trusted_pages(org_id, scope, generation))
             .order_by(lp.c.page_offset)
             .limit(count)
         )
-        return [PageRecord(*row) for row in self._conn.execute(query)]
+        return [
+            PageRecord(offset, PageShape(digest, items, total, first), seen_since, bytes(summary))
+            for offset, digest, items, total, first, seen_since, summary in self._conn.execute(query)
+        ]
+
+    @staticmethod
+    def _trusted_pages(org_id: str, scope: str, generation: int) -> tuple[ColumnElement[bool], ...]:
+        lp = list_pages
+        return (lp.c.org_id == org_id, lp.c.scope == scope, lp.c.generation == generation, lp.c.settled)
 
     def previous(self, ids: Collection[str]) -> dict[str, tuple[dict[str, Any], str]]:
         """``{id: (raw, state)}`` as mirrored now, to describe what a change changed."""

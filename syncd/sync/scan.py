@@ -17,9 +17,9 @@ from syncd.models import (
     Device,
     Inventory,
     PageRecord,
+    PageShape,
     encode,
     identify,
-    is_listed_deleted,
     parse_device,
     preview,
     utcnow,
@@ -28,7 +28,7 @@ from syncd.store import PageReader, SeenIds, Session, Store
 from syncd.sync.bookkeeping import MAX_LOGGED_PROBLEMS, Bookkeeping
 from syncd.sync.history import History
 from syncd.sync.options import Bounds, PassOptions
-from syncd.sync.unchanged import UnchangedPages
+from syncd.sync.unchanged import PageSummary, UnchangedPages
 from syncd.sync.writes import PageWrites, PreparedPage
 from syncd.vocab import DeviceState
 
@@ -94,7 +94,11 @@ class Scan:
         """Read and apply every page; False when stopped before the last."""
         org = self.options.org
         pages = self.client.list_device_pages(
-            org.id, integration_id=org.integration_id, device_kind=org.device_kind, deadline=self.bounds.deadline
+            org.id,
+            integration_id=org.integration_id,
+            device_kind=org.device_kind,
+            deadline=self.bounds.deadline,
+            known=self.unchanged.shapes,
         )
         # Closed here, not by the garbage collector: pages asked ahead are waited for (and no new
         # ones asked) before the pass ends, whether it ends by a stop, an error or the last page.
@@ -104,7 +108,8 @@ class Scan:
                     return False
                 self.bounds.check_deadline()
                 self._check_length()
-                self.apply(page.items, page.offset, page.digest)
+                if not (page.known and self._take_unchanged(page.offset, page.digest, page.count)):
+                    self.apply(page.items, page.offset, page.digest, page.total)
                 if self.after_page:
                     self.after_page()
                 if self.options.on_progress:
@@ -126,20 +131,21 @@ class Scan:
                 f"`syncd run-once --org {self.options.org.id} --max-pages N`"
             )
 
-    def apply(self, items: list[Any], offset: int | None, digest: str | None = None) -> None:
+    def apply(self, items: list[Any], offset: int | None, digest: str | None = None, total: int | None = None) -> None:
         """Compare one page (or one re-fetched device: ``offset`` None) with the mirror and hand its
-        writes over; a page compared whole before (``digest``: its body's) is taken unchanged."""
+        writes over; a page with every item taken is recorded (``digest``: its body's, ``total``:
+        the answer's) so that a later pass given the same body need not read it."""
         now = utcnow()
         counts: Counter[str] = Counter(requests=1, pages=1 if offset is not None else 0)
-        if offset is not None and digest is not None and self._take_unchanged(items, offset, digest, now, counts):
-            return
         problems_before = len(self.book.problems)
         taken = self._take(items, offset, counts)
         self.seen.add(taken.keys())
         counts["devices_seen"] = len(taken)
+        listed = Inventory()  # what this page adds to the pass's inventory
         with self.session.reader() as reader:
-            inserts, updates, touches, oldest = self._sort(reader, taken, now, counts)
+            inserts, updates, touches, oldest = self._sort(reader, taken, now, counts, listed)
             previous = reader.previous([d.id for d in updates])
+        self.inventory.merge(listed.portals, listed.integrations)
         counts["unreadable"] = len(self.book.problems) - problems_before
         rows = self.history.created(inserts, now)
         counts["created"] += len(inserts)
@@ -148,8 +154,11 @@ class Scan:
         written = [d.id for group in (inserts, compared.changed, compared.refreshes) for d in group]
         self.unchanged.wrote(written)
         if offset is not None and digest is not None and len(taken) == len(items) and not counts["unreadable"]:
+            ids = list(taken)
+            shape = PageShape(digest, len(items), total, ids[0] if ids else None)
+            summary = PageSummary(ids, listed.portals, listed.integrations).encode()
             # Devices written or touched were seen now; the others, at the oldest last sight known.
-            self.unchanged.compared(PageRecord(offset, digest, min(now, oldest or now)))
+            self.unchanged.compared(PageRecord(offset, shape, min(now, oldest or now), summary))
         page = PreparedPage(
             self.history.run_id,
             now,
@@ -164,27 +173,16 @@ class Scan:
         self.writes.submit(page)
         self.book.counts.update(counts)
 
-    def _take_unchanged(self, items: list[Any], offset: int, digest: str, now: datetime, counts: Counter[str]) -> bool:
-        """Take a page compared whole before (see :mod:`.unchanged`) without comparing its devices:
-        False when it was not, or lists a device this pass wrote."""
-        if not self.unchanged.recorded(offset, digest, now):
+    def _take_unchanged(self, offset: int, digest: str, count: int) -> bool:
+        """Take a page of ``count`` devices compared whole before (see :mod:`.unchanged`) by its
+        record, without reading it: False when it was not, or lists a device this pass wrote."""
+        now = utcnow()
+        summary = self.unchanged.recorded(offset, digest, now)
+        if summary is None or len(summary.ids) != count or self.unchanged.lists_written(summary.ids):
             return False
-        if any(item.__class__ is not dict for item in items):  # read otherwise than when it was recorded
-            return False
-        ids = [item["id"] for item in items]  # the same body was read whole before: every item is a device
-        if self.unchanged.lists_written(ids):
-            return False
-        try:
-            active = [
-                (device_id, item) for device_id, item in zip(ids, items, strict=True) if not is_listed_deleted(item)
-            ]
-        except ValueError:
-            return False
-        self.seen.add(ids)
-        counts.update(devices_seen=len(ids), unchanged=len(ids), pages_unchanged=1)
-        inventory = self.inventory
-        for device_id, item in active:
-            inventory.note(device_id, item)
+        self.seen.add(summary.ids)
+        counts = Counter(requests=1, pages=1, devices_seen=count, unchanged=count, pages_unchanged=1)
+        self.inventory.merge(summary.portals, summary.integrations)
         self.writes.submit(PreparedPage(self.history.run_id, now, [], [], [], [], [], counts))
         self.book.counts.update(counts)
         return True
@@ -241,16 +239,16 @@ class Scan:
         return self.seen.among(ids)
 
     def _sort(
-        self, reader: PageReader, taken: Taken, now: datetime, counts: Counter[str]
+        self, reader: PageReader, taken: Taken, now: datetime, counts: Counter[str], inventory: Inventory
     ) -> tuple[list[Device], list[Device], list[str], datetime | None]:
         """``(inserts, updates, touches, oldest)``: the devices new to the mirror and those whose
         payload differs from it, parsed; the ids of unchanged devices last seen longer ago than
         ``sync.last_seen_resolution``; the oldest last sight of the others. Active devices are noted
-        in the inventory."""
+        in ``inventory``."""
         inserts: list[Device] = []
         updates: list[Device] = []
         touches: list[str] = []
-        org_id, inventory = self.options.org.id, self.inventory
+        org_id = self.options.org.id
         known, oldest = reader.known(taken.keys(), now - self._touch_after)
         purged, active = DeviceState.PURGED, DeviceState.ACTIVE  # looked up once, not per device
         for device_id, (item, position) in taken.items():
