@@ -278,21 +278,16 @@ class Inventory:
     # scan; None: no such reader (nothing is kept twice).
     fresh: dict[str, str] | None = None
 
-    def note(self, device_id: str, raw: dict[str, Any], fingerprint: str | None = None) -> None:
-        """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint, which is
-        computed here when not given and needed)."""
+    def note(self, device_id: str, raw: dict[str, Any], fingerprint: str) -> None:
+        """Take in an active device as listed (``raw``, with its :func:`encode` fingerprint)."""
         metadata = raw.get("device_metadata")
         if metadata.__class__ is dict and metadata.get("kind") == PORTAL_KIND:
-            if fingerprint is None:
-                fingerprint = encode(raw)[1]
             self.portals[device_id] = fingerprint
             if self.fresh is not None:
                 self.fresh[device_id] = fingerprint
         integration = raw.get("integration_id")
         if integration.__class__ is str and 0 < len(integration) <= ID_LENGTH:
-            known = self.integrations.get(integration)
-            if known is None or device_id < known:
-                self.integrations[integration] = device_id
+            self._integration(integration, device_id)
 
     def merge(self, portals: dict[str, str], integrations: dict[str, str]) -> None:
         """Take in what :meth:`note` took of other devices (another inventory's ``portals`` and
@@ -301,9 +296,12 @@ class Inventory:
         if self.fresh is not None:
             self.fresh.update(portals)
         for integration, device_id in integrations.items():
-            known = self.integrations.get(integration)
-            if known is None or device_id < known:
-                self.integrations[integration] = device_id
+            self._integration(integration, device_id)
+
+    def _integration(self, integration: str, device_id: str) -> None:
+        known = self.integrations.get(integration)
+        if known is None or device_id < known:
+            self.integrations[integration] = device_id
 
     def take_fresh(self) -> dict[str, str]:
         """The portals noted since the last call (with their fingerprints); from now on, keep them."""

@@ -10,6 +10,8 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -21,7 +23,7 @@ depends_on = None
 TABLE_COMMENT = "syncd's own: list pages compared whole with the mirror, each with the body it had then"
 
 
-def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
+def _columns() -> list[sa.Column[Any]]:
     return [
         sa.Column("org_id", sa.String(64), nullable=False),
         sa.Column("page_offset", sa.Integer(), nullable=False),

@@ -178,7 +178,7 @@ class Scan:
         record, without reading it: False when it was not, or lists a device this pass wrote."""
         now = utcnow()
         summary = self.unchanged.recorded(offset, digest, now)
-        if summary is None or len(summary.ids) != count or self.unchanged.lists_written(summary.ids):
+        if summary is None or self.unchanged.lists_written(summary.ids):
             return False
         self.seen.add(summary.ids)
         counts = Counter(requests=1, pages=1, devices_seen=count, unchanged=count, pages_unchanged=1)
