@@ -44,10 +44,14 @@ YOUNG_COLLECTION_THRESHOLD = 10_000
 def console() -> int:
     """The ``syncd`` program (console script, ``python -m syncd``): :func:`main`, in a process of
     its own, whose garbage collector is tuned for passes (the modules loaded so far are kept out
-    of its collections)."""
+    of its collections). Once the command is over, Ctrl-C is ignored: it could only land in the
+    interpreter's shutdown (an atexit hook, a finalizer) and print a traceback there."""
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
-    return main()
+    try:
+        return main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
