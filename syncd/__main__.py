@@ -2,6 +2,6 @@
 
 import sys
 
-from syncd.cli import console
+from syncd.program import console
 
 sys.exit(console())

@@ -37,6 +37,7 @@ def test_every_package_is_shipped() -> None:
 
 # The rooms of ARCHITECTURE.md, top floor first: a module imports only rooms on lower floors (or its own).
 FLOORS = {
+    "syncd.program": 11,
     "syncd.cli": 10,
     "syncd.daemon": 9,
     "syncd.passes": 8,
@@ -75,7 +76,7 @@ def test_imports_point_down() -> None:
     wrong = []
     for path in (ROOT / "syncd").rglob("*.py"):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        if module == "syncd.__main__":
+        if module.endswith(".__main__"):  # `python -m`: the program itself, above every room
             continue
         room = _room(module)
         for node in ast.walk(ast.parse(path.read_text())):

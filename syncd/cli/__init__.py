@@ -20,7 +20,6 @@ Exit codes: 0 success, 1 a pass or command failed, 2 bad configuration or usage,
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -32,30 +31,11 @@ from syncd.cli.output import print_problems
 from syncd.cli.parser import build_parser
 from syncd.errors import ConfigError, SyncdError
 
-__all__ = ["console", "main"]
-
-# A pass allocates and frees parsed devices by the hundred thousand, but few of them in cycles: at
-# CPython's default (a young collection every 700 net allocations) the collector took ~8% of a
-# first sync of 100,000 devices and walked each page's live devices over and over. At 10,000 it ran
-# 8 times instead of ~1,000 (bench/bench_sync.py); cycles are still collected, just later.
-YOUNG_COLLECTION_THRESHOLD = 10_000
-
-
-def console() -> int:
-    """The ``syncd`` program (console script, ``python -m syncd``): :func:`main`, in a process of
-    its own, whose garbage collector is tuned for passes (the modules loaded so far are kept out
-    of its collections). Once the command is over, Ctrl-C is ignored: it could only land in the
-    interpreter's shutdown (an atexit hook, a finalizer) and print a traceback there."""
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
-    try:
-        return main()
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``syncd`` console script."""
+    """The ``syncd`` command line: parse ``argv``, run the command, return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
