@@ -126,10 +126,11 @@ def prepared_store(
     none; the others refuse, naming the command that makes one. A command that writes is first told
     what keeps it from writing there, as ``syncd check-config`` says it.
     """
-    if not read_only:
-        Store.check_access(config.database.url)
+    connect = not read_only and Store.check_location(config.database.url)
     store = Store(config.database.url, read_only=read_only, create=create)
     try:
+        if connect:  # on the store's own engine: one connection, not a second engine's too
+            store.check_connection()
         if prepare:
             store.prepare(config.database.auto_upgrade and not read_only)
         yield store

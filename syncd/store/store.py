@@ -109,20 +109,30 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
 
-    @staticmethod
-    def check_access(url: str) -> None:
+    @classmethod
+    def check_access(cls, url: str) -> None:
         """ConfigError (or StoreError) naming what keeps syncd from using the mirror at ``url``: for
         SQLite a missing or read-only directory or file (checked, nothing is created), for PostgreSQL
         a server it cannot reach or log in to."""
-        parsed = make_url(normalise_url(url))
-        if not dialect_for(parsed.get_backend_name()).needs_connection_check(parsed):
+        if not cls.check_location(url):
             return
-        store = Store(url)
+        store = cls(url)
         try:
-            with store.reading(f"connecting to {redact_url(store.url)}") as conn:
-                conn.execute(text("SELECT 1"))
+            store.check_connection()
         finally:
             store.close()
+
+    @staticmethod
+    def check_location(url: str) -> bool:
+        """The part of :meth:`check_access` done without connecting (SQLite: the folder and the
+        file); whether a connection must be tried too (:meth:`check_connection`)."""
+        parsed = make_url(normalise_url(url))
+        return dialect_for(parsed.get_backend_name()).needs_connection_check(parsed)
+
+    def check_connection(self) -> None:
+        """StoreError naming why this store cannot connect; the connection stays in its pool."""
+        with self.reading(f"connecting to {redact_url(self.url)}") as conn:
+            conn.execute(text("SELECT 1"))
 
     @property
     def dialect(self) -> str:
