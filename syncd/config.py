@@ -192,8 +192,8 @@ class ApiSettings(Section):
     request_timeout: float = setting(60.0, "duration", minimum=1)  # a whole request, however it trickles
     max_response_size: int = setting(16 * MIB, "size", minimum=64 * 1024)  # decompressed
     page_size: int = setting(MAX_PAGE_SIZE, "int", minimum=1, maximum=MAX_PAGE_SIZE, note="(the API's maximum)")
-    page_concurrency: int = setting(16, "int", minimum=1, maximum=64)  # list pages of one org fetched at once
-    max_concurrency: int = setting(16, "int", minimum=1, maximum=256)  # requests in flight, the whole process
+    page_concurrency: int = setting(32, "int", minimum=1, maximum=64)  # list pages of one org fetched at once
+    max_concurrency: int = setting(32, "int", minimum=1, maximum=256)  # requests in flight, the whole process
     max_requests_per_second: float = setting(0.0, "number", minimum=0)  # the whole process; 0: no limit
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 

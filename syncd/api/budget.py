@@ -14,7 +14,7 @@ adapts to OpenApp's load signals like TCP's congestion window (AIMD):
   once; another ``Retry-After`` starts the next pause, and again one probe after it;
 - after as many successes in a row as the current concurrency (one round), and at most once per
   second, it grows by one again, up to ``api.max_concurrency``: from 4 back to 8 takes 4 seconds,
-  from a probe's success (1) back to 16, 15 seconds (unless the round trips show a queue first:
+  from a probe's success (1) back to 32, 31 seconds (unless the round trips show a queue first:
   from then on they say when it grows, as below).
 
 It also follows the round trips, like TCP Vegas: concurrency only helps while the answers come back
