@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import delete, select, update
 
 from syncd.api import OpenAppClient
@@ -553,3 +554,37 @@ def test_only_a_scheduled_pass_that_ran_holds_its_org_for_the_interval(
 
 def failing_start_run(*args: Any) -> Any:
     raise StoreError("starting a run: the database is down")
+
+
+STATES = ("active", "deleted", "purged")
+
+
+def test_the_device_gauges_follow_the_mirror_counted_once_when_nothing_was_purged(
+    sync: Syncer, store: Store, world: World, org: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``syncd_devices`` per state after each pass: a pass with nothing to purge counts the org's
+    devices once (the purge check's count serves the gauges), one that purged counts again."""
+
+    def gauges() -> dict[str, int]:
+        return {s: int(REGISTRY.get_sample_value("syncd_devices", {"org_id": org, "state": s}) or 0) for s in STATES}
+
+    def mirrored() -> dict[str, int]:
+        return {s: sum(1 for r in store.devices_of(org) if r["state"] == s) for s in STATES}
+
+    counted: list[str | None] = []
+    real = store.state_counts
+
+    def counting(org_id: str | None = None) -> dict[str, dict[str, int]]:
+        counted.append(org_id)
+        return real(org_id)
+
+    monkeypatch.setattr(store, "state_counts", counting)
+    sync(org)
+    world.delete_device(org, world.ids(org)[0])
+    assert sync(org).counts["deleted"] == 1
+    assert gauges() == mirrored() and len(counted) == 2 and gauges()["deleted"] >= 1
+    counted.clear()
+    world.purge_device(org, world.ids(org)[1])
+    assert sync(org).counts["purged"] == 1
+    assert gauges() == mirrored() and gauges()["purged"] == 1
+    assert len(counted) == 2  # the purge check's count, then the gauges' after the purge

@@ -66,6 +66,7 @@ class Bookkeeping:
         self.counts: Counter[str] = Counter()
         self.problems: list[InvalidDeviceError] = []
         self.log = log.bind(org_id=self.org_id)
+        self._states: dict[str, int] | None = None  # the org's devices by state, counted after the last change
 
     def start(self, trigger: RunTrigger, instance: str) -> PassOutcome | None:
         """Open the run's row: None, or the ``failed`` outcome of a pass that could not start."""
@@ -91,6 +92,12 @@ class Bookkeeping:
     def unreadable(self, what: str) -> Ending:
         """A pass failed by its unreadable devices (``what`` became of them)."""
         return Ending(RunStatus.FAILED, f"{len(self.problems)} device(s) {what}; first: {self.problems[0]}")
+
+    def counted(self, by_state: dict[str, int]) -> None:
+        """The org's devices by state, counted once the pass had changed the last of them: the
+        ``syncd_devices`` gauges take them instead of counting again (~35 ms at 100,000 devices on
+        PostgreSQL)."""
+        self._states = by_state
 
     def purged(self, device_id: str) -> None:
         """Count a device purge detection found gone (its own transaction bumped the run's row)."""
@@ -145,7 +152,7 @@ class Bookkeeping:
         if outcome.status == PassStatus.SUCCEEDED:
             LAST_SUCCESS.labels(org_id).set(outcome.finished_at.timestamp())
         try:
-            by_state = self.store.state_counts(org_id).get(org_id, {})
+            by_state = self._states if self._states is not None else self.store.state_counts(org_id).get(org_id, {})
         except StoreError:
             return  # the gauges keep their last values; the pass's outcome says what failed
         for state in DeviceState:
