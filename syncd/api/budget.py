@@ -27,8 +27,9 @@ than a few queued (``_most_queued``) lowers the limit, at once, to what was trav
 and doubles a round at a time until a queue or a 429 shows or it reaches the maximum (slow start),
 so the first requests of a process do not all go out at once either. So against a server a few
 milliseconds away, which answers one request at a time, about 2 or 3 are in flight - as many as help
-- and a storm of 429s meets that many, not every request the windows would allow; at 50 ms the round
-trips barely grow with what is in flight and the limit stays at ``api.max_concurrency``.
+- and a storm of 429s meets that many, not every request the windows would allow; at 50 ms the limit
+reaches ``api.max_concurrency`` in a few rounds and stays there while the round trips do not grow with
+what is in flight.
 
 Waits are bounded by the caller's deadline and end early on a stop.
 """
