@@ -59,6 +59,13 @@ KEY = "bench-" + uuid.uuid4().hex
 SIMULATE = [sys.executable, "-m", "syncd", "simulate", "--port", "0"]
 PAGE = 200
 WINDOW = 32  # api.page_concurrency's default: the bare window client asks as many pages at once
+# list_devices as syncd asks it (bench/reference_loop.py has its own copy: it stands alone)
+LIST_PARAMS: dict[str, str | int] = {
+    "include_deleted": "true",
+    "only_deleted": "false",
+    "include_metadata": "true",
+    "limit": PAGE,
+}
 
 
 @dataclass
@@ -108,13 +115,7 @@ def serve_rate(url: str, orgs: int) -> float:
                 r = client.get(
                     "/devices",
                     headers={"X-Org": org},
-                    params={
-                        "include_deleted": "true",
-                        "only_deleted": "false",
-                        "include_metadata": "true",
-                        "limit": PAGE,
-                        "offset": offset,
-                    },
+                    params={**LIST_PARAMS, "offset": offset},
                 )
                 count = r.content.count(b'"org_id"')
                 total += count
@@ -128,18 +129,12 @@ def window_fetch(url: str, devices: int, width: int) -> float:
     """Seconds a bare client takes to fetch every list page of the first org, ``width`` requests at a
     time (httpx, one thread each, no parsing): what a re-sync's requests cost at best, on this machine
     against this simulator, whatever syncd does with the answers."""
-    params: dict[str, str | int] = {
-        "include_deleted": "true",
-        "only_deleted": "false",
-        "include_metadata": "true",
-        "limit": PAGE,
-    }
     limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
     headers = {"X-API-Key": KEY, "X-Org": org_ids(1)[0]}
     with httpx.Client(base_url=url, headers=headers, limits=limits) as client:
 
         def fetch(offset: int) -> int:
-            return len(client.get("/devices", params={**params, "offset": offset}).content)
+            return len(client.get("/devices", params={**LIST_PARAMS, "offset": offset}).content)
 
         started = time.perf_counter()
         with ThreadPoolExecutor(width) as pool:
