@@ -419,7 +419,7 @@ def latency_block(workdir: Path, devices: int, repeat: int, latency_ms: float) -
                 finally:
                     drop_database(db, None)
                 if not latency:
-                    references.append(reference_loop(url, workdir))
+                    references.append(reference_child(url, workdir).seconds)
                     db = fresh_database("sqlite", workdir, None)
                     try:  # the devices alone, as the reference loop mirrors them
                         write_config(config, url, db, 1, DEVICES_ONLY)
@@ -806,6 +806,43 @@ def reference_child(url: str, workdir: Path, fetch_only: bool = False) -> Child:
         path.unlink(missing_ok=True)
 
 
+def loop_seconds(reference: Child) -> float:
+    """The reference loop's own seconds, as it printed them (its start-up and imports left out)."""
+    return float(reference.output.split()[-1])
+
+
+@dataclass
+class Ratios:
+    """A scaling comparison's ratios, one per measurement: whole processes, and the passes' own
+    seconds (sync_runs) against the reference loops' own (start-up left out on both sides)."""
+
+    resyncs: list[float]
+    resyncs_in_pass: list[float]
+    firsts: list[float]
+    firsts_in_pass: list[float]
+
+    def add(
+        self, resync: Child, resync_pass: float, fetched: Child, first: Child, first_pass: float, reference: Child
+    ) -> None:
+        """One measurement of each comparison."""
+        self.resyncs.append(resync.seconds / fetched.seconds)
+        self.resyncs_in_pass.append(resync_pass / loop_seconds(fetched))
+        self.firsts.append(first.seconds / reference.seconds)
+        self.firsts_in_pass.append(first_pass / loop_seconds(reference))
+
+    def line(self, kind: str, size: int) -> str:
+        """The medians, each with what it is the median of."""
+
+        def summary(values: list[float]) -> str:
+            return f"{statistics.median(values):.2f}x ({', '.join(f'{r:.2f}' for r in values)})"
+
+        return (
+            f"{kind} 1 x {size:,}: re-sync / fetch and parse {summary(self.resyncs)} (target <= 1.2), "
+            f"the pass / the loop alone {summary(self.resyncs_in_pass)}; first sync of the devices / reference "
+            f"loop {summary(self.firsts)} (target <= 1.5), the pass / the loop alone {summary(self.firsts_in_pass)}"
+        )
+
+
 SCALING_HEADER = f"  {'case':<44} {'seconds':>8} {'devices/s':>10} {'peak RSS MB':>11} {'longest org s':>13}"
 
 
@@ -817,30 +854,30 @@ def scaling_line(case: str, child: Child, devices: int, longest: float | None = 
     )
 
 
-def ratio_pairs(workdir: Path, url: str, kind: str, pg_url: str | None, pairs: int) -> tuple[list[float], list[float]]:
+def ratio_pairs(workdir: Path, url: str, kind: str, pg_url: str | None, pairs: int, ratios: Ratios) -> None:
     """``pairs`` alternated pairs of each comparison, every one whole processes: a no-change re-sync
     against fetching and parsing the same pages, and a first sync of the devices alone (on a fresh
-    database) against the bare reference loop. Each pair's ratio, in the order measured."""
-    resyncs: list[float] = []
-    firsts: list[float] = []
+    database) against the bare reference loop; added to ``ratios`` in the order measured."""
+    resyncs: list[tuple[Child, float, Child]] = []
     db = fresh_database(kind, workdir, pg_url)
     try:
         write_config(workdir / "pairs.toml", url, db, 1, DEVICES_ONLY)
         run_once_child(workdir / "pairs.toml")
         for _ in range(pairs):
-            fetched = reference_child(url, workdir, fetch_only=True).seconds
-            resyncs.append(run_once_child(workdir / "pairs.toml").seconds / fetched)
+            fetched = reference_child(url, workdir, fetch_only=True)
+            resync = run_once_child(workdir / "pairs.toml")
+            resyncs.append((resync, longest_pass(db), fetched))
     finally:
         drop_database(db, pg_url)
-    for _ in range(pairs):
-        reference = reference_child(url, workdir).seconds
+    for resync, resync_pass, fetched in resyncs:
+        reference = reference_child(url, workdir)
         db = fresh_database(kind, workdir, pg_url)
         try:
             write_config(workdir / "pairs.toml", url, db, 1, DEVICES_ONLY)
-            firsts.append(run_once_child(workdir / "pairs.toml").seconds / reference)
+            first = run_once_child(workdir / "pairs.toml")
+            ratios.add(resync, resync_pass, fetched, first, longest_pass(db), reference)
         finally:
             drop_database(db, pg_url)
-    return resyncs, firsts
 
 
 def scaling_block(
@@ -875,27 +912,24 @@ def scaling_block(
             scaling_line(f"1 x {size:,} bare reference loop (SQLite)", reference, size)
             for kind in kinds:
                 measured: dict[str, Child] = {}
+                passes: dict[str, float] = {}  # the pass's own seconds (sync_runs)
                 for labels, sync in ((("first sync, devices only",), DEVICES_ONLY), (("first sync", "re-sync"), "")):
                     db = fresh_database(kind, workdir, pg_url)
                     try:
                         write_config(workdir / "scaling.toml", url, db, 1, sync)
                         for label in labels:
                             measured[label] = run_once_child(workdir / "scaling.toml")
+                            passes[label] = longest_pass(db)
                             scaling_line(f"1 x {size:,} {kind} {label}", measured[label], size)
                     finally:
                         drop_database(db, pg_url)
                 per_device[(kind, size)] = measured["first sync"].seconds / size
-                resyncs = [measured["re-sync"].seconds / fetched.seconds]
-                firsts = [measured["first sync, devices only"].seconds / reference.seconds]
+                compared = Ratios([], [], [], [])
+                first = "first sync, devices only"
+                compared.add(measured["re-sync"], passes["re-sync"], fetched, measured[first], passes[first], reference)
                 if size == min(sizes) and pairs > 1:
-                    more = ratio_pairs(workdir, url, kind, pg_url, pairs - 1)
-                    resyncs, firsts = resyncs + more[0], firsts + more[1]
-                ratios.append(
-                    f"{kind} 1 x {size:,}: re-sync / fetch and parse {statistics.median(resyncs):.2f}x "
-                    f"(target <= 1.2; {', '.join(f'{r:.2f}' for r in resyncs)}), first sync of the devices / "
-                    f"reference loop {statistics.median(firsts):.2f}x "
-                    f"(target <= 1.5; {', '.join(f'{r:.2f}' for r in firsts)})"
-                )
+                    ratio_pairs(workdir, url, kind, pg_url, pairs - 1, compared)
+                ratios.append(compared.line(kind, size))
         finally:
             sim.terminate()
             sim.wait(timeout=60)
@@ -1025,21 +1059,6 @@ def storm_block(workdir: Path, trees: list[tuple[str, Path | None]], devices: in
             f"median of {len(measured)}: {', '.join(f'{m[0]:.1f}' for m in measured)})",
             flush=True,
         )
-
-
-def reference_loop(url: str, workdir: Path) -> float:
-    """Wall seconds of bench/reference_loop.py (a process, as syncd's run-once is) on a fresh file."""
-    path = workdir / f"reference-{uuid.uuid4().hex[:6]}.db"
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("reference_loop.py")), url, org_ids(1)[0], str(path)],
-        env={**os.environ, "SYNCD_API_KEY": KEY},
-        check=True,
-        capture_output=True,
-    )
-    seconds = time.perf_counter() - started
-    path.unlink(missing_ok=True)
-    return seconds
 
 
 # Write-back: what each kind needs of the simulator, which mirrored devices it edits, and its payload.
