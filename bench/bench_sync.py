@@ -5,10 +5,13 @@ For each database (SQLite, and PostgreSQL when --postgres-url or $SYNCD_BENCH_PO
 and each shape (1 org x 100,000 devices; 10 orgs x 10,000), it reports the first full sync and a
 no-change re-sync of `syncd run-once`: wall time, devices/s, HTTP requests, peak RSS of the syncd
 process, and the simulator's own serving rate for the same pages (fetched raw, without syncd).
-"seconds" and "devices/s" are the whole `syncd run-once` process, start-up (about 0.4 s of imports)
-included; "in-pass" is from the first pass start to the last pass end recorded in sync_runs. Each
-sync figure is the median of --repeat runs (each on a fresh database); peak RSS is the highest.
-With --scaling it also syncs 1 x 300,000 on SQLite to show how peak RSS grows with the device count.
+"seconds" and "devices/s" are the whole `syncd run-once` process, start-up (about 0.25-0.35 s before
+its first request) included; "in-pass" is from the first pass start to the last pass end recorded in
+sync_runs. Each sync figure is the median of --repeat runs (each on a fresh database); peak RSS is
+the highest. --scaling runs only the scaling block (issue 21): 1 org x each of --sizes and
+--many-orgs on each database, against the bare reference loop and a fetch-and-parse loop
+(bench/reference_loop.py), with the ratios both as whole processes and as the pass's own seconds
+against the loop's own (start-up left out on both sides).
 The simulator makes 2% of the devices door portals (`syncd simulate --portal-fraction`), so every pass
 also mirrors door restrictions and metadata definitions, as by default. A separate block measures what
 door restrictions add: 1 org x 100,000 devices (about 2,000 portals), synced with
