@@ -50,7 +50,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -819,10 +819,10 @@ class Ratios:
     """A scaling comparison's ratios, one per measurement: whole processes, and the passes' own
     seconds (sync_runs) against the reference loops' own (start-up left out on both sides)."""
 
-    resyncs: list[float]
-    resyncs_in_pass: list[float]
-    firsts: list[float]
-    firsts_in_pass: list[float]
+    resyncs: list[float] = field(default_factory=list)
+    resyncs_in_pass: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)
+    firsts_in_pass: list[float] = field(default_factory=list)
 
     def add(
         self, resync: Child, resync_pass: float, fetched: Child, first: Child, first_pass: float, reference: Child
@@ -930,7 +930,7 @@ def scaling_block(
                     finally:
                         drop_database(db, pg_url)
                 per_device[(kind, size)] = measured["first sync"].seconds / size
-                compared = Ratios([], [], [], [])
+                compared = Ratios()
                 first, resync = "first sync, devices only", "re-sync, devices only"  # what the loops do
                 compared.add(measured[resync], passes[resync], fetched, measured[first], passes[first], reference)
                 if size == min(sizes) and pairs > 1:
